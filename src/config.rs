@@ -1,0 +1,517 @@
+//! mergekit's YAML merge config, read and checked.
+//!
+//! Users bring the exact YAML they give `mergekit-yaml`. This module turns it into a
+//! [`MergeConfig`] in two stages: YAML -> `serde_yaml::Value`, then a hand-written walk that
+//! checks every key so each refusal names the key or form at fault. Nothing here touches the
+//! network or the filesystem; model references are checked for form only (see `source`).
+
+use std::fmt;
+
+use serde_yaml::Value;
+
+use crate::merge::WorkDtype;
+
+/// A config that cannot be merged, with the key or form at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("the config is not valid YAML: {0}")]
+    Yaml(String),
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+    #[error("config key `{key}` is not supported by mergefleet yet: {hint}")]
+    Unsupported { key: String, hint: String },
+}
+
+fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A model as the user wrote it: a local path or an object-store URL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelRef(pub String);
+
+impl fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A parameter that may differ per tensor: mergekit's scalar-or-filter-list form.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PerTensor<T> {
+    Scalar(T),
+    /// `(filter, value)`: the first entry whose filter is `None`, `*` or a substring of the
+    /// tensor name wins; no match gives the method's default.
+    Filtered(Vec<(Option<String>, T)>),
+}
+
+impl<T: Copy> PerTensor<T> {
+    /// The value for one tensor, `default` when no filter matches.
+    pub fn for_tensor(&self, name: &str, default: T) -> T {
+        match self {
+            PerTensor::Scalar(v) => *v,
+            PerTensor::Filtered(entries) => entries
+                .iter()
+                .find(|(f, _)| match f.as_deref() {
+                    None | Some("*") => true,
+                    Some(f) => name.contains(f),
+                })
+                .map(|(_, v)| *v)
+                .unwrap_or(default),
+        }
+    }
+}
+
+/// A checked model_stock merge config.
+#[derive(Debug, Clone)]
+pub struct MergeConfig {
+    pub base_model: ModelRef,
+    /// The fine-tunes in config order (the base is never among them).
+    pub models: Vec<ModelRef>,
+    pub filter_wise: PerTensor<bool>,
+    pub dtype: Option<WorkDtype>,
+    pub out_dtype: Option<WorkDtype>,
+    /// Things the user should know but that do not stop the merge (ignored keys, ...).
+    pub warnings: Vec<String>,
+    /// The YAML exactly as given, written to `mergekit_config.yml`.
+    pub source_yaml: String,
+}
+
+const TOP_KEYS: &[&str] = &[
+    "models",
+    "base_model",
+    "merge_method",
+    "dtype",
+    "out_dtype",
+    "parameters",
+];
+
+const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
+    ("slices", "slice-wise merges are not implemented; list whole models under `models`"),
+    ("modules", "module-wise merges are not implemented; list whole models under `models`"),
+    ("tokenizer", "tokenizer merging is not implemented; remove the key to copy the base model's tokenizer"),
+    ("tokenizer_source", "tokenizer merging is not implemented; remove the key to copy the base model's tokenizer"),
+    ("chat_template", "chat templates are not implemented; remove the key and edit tokenizer_config.json after the merge"),
+];
+
+impl MergeConfig {
+    /// Parse and check a config from its YAML text.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let value: Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        let Value::Mapping(map) = value else {
+            return Err(ConfigError::Yaml(
+                "the top level must be a mapping with `models`, `base_model` and `merge_method`"
+                    .into(),
+            ));
+        };
+        let mut warnings = Vec::new();
+        let mut unknown = Vec::new();
+        for (k, _) in &map {
+            let key = yaml_key(k);
+            if let Some((_, hint)) = UNSUPPORTED_KEYS.iter().find(|(u, _)| *u == key) {
+                return Err(ConfigError::Unsupported {
+                    key,
+                    hint: (*hint).into(),
+                });
+            }
+            if !TOP_KEYS.contains(&key.as_str()) {
+                unknown.push(key);
+            }
+        }
+        if !unknown.is_empty() {
+            warnings.push(format!(
+                "ignoring unknown config key(s): {}",
+                unknown.join(", ")
+            ));
+        }
+
+        match map.get("merge_method") {
+            None => return Err(key_err("merge_method", "missing; set it to `model_stock`")),
+            Some(Value::String(m)) if m == "model_stock" => {}
+            Some(Value::String(m)) => {
+                return Err(ConfigError::Unsupported {
+                    key: "merge_method".into(),
+                    hint: format!("`{m}` is not implemented; only `model_stock` is"),
+                })
+            }
+            Some(_) => return Err(key_err("merge_method", "must be a string (`model_stock`)")),
+        }
+
+        let base_model = match map.get("base_model") {
+            None | Some(Value::Null) => {
+                return Err(key_err(
+                    "base_model",
+                    "missing; model_stock needs the base model the fine-tunes started from",
+                ))
+            }
+            Some(v) => model_ref(v, "base_model")?,
+        };
+
+        let Some(Value::Sequence(entries)) = map.get("models") else {
+            return Err(key_err(
+                "models",
+                "missing or not a list; write `models: [{model: PATH_OR_URL}, ...]`",
+            ));
+        };
+        let mut models: Vec<ModelRef> = Vec::new();
+        let mut ignored_params = Vec::new();
+        let mut base_listed = false;
+        for (i, entry) in entries.iter().enumerate() {
+            let key = format!("models[{i}]");
+            let (m, params) = match entry {
+                Value::Mapping(e) => {
+                    for (k, _) in e {
+                        let k = yaml_key(k);
+                        if k != "model" && k != "parameters" {
+                            warnings.push(format!("ignoring unknown key `{key}.{k}`"));
+                        }
+                    }
+                    let m = e.get("model").ok_or_else(|| {
+                        key_err(&key, "has no `model`; write `- model: PATH_OR_URL`")
+                    })?;
+                    (model_ref(m, &format!("{key}.model"))?, e.get("parameters"))
+                }
+                Value::String(_) => (model_ref(entry, &key)?, None),
+                _ => return Err(key_err(&key, "must be `{model: PATH_OR_URL}`")),
+            };
+            if let Some(Value::Mapping(p)) = params {
+                for (k, _) in p {
+                    ignored_params.push(format!("{key}.parameters.{}", yaml_key(k)));
+                }
+            } else if let Some(p) = params {
+                if !p.is_null() {
+                    return Err(key_err(format!("{key}.parameters"), "must be a mapping"));
+                }
+            }
+            if same_model(&m, &base_model) {
+                base_listed = true;
+                continue;
+            }
+            if models.iter().any(|x| same_model(x, &m)) {
+                return Err(key_err(
+                    &key,
+                    format!(
+                        "model `{m}` is listed twice; mergekit would silently merge one model \
+                         fewer than written. Remove the duplicate"
+                    ),
+                ));
+            }
+            models.push(m);
+        }
+        if base_listed {
+            warnings.push(format!(
+                "the base model `{base_model}` is also listed under `models`; it is used as the base only"
+            ));
+        }
+        if models.len() < 2 {
+            return Err(key_err(
+                "models",
+                format!(
+                    "model_stock needs at least two models besides the base, found {}",
+                    models.len()
+                ),
+            ));
+        }
+        if !ignored_params.is_empty() {
+            warnings.push(format!(
+                "model_stock ignores per-model parameters: {}",
+                ignored_params.join(", ")
+            ));
+        }
+
+        let mut filter_wise = PerTensor::Scalar(false);
+        match map.get("parameters") {
+            None | Some(Value::Null) => {}
+            Some(Value::Mapping(p)) => {
+                for (k, v) in p {
+                    let k = yaml_key(k);
+                    if k == "filter_wise" {
+                        filter_wise = per_tensor_bool(v, "parameters.filter_wise")?;
+                    } else {
+                        warnings.push(format!(
+                            "model_stock ignores the parameter `parameters.{k}` (its only parameter is `filter_wise`)"
+                        ));
+                    }
+                }
+            }
+            Some(_) => return Err(key_err("parameters", "must be a mapping")),
+        }
+
+        let dtype = opt_dtype(map.get("dtype"), "dtype")?;
+        let out_dtype = opt_dtype(map.get("out_dtype"), "out_dtype")?;
+
+        Ok(MergeConfig {
+            base_model,
+            models,
+            filter_wise,
+            dtype,
+            out_dtype,
+            warnings,
+            source_yaml: text.to_string(),
+        })
+    }
+
+    /// Every model, base first, then the fine-tunes in config order.
+    pub fn all_models(&self) -> impl Iterator<Item = &ModelRef> {
+        std::iter::once(&self.base_model).chain(self.models.iter())
+    }
+}
+
+fn yaml_key(k: &Value) -> String {
+    match k {
+        Value::String(s) => s.clone(),
+        other => serde_yaml::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
+fn same_model(a: &ModelRef, b: &ModelRef) -> bool {
+    let norm = |s: &str| s.trim_end_matches('/').trim_start_matches("./").to_string();
+    norm(&a.0) == norm(&b.0)
+}
+
+/// A model reference: a string, or mergekit's long form `{model: {path, revision}, lora}`.
+fn model_ref(v: &Value, key: &str) -> Result<ModelRef, ConfigError> {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Mapping(m) => {
+            if m.get("lora").is_some_and(|l| !l.is_null()) {
+                return Err(ConfigError::Unsupported {
+                    key: format!("{key}.lora"),
+                    hint: "LoRA adapters are not supported; merge the adapter into its model first"
+                        .into(),
+                });
+            }
+            if m.get("override_architecture").is_some_and(|l| !l.is_null()) {
+                return Err(ConfigError::Unsupported {
+                    key: format!("{key}.override_architecture"),
+                    hint: "architecture overrides are not supported".into(),
+                });
+            }
+            match m.get("model").or_else(|| m.get("path")) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Mapping(p)) => {
+                    if p.get("revision").is_some_and(|r| !r.is_null()) {
+                        return Err(ConfigError::Unsupported {
+                            key: format!("{key}.model.revision"),
+                            hint: "Hugging Face revisions are not supported; download the model and give its path or URL".into(),
+                        });
+                    }
+                    match p.get("path") {
+                        Some(Value::String(s)) => s.clone(),
+                        _ => return Err(key_err(format!("{key}.model"), "needs a `path` string")),
+                    }
+                }
+                _ => {
+                    return Err(key_err(
+                        key,
+                        "must be a path or URL string, or `{model: {path: ...}}`",
+                    ))
+                }
+            }
+        }
+        _ => return Err(key_err(key, "must be a path or URL string")),
+    };
+    check_model_form(&s, key)?;
+    Ok(ModelRef(s))
+}
+
+fn check_model_form(s: &str, key: &str) -> Result<(), ConfigError> {
+    if s.trim().is_empty() {
+        return Err(key_err(key, "is empty"));
+    }
+    let is_url = s.contains("://");
+    if s.contains('+') && !is_url {
+        return Err(ConfigError::Unsupported {
+            key: key.into(),
+            hint: format!("`{s}` uses the `model+lora` form; LoRA adapters are not supported, merge the adapter into its model first"),
+        });
+    }
+    if s.contains('@') && !is_url {
+        return Err(ConfigError::Unsupported {
+            key: key.into(),
+            hint: format!("`{s}` uses the `path@revision` form; revisions are not supported, download that revision and give its path or URL"),
+        });
+    }
+    Ok(())
+}
+
+fn per_tensor_bool(v: &Value, key: &str) -> Result<PerTensor<bool>, ConfigError> {
+    match v {
+        Value::Sequence(entries) => {
+            let mut out = Vec::new();
+            for (i, e) in entries.iter().enumerate() {
+                let Value::Mapping(m) = e else {
+                    return Err(key_err(
+                        format!("{key}[{i}]"),
+                        "is a plain value; a list here must hold `{filter: SUBSTRING, value: BOOL}` \
+                         entries (gradients of numbers make no sense for a boolean)",
+                    ));
+                };
+                let filter = match m.get("filter") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(_) => return Err(key_err(format!("{key}[{i}].filter"), "must be a string")),
+                };
+                let value = m
+                    .get("value")
+                    .ok_or_else(|| key_err(format!("{key}[{i}]"), "has no `value`"))?;
+                out.push((filter, bool_value(value, &format!("{key}[{i}].value"))?));
+            }
+            Ok(PerTensor::Filtered(out))
+        }
+        other => Ok(PerTensor::Scalar(bool_value(other, key)?)),
+    }
+}
+
+fn bool_value(v: &Value, key: &str) -> Result<bool, ConfigError> {
+    match v {
+        Value::Bool(b) => Ok(*b),
+        Value::Number(n) if n.as_f64() == Some(1.0) => Ok(true),
+        Value::Number(n) if n.as_f64() == Some(0.0) => Ok(false),
+        Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(true),
+        Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(false),
+        Value::Sequence(_) => Err(key_err(
+            key,
+            "is a list (a gradient); filter_wise takes true or false",
+        )),
+        _ => Err(key_err(key, "must be true or false (or 1 / 0)")),
+    }
+}
+
+fn opt_dtype(v: Option<&Value>, key: &str) -> Result<Option<WorkDtype>, ConfigError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => WorkDtype::from_name(s).map(Some).ok_or_else(|| {
+            key_err(
+                key,
+                format!("`{s}` is not supported; use bfloat16, float16 or float32"),
+            )
+        }),
+        Some(_) => Err(key_err(key, "must be a string: bfloat16, float16 or float32")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = "models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\n";
+
+    fn err(yaml: &str) -> String {
+        MergeConfig::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config() {
+        let c = MergeConfig::from_yaml(OK).unwrap();
+        assert_eq!(c.base_model.0, "base");
+        assert_eq!(c.models, vec![ModelRef("a".into()), ModelRef("b".into())]);
+        assert_eq!(c.filter_wise, PerTensor::Scalar(false));
+        assert!(c.dtype.is_none() && c.warnings.is_empty());
+    }
+
+    #[test]
+    fn dtypes_with_torch_prefix() {
+        let c = MergeConfig::from_yaml(&format!("{OK}dtype: torch.bfloat16\nout_dtype: float16\n"))
+            .unwrap();
+        assert_eq!(c.dtype, Some(WorkDtype::BF16));
+        assert_eq!(c.out_dtype, Some(WorkDtype::F16));
+        assert!(err(&format!("{OK}dtype: int8\n")).contains("`dtype`"));
+    }
+
+    #[test]
+    fn filter_wise_forms() {
+        for (v, want) in [("true", true), ("false", false), ("1", true), ("0", false)] {
+            let c = MergeConfig::from_yaml(&format!("{OK}parameters: {{filter_wise: {v}}}\n"))
+                .unwrap();
+            assert_eq!(c.filter_wise.for_tensor("x", !want), want);
+        }
+        let c = MergeConfig::from_yaml(&format!(
+            "{OK}parameters:\n  filter_wise:\n    - filter: mlp\n      value: true\n    - value: false\n"
+        ))
+        .unwrap();
+        assert!(c.filter_wise.for_tensor("model.layers.0.mlp.up_proj.weight", false));
+        assert!(!c.filter_wise.for_tensor("model.layers.0.self_attn.q_proj.weight", true));
+        let c = MergeConfig::from_yaml(&format!(
+            "{OK}parameters:\n  filter_wise:\n    - filter: mlp\n      value: true\n"
+        ))
+        .unwrap();
+        assert!(!c.filter_wise.for_tensor("attn", false), "no match gives the default");
+        assert!(err(&format!("{OK}parameters: {{filter_wise: [0.1, 0.5]}}\n")).contains("gradient"));
+        assert!(err(&format!("{OK}parameters: {{filter_wise: maybe}}\n")).contains("filter_wise"));
+    }
+
+    #[test]
+    fn per_model_parameters_warn() {
+        let c = MergeConfig::from_yaml(
+            "models:\n  - model: a\n    parameters: {weight: 0.5}\n  - model: b\nmerge_method: model_stock\nbase_model: base\n",
+        )
+        .unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        assert!(c.warnings[0].contains("models[0].parameters.weight"));
+    }
+
+    #[test]
+    fn long_model_form() {
+        let c = MergeConfig::from_yaml(
+            "models:\n  - model: {model: {path: a}}\n  - model: b\nmerge_method: model_stock\nbase_model: {model: {path: base}}\n",
+        )
+        .unwrap();
+        assert_eq!(c.models[0].0, "a");
+        assert_eq!(c.base_model.0, "base");
+        assert!(err("models:\n  - model: {model: {path: a, revision: v1}}\n  - model: b\nmerge_method: model_stock\nbase_model: x\n").contains("revision"));
+        assert!(err("models:\n  - model: {model: {path: a}, lora: {path: l}}\n  - model: b\nmerge_method: model_stock\nbase_model: x\n").contains("lora"));
+    }
+
+    #[test]
+    fn refusals_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("models: [", "not valid YAML"),
+            ("- 1\n", "top level"),
+            ("models:\n  - model: a\n  - model: b\nbase_model: x\n", "merge_method"),
+            ("models:\n  - model: a\n  - model: b\nmerge_method: ties\nbase_model: x\n", "`ties`"),
+            ("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\n", "base_model"),
+            ("models:\n  - model: a\nmerge_method: model_stock\nbase_model: x\n", "at least two"),
+            ("models:\n  - model: a\n  - model: x\nmerge_method: model_stock\nbase_model: x\n", "at least two"),
+            ("models:\n  - model: a\n  - model: a/\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "listed twice"),
+            ("merge_method: model_stock\nbase_model: x\n", "`models`"),
+            ("models:\n  - model: a@main\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "path@revision"),
+            ("models:\n  - model: a+lora\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "LoRA"),
+            ("models:\n  - parameters: {}\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "models[0]"),
+        ];
+        for (yaml, want) in cases {
+            let e = err(yaml);
+            assert!(e.contains(want), "{yaml:?}: {e}");
+        }
+        for key in ["slices", "modules", "tokenizer", "tokenizer_source", "chat_template"] {
+            let e = err(&format!("{OK}{key}: x\n"));
+            assert!(e.contains(&format!("`{key}`")) && e.contains("not supported"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_warn() {
+        let c = MergeConfig::from_yaml(&format!("{OK}name: foo\n")).unwrap();
+        assert!(c.warnings[0].contains("name"));
+        let c = MergeConfig::from_yaml(&format!("{OK}parameters: {{normalize: true}}\n")).unwrap();
+        assert!(c.warnings[0].contains("parameters.normalize"));
+    }
+
+    #[test]
+    fn base_listed_among_models_is_tolerated() {
+        let c = MergeConfig::from_yaml(
+            "models:\n  - model: base\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\n",
+        )
+        .unwrap();
+        assert_eq!(c.models.len(), 2);
+        assert!(c.warnings[0].contains("also listed"));
+    }
+}

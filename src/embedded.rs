@@ -1,0 +1,102 @@
+//! Embedded mode: the whole merge in this process, from config to committed checkpoint.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::exec::{min_memory, run_plan, InputFiles, Progress};
+use crate::job::Job;
+use crate::plan::PlanOptions;
+use crate::sink::Sink;
+use crate::source::Stores;
+
+/// Options of `mergefleet merge`.
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    pub plan: PlanOptions,
+    pub memory_limit: u64,
+    /// Tasks in flight (fetching, computing or waiting to be written).
+    pub depth: usize,
+    pub copy_tokenizer: bool,
+    pub model_card: bool,
+    pub overwrite: bool,
+    /// No progress output.
+    pub quiet: bool,
+}
+
+/// What a finished merge did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub output: String,
+    pub tensors: usize,
+    pub files: usize,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Merge `config_yaml` into `out` (a local directory or an object-store URL).
+pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<Summary> {
+    let started = Instant::now();
+    let stores = Stores::new();
+    let job = Job::load(config_yaml, &stores, opts.plan).await?;
+    for w in &job.plan.warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(big) = job.plan.largest_tensor() {
+        let need = min_memory(big);
+        if need > opts.memory_limit {
+            return Err(Error::Usage(format!(
+                "--memory-limit {} is too small: tensor `{}` needs at least {need} bytes even when streamed",
+                opts.memory_limit, big.name
+            )));
+        }
+    }
+    let inputs = Arc::new(InputFiles::resolve(&stores, &job.plan.inputs)?);
+    let sink = Sink::open(stores.resolve(out)?, opts.overwrite).await?;
+    let progress = Progress::new(job.plan.bytes_written());
+    let reporter = progress.spawn_reporter(opts.quiet);
+
+    let work = async {
+        let mut warnings = job.write_side_files(&sink, opts.copy_tokenizer, opts.model_card).await?;
+        run_plan(&job.plan, inputs, &sink, opts.memory_limit, opts.depth, progress.clone()).await?;
+        job.commit(&sink).await?;
+        warnings.extend(job.plan.warnings.iter().cloned());
+        Ok::<_, Error>(warnings)
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = shutdown_signal() => Err(Error::Interrupted),
+    };
+    drop(reporter);
+    let warnings = match result {
+        Ok(w) => w,
+        Err(e) => {
+            sink.abort().await;
+            return Err(e);
+        }
+    };
+    Ok(Summary {
+        output: sink.display(),
+        tensors: job.plan.tensor_count(),
+        files: job.plan.files.len(),
+        bytes_read: job.plan.bytes_read(),
+        bytes_written: job.plan.bytes_written(),
+        seconds: started.elapsed().as_secs_f64(),
+        warnings,
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,44 @@
+//! The library's public error type.
+//!
+//! Each layer has its own small error enum (config, source, plan, sink); they fold into
+//! [`Error`] here so callers can ask one question: is this the user's input (exit code 2)
+//! or something else (exit code 1)? Messages always name the file, tensor or key involved.
+
+use crate::config::ConfigError;
+use crate::plan::PlanError;
+use crate::sink::SinkError;
+use crate::source::SourceError;
+
+/// Everything that can go wrong in a merge.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("invalid argument: {0}")]
+    Usage(String),
+    #[error("the merge was interrupted")]
+    Interrupted,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// True when the user's config or input data is at fault (CLI exit code 2).
+    pub fn is_invalid_input(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::Plan(_) | Error::Usage(_) => true,
+            Error::Source(e) => e.is_invalid_input(),
+            Error::Sink(e) => e.is_invalid_input(),
+            Error::Interrupted | Error::Internal(_) => false,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

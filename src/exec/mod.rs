@@ -1,0 +1,389 @@
+//! Running tasks: fetch input ranges, run the kernel, hand output chunks to a writer.
+//!
+//! Used by both modes. [`run_task`] executes one self-contained [`Task`] within a memory
+//! budget: when the task's inputs and output fit, it fetches everything at once and merges
+//! its tensors in parallel; otherwise it streams tensor by tensor, and a tensor too large
+//! for the budget goes in block-aligned windows, in two passes (statistics, then output)
+//! when one ratio spans the whole tensor. [`run_plan`] pipelines tasks so reads, compute and
+//! writes overlap, with memory admitted in task order (so the pipeline cannot deadlock).
+
+pub mod progress;
+
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::try_join_all;
+use object_store::path::Path;
+use object_store::ObjectStore;
+use rayon::prelude::*;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{Error, Result};
+use crate::merge::{row_len, InputView, ModelStock, BLOCK};
+use crate::plan::{InputFile, InputSlice, MergePlan, Op, Task, TensorJob};
+use crate::sink::Sink;
+use crate::source::header::dtype_size;
+use crate::source::{read_ranges, Stores};
+pub use progress::Progress;
+
+/// Input files resolved to stores, indexed like [`MergePlan::inputs`].
+pub struct InputFiles {
+    files: Vec<(Arc<dyn ObjectStore>, Path, String)>,
+}
+
+impl InputFiles {
+    pub fn resolve(stores: &Stores, inputs: &[InputFile]) -> Result<Self> {
+        let files = inputs
+            .iter()
+            .map(|f| {
+                let loc = stores.resolve(&f.url)?;
+                Ok((loc.store, loc.prefix, f.url.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(InputFiles { files })
+    }
+
+    /// Fetch several ranges, grouped per file, all files concurrently.
+    async fn fetch(&self, wanted: &[(usize, Range<u64>)], progress: &Progress) -> Result<Vec<Bytes>> {
+        let mut by_file: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, (f, _)) in wanted.iter().enumerate() {
+            match by_file.iter_mut().find(|(g, _)| g == f) {
+                Some((_, v)) => v.push(i),
+                None => by_file.push((*f, vec![i])),
+            }
+        }
+        let reads = by_file.iter().map(|(f, idx)| async move {
+            let (store, path, url) = self.files.get(*f).ok_or_else(|| {
+                Error::Internal(format!("task names input file {f}, which the plan does not have"))
+            })?;
+            let ranges: Vec<Range<u64>> = idx.iter().map(|&i| wanted[i].1.clone()).collect();
+            let got = read_ranges(store.as_ref(), path, url, &ranges).await?;
+            progress.read(ranges.iter().map(|r| r.end - r.start).sum());
+            Ok::<_, Error>(idx.iter().copied().zip(got).collect::<Vec<_>>())
+        });
+        let mut out = vec![Bytes::new(); wanted.len()];
+        for group in try_join_all(reads).await? {
+            for (i, b) in group {
+                out[i] = b;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A piece of output: bytes at an absolute offset of the task's file. The last chunk of a
+/// task carries the task's memory permit, released once the chunk is written.
+pub struct Chunk {
+    pub offset: u64,
+    pub data: Bytes,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Run one task within `budget` bytes, sending its output in file order to `tx`.
+/// `header` is the file header when the task starts the file.
+pub async fn run_task(
+    task: Arc<Task>,
+    header: Option<Arc<Vec<u8>>>,
+    inputs: Arc<InputFiles>,
+    budget: u64,
+    progress: Arc<Progress>,
+    tx: mpsc::Sender<Chunk>,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<()> {
+    if task.working_set() <= budget {
+        let data = run_in_memory(&task, header.as_deref().map(|h| h.as_slice()), &inputs, &progress).await?;
+        send(&tx, task.out.start, data, permit).await
+    } else {
+        let mut pos = task.out.start;
+        if let Some(h) = header {
+            send(&tx, 0, Bytes::from(h.to_vec()), None).await?;
+            pos = h.len() as u64;
+        }
+        for job in &task.tensors {
+            debug_assert_eq!(job.out.start, pos);
+            if job.working_set() <= budget {
+                let one = Task {
+                    id: task.id,
+                    file: task.file,
+                    out: job.out.clone(),
+                    tensors: vec![job.clone()],
+                };
+                let data = run_in_memory(&one, None, &inputs, &progress).await?;
+                send(&tx, job.out.start, data, None).await?;
+            } else {
+                stream_tensor(job, &inputs, budget, &progress, &tx).await?;
+            }
+            pos = job.out.end;
+        }
+        drop(permit);
+        Ok(())
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Chunk>, offset: u64, data: Bytes, permit: Option<OwnedSemaphorePermit>) -> Result<()> {
+    tx.send(Chunk { offset, data, permit })
+        .await
+        .map_err(|_| Error::Interrupted)
+}
+
+fn input_ranges(job: &TensorJob) -> Vec<&InputSlice> {
+    match &job.op {
+        Op::Merge { inputs, .. } => inputs.iter().collect(),
+        Op::Copy { input } => vec![input],
+    }
+}
+
+/// Fetch all inputs of a task, then merge its tensors in parallel into one buffer.
+async fn run_in_memory(
+    task: &Task,
+    header: Option<&[u8]>,
+    inputs: &InputFiles,
+    progress: &Progress,
+) -> Result<Bytes> {
+    let wanted: Vec<(usize, Range<u64>)> = task
+        .tensors
+        .iter()
+        .flat_map(input_ranges)
+        .map(|s| (s.file, s.range.clone()))
+        .collect();
+    let fetched = inputs.fetch(&wanted, progress).await?;
+    let task = task.clone();
+    let n_tensors = task.tensors.len() as u64;
+    let header = header.map(|h| h.to_vec());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = vec![0u8; (task.out.end - task.out.start) as usize];
+        if let Some(h) = &header {
+            out[..h.len()].copy_from_slice(h);
+        }
+        // Split the buffer into one slice per tensor, then merge tensors in parallel.
+        let mut slices = Vec::with_capacity(task.tensors.len());
+        let mut rest: &mut [u8] = &mut out;
+        let mut pos = task.out.start;
+        let mut k = 0;
+        for job in &task.tensors {
+            let skip = (job.out.start - pos) as usize;
+            let (_, r) = rest.split_at_mut(skip);
+            let (mine, r) = r.split_at_mut((job.out.end - job.out.start) as usize);
+            rest = r;
+            pos = job.out.end;
+            let n = input_ranges(job).len();
+            slices.push((job, mine, &fetched[k..k + n]));
+            k += n;
+        }
+        slices.into_par_iter().for_each(|(job, out, bytes)| compute(job, bytes, out));
+        out
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;
+    progress.tensors_done.fetch_add(n_tensors, Ordering::Relaxed);
+    Ok(Bytes::from(out))
+}
+
+fn compute(job: &TensorJob, bytes: &[Bytes], out: &mut [u8]) {
+    match &job.op {
+        Op::Copy { .. } => out.copy_from_slice(&bytes[0]),
+        Op::Merge { kernel, inputs } => {
+            let views: Vec<InputView> = inputs
+                .iter()
+                .zip(bytes)
+                .map(|(s, b)| InputView { bytes: b, dtype: s.dtype })
+                .collect();
+            ModelStock::from(*kernel).merge(&job.shape, &views, out);
+        }
+    }
+}
+
+/// A tensor whose inputs and output exceed the budget: windows of whole blocks (or rows).
+async fn stream_tensor(
+    job: &TensorJob,
+    inputs: &InputFiles,
+    budget: u64,
+    progress: &Progress,
+    tx: &mpsc::Sender<Chunk>,
+) -> Result<()> {
+    let slices = input_ranges(job);
+    let out_size = dtype_size(job.dtype).expect("whole-byte dtype") as u64;
+    let sizes: Vec<u64> = slices.iter().map(|s| dtype_size(s.dtype).expect("whole-byte") as u64).collect();
+    let (unit, per_elem) = window_unit(job);
+    let numel = job.numel();
+    let (fw, kernel) = match &job.op {
+        Op::Merge { kernel, .. } => (kernel.filter_wise, Some(ModelStock::from(*kernel))),
+        Op::Copy { .. } => (false, None),
+    };
+    // Half the budget for the window being computed, the rest for the chunk being written.
+    let window = (budget / 2 / per_elem) as usize / unit * unit;
+    if window == 0 {
+        return Err(Error::Usage(format!(
+            "--memory-limit is too small for tensor `{}`: it needs at least {} bytes",
+            job.name,
+            min_memory(job)
+        )));
+    }
+    let windows: Vec<Range<usize>> = (0..numel).step_by(window).map(|s| s..(s + window).min(numel)).collect();
+    let fetch_window = |w: &Range<usize>| {
+        let wanted: Vec<(usize, Range<u64>)> = slices
+            .iter()
+            .zip(&sizes)
+            .map(|(s, sz)| (s.file, s.range.start + w.start as u64 * sz..s.range.start + w.end as u64 * sz))
+            .collect();
+        async move { inputs.fetch(&wanted, progress).await }
+    };
+    let t = match (&kernel, fw) {
+        (Some(k), false) => {
+            // Pass 1: statistics over every window, in block order.
+            let mut stats = Vec::new();
+            for w in &windows {
+                let bytes = fetch_window(w).await?;
+                let k = *k;
+                let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
+                let len = w.len();
+                let part = tokio::task::spawn_blocking(move || {
+                    let views: Vec<InputView> = bytes.iter().zip(&dtypes).map(|(b, d)| InputView { bytes: b, dtype: *d }).collect();
+                    k.block_stats(&views, 0, len)
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;
+                stats.extend(part);
+            }
+            Some(k.ratio(stats.iter()))
+        }
+        _ => None,
+    };
+    // Pass 2 (or the only pass): output window by window.
+    for w in &windows {
+        let bytes = fetch_window(w).await?;
+        let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
+        let len = w.len();
+        let kernel = kernel;
+        let shape = job.shape.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let mut out = vec![0u8; len * out_size as usize];
+            let views: Vec<InputView> = bytes.iter().zip(&dtypes).map(|(b, d)| InputView { bytes: b, dtype: *d }).collect();
+            match (kernel, t) {
+                (None, _) => out.copy_from_slice(&bytes[0]),
+                (Some(k), Some(t)) => k.apply(&views, 0, len, t, &mut out),
+                (Some(k), None) => k.merge_rows(row_len(&shape), &views, &mut out),
+            }
+            out
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;
+        send(tx, job.out.start + w.start as u64 * out_size, Bytes::from(data), None).await?;
+    }
+    progress.tensors_done.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The streaming granularity of a tensor (elements: a block, or a filter_wise row) and the
+/// bytes one element costs (every input plus the output).
+fn window_unit(job: &TensorJob) -> (usize, u64) {
+    let per_elem = input_ranges(job)
+        .iter()
+        .map(|s| dtype_size(s.dtype).expect("whole-byte dtype") as u64)
+        .sum::<u64>()
+        + dtype_size(job.dtype).expect("whole-byte dtype") as u64;
+    let unit = match &job.op {
+        Op::Merge { kernel, .. } if kernel.filter_wise => row_len(&job.shape).max(1),
+        _ => BLOCK,
+    };
+    (unit, per_elem)
+}
+
+/// The least memory that can merge `job`: all of it, or two windows when streamed.
+pub fn min_memory(job: &TensorJob) -> u64 {
+    let (unit, per_elem) = window_unit(job);
+    job.working_set().min(2 * unit as u64 * per_elem)
+}
+
+/// Memory is counted in units of this many bytes (semaphores count in u32).
+const UNIT: u64 = 1 << 16;
+
+/// Run a whole plan in this process: tasks pipelined, output written in file order.
+pub async fn run_plan(
+    plan: &MergePlan,
+    inputs: Arc<InputFiles>,
+    sink: &Sink,
+    memory_limit: u64,
+    depth: usize,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let budget_units = (memory_limit / UNIT).clamp(1, u32::MAX as u64) as u32;
+    let budget = budget_units as u64 * UNIT;
+    let sem = Arc::new(Semaphore::new(budget_units as usize));
+    type Pending = (usize, mpsc::Receiver<Chunk>, tokio::task::JoinHandle<Result<()>>);
+    let (htx, hrx) = mpsc::channel::<Pending>(depth.max(1));
+
+    let producer = async {
+        for task in &plan.tasks {
+            let want = task.working_set().min(budget);
+            let units = want.div_ceil(UNIT).clamp(1, budget_units as u64) as u32;
+            let permit = sem.clone().acquire_many_owned(units).await.map_err(|_| Error::Interrupted)?;
+            let file = &plan.files[task.file];
+            let header = (task.out.start == 0).then(|| Arc::new(file.header.clone()));
+            let (ctx, crx) = mpsc::channel(1);
+            let h = tokio::spawn(run_task(
+                Arc::new(task.clone()),
+                header,
+                inputs.clone(),
+                budget,
+                progress.clone(),
+                ctx,
+                Some(permit),
+            ));
+            if htx.send((task.id, crx, h)).await.is_err() {
+                break;
+            }
+        }
+        drop(htx);
+        Ok::<_, Error>(())
+    };
+
+    let written_progress = progress.clone();
+    // The consumer owns the receiving end: if it fails, the channel closes and the producer
+    // stops instead of waiting forever for room.
+    let consumer = async move {
+        let progress = written_progress;
+        let mut hrx = hrx;
+        while let Some((id, mut crx, handle)) = hrx.recv().await {
+            let task = &plan.tasks[id];
+            let file = &plan.files[task.file];
+            if id == file.tasks.start {
+                sink.create(&file.name, file.size).await?;
+            }
+            let mut written = task.out.start;
+            while let Some(chunk) = crx.recv().await {
+                if chunk.offset != written {
+                    return Err(Error::Internal(format!(
+                        "task {id} wrote offset {} of {} but {} was expected",
+                        chunk.offset, file.name, written
+                    )));
+                }
+                let n = chunk.data.len() as u64;
+                sink.write(&file.name, chunk.offset, chunk.data).await?;
+                written += n;
+                progress.written(n);
+                drop(chunk.permit);
+            }
+            handle
+                .await
+                .map_err(|e| Error::Internal(format!("task {id} panicked: {e}")))??;
+            if written != task.out.end {
+                return Err(Error::Internal(format!(
+                    "task {id} wrote {} bytes of {}, expected {}",
+                    written - task.out.start,
+                    file.name,
+                    task.out.end - task.out.start
+                )));
+            }
+            if id + 1 == file.tasks.end {
+                sink.finish(&file.name).await?;
+            }
+        }
+        Ok::<_, Error>(())
+    };
+    let (p, c) = tokio::join!(producer, consumer);
+    c?;
+    p
+}

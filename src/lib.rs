@@ -1,0 +1,21 @@
+//! mergefleet: mergekit's `model_stock` merge for very large models, in one process or
+//! spread over a fleet of workers.
+//!
+//! The data flow, and the module of each step:
+//! config ([`config`]) -> headers ([`source`]) -> plan, pure ([`plan`]) -> tasks executed by
+//! [`exec`] (fetch ranges -> [`merge`] kernel -> [`sink`]) -> small files and commit ([`job`],
+//! [`checkpoint`]). [`embedded`] runs it all in one process.
+
+pub mod checkpoint;
+pub mod config;
+pub mod embedded;
+pub mod error;
+pub mod exec;
+pub mod job;
+pub mod merge;
+pub mod plan;
+pub mod sink;
+pub mod source;
+pub mod units;
+
+pub use error::{Error, Result};

@@ -1,0 +1,347 @@
+//! The model_stock kernel: pure arithmetic on byte slices, no I/O.
+//!
+//! Per tensor, with base `w0` and fine-tunes `w1..wN` in config order (mergekit 0.1.5):
+//! `d_i = w_i - w0`; `cos_ij = clamp(<d_i,d_j> / max(|d_i||d_j|, 1e-6), -1, 1)`;
+//! `c = mean(cos_ij)`; `t = N c / (1 + (N-1) c)` (0 where the denominator is below 1e-6);
+//! `out = t * mean(w_i) + (1 - t) * w0`. With `filter_wise` each row (last axis) gets its own
+//! `t`. Every operation is rounded like torch does in the working dtype (see [`numeric`]).
+//!
+//! The work is split into fixed blocks of [`BLOCK`] elements whose partial statistics are
+//! combined in block order, so the result does not depend on the thread count, and a tensor
+//! too large for memory can be streamed in block-aligned windows with the same bits out.
+
+pub mod numeric;
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use numeric::{decode, encode, Bf16, Round, F16, F32};
+
+/// Elements per block: the unit of parallel work and of statistics.
+pub const BLOCK: usize = 1 << 16;
+/// Elements decoded at a time inside a block (stays in L1/L2).
+const MICRO: usize = 512;
+
+/// A dtype model_stock can compute in (mergekit's `dtype` / `out_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WorkDtype {
+    BF16,
+    F16,
+    F32,
+}
+
+impl WorkDtype {
+    /// Parse mergekit's names: `bfloat16`, `float16`, `float32`, optionally `torch.`-prefixed.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s.trim().strip_prefix("torch.").unwrap_or(s.trim()) {
+            "bfloat16" => Some(Self::BF16),
+            "float16" | "half" => Some(Self::F16),
+            "float32" | "float" => Some(Self::F32),
+            _ => None,
+        }
+    }
+    /// The name torch (and `config.json`) uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BF16 => "bfloat16",
+            Self::F16 => "float16",
+            Self::F32 => "float32",
+        }
+    }
+    pub fn st_dtype(self) -> Dtype {
+        match self {
+            Self::BF16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+            Self::F32 => Dtype::F32,
+        }
+    }
+    pub fn from_st(d: Dtype) -> Option<Self> {
+        match d {
+            Dtype::BF16 => Some(Self::BF16),
+            Dtype::F16 => Some(Self::F16),
+            Dtype::F32 => Some(Self::F32),
+            _ => None,
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Self::BF16 | Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+}
+
+/// True for dtypes model_stock merges; other tensors are copied from the base.
+pub fn is_float(d: Dtype) -> bool {
+    matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64)
+}
+
+/// One input tensor (or a window of it): raw little-endian bytes and their dtype.
+#[derive(Clone, Copy)]
+pub struct InputView<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: Dtype,
+}
+
+/// Partial sums over some elements: squared norms of each task vector, then the dot products
+/// of each pair (i < j) in row-major pair order. Accumulated in f64.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats(pub Vec<f64>);
+
+impl Stats {
+    fn zero(n: usize) -> Self {
+        Stats(vec![0.0; n + n * (n - 1) / 2])
+    }
+    fn add(&mut self, other: &Stats) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a += b;
+        }
+    }
+}
+
+/// model_stock for one tensor: working dtype, output dtype, filter_wise.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelStock {
+    pub work: WorkDtype,
+    pub out: WorkDtype,
+    pub filter_wise: bool,
+}
+
+impl ModelStock {
+    /// Merge a whole tensor held in memory. `inputs[0]` is the base, then the fine-tunes.
+    /// `shape` is the tensor's shape; `out` receives `numel * out.size()` bytes.
+    pub fn merge(&self, shape: &[usize], inputs: &[InputView], out: &mut [u8]) {
+        let numel: usize = shape.iter().product();
+        if self.filter_wise {
+            let row = row_len(shape);
+            self.merge_rows(row, inputs, out);
+        } else {
+            let stats = self.block_stats(inputs, 0, numel);
+            let t = self.ratio(stats.iter());
+            self.apply(inputs, 0, numel, t, out);
+        }
+    }
+
+    /// filter_wise: every row of `row` elements gets its own ratio. `inputs` hold whole rows.
+    pub fn merge_rows(&self, row: usize, inputs: &[InputView], out: &mut [u8]) {
+        let osz = self.out.size();
+        let row = row.max(1);
+        out.par_chunks_mut(row * osz)
+            .enumerate()
+            .with_min_len((BLOCK / row).max(1))
+            .for_each(|(r, out)| {
+                let start = r * row;
+                let len = out.len() / osz;
+                let s = self.stats_range(inputs, start, len);
+                let t = self.ratio(std::iter::once(&s));
+                self.apply_range(inputs, start, len, t, out);
+            });
+    }
+
+    /// Statistics of `len` elements starting at element `start` of `inputs`, one [`Stats`]
+    /// per [`BLOCK`] (the last may be short), computed in parallel. `start` must be a
+    /// multiple of `BLOCK` for results to equal a single in-memory pass.
+    pub fn block_stats(&self, inputs: &[InputView], start: usize, len: usize) -> Vec<Stats> {
+        let blocks = len.div_ceil(BLOCK);
+        (0..blocks)
+            .into_par_iter()
+            .map(|b| {
+                let s = start + b * BLOCK;
+                let l = BLOCK.min(len - b * BLOCK);
+                self.stats_range(inputs, s, l)
+            })
+            .collect()
+    }
+
+    /// The interpolation ratio `t` from per-block statistics, combined in order.
+    pub fn ratio<'a>(&self, parts: impl Iterator<Item = &'a Stats>) -> f32 {
+        let mut it = parts.peekable();
+        let n_stats = it.peek().map(|s| s.0.len()).unwrap_or(0);
+        let mut total = Stats(vec![0.0; n_stats]);
+        for s in it {
+            total.add(s);
+        }
+        match self.work {
+            WorkDtype::BF16 => ratio_from::<Bf16>(&total),
+            WorkDtype::F16 => ratio_from::<F16>(&total),
+            WorkDtype::F32 => ratio_from::<F32>(&total),
+        }
+    }
+
+    /// Write the merged values of `len` elements starting at element `start` of `inputs`
+    /// into `out` (which starts at that element), in parallel.
+    pub fn apply(&self, inputs: &[InputView], start: usize, len: usize, t: f32, out: &mut [u8]) {
+        let osz = self.out.size();
+        debug_assert_eq!(out.len(), len * osz);
+        out.par_chunks_mut(BLOCK * osz)
+            .enumerate()
+            .for_each(|(b, out)| {
+                self.apply_range(inputs, start + b * BLOCK, out.len() / osz, t, out)
+            });
+    }
+
+    fn stats_range(&self, inputs: &[InputView], start: usize, len: usize) -> Stats {
+        match self.work {
+            WorkDtype::BF16 => stats_range::<Bf16>(inputs, start, len),
+            WorkDtype::F16 => stats_range::<F16>(inputs, start, len),
+            WorkDtype::F32 => stats_range::<F32>(inputs, start, len),
+        }
+    }
+
+    fn apply_range(&self, inputs: &[InputView], start: usize, len: usize, t: f32, out: &mut [u8]) {
+        let od = self.out.st_dtype();
+        match self.work {
+            WorkDtype::BF16 => apply_range::<Bf16>(inputs, start, len, t, od, out),
+            WorkDtype::F16 => apply_range::<F16>(inputs, start, len, t, od, out),
+            WorkDtype::F32 => apply_range::<F32>(inputs, start, len, t, od, out),
+        }
+    }
+}
+
+/// Elements per filter_wise row: the last axis; a 1-D tensor is one row.
+pub fn row_len(shape: &[usize]) -> usize {
+    match shape {
+        [] => 1,
+        [n] => *n,
+        [.., last] => *last,
+    }
+}
+
+fn stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stats {
+    let n = inputs.len() - 1;
+    let mut stats = Stats::zero(n);
+    let mut w0 = [0f32; MICRO];
+    let mut w = [0f32; MICRO];
+    let mut d = vec![[0f32; MICRO]; n];
+    let mut off = 0;
+    while off < len {
+        let m = MICRO.min(len - off);
+        decode::<R>(inputs[0].bytes, inputs[0].dtype, start + off, &mut w0[..m]);
+        for (i, di) in d.iter_mut().enumerate() {
+            let inp = &inputs[i + 1];
+            decode::<R>(inp.bytes, inp.dtype, start + off, &mut w[..m]);
+            for k in 0..m {
+                di[k] = R::round(w[k] - w0[k]);
+            }
+        }
+        let mut p = n;
+        for i in 0..n {
+            stats.0[i] += sum_sq(&d[i][..m]);
+            for j in i + 1..n {
+                stats.0[p] += sum_rounded_products::<R>(&d[i][..m], &d[j][..m]);
+                p += 1;
+            }
+        }
+        off += m;
+    }
+    stats
+}
+
+/// sum of squares in f64 (torch's norm accumulates in higher precision).
+#[inline]
+fn sum_sq(a: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = a.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            let v = c[l] as f64;
+            acc[l] += v * v;
+        }
+    }
+    let mut s: f64 = acc.iter().sum();
+    for v in rest {
+        s += (*v as f64) * (*v as f64);
+    }
+    s
+}
+
+/// sum of products each rounded to the working dtype (torch: `(a * b).sum()`).
+#[inline]
+fn sum_rounded_products<R: Round>(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += R::round(x[l] * y[l]) as f64;
+        }
+    }
+    let mut s: f64 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += R::round(x * y) as f64;
+    }
+    s
+}
+
+fn ratio_from<R: Round>(stats: &Stats) -> f32 {
+    // number of fine-tunes n from n + n(n-1)/2 = len
+    let len = stats.0.len();
+    let n = (1..=64).find(|n| n + n * (n - 1) / 2 == len).unwrap_or(0);
+    if n < 2 {
+        return 0.0;
+    }
+    let norms: Vec<f32> = stats.0[..n].iter().map(|s| R::round_f64(s.sqrt())).collect();
+    let eps = R::round(1e-6);
+    let mut cos_sum = 0f64;
+    let mut p = n;
+    for i in 0..n {
+        for j in i + 1..n {
+            let norm_product = R::round(norms[i] * norms[j]);
+            let denom = if norm_product < eps { eps } else { norm_product };
+            let dot = R::round_f64(stats.0[p]);
+            let cos = R::round(dot / denom).clamp(-1.0, 1.0);
+            cos_sum += cos as f64;
+            p += 1;
+        }
+    }
+    let pairs = (n * (n - 1) / 2) as f64;
+    let c = R::round_f64(cos_sum / pairs);
+    let nf = n as f32;
+    let num = R::round(nf * c);
+    let den = R::round(1.0 + R::round((nf - 1.0) * c));
+    if den.abs() < eps {
+        0.0
+    } else {
+        R::round(num / den)
+    }
+}
+
+fn apply_range<R: Round>(
+    inputs: &[InputView],
+    start: usize,
+    len: usize,
+    t: f32,
+    out_dtype: Dtype,
+    out: &mut [u8],
+) {
+    let n = inputs.len() - 1;
+    let nf = n as f32;
+    let one_minus_t = R::round(1.0 - t);
+    let osz = out.len() / len.max(1);
+    let mut w0 = [0f32; MICRO];
+    let mut s = [0f32; MICRO];
+    let mut w = [0f32; MICRO];
+    let mut off = 0;
+    while off < len {
+        let m = MICRO.min(len - off);
+        decode::<R>(inputs[0].bytes, inputs[0].dtype, start + off, &mut w0[..m]);
+        decode::<R>(inputs[1].bytes, inputs[1].dtype, start + off, &mut s[..m]);
+        for inp in &inputs[2..] {
+            decode::<R>(inp.bytes, inp.dtype, start + off, &mut w[..m]);
+            for k in 0..m {
+                s[k] = R::round(s[k] + w[k]);
+            }
+        }
+        for k in 0..m {
+            let avg = R::round(s[k] / nf);
+            s[k] = R::round(R::round(t * avg) + R::round(one_minus_t * w0[k]));
+        }
+        encode(&s[..m], out_dtype, &mut out[off * osz..(off + m) * osz]);
+        off += m;
+    }
+}
+
+#[cfg(test)]
+mod tests;

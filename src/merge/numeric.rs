@@ -1,0 +1,191 @@
+//! Emulation of torch's reduced-precision arithmetic.
+//!
+//! mergekit runs model_stock in the working dtype with no upcast. For bfloat16 and float16
+//! torch computes each elementwise operation in float32 and rounds the result to the working
+//! dtype (round to nearest, ties to even); reductions accumulate in higher precision and round
+//! once. We keep every working value as an `f32` that is exactly representable in the working
+//! dtype, and call [`Round::round`] after each operation, so results match torch bit for bit.
+
+use half::{bf16, f16};
+use safetensors::Dtype;
+
+/// Rounding of an `f32` (or `f64`) result to a working dtype, kept in an `f32`.
+pub trait Round: Copy + Send + Sync + 'static {
+    /// Round an f32 result to this dtype (ties to even).
+    fn round(x: f32) -> f32;
+    /// Round an f64 result to this dtype once (no double rounding through f32).
+    fn round_f64(x: f64) -> f32;
+}
+
+#[derive(Clone, Copy)]
+pub struct Bf16;
+#[derive(Clone, Copy)]
+pub struct F16;
+#[derive(Clone, Copy)]
+pub struct F32;
+
+impl Round for Bf16 {
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        let b = x.to_bits();
+        let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
+        // NaN stays NaN (quiet); everything else rounds to nearest even.
+        let out = if x.is_nan() { b | 0x0040_0000 } else { rounded };
+        f32::from_bits(out)
+    }
+    fn round_f64(x: f64) -> f32 {
+        Self::round(to_f32_round_to_odd(x))
+    }
+}
+
+impl Round for F16 {
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+    fn round_f64(x: f64) -> f32 {
+        f16::from_f64(x).to_f32()
+    }
+}
+
+impl Round for F32 {
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        x
+    }
+    fn round_f64(x: f64) -> f32 {
+        x as f32
+    }
+}
+
+/// f64 -> f32 rounding to odd: a second rounding to a narrower format is then exact
+/// (the classic fix for double rounding).
+fn to_f32_round_to_odd(x: f64) -> f32 {
+    if !x.is_finite() {
+        return x as f32;
+    }
+    let mut t = x as f32;
+    if (t as f64).abs() > x.abs() {
+        // rounded away from zero: step back toward zero
+        t = f32::from_bits(t.to_bits() - 1);
+    }
+    if t as f64 != x {
+        t = f32::from_bits(t.to_bits() | 1);
+    }
+    t
+}
+
+/// Decode `out.len()` elements of a little-endian float tensor starting at element `start`,
+/// rounding each to the working dtype `R` (torch's `.to(dtype)`).
+#[inline]
+pub fn decode<R: Round>(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f32]) {
+    let n = out.len();
+    match dtype {
+        Dtype::BF16 => {
+            let src = &bytes[start * 2..(start + n) * 2];
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = R::round(f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16));
+            }
+        }
+        Dtype::F16 => {
+            let src = &bytes[start * 2..(start + n) * 2];
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = R::round(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32());
+            }
+        }
+        Dtype::F32 => {
+            let src = &bytes[start * 4..(start + n) * 4];
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = R::round(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+        }
+        Dtype::F64 => {
+            let src = &bytes[start * 8..(start + n) * 8];
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(8)) {
+                let v = f64::from_le_bytes(c.try_into().expect("chunk of 8"));
+                *o = R::round(v as f32);
+            }
+        }
+        other => unreachable!("decode called on non-float dtype {other:?}; the planner copies those"),
+    }
+}
+
+/// Encode values to `dtype` (round to nearest even) into `out` (little endian).
+#[inline]
+pub fn encode(values: &[f32], dtype: Dtype, out: &mut [u8]) {
+    match dtype {
+        Dtype::BF16 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        Dtype::F16 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        Dtype::F32 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(4)) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        other => unreachable!("encode to non-working dtype {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_round_matches_half() {
+        let mut x = 0x3f80_0000u32;
+        for _ in 0..200_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let f = f32::from_bits(x);
+            if f.is_nan() {
+                continue;
+            }
+            assert_eq!(
+                Bf16::round(f).to_bits(),
+                bf16::from_f32(f).to_f32().to_bits(),
+                "{f:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_ties_go_to_even() {
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: rounds to even (1.0)
+        assert_eq!(Bf16::round(1.0 + 2f32.powi(-8)), 1.0);
+        // 1 + 3 * 2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: rounds to 1 + 2^-6
+        assert_eq!(Bf16::round(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        assert!(Bf16::round(f32::NAN).is_nan());
+        assert_eq!(Bf16::round(f32::INFINITY), f32::INFINITY);
+    }
+
+    #[test]
+    fn f64_rounds_once() {
+        // x is just above the bf16 midpoint between 1 and 1+2^-7, but rounds to the midpoint
+        // in f32; a double rounding would give 1.0, a single rounding 1 + 2^-7.
+        let x = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(x as f32, 1.0 + 2f32.powi(-8));
+        assert_eq!(Bf16::round(x as f32), 1.0);
+        assert_eq!(Bf16::round_f64(x), 1.0 + 2f32.powi(-7));
+        assert_eq!(F16::round_f64(1.0 + 2f64.powi(-11) + 2f64.powi(-40)), 1.0 + 2f32.powi(-10));
+    }
+
+    #[test]
+    fn decode_encode_round_trip() {
+        let vals = [1.5f32, -0.25, 3.0e-3, 65504.0];
+        for dt in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            let mut bytes = vec![0u8; vals.len() * if dt == Dtype::F32 { 4 } else { 2 }];
+            encode(&vals, dt, &mut bytes);
+            let mut back = [0f32; 4];
+            decode::<F32>(&bytes, dt, 0, &mut back);
+            for (a, b) in vals.iter().zip(back) {
+                assert!((a - b).abs() <= a.abs() * 1e-2, "{dt:?} {a} {b}");
+            }
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! Planning: headers + config -> tensors, output files and tasks. Pure: no I/O, no tokio.
+//!
+//! The plan fixes everything before a weight byte moves: which input ranges feed each output
+//! tensor, how tensors are laid out in files exactly as mergekit lays them out (lexicographic
+//! order, greedy sharding by bytes, safetensors' in-file order and header), and how the work
+//! is cut into tasks. A [`Task`] is self-contained so it can run anywhere (this process, or a
+//! worker on another machine).
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
+
+use crate::config::MergeConfig;
+use crate::merge::{is_float, ModelStock, WorkDtype};
+use crate::source::header::dtype_size;
+use crate::source::ModelSource;
+
+/// A merge that cannot be planned, naming the tensor and model at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    #[error("tensor `{tensor}` is in the base model but missing from `{model}`")]
+    MissingTensor { tensor: String, model: String },
+    #[error("tensor `{tensor}` has shape {shape:?} in `{model}` but {base_shape:?} in the base model{hint}")]
+    ShapeMismatch {
+        tensor: String,
+        model: String,
+        shape: Vec<usize>,
+        base_shape: Vec<usize>,
+        hint: &'static str,
+    },
+    #[error("tensor `{tensor}` is {dtype:?} in `{model}` but {base_dtype:?} in the base model; only floating-point tensors can be merged")]
+    DtypeMismatch {
+        tensor: String,
+        model: String,
+        dtype: Dtype,
+        base_dtype: Dtype,
+    },
+    #[error("the base model `{0}` has no tensors")]
+    Empty(String),
+    #[error("{0}")]
+    Layout(String),
+}
+
+const VOCAB_HINT: &str = ": the vocabularies differ. mergekit refuses this too; align the vocabularies \
+(mergekit's `tokenizer` config resizes embeddings) before merging";
+
+/// Sizes that shape the plan.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOptions {
+    /// Largest output file, in bytes of tensor data (mergekit's `--out-shard-size`).
+    pub out_shard_size: u64,
+    /// Target bytes read per task; a larger tensor is a task of its own.
+    pub task_size: u64,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            out_shard_size: 5_000_000_000,
+            task_size: 256 << 20,
+        }
+    }
+}
+
+/// An input file, referenced by index from [`InputSlice`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputFile {
+    /// Index of the model (0 = base, then fine-tunes in config order).
+    pub model: usize,
+    pub url: String,
+}
+
+/// One input tensor: a byte range of an input file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSlice {
+    pub file: usize,
+    pub range: Range<u64>,
+    pub dtype: Dtype,
+}
+
+impl InputSlice {
+    pub fn len(&self) -> u64 {
+        self.range.end - self.range.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What produces one output tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// model_stock over `inputs` (base first, then fine-tunes in config order).
+    Merge {
+        kernel: ModelStockParams,
+        inputs: Vec<InputSlice>,
+    },
+    /// Copied byte for byte from the base (non-float tensors).
+    Copy { input: InputSlice },
+}
+
+/// Kernel parameters as plain data (so tasks can travel over the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelStockParams {
+    pub work: WorkDtype,
+    pub out: WorkDtype,
+    pub filter_wise: bool,
+}
+
+impl From<ModelStockParams> for ModelStock {
+    fn from(p: ModelStockParams) -> Self {
+        ModelStock {
+            work: p.work,
+            out: p.out,
+            filter_wise: p.filter_wise,
+        }
+    }
+}
+
+/// One output tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorJob {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: Dtype,
+    /// Absolute byte range in its output file.
+    pub out: Range<u64>,
+    pub op: Op,
+}
+
+impl TensorJob {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Bytes read for this tensor.
+    pub fn input_bytes(&self) -> u64 {
+        match &self.op {
+            Op::Merge { inputs, .. } => inputs.iter().map(InputSlice::len).sum(),
+            Op::Copy { input } => input.len(),
+        }
+    }
+    /// Memory to merge this tensor in one pass: all inputs plus the output.
+    pub fn working_set(&self) -> u64 {
+        self.input_bytes() + (self.out.end - self.out.start)
+    }
+}
+
+/// One output file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputFile {
+    pub name: String,
+    /// The 8-byte length prefix and the padded JSON header.
+    pub header: Vec<u8>,
+    /// Total size in bytes (header + data).
+    pub size: u64,
+    /// Indices of this file's tasks in [`MergePlan::tasks`], in byte order.
+    pub tasks: Range<usize>,
+}
+
+/// A unit of work: consecutive tensors of one output file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub id: usize,
+    /// Index into [`MergePlan::files`].
+    pub file: usize,
+    /// Absolute byte range of the output file this task writes. The first task of a file
+    /// starts at 0 and writes the header too.
+    pub out: Range<u64>,
+    pub tensors: Vec<TensorJob>,
+}
+
+impl Task {
+    pub fn input_bytes(&self) -> u64 {
+        self.tensors.iter().map(TensorJob::input_bytes).sum()
+    }
+    pub fn working_set(&self) -> u64 {
+        self.tensors.iter().map(TensorJob::working_set).sum()
+    }
+}
+
+/// The whole merge, decided before any weight is read.
+#[derive(Debug, Clone)]
+pub struct MergePlan {
+    pub inputs: Vec<InputFile>,
+    pub files: Vec<OutputFile>,
+    pub tasks: Vec<Task>,
+    /// Tensor name -> output file name (the index's `weight_map`).
+    pub weight_map: Vec<(String, String)>,
+    /// Sum of tensor data bytes (the index's `total_size`).
+    pub total_size: u64,
+    /// The dtype of the output (for config.json).
+    pub out_dtype: Option<WorkDtype>,
+    pub warnings: Vec<String>,
+}
+
+impl MergePlan {
+    pub fn tensor_count(&self) -> usize {
+        self.tasks.iter().map(|t| t.tensors.len()).sum()
+    }
+    pub fn bytes_read(&self) -> u64 {
+        self.tasks.iter().map(Task::input_bytes).sum()
+    }
+    pub fn bytes_written(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+    /// The tensor with the largest one-pass working set.
+    pub fn largest_tensor(&self) -> Option<&TensorJob> {
+        self.tasks
+            .iter()
+            .flat_map(|t| &t.tensors)
+            .max_by_key(|t| t.working_set())
+    }
+    /// Output file name of the file of `task`.
+    pub fn file_of(&self, task: &Task) -> &OutputFile {
+        &self.files[task.file]
+    }
+}
+
+/// Plan a merge. `models[0]` is the base, then the fine-tunes in config order.
+pub fn plan(
+    config: &MergeConfig,
+    models: &[ModelSource],
+    opts: PlanOptions,
+) -> Result<MergePlan, PlanError> {
+    let base = &models[0];
+    if base.tensors.is_empty() {
+        return Err(PlanError::Empty(base.reference.clone()));
+    }
+    let mut inputs = Vec::new();
+    let mut file_ids: Vec<Vec<usize>> = Vec::new();
+    for (mi, m) in models.iter().enumerate() {
+        file_ids.push(
+            m.files
+                .iter()
+                .map(|f| {
+                    inputs.push(InputFile {
+                        model: mi,
+                        url: f.url.clone(),
+                    });
+                    inputs.len() - 1
+                })
+                .collect(),
+        );
+    }
+
+    // The tensor set: the base's, plus lm_head when any model has one (tied embeddings).
+    let mut names: Vec<&str> = base.tensors.keys().map(String::as_str).collect();
+    const LM_HEAD: &str = "lm_head.weight";
+    const EMBED: &str = "model.embed_tokens.weight";
+    if !base.tensors.contains_key(LM_HEAD) && models.iter().any(|m| m.tensors.contains_key(LM_HEAD)) {
+        names.push(LM_HEAD);
+        names.sort_unstable();
+    }
+
+    let mut jobs: Vec<TensorJob> = Vec::with_capacity(names.len());
+    let mut out_dtype = None;
+    for name in names {
+        let mut slices = Vec::with_capacity(models.len());
+        let mut base_meta: Option<(&[usize], Dtype)> = None;
+        for (mi, m) in models.iter().enumerate() {
+            let t = m
+                .tensors
+                .get(name)
+                .or_else(|| (name == LM_HEAD).then(|| m.tensors.get(EMBED)).flatten())
+                .ok_or_else(|| PlanError::MissingTensor {
+                    tensor: name.to_string(),
+                    model: m.reference.clone(),
+                })?;
+            match base_meta {
+                None => base_meta = Some((&t.shape, t.dtype)),
+                Some((shape, bdt)) => {
+                    if t.shape != shape {
+                        return Err(PlanError::ShapeMismatch {
+                            tensor: name.to_string(),
+                            model: m.reference.clone(),
+                            shape: t.shape.clone(),
+                            base_shape: shape.to_vec(),
+                            hint: if name.contains("embed") || name.contains("lm_head") {
+                                VOCAB_HINT
+                            } else {
+                                ""
+                            },
+                        });
+                    }
+                    if is_float(bdt) != is_float(t.dtype) {
+                        return Err(PlanError::DtypeMismatch {
+                            tensor: name.to_string(),
+                            model: m.reference.clone(),
+                            dtype: t.dtype,
+                            base_dtype: bdt,
+                        });
+                    }
+                }
+            }
+            slices.push(InputSlice {
+                file: file_ids[mi][t.file],
+                range: t.start..t.end,
+                dtype: t.dtype,
+            });
+        }
+        let (shape, bdt) = base_meta.expect("at least one model");
+        let (dtype, op) = if is_float(bdt) {
+            let first = slices[0].dtype;
+            let work = config.dtype.unwrap_or_else(|| {
+                match WorkDtype::from_st(first) {
+                    Some(w) if slices.iter().all(|s| s.dtype == first) => w,
+                    _ => WorkDtype::F32,
+                }
+            });
+            let out = config.out_dtype.unwrap_or(work);
+            out_dtype.get_or_insert(out);
+            let kernel = ModelStockParams {
+                work,
+                out,
+                filter_wise: config.filter_wise.for_tensor(name, false),
+            };
+            (out.st_dtype(), Op::Merge { kernel, inputs: slices })
+        } else {
+            (bdt, Op::Copy { input: slices.swap_remove(0) })
+        };
+        jobs.push(TensorJob {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            out: 0..0,
+            op,
+        });
+    }
+    layout(jobs, inputs, out_dtype, config.warnings.clone(), opts)
+}
+
+fn tensor_bytes(j: &TensorJob) -> u64 {
+    j.numel() as u64 * dtype_size(j.dtype).expect("whole-byte dtype") as u64
+}
+
+/// Shard the tensors (already in lexicographic order) into files and tasks.
+fn layout(
+    jobs: Vec<TensorJob>,
+    inputs: Vec<InputFile>,
+    out_dtype: Option<WorkDtype>,
+    warnings: Vec<String>,
+    opts: PlanOptions,
+) -> Result<MergePlan, PlanError> {
+    // Greedy sharding, as mergekit's TensorWriter: start a new file when this tensor would
+    // push a non-empty file past the limit.
+    let mut groups: Vec<Vec<TensorJob>> = Vec::new();
+    let mut cur = 0u64;
+    let total_size: u64 = jobs.iter().map(tensor_bytes).sum();
+    for j in jobs {
+        let b = tensor_bytes(&j);
+        match groups.last_mut() {
+            Some(g) if cur + b <= opts.out_shard_size => {
+                g.push(j);
+                cur += b;
+            }
+            _ => {
+                groups.push(vec![j]);
+                cur = b;
+            }
+        }
+    }
+    let k = groups.len();
+    let name_of = |i: usize| {
+        if k == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, k)
+        }
+    };
+
+    let mut files = Vec::with_capacity(k);
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut weight_map = Vec::new();
+    for (fi, mut group) in groups.into_iter().enumerate() {
+        let name = name_of(fi);
+        // safetensors' order inside a file: by dtype, widest first, then by name.
+        group.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
+        let mut off = 0u64;
+        let mut infos = Vec::with_capacity(group.len());
+        for j in &group {
+            let b = tensor_bytes(j);
+            infos.push((
+                j.name.clone(),
+                TensorInfo {
+                    dtype: j.dtype,
+                    shape: j.shape.clone(),
+                    data_offsets: (off as usize, (off + b) as usize),
+                },
+            ));
+            off += b;
+        }
+        let header = header_bytes(infos)?;
+        let data_start = header.len() as u64;
+        let first_task = tasks.len();
+        let mut pos = 0u64;
+        let mut cur_task: Option<Task> = None;
+        for mut j in group {
+            let b = tensor_bytes(&j);
+            j.out = data_start + pos..data_start + pos + b;
+            pos += b;
+            weight_map.push((j.name.clone(), name.clone()));
+            let fits = cur_task
+                .as_ref()
+                .is_some_and(|t| t.input_bytes() + j.input_bytes() <= opts.task_size);
+            if !fits {
+                if let Some(t) = cur_task.take() {
+                    tasks.push(t);
+                }
+                let start = if tasks.len() == first_task { 0 } else { j.out.start };
+                cur_task = Some(Task {
+                    id: 0,
+                    file: fi,
+                    out: start..start,
+                    tensors: Vec::new(),
+                });
+            }
+            let t = cur_task.as_mut().expect("task open");
+            t.out.end = j.out.end;
+            t.tensors.push(j);
+        }
+        if let Some(t) = cur_task.take() {
+            tasks.push(t);
+        }
+        if tasks.len() == first_task {
+            // A file of empty tensors still needs its header written.
+            tasks.push(Task {
+                id: 0,
+                file: fi,
+                out: 0..data_start,
+                tensors: Vec::new(),
+            });
+        }
+        files.push(OutputFile {
+            name,
+            size: data_start + pos,
+            header,
+            tasks: first_task..tasks.len(),
+        });
+    }
+    for (i, t) in tasks.iter_mut().enumerate() {
+        t.id = i;
+    }
+    weight_map.sort();
+    Ok(MergePlan {
+        inputs,
+        files,
+        tasks,
+        weight_map,
+        total_size,
+        out_dtype,
+        warnings,
+    })
+}
+
+/// The exact header bytes the safetensors library writes for these tensors: 8-byte length,
+/// JSON with `{"format":"pt"}` metadata, padded with spaces to a multiple of 8.
+pub fn header_bytes(infos: Vec<(String, TensorInfo)>) -> Result<Vec<u8>, PlanError> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let md = Metadata::new(Some(meta), infos).map_err(|e| PlanError::Layout(format!("{e:?}")))?;
+    let mut json = serde_json::to_vec(&md).map_err(|e| PlanError::Layout(e.to_string()))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

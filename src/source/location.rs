@@ -1,0 +1,259 @@
+//! Where bytes live: local paths and object-store URLs, resolved to a store + path.
+//!
+//! Every read and write in mergefleet goes through object_store, so local disk, S3, GCS,
+//! Azure and HTTP behave alike. Credentials and endpoints come from the standard variables
+//! each object_store builder reads (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, `AWS_REGION`,
+//! `AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, ...). Stores
+//! are cached per bucket so models in one bucket share a connection pool.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreScheme, RetryConfig};
+use url::Url;
+
+use super::SourceError;
+
+/// A store plus the path of a "directory" (prefix) in it.
+#[derive(Clone)]
+pub struct Location {
+    pub store: Arc<dyn ObjectStore>,
+    /// Present for stores with S3-style multipart uploads (S3, GCS, Azure).
+    pub multipart: Option<Arc<dyn MultipartStore>>,
+    /// The prefix inside the store.
+    pub prefix: Path,
+    /// The location as the user should read it in messages (URL or absolute path).
+    pub display: String,
+    /// Some(dir) when this is a local directory.
+    pub local_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+impl Location {
+    /// The object path of `name` inside this location.
+    pub fn child(&self, name: &str) -> Path {
+        self.prefix.clone().join(name)
+    }
+    /// A printable URL for `name` inside this location.
+    pub fn child_display(&self, name: &str) -> String {
+        format!("{}/{}", self.display.trim_end_matches('/'), name)
+    }
+}
+
+/// Builds and caches stores.
+#[derive(Default)]
+pub struct Stores {
+    cache: Mutex<HashMap<String, (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>)>>,
+}
+
+/// Retry policy for every remote store: bounded in count and in total time. The total may
+/// be shortened with `MERGEFLEET_RETRY_TIMEOUT_SECS` (tests of unreachable endpoints use it).
+fn retry_config() -> RetryConfig {
+    let secs = std::env::var("MERGEFLEET_RETRY_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(120);
+    RetryConfig {
+        max_retries: 10,
+        retry_timeout: Duration::from_secs(secs),
+        ..Default::default()
+    }
+}
+
+impl Stores {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Resolve a model reference or output location: a URL (`s3://`, `gs://`, `az://`,
+    /// `abfs://`, `http(s)://`, `file://`) or a local path relative to the working directory.
+    pub fn resolve(&self, spec: &str) -> Result<Location, SourceError> {
+        if spec.contains("://") {
+            let url = Url::parse(spec).map_err(|e| SourceError::BadLocation {
+                location: spec.into(),
+                message: e.to_string(),
+            })?;
+            if url.scheme() == "file" {
+                let path = url.to_file_path().map_err(|_| SourceError::BadLocation {
+                    location: spec.into(),
+                    message: "not an absolute file path".into(),
+                })?;
+                return self.local(path);
+            }
+            let (scheme, path) =
+                ObjectStoreScheme::parse(&url).map_err(|e| SourceError::BadLocation {
+                    location: spec.into(),
+                    message: format!(
+                        "{e}; supported: s3://, gs://, az://, abfs://, http(s)://, file:// and local paths"
+                    ),
+                })?;
+            let key = format!("{scheme:?}:{}", &url[..url::Position::BeforePath]);
+            let (store, multipart) = self.remote(&key, &scheme, &url, spec)?;
+            Ok(Location {
+                store,
+                multipart,
+                prefix: path,
+                display: spec.trim_end_matches('/').to_string(),
+                local_dir: None,
+            })
+        } else {
+            let p = PathBuf::from(spec);
+            let abs = if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir()
+                    .map_err(|e| SourceError::BadLocation {
+                        location: spec.into(),
+                        message: format!("cannot read the working directory: {e}"),
+                    })?
+                    .join(p)
+            };
+            self.local(abs)
+        }
+    }
+
+    fn local(&self, path: PathBuf) -> Result<Location, SourceError> {
+        let path = normalize(&path);
+        let prefix = Path::from_absolute_path(&path).map_err(|e| SourceError::BadLocation {
+            location: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let store = {
+            let mut cache = self.cache.lock().expect("store cache");
+            cache
+                .entry("local".into())
+                .or_insert_with(|| (Arc::new(LocalFileSystem::new()), None))
+                .0
+                .clone()
+        };
+        Ok(Location {
+            store,
+            multipart: None,
+            prefix,
+            display: path.display().to_string(),
+            local_dir: Some(path),
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn remote(
+        &self,
+        key: &str,
+        scheme: &ObjectStoreScheme,
+        url: &Url,
+        spec: &str,
+    ) -> Result<(Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>), SourceError> {
+        let mut cache = self.cache.lock().expect("store cache");
+        if let Some(hit) = cache.get(key) {
+            return Ok(hit.clone());
+        }
+        let bad = |e: object_store::Error| SourceError::BadLocation {
+            location: spec.into(),
+            message: format!("cannot configure the store: {e}"),
+        };
+        let built: (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) = match scheme {
+            ObjectStoreScheme::AmazonS3 => {
+                let s = Arc::new(
+                    object_store::aws::AmazonS3Builder::from_env()
+                        .with_url(url.as_str())
+                        .with_retry(retry_config())
+                        .build()
+                        .map_err(bad)?,
+                );
+                (s.clone(), Some(s))
+            }
+            ObjectStoreScheme::GoogleCloudStorage => {
+                let s = Arc::new(
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                        .with_url(url.as_str())
+                        .with_retry(retry_config())
+                        .build()
+                        .map_err(bad)?,
+                );
+                (s.clone(), Some(s))
+            }
+            ObjectStoreScheme::MicrosoftAzure => {
+                let s = Arc::new(
+                    object_store::azure::MicrosoftAzureBuilder::from_env()
+                        .with_url(url.as_str())
+                        .with_retry(retry_config())
+                        .build()
+                        .map_err(bad)?,
+                );
+                (s.clone(), Some(s))
+            }
+            ObjectStoreScheme::Http => {
+                let base = &url[..url::Position::BeforePath];
+                let s = Arc::new(
+                    object_store::http::HttpBuilder::new()
+                        .with_url(base)
+                        .with_retry(retry_config())
+                        .build()
+                        .map_err(bad)?,
+                );
+                (s, None)
+            }
+            other => {
+                return Err(SourceError::BadLocation {
+                    location: spec.into(),
+                    message: format!("the {other:?} scheme is not supported"),
+                })
+            }
+        };
+        cache.insert(key.to_string(), built.clone());
+        Ok(built)
+    }
+}
+
+/// Lexically normalise `.` and `..` (object_store paths reject them).
+fn normalize(p: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_are_absolute_and_normalized() {
+        let s = Stores::new();
+        let l = s.resolve("./a/../b/").unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(l.local_dir.unwrap(), cwd.join("b"));
+        let l = s.resolve("file:///tmp/x").unwrap();
+        assert_eq!(l.prefix.as_ref(), "tmp/x");
+        assert_eq!(l.child_display("m.json"), "/tmp/x/m.json");
+    }
+
+    #[test]
+    fn urls_pick_their_store() {
+        let s = Stores::new();
+        let l = s.resolve("s3://bucket/models/base/").unwrap();
+        assert_eq!(l.prefix.as_ref(), "models/base");
+        assert!(l.multipart.is_some());
+        assert_eq!(l.child_display("config.json"), "s3://bucket/models/base/config.json");
+        let e = s.resolve("ftp://host/x").unwrap_err().to_string();
+        assert!(e.contains("ftp://host/x"), "{e}");
+    }
+}

@@ -1,0 +1,390 @@
+//! Reading models: locations, safetensors headers, shard indexes and byte ranges.
+//!
+//! A model is opened from its headers alone (HEAD + one ranged GET per file, more only for
+//! huge headers); weights are fetched later, per task, by byte range. Everything that can
+//! be wrong with a checkpoint is reported here with the file's URL and the tensor's name.
+
+pub mod header;
+pub mod location;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use safetensors::Dtype;
+
+pub use header::TensorEntry;
+pub use location::{Location, Stores};
+
+/// A model or store that cannot be read, with its URL and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    #[error("bad location `{location}`: {message}")]
+    BadLocation { location: String, message: String },
+    #[error("{location}: {message}")]
+    NotFound { location: String, message: String },
+    #[error("{location}: {message}")]
+    Unsupported { location: String, message: String },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("{url}: {source}")]
+    Store {
+        url: String,
+        #[source]
+        source: object_store::Error,
+        /// True while reading headers and metadata (the user's input is at fault: wrong
+        /// credentials, missing bucket, unreachable endpoint); false while moving weights.
+        input: bool,
+    },
+}
+
+impl SourceError {
+    pub fn is_invalid_input(&self) -> bool {
+        match self {
+            SourceError::Store { input, source, .. } => {
+                *input
+                    || matches!(
+                        source,
+                        object_store::Error::NotFound { .. }
+                            | object_store::Error::PermissionDenied { .. }
+                            | object_store::Error::Unauthenticated { .. }
+                    )
+            }
+            _ => true,
+        }
+    }
+}
+
+fn store_err(url: &str, input: bool) -> impl FnOnce(object_store::Error) -> SourceError + '_ {
+    move |source| SourceError::Store {
+        url: url.to_string(),
+        source,
+        input,
+    }
+}
+
+/// One safetensors file of a model.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub path: Path,
+    pub url: String,
+    pub size: u64,
+}
+
+/// Where one tensor of a model lives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorLoc {
+    /// Index into [`ModelSource::files`].
+    pub file: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A model opened from its headers.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// As written in the config.
+    pub reference: String,
+    pub location: Location,
+    pub files: Vec<SourceFile>,
+    pub tensors: BTreeMap<String, TensorLoc>,
+}
+
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+/// First read of a file: the length prefix and, for nearly all models, the whole header.
+const FIRST_READ: u64 = 1 << 18;
+
+/// Size of an object, or None when it does not exist.
+pub async fn head_size(
+    store: &dyn ObjectStore,
+    path: &Path,
+    url: &str,
+) -> Result<Option<u64>, SourceError> {
+    match store.head(path).await {
+        Ok(m) => Ok(Some(m.size)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(store_err(url, true)(e)),
+    }
+}
+
+/// Read a whole (small) object: index files, config.json, tokenizer files.
+pub async fn read_small(store: &dyn ObjectStore, path: &Path, url: &str) -> Result<Bytes, SourceError> {
+    let r = store.get(path).await.map_err(store_err(url, true))?;
+    r.bytes().await.map_err(store_err(url, true))
+}
+
+/// Fetch byte ranges of one file (coalesced and concurrent, by object_store).
+pub async fn read_ranges(
+    store: &dyn ObjectStore,
+    path: &Path,
+    url: &str,
+    ranges: &[Range<u64>],
+) -> Result<Vec<Bytes>, SourceError> {
+    let out = store
+        .get_ranges(path, ranges)
+        .await
+        .map_err(store_err(url, false))?;
+    for (r, b) in ranges.iter().zip(&out) {
+        if b.len() as u64 != r.end - r.start {
+            return Err(SourceError::Invalid {
+                file: url.into(),
+                message: format!(
+                    "asked for bytes {}..{} but got {}: the file changed or was truncated during the merge",
+                    r.start,
+                    r.end,
+                    b.len()
+                ),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Read and check the header of one safetensors file.
+pub async fn read_header(
+    store: &dyn ObjectStore,
+    path: &Path,
+    url: &str,
+    size: u64,
+) -> Result<(Vec<TensorEntry>, BTreeMap<String, String>), SourceError> {
+    let invalid = |message: String| SourceError::Invalid {
+        file: url.to_string(),
+        message,
+    };
+    if size < 8 {
+        return Err(invalid(format!(
+            "only {size} bytes: too short to be a safetensors file"
+        )));
+    }
+    let first = store
+        .get_range(path, 0..size.min(FIRST_READ))
+        .await
+        .map_err(store_err(url, true))?;
+    let prefix: [u8; 8] = first
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| invalid("short read of the header length".into()))?;
+    let n = header::header_len(prefix, size).map_err(&invalid)?;
+    let json: Bytes = if 8 + n <= first.len() as u64 {
+        first.slice(8..8 + n as usize)
+    } else {
+        store
+            .get_range(path, 8..8 + n)
+            .await
+            .map_err(store_err(url, true))?
+    };
+    header::parse_header(&json, size).map_err(invalid)
+}
+
+/// Parse `model.safetensors.index.json`: tensor name -> file name (pure).
+pub fn parse_index(json: &[u8], url: &str) -> Result<BTreeMap<String, String>, SourceError> {
+    let invalid = |message: String| SourceError::Invalid {
+        file: url.to_string(),
+        message,
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| invalid("no `weight_map` object".into()))?;
+    let mut out = BTreeMap::new();
+    for (k, f) in map {
+        let f = f
+            .as_str()
+            .ok_or_else(|| invalid(format!("weight_map[`{k}`] is not a file name")))?;
+        if f.is_empty() || f.contains('/') || f.contains('\\') || f == "." || f == ".." {
+            return Err(invalid(format!(
+                "weight_map[`{k}`] = `{f}` is not a plain file name in the model directory"
+            )));
+        }
+        out.insert(k.clone(), f.to_string());
+    }
+    if out.is_empty() {
+        return Err(invalid("the weight_map is empty".into()));
+    }
+    Ok(out)
+}
+
+/// Open a model from its headers: `model.safetensors.index.json` + shards, or a single
+/// `model.safetensors`.
+pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, SourceError> {
+    let location = stores.resolve(spec)?;
+    if let Some(dir) = &location.local_dir {
+        if !dir.is_dir() {
+            let looks_like_hub_id = !spec.starts_with(['/', '.', '~'])
+                && !spec.contains("://")
+                && spec.matches('/').count() == 1;
+            let message = if dir.exists() {
+                "is not a directory; give the model's directory (holding model.safetensors or its index)".to_string()
+            } else if looks_like_hub_id {
+                format!("no such directory, and Hugging Face hub ids are not supported: download it first (`huggingface-cli download {spec} --local-dir DIR`) and give the directory or an object-store URL")
+            } else {
+                "no such model directory".to_string()
+            };
+            return Err(SourceError::NotFound {
+                location: dir.display().to_string(),
+                message,
+            });
+        }
+    }
+    let store = location.store.clone();
+    let index_url = location.child_display(INDEX);
+    let (names, weight_map) =
+        match head_size(store.as_ref(), &location.child(INDEX), &index_url).await? {
+            Some(_) => {
+                let json = read_small(store.as_ref(), &location.child(INDEX), &index_url).await?;
+                let map = parse_index(&json, &index_url)?;
+                let files: BTreeSet<String> = map.values().cloned().collect();
+                (files.into_iter().collect::<Vec<_>>(), Some(map))
+            }
+            None => {
+                let single = location.child(SINGLE);
+                if head_size(store.as_ref(), &single, &location.child_display(SINGLE))
+                    .await?
+                    .is_none()
+                {
+                    return Err(missing_model(&location).await);
+                }
+                (vec![SINGLE.to_string()], None)
+            }
+        };
+
+    // Headers of all files, concurrently.
+    let headers: Vec<(SourceFile, Vec<TensorEntry>)> = futures::stream::iter(names.iter())
+        .map(|name| {
+            let store = store.clone();
+            let path = location.child(name);
+            let url = location.child_display(name);
+            let index_url = index_url.clone();
+            let has_index = weight_map.is_some();
+            async move {
+                let size = head_size(store.as_ref(), &path, &url).await?.ok_or_else(|| {
+                    SourceError::NotFound {
+                        location: url.clone(),
+                        message: if has_index {
+                            format!("listed in {index_url} but missing")
+                        } else {
+                            "missing".into()
+                        },
+                    }
+                })?;
+                let (entries, _) = read_header(store.as_ref(), &path, &url, size).await?;
+                Ok::<_, SourceError>((SourceFile { path, url, size }, entries))
+            }
+        })
+        .buffered(16)
+        .try_collect()
+        .await?;
+
+    let mut files = Vec::with_capacity(headers.len());
+    let mut tensors: BTreeMap<String, TensorLoc> = BTreeMap::new();
+    for (fi, (file, entries)) in headers.into_iter().enumerate() {
+        for e in entries {
+            if let Some(prev) = tensors.get(&e.name) {
+                return Err(SourceError::Invalid {
+                    file: file.url.clone(),
+                    message: format!(
+                        "tensor `{}` is also in {}: a tensor may be in one shard only",
+                        e.name, files_url(&files, prev.file)
+                    ),
+                });
+            }
+            tensors.insert(
+                e.name,
+                TensorLoc {
+                    file: fi,
+                    dtype: e.dtype,
+                    shape: e.shape,
+                    start: e.start,
+                    end: e.end,
+                },
+            );
+        }
+        files.push(file);
+    }
+    if let Some(map) = weight_map {
+        for (name, fname) in &map {
+            let fi = names.iter().position(|n| n == fname).expect("file listed");
+            match tensors.get(name) {
+                Some(t) if t.file == fi => {}
+                Some(t) => {
+                    return Err(SourceError::Invalid {
+                        file: index_url.clone(),
+                        message: format!(
+                            "tensor `{name}` is mapped to {fname} but stored in {}",
+                            files[t.file].url
+                        ),
+                    })
+                }
+                None => {
+                    return Err(SourceError::Invalid {
+                        file: index_url.clone(),
+                        message: format!("tensor `{name}` is mapped to {fname}, whose header does not have it"),
+                    })
+                }
+            }
+        }
+        // Tensors present in a shard but absent from the index are ignored, as transformers does.
+        tensors.retain(|name, _| map.contains_key(name));
+    }
+    Ok(ModelSource {
+        reference: spec.to_string(),
+        location,
+        files,
+        tensors,
+    })
+}
+
+fn files_url(files: &[SourceFile], i: usize) -> &str {
+    files.get(i).map(|f| f.url.as_str()).unwrap_or("another shard")
+}
+
+async fn missing_model(location: &Location) -> SourceError {
+    for pickle in ["pytorch_model.bin", "pytorch_model.bin.index.json"] {
+        let url = location.child_display(pickle);
+        if let Ok(Some(_)) = head_size(location.store.as_ref(), &location.child(pickle), &url).await {
+            return SourceError::Unsupported {
+                location: url,
+                message: "PyTorch pickle checkpoints (.bin) are not supported; convert the model to safetensors first (e.g. transformers' save_pretrained(safe_serialization=True))".into(),
+            };
+        }
+    }
+    SourceError::NotFound {
+        location: location.display.clone(),
+        message: format!("no {SINGLE} or {INDEX} here: not a safetensors model directory"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_parsing() {
+        let m = parse_index(
+            br#"{"metadata":{"total_size":8},"weight_map":{"a":"m-1.safetensors","b":"m-2.safetensors"}}"#,
+            "u",
+        )
+        .unwrap();
+        assert_eq!(m["b"], "m-2.safetensors");
+        for (bad, want) in [
+            ("{", "not valid JSON"),
+            ("{}", "weight_map"),
+            (r#"{"weight_map":{}}"#, "empty"),
+            (r#"{"weight_map":{"a":1}}"#, "`a`"),
+            (r#"{"weight_map":{"a":"../x"}}"#, "plain file name"),
+        ] {
+            let e = parse_index(bad.as_bytes(), "idx").unwrap_err().to_string();
+            assert!(e.contains(want) && e.starts_with("idx:"), "{bad}: {e}");
+        }
+    }
+}

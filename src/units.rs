@@ -1,0 +1,91 @@
+//! Byte sizes as users write them (`5B`, `60K`, `8GiB`) and as we print them.
+
+/// Parse a size: a number with an optional suffix. Decimal K, M, B/G, T (mergekit's
+/// `--out-shard-size` convention: `5B` is five billion bytes) or binary KiB, MiB, GiB, TiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: write a number with an optional K, M, B/G, T or KiB, MiB, GiB suffix"))?;
+    let mult: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "b" | "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        other => return Err(format!("`{s}`: unknown size suffix `{other}` (use K, M, B/G, T or KiB, MiB, GiB, TiB)")),
+    };
+    let v = n * mult as f64;
+    if !v.is_finite() || v < 1.0 || v > u64::MAX as f64 {
+        return Err(format!("`{s}` is not a usable size"));
+    }
+    Ok(v.round() as u64)
+}
+
+/// A human-readable size, decimal units.
+pub fn fmt_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// Memory this process may use by default: half of physical memory, or of the cgroup
+/// limit when that is smaller (containers).
+pub fn default_memory_limit() -> u64 {
+    let physical = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(8 << 30);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    physical.min(cgroup) / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5B").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("60K").unwrap(), 60_000);
+        assert_eq!(parse_size("1.5M").unwrap(), 1_500_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert_eq!(parse_size(" 8 gb ").unwrap(), 8_000_000_000);
+        for bad in ["", "x", "5X", "-1", "0", "1e400"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn formatting() {
+        assert_eq!(fmt_bytes(999), "999 B");
+        assert_eq!(fmt_bytes(1_500_000), "1.50 MB");
+        assert!(default_memory_limit() > 0);
+    }
+}
