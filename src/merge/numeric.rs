@@ -44,7 +44,8 @@ impl Round for F16 {
         f16::from_f32(x).to_f32()
     }
     fn round_f64(x: f64) -> f32 {
-        f16::from_f64(x).to_f32()
+        // half's f64 conversion goes through f32 and can round twice.
+        Self::round(to_f32_round_to_odd(x))
     }
 }
 

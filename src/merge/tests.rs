@@ -1,0 +1,257 @@
+//! Kernel tests: hand-computed rounding, the special branches, and a straightforward
+//! reference implementation (whole tensors, no blocks, no threads) for N = 2..5.
+
+use super::numeric::{Bf16, Round, F16, F32};
+use super::*;
+use half::{bf16, f16};
+
+fn round(w: WorkDtype, x: f32) -> f32 {
+    match w {
+        WorkDtype::BF16 => bf16::from_f32(x).to_f32(),
+        WorkDtype::F16 => f16::from_f32(x).to_f32(),
+        WorkDtype::F32 => x,
+    }
+}
+
+fn round64(w: WorkDtype, x: f64) -> f32 {
+    match w {
+        WorkDtype::BF16 => Bf16::round_f64(x),
+        WorkDtype::F16 => F16::round_f64(x),
+        WorkDtype::F32 => F32::round_f64(x),
+    }
+}
+
+fn encode_vec(vals: &[f32], d: WorkDtype) -> Vec<u8> {
+    let mut out = vec![0u8; vals.len() * d.size()];
+    numeric::encode(vals, d.st_dtype(), &mut out);
+    out
+}
+
+fn decode_vec(bytes: &[u8], d: WorkDtype) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / d.size()];
+    numeric::decode::<F32>(bytes, d.st_dtype(), 0, &mut out);
+    out
+}
+
+/// mergekit's model_stock written out literally, one torch op per line.
+fn reference(k: ModelStock, shape: &[usize], w: &[Vec<f32>]) -> Vec<f32> {
+    let r = |x: f32| round(k.work, x);
+    let numel: usize = shape.iter().product();
+    let row = if k.filter_wise { row_len(shape) } else { numel };
+    let n = w.len() - 1;
+    let eps = r(1e-6);
+    let mut out = vec![0f32; numel];
+    for start in (0..numel).step_by(row.max(1)) {
+        let idx = start..start + row;
+        let d: Vec<Vec<f32>> = (1..=n)
+            .map(|i| idx.clone().map(|e| r(w[i][e] - w[0][e])).collect())
+            .collect();
+        let norms: Vec<f32> = d
+            .iter()
+            .map(|di| round64(k.work, di.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt()))
+            .collect();
+        let mut coss = Vec::new();
+        for i in 0..n {
+            for j in i + 1..n {
+                let np = r(norms[i] * norms[j]).max(eps);
+                let dot = round64(k.work, d[i].iter().zip(&d[j]).map(|(a, b)| r(a * b) as f64).sum());
+                coss.push(r(dot / np).clamp(-1.0, 1.0));
+            }
+        }
+        let c = round64(k.work, coss.iter().map(|c| *c as f64).sum::<f64>() / coss.len() as f64);
+        let num = r(n as f32 * c);
+        let den = r(1.0 + r((n as f32 - 1.0) * c));
+        let t = if den.abs() < eps { 0.0 } else { r(num / den) };
+        for e in idx {
+            let mut s = w[1][e];
+            for wi in &w[2..] {
+                s = r(s + wi[e]);
+            }
+            let avg = r(s / n as f32);
+            out[e] = r(r(t * avg) + r(r(1.0 - t) * w[0][e]));
+        }
+    }
+    out.iter().map(|x| round(k.out, *x)).collect()
+}
+
+/// Deterministic pseudo-random models: base + shared and private noise.
+fn models(n: usize, numel: usize, d: WorkDtype, seed: u64) -> Vec<Vec<f32>> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rnd = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+    };
+    let base: Vec<f32> = (0..numel).map(|_| round(d, rnd() * 0.05)).collect();
+    let shared: Vec<f32> = (0..numel).map(|_| rnd()).collect();
+    let mut out = vec![base.clone()];
+    for _ in 0..n {
+        out.push(
+            (0..numel)
+                .map(|e| round(d, base[e] + 0.002 * (shared[e] + rnd())))
+                .collect(),
+        );
+    }
+    out
+}
+
+fn run(k: ModelStock, shape: &[usize], w: &[Vec<f32>], stored: WorkDtype) -> Vec<f32> {
+    let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, stored)).collect();
+    let views: Vec<InputView> = bytes
+        .iter()
+        .map(|b| InputView { bytes: b, dtype: stored.st_dtype() })
+        .collect();
+    let numel: usize = shape.iter().product();
+    let mut out = vec![0u8; numel * k.out.size()];
+    k.merge(shape, &views, &mut out);
+    decode_vec(&out, k.out)
+}
+
+fn assert_bits_eq(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.to_bits(), y.to_bits(), "{what}: element {i}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn matches_reference_for_2_to_5_models() {
+    let shapes: &[&[usize]] = &[&[64, 48], &[300], &[3, 5, 7], &[2, BLOCK + 77]];
+    for work in [WorkDtype::BF16, WorkDtype::F16, WorkDtype::F32] {
+        for n in 2..=5 {
+            for fw in [false, true] {
+                for shape in shapes {
+                    let numel: usize = shape.iter().product();
+                    let w = models(n, numel, work, (n * 31 + numel) as u64);
+                    for out in [work, WorkDtype::F16] {
+                        let k = ModelStock { work, out, filter_wise: fw };
+                        let what = format!("{work:?}->{out:?} n={n} fw={fw} shape={shape:?}");
+                        assert_bits_eq(&run(k, shape, &w, work), &reference(k, shape, &w), &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn inputs_are_cast_to_the_working_dtype() {
+    // float32 inputs merged in bfloat16: each input rounds to bf16 first (torch's .to()).
+    let shape = [40, 40];
+    let w = models(3, 1600, WorkDtype::F32, 7);
+    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: false };
+    let rounded: Vec<Vec<f32>> = w.iter().map(|m| m.iter().map(|x| round(WorkDtype::BF16, *x)).collect()).collect();
+    assert_bits_eq(&run(k, &shape, &w, WorkDtype::F32), &reference(k, &shape, &rounded), "f32 in, bf16 work");
+}
+
+#[test]
+fn hand_computed_bf16_rounding() {
+    // base 1, fine-tunes 1, 1+2^-7, 1+2^-7: task vectors 0, 2^-7, 2^-7.
+    let b = |x: f32| encode_vec(&[x], WorkDtype::BF16);
+    let inputs = [b(1.0), b(1.0), b(1.0078125), b(1.0078125)];
+    let views: Vec<InputView> = inputs.iter().map(|x| InputView { bytes: x, dtype: Dtype::BF16 }).collect();
+    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: false };
+    // cos = [0, 0, 1]; c = bf16(1/3) = 0.333984375; 3c rounds to 1.0; 1 + 2c = 1.66796875
+    // is a tie that rounds to even 1.671875; t = bf16(1/1.671875) = 0.59765625. Computing
+    // t in f32 and rounding once would give bf16(0.6) = 0.6015625.
+    let stats = k.block_stats(&views, 0, 1);
+    let t = k.ratio(stats.iter());
+    assert_eq!(t, 0.59765625);
+    // With t = 1 the output is the average: 1 + (1+2^-7) = 2.0078125 is a tie -> 2.0;
+    // 2 + (1+2^-7) = 3.0078125 is a tie -> 3.0; 3/3 = 1.0. Exact arithmetic rounded once
+    // would give 1.0078125.
+    let mut out = [0u8; 2];
+    k.apply(&views, 0, 1, 1.0, &mut out);
+    assert_eq!(decode_vec(&out, WorkDtype::BF16), vec![1.0]);
+}
+
+#[test]
+fn zero_task_vector_has_zero_cosine() {
+    // One fine-tune equals the base: its cosines are 0/1e-6 = 0.
+    let numel = 500;
+    let mut w = models(2, numel, WorkDtype::BF16, 3);
+    w.push(w[0].clone());
+    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: false };
+    assert_bits_eq(&run(k, &[numel], &w, WorkDtype::BF16), &reference(k, &[numel], &w), "zero delta");
+}
+
+#[test]
+fn opposite_task_vectors_take_the_t_zero_branch() {
+    // d2 = -d1: c = -1, 1 + (N-1)c = 0 -> t = 0 -> the output is the base.
+    let base: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) / 64.0).collect();
+    let d: Vec<f32> = (0..256).map(|i| if i % 3 == 0 { 0.125 } else { -0.0625 }).collect();
+    let w = vec![
+        base.clone(),
+        base.iter().zip(&d).map(|(b, d)| b + d).collect(),
+        base.iter().zip(&d).map(|(b, d)| b - d).collect(),
+    ];
+    for work in [WorkDtype::BF16, WorkDtype::F32] {
+        let k = ModelStock { work, out: work, filter_wise: false };
+        let out = run(k, &[256], &w, work);
+        assert_bits_eq(&out, &base, "t = 0 gives the base");
+        let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, work)).collect();
+        let views: Vec<InputView> = bytes.iter().map(|b| InputView { bytes: b, dtype: work.st_dtype() }).collect();
+        assert_eq!(k.ratio(k.block_stats(&views, 0, 256).iter()), 0.0);
+    }
+}
+
+#[test]
+fn filter_wise_treats_1d_as_one_row() {
+    let numel = 300;
+    let w = models(3, numel, WorkDtype::BF16, 11);
+    let fw = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: true };
+    let plain = ModelStock { filter_wise: false, ..fw };
+    assert_bits_eq(&run(fw, &[numel], &w, WorkDtype::BF16), &run(plain, &[numel], &w, WorkDtype::BF16), "1-D");
+    // ...while a 2-D tensor gets one ratio per row, which differs from one ratio overall.
+    let a = run(fw, &[10, 30], &w, WorkDtype::BF16);
+    let b = run(plain, &[10, 30], &w, WorkDtype::BF16);
+    assert_ne!(a, b);
+}
+
+#[test]
+fn streamed_windows_equal_one_pass() {
+    // Statistics over block-aligned windows, then output per window, equal the in-memory merge.
+    let numel = 3 * BLOCK + 1234;
+    let w = models(3, numel, WorkDtype::BF16, 5);
+    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::F32, filter_wise: false };
+    let whole = run(k, &[numel], &w, WorkDtype::BF16);
+    let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, WorkDtype::BF16)).collect();
+    let window = 2 * BLOCK;
+    let view = |s: usize, e: usize| -> Vec<InputView> {
+        bytes.iter().map(|b| InputView { bytes: &b[s * 2..e * 2], dtype: Dtype::BF16 }).collect()
+    };
+    let mut stats = Vec::new();
+    for s in (0..numel).step_by(window) {
+        let e = (s + window).min(numel);
+        stats.extend(k.block_stats(&view(s, e), 0, e - s));
+    }
+    let t = k.ratio(stats.iter());
+    let mut out = vec![0u8; numel * 4];
+    for s in (0..numel).step_by(window) {
+        let e = (s + window).min(numel);
+        k.apply(&view(s, e), 0, e - s, t, &mut out[s * 4..e * 4]);
+    }
+    assert_bits_eq(&decode_vec(&out, WorkDtype::F32), &whole, "streamed");
+}
+
+#[test]
+fn result_does_not_depend_on_thread_count() {
+    let numel = 5 * BLOCK;
+    let w = models(4, numel, WorkDtype::BF16, 9);
+    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: false };
+    let many = run(k, &[numel], &w, WorkDtype::BF16);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let one = pool.install(|| run(k, &[numel], &w, WorkDtype::BF16));
+    assert_bits_eq(&one, &many, "threads");
+}
+
+#[test]
+fn dtype_names() {
+    assert_eq!(WorkDtype::from_name("torch.float16"), Some(WorkDtype::F16));
+    assert_eq!(WorkDtype::from_name("bfloat16").unwrap().name(), "bfloat16");
+    assert_eq!(WorkDtype::from_name("int8"), None);
+    assert_eq!(row_len(&[4, 5, 6]), 6);
+    assert_eq!(row_len(&[7]), 7);
+    assert_eq!(row_len(&[]), 1);
+}
