@@ -66,11 +66,7 @@ pub fn config_json(base: &[u8], dtype: Option<&str>, url: &str) -> Result<Vec<u8
 
 /// A model card in the shape mergekit writes.
 pub fn model_card(config: &MergeConfig) -> String {
-    let models: String = config
-        .models
-        .iter()
-        .map(|m| format!("* {m}\n"))
-        .collect();
+    let models: String = config.models.iter().map(|m| format!("* {m}\n")).collect();
     format!(
         "---\nbase_model: []\nlibrary_name: transformers\ntags:\n- mergekit\n- merge\n- mergefleet\n\n---\n\
 # Merged model\n\n\
@@ -94,7 +90,8 @@ mod tests {
 
     #[test]
     fn config_json_records_dtype() {
-        let out = config_json(br#"{"a":1,"torch_dtype":"float32"}"#, Some("bfloat16"), "u").unwrap();
+        let out =
+            config_json(br#"{"a":1,"torch_dtype":"float32"}"#, Some("bfloat16"), "u").unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["torch_dtype"], "bfloat16");
         assert_eq!(v["a"], 1);
@@ -102,7 +99,9 @@ mod tests {
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["dtype"], "float16");
         assert!(v.get("torch_dtype").is_none());
-        assert!(config_json(b"[", None, "cfg").unwrap_err().starts_with("cfg:"));
+        assert!(config_json(b"[", None, "cfg")
+            .unwrap_err()
+            .starts_with("cfg:"));
     }
 
     #[test]

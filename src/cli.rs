@@ -13,7 +13,11 @@ use mergefleet::source::Stores;
 use mergefleet::units::{default_memory_limit, fmt_bytes, parse_size};
 
 #[derive(Parser, Debug)]
-#[command(name = "mergefleet", version, about = "Merge large language models with mergekit's model_stock, on one machine or a fleet")]
+#[command(
+    name = "mergefleet",
+    version,
+    about = "Merge large language models with mergekit's model_stock, on one machine or a fleet"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -146,7 +150,10 @@ fn print_plan(job: &Job, as_json: bool) {
             .files
             .iter()
             .map(|f| {
-                let tensors: usize = p.tasks[f.tasks.clone()].iter().map(|t| t.tensors.len()).sum();
+                let tensors: usize = p.tasks[f.tasks.clone()]
+                    .iter()
+                    .map(|t| t.tensors.len())
+                    .sum();
                 json!({"name": f.name, "bytes": f.size, "tensors": tensors, "tasks": f.tasks.len()})
             })
             .collect();
@@ -181,7 +188,12 @@ fn print_plan(job: &Job, as_json: bool) {
             mergefleet::plan::Op::Merge { .. } => "merge",
             mergefleet::plan::Op::Copy { .. } => "copy",
         };
-        println!("  {:<60} {:>20} {:?} {how}", t.name, format!("{:?}", t.shape), t.dtype);
+        println!(
+            "  {:<60} {:>20} {:?} {how}",
+            t.name,
+            format!("{:?}", t.shape),
+            t.dtype
+        );
     }
     println!();
     for f in &p.files {
@@ -190,8 +202,16 @@ fn print_plan(job: &Job, as_json: bool) {
     println!();
     println!("tensors:        {}", p.tensor_count());
     println!("tasks:          {}", p.tasks.len());
-    println!("bytes to read:  {} ({} B)", fmt_bytes(p.bytes_read()), p.bytes_read());
-    println!("bytes to write: {} ({} B)", fmt_bytes(p.bytes_written()), p.bytes_written());
+    println!(
+        "bytes to read:  {} ({} B)",
+        fmt_bytes(p.bytes_read()),
+        p.bytes_read()
+    );
+    println!(
+        "bytes to write: {} ({} B)",
+        fmt_bytes(p.bytes_written()),
+        p.bytes_written()
+    );
     if let Some(t) = largest {
         println!(
             "largest tensor: {} {:?}: {} to merge in one pass; at least {} when streamed",
@@ -207,6 +227,10 @@ fn print_plan(job: &Job, as_json: bool) {
 }
 
 fn cli_threads(n: Option<usize>) -> usize {
-    n.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
-        .max(1)
+    n.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    })
+    .max(1)
 }

@@ -358,7 +358,9 @@ fn per_tensor_bool(v: &Value, key: &str) -> Result<PerTensor<bool>, ConfigError>
                 let filter = match m.get("filter") {
                     None | Some(Value::Null) => None,
                     Some(Value::String(s)) => Some(s.clone()),
-                    Some(_) => return Err(key_err(format!("{key}[{i}].filter"), "must be a string")),
+                    Some(_) => {
+                        return Err(key_err(format!("{key}[{i}].filter"), "must be a string"))
+                    }
                 };
                 let value = m
                     .get("value")
@@ -395,7 +397,10 @@ fn opt_dtype(v: Option<&Value>, key: &str) -> Result<Option<WorkDtype>, ConfigEr
                 format!("`{s}` is not supported; use bfloat16, float16 or float32"),
             )
         }),
-        Some(_) => Err(key_err(key, "must be a string: bfloat16, float16 or float32")),
+        Some(_) => Err(key_err(
+            key,
+            "must be a string: bfloat16, float16 or float32",
+        )),
     }
 }
 
@@ -403,7 +408,8 @@ fn opt_dtype(v: Option<&Value>, key: &str) -> Result<Option<WorkDtype>, ConfigEr
 mod tests {
     use super::*;
 
-    const OK: &str = "models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\n";
+    const OK: &str =
+        "models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\n";
 
     fn err(yaml: &str) -> String {
         MergeConfig::from_yaml(yaml).unwrap_err().to_string()
@@ -430,22 +436,31 @@ mod tests {
     #[test]
     fn filter_wise_forms() {
         for (v, want) in [("true", true), ("false", false), ("1", true), ("0", false)] {
-            let c = MergeConfig::from_yaml(&format!("{OK}parameters: {{filter_wise: {v}}}\n"))
-                .unwrap();
+            let c =
+                MergeConfig::from_yaml(&format!("{OK}parameters: {{filter_wise: {v}}}\n")).unwrap();
             assert_eq!(c.filter_wise.for_tensor("x", !want), want);
         }
         let c = MergeConfig::from_yaml(&format!(
             "{OK}parameters:\n  filter_wise:\n    - filter: mlp\n      value: true\n    - value: false\n"
         ))
         .unwrap();
-        assert!(c.filter_wise.for_tensor("model.layers.0.mlp.up_proj.weight", false));
-        assert!(!c.filter_wise.for_tensor("model.layers.0.self_attn.q_proj.weight", true));
+        assert!(c
+            .filter_wise
+            .for_tensor("model.layers.0.mlp.up_proj.weight", false));
+        assert!(!c
+            .filter_wise
+            .for_tensor("model.layers.0.self_attn.q_proj.weight", true));
         let c = MergeConfig::from_yaml(&format!(
             "{OK}parameters:\n  filter_wise:\n    - filter: mlp\n      value: true\n"
         ))
         .unwrap();
-        assert!(!c.filter_wise.for_tensor("attn", false), "no match gives the default");
-        assert!(err(&format!("{OK}parameters: {{filter_wise: [0.1, 0.5]}}\n")).contains("gradient"));
+        assert!(
+            !c.filter_wise.for_tensor("attn", false),
+            "no match gives the default"
+        );
+        assert!(
+            err(&format!("{OK}parameters: {{filter_wise: [0.1, 0.5]}}\n")).contains("gradient")
+        );
         assert!(err(&format!("{OK}parameters: {{filter_wise: maybe}}\n")).contains("filter_wise"));
     }
 
@@ -491,9 +506,18 @@ mod tests {
             let e = err(yaml);
             assert!(e.contains(want), "{yaml:?}: {e}");
         }
-        for key in ["slices", "modules", "tokenizer", "tokenizer_source", "chat_template"] {
+        for key in [
+            "slices",
+            "modules",
+            "tokenizer",
+            "tokenizer_source",
+            "chat_template",
+        ] {
             let e = err(&format!("{OK}{key}: x\n"));
-            assert!(e.contains(&format!("`{key}`")) && e.contains("not supported"), "{e}");
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains("not supported"),
+                "{e}"
+            );
         }
     }
 

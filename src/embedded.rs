@@ -59,8 +59,18 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
     let reporter = progress.spawn_reporter(opts.quiet);
 
     let work = async {
-        let mut warnings = job.write_side_files(&sink, opts.copy_tokenizer, opts.model_card).await?;
-        run_plan(&job.plan, inputs, &sink, opts.memory_limit, opts.depth, progress.clone()).await?;
+        let mut warnings = job
+            .write_side_files(&sink, opts.copy_tokenizer, opts.model_card)
+            .await?;
+        run_plan(
+            &job.plan,
+            inputs,
+            &sink,
+            opts.memory_limit,
+            opts.depth,
+            progress.clone(),
+        )
+        .await?;
         job.commit(&sink).await?;
         warnings.extend(job.plan.warnings.iter().cloned());
         Ok::<_, Error>(warnings)

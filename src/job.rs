@@ -29,12 +29,21 @@ impl Job {
         let config = MergeConfig::from_yaml(config_yaml)?;
         let models = try_join_all(config.all_models().map(|m| open_model(stores, &m.0))).await?;
         let plan = plan(&config, &models, opts)?;
-        Ok(Job { config, models, plan })
+        Ok(Job {
+            config,
+            models,
+            plan,
+        })
     }
 
     /// Write everything but the tensors and the index: config.json, tokenizer files, the
     /// input YAML and the model card. Returns warnings for the user.
-    pub async fn write_side_files(&self, sink: &Sink, copy_tokenizer: bool, model_card: bool) -> Result<Vec<String>> {
+    pub async fn write_side_files(
+        &self,
+        sink: &Sink,
+        copy_tokenizer: bool,
+        model_card: bool,
+    ) -> Result<Vec<String>> {
         let mut warnings = Vec::new();
         let base = &self.models[0].location;
         let store = base.store.as_ref();
@@ -61,11 +70,17 @@ impl Job {
                 }
             }
         }
-        sink.put("mergekit_config.yml", Bytes::from(self.config.source_yaml.clone()))
-            .await?;
+        sink.put(
+            "mergekit_config.yml",
+            Bytes::from(self.config.source_yaml.clone()),
+        )
+        .await?;
         if model_card {
-            sink.put("README.md", Bytes::from(checkpoint::model_card(&self.config)))
-                .await?;
+            sink.put(
+                "README.md",
+                Bytes::from(checkpoint::model_card(&self.config)),
+            )
+            .await?;
         }
         Ok(warnings)
     }
@@ -79,4 +94,3 @@ impl Job {
         Ok(())
     }
 }
-

@@ -18,7 +18,10 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let threads = cli::threads(&cli.command);
-    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+    {
         eprintln!("error: cannot start {threads} compute threads: {e}");
         return ExitCode::from(1);
     }
@@ -36,11 +39,15 @@ fn main() -> ExitCode {
     match rt.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            let mut src = e.source();
-            while let Some(s) = src {
-                eprintln!("  caused by: {s}");
-                src = s.source();
+            // The cause chain, skipping causes whose text the message already includes.
+            let mut shown = e.to_string();
+            eprintln!("error: {shown}");
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !shown.contains(&c) {
+                    eprintln!("  caused by: {c}");
+                    shown.push_str(&c);
+                }
             }
             let invalid = e
                 .downcast_ref::<mergefleet::Error>()

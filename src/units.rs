@@ -21,7 +21,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mi" | "mib" => 1 << 20,
         "gi" | "gib" => 1 << 30,
         "ti" | "tib" => 1 << 40,
-        other => return Err(format!("`{s}`: unknown size suffix `{other}` (use K, M, B/G, T or KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "`{s}`: unknown size suffix `{other}` (use K, M, B/G, T or KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
     let v = n * mult as f64;
     if !v.is_finite() || v < 1.0 || v > u64::MAX as f64 {

@@ -46,7 +46,11 @@ impl InputFiles {
     }
 
     /// Fetch several ranges, grouped per file, all files concurrently.
-    async fn fetch(&self, wanted: &[(usize, Range<u64>)], progress: &Progress) -> Result<Vec<Bytes>> {
+    async fn fetch(
+        &self,
+        wanted: &[(usize, Range<u64>)],
+        progress: &Progress,
+    ) -> Result<Vec<Bytes>> {
         let mut by_file: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, (f, _)) in wanted.iter().enumerate() {
             match by_file.iter_mut().find(|(g, _)| g == f) {
@@ -56,7 +60,9 @@ impl InputFiles {
         }
         let reads = by_file.iter().map(|(f, idx)| async move {
             let (store, path, url) = self.files.get(*f).ok_or_else(|| {
-                Error::Internal(format!("task names input file {f}, which the plan does not have"))
+                Error::Internal(format!(
+                    "task names input file {f}, which the plan does not have"
+                ))
             })?;
             let ranges: Vec<Range<u64>> = idx.iter().map(|&i| wanted[i].1.clone()).collect();
             let got = read_ranges(store.as_ref(), path, url, &ranges).await?;
@@ -93,7 +99,13 @@ pub async fn run_task(
     permit: Option<OwnedSemaphorePermit>,
 ) -> Result<()> {
     if task.working_set() <= budget {
-        let data = run_in_memory(&task, header.as_deref().map(|h| h.as_slice()), &inputs, &progress).await?;
+        let data = run_in_memory(
+            &task,
+            header.as_deref().map(|h| h.as_slice()),
+            &inputs,
+            &progress,
+        )
+        .await?;
         send(&tx, task.out.start, data, permit).await
     } else {
         let mut pos = task.out.start;
@@ -122,10 +134,19 @@ pub async fn run_task(
     }
 }
 
-async fn send(tx: &mpsc::Sender<Chunk>, offset: u64, data: Bytes, permit: Option<OwnedSemaphorePermit>) -> Result<()> {
-    tx.send(Chunk { offset, data, permit })
-        .await
-        .map_err(|_| Error::Interrupted)
+async fn send(
+    tx: &mpsc::Sender<Chunk>,
+    offset: u64,
+    data: Bytes,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<()> {
+    tx.send(Chunk {
+        offset,
+        data,
+        permit,
+    })
+    .await
+    .map_err(|_| Error::Interrupted)
 }
 
 fn input_ranges(job: &TensorJob) -> Vec<&InputSlice> {
@@ -172,12 +193,16 @@ async fn run_in_memory(
             slices.push((job, mine, &fetched[k..k + n]));
             k += n;
         }
-        slices.into_par_iter().for_each(|(job, out, bytes)| compute(job, bytes, out));
+        slices
+            .into_par_iter()
+            .for_each(|(job, out, bytes)| compute(job, bytes, out));
         out
     })
     .await
     .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;
-    progress.tensors_done.fetch_add(n_tensors, Ordering::Relaxed);
+    progress
+        .tensors_done
+        .fetch_add(n_tensors, Ordering::Relaxed);
     Ok(Bytes::from(out))
 }
 
@@ -188,7 +213,10 @@ fn compute(job: &TensorJob, bytes: &[Bytes], out: &mut [u8]) {
             let views: Vec<InputView> = inputs
                 .iter()
                 .zip(bytes)
-                .map(|(s, b)| InputView { bytes: b, dtype: s.dtype })
+                .map(|(s, b)| InputView {
+                    bytes: b,
+                    dtype: s.dtype,
+                })
                 .collect();
             ModelStock::from(*kernel).merge(&job.shape, &views, out);
         }
@@ -205,7 +233,10 @@ async fn stream_tensor(
 ) -> Result<()> {
     let slices = input_ranges(job);
     let out_size = dtype_size(job.dtype).expect("whole-byte dtype") as u64;
-    let sizes: Vec<u64> = slices.iter().map(|s| dtype_size(s.dtype).expect("whole-byte") as u64).collect();
+    let sizes: Vec<u64> = slices
+        .iter()
+        .map(|s| dtype_size(s.dtype).expect("whole-byte") as u64)
+        .collect();
     let (unit, per_elem) = window_unit(job);
     let numel = job.numel();
     let (fw, kernel) = match &job.op {
@@ -221,12 +252,20 @@ async fn stream_tensor(
             min_memory(job)
         )));
     }
-    let windows: Vec<Range<usize>> = (0..numel).step_by(window).map(|s| s..(s + window).min(numel)).collect();
+    let windows: Vec<Range<usize>> = (0..numel)
+        .step_by(window)
+        .map(|s| s..(s + window).min(numel))
+        .collect();
     let fetch_window = |w: &Range<usize>| {
         let wanted: Vec<(usize, Range<u64>)> = slices
             .iter()
             .zip(&sizes)
-            .map(|(s, sz)| (s.file, s.range.start + w.start as u64 * sz..s.range.start + w.end as u64 * sz))
+            .map(|(s, sz)| {
+                (
+                    s.file,
+                    s.range.start + w.start as u64 * sz..s.range.start + w.end as u64 * sz,
+                )
+            })
             .collect();
         async move { inputs.fetch(&wanted, progress).await }
     };
@@ -240,7 +279,14 @@ async fn stream_tensor(
                 let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
                 let len = w.len();
                 let part = tokio::task::spawn_blocking(move || {
-                    let views: Vec<InputView> = bytes.iter().zip(&dtypes).map(|(b, d)| InputView { bytes: b, dtype: *d }).collect();
+                    let views: Vec<InputView> = bytes
+                        .iter()
+                        .zip(&dtypes)
+                        .map(|(b, d)| InputView {
+                            bytes: b,
+                            dtype: *d,
+                        })
+                        .collect();
                     k.block_stats(&views, 0, len)
                 })
                 .await
@@ -256,11 +302,17 @@ async fn stream_tensor(
         let bytes = fetch_window(w).await?;
         let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
         let len = w.len();
-        let kernel = kernel;
         let shape = job.shape.clone();
         let data = tokio::task::spawn_blocking(move || {
             let mut out = vec![0u8; len * out_size as usize];
-            let views: Vec<InputView> = bytes.iter().zip(&dtypes).map(|(b, d)| InputView { bytes: b, dtype: *d }).collect();
+            let views: Vec<InputView> = bytes
+                .iter()
+                .zip(&dtypes)
+                .map(|(b, d)| InputView {
+                    bytes: b,
+                    dtype: *d,
+                })
+                .collect();
             match (kernel, t) {
                 (None, _) => out.copy_from_slice(&bytes[0]),
                 (Some(k), Some(t)) => k.apply(&views, 0, len, t, &mut out),
@@ -270,7 +322,13 @@ async fn stream_tensor(
         })
         .await
         .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;
-        send(tx, job.out.start + w.start as u64 * out_size, Bytes::from(data), None).await?;
+        send(
+            tx,
+            job.out.start + w.start as u64 * out_size,
+            Bytes::from(data),
+            None,
+        )
+        .await?;
     }
     progress.tensors_done.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -312,14 +370,22 @@ pub async fn run_plan(
     let budget_units = (memory_limit / UNIT).clamp(1, u32::MAX as u64) as u32;
     let budget = budget_units as u64 * UNIT;
     let sem = Arc::new(Semaphore::new(budget_units as usize));
-    type Pending = (usize, mpsc::Receiver<Chunk>, tokio::task::JoinHandle<Result<()>>);
+    type Pending = (
+        usize,
+        mpsc::Receiver<Chunk>,
+        tokio::task::JoinHandle<Result<()>>,
+    );
     let (htx, hrx) = mpsc::channel::<Pending>(depth.max(1));
 
     let producer = async {
         for task in &plan.tasks {
             let want = task.working_set().min(budget);
             let units = want.div_ceil(UNIT).clamp(1, budget_units as u64) as u32;
-            let permit = sem.clone().acquire_many_owned(units).await.map_err(|_| Error::Interrupted)?;
+            let permit = sem
+                .clone()
+                .acquire_many_owned(units)
+                .await
+                .map_err(|_| Error::Interrupted)?;
             let file = &plan.files[task.file];
             let header = (task.out.start == 0).then(|| Arc::new(file.header.clone()));
             let (ctx, crx) = mpsc::channel(1);

@@ -49,7 +49,11 @@ impl Progress {
         });
         let b2 = bar.clone();
         let handle = tokio::spawn(async move {
-            let period = if b2.is_some() { Duration::from_millis(200) } else { Duration::from_secs(10) };
+            let period = if b2.is_some() {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(10)
+            };
             let mut tick = tokio::time::interval(period);
             tick.tick().await;
             loop {

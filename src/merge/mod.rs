@@ -282,14 +282,21 @@ fn ratio_from<R: Round>(stats: &Stats) -> f32 {
     if n < 2 {
         return 0.0;
     }
-    let norms: Vec<f32> = stats.0[..n].iter().map(|s| R::round_f64(s.sqrt())).collect();
+    let norms: Vec<f32> = stats.0[..n]
+        .iter()
+        .map(|s| R::round_f64(s.sqrt()))
+        .collect();
     let eps = R::round(1e-6);
     let mut cos_sum = 0f64;
     let mut p = n;
     for i in 0..n {
         for j in i + 1..n {
             let norm_product = R::round(norms[i] * norms[j]);
-            let denom = if norm_product < eps { eps } else { norm_product };
+            let denom = if norm_product < eps {
+                eps
+            } else {
+                norm_product
+            };
             let dot = R::round_f64(stats.0[p]);
             let cos = R::round(dot / denom).clamp(-1.0, 1.0);
             cos_sum += cos as f64;

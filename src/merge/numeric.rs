@@ -85,7 +85,9 @@ pub fn decode<R: Round>(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f32
         Dtype::BF16 => {
             let src = &bytes[start * 2..(start + n) * 2];
             for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *o = R::round(f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16));
+                *o = R::round(f32::from_bits(
+                    (u16::from_le_bytes([c[0], c[1]]) as u32) << 16,
+                ));
             }
         }
         Dtype::F16 => {
@@ -107,7 +109,9 @@ pub fn decode<R: Round>(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f32
                 *o = R::round(v as f32);
             }
         }
-        other => unreachable!("decode called on non-float dtype {other:?}; the planner copies those"),
+        other => {
+            unreachable!("decode called on non-float dtype {other:?}; the planner copies those")
+        }
     }
 }
 
@@ -173,7 +177,10 @@ mod tests {
         assert_eq!(x as f32, 1.0 + 2f32.powi(-8));
         assert_eq!(Bf16::round(x as f32), 1.0);
         assert_eq!(Bf16::round_f64(x), 1.0 + 2f32.powi(-7));
-        assert_eq!(F16::round_f64(1.0 + 2f64.powi(-11) + 2f64.powi(-40)), 1.0 + 2f32.powi(-10));
+        assert_eq!(
+            F16::round_f64(1.0 + 2f64.powi(-11) + 2f64.powi(-40)),
+            1.0 + 2f32.powi(-10)
+        );
     }
 
     #[test]

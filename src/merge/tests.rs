@@ -48,17 +48,31 @@ fn reference(k: ModelStock, shape: &[usize], w: &[Vec<f32>]) -> Vec<f32> {
             .collect();
         let norms: Vec<f32> = d
             .iter()
-            .map(|di| round64(k.work, di.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt()))
+            .map(|di| {
+                round64(
+                    k.work,
+                    di.iter()
+                        .map(|x| (*x as f64) * (*x as f64))
+                        .sum::<f64>()
+                        .sqrt(),
+                )
+            })
             .collect();
         let mut coss = Vec::new();
         for i in 0..n {
             for j in i + 1..n {
                 let np = r(norms[i] * norms[j]).max(eps);
-                let dot = round64(k.work, d[i].iter().zip(&d[j]).map(|(a, b)| r(a * b) as f64).sum());
+                let dot = round64(
+                    k.work,
+                    d[i].iter().zip(&d[j]).map(|(a, b)| r(a * b) as f64).sum(),
+                );
                 coss.push(r(dot / np).clamp(-1.0, 1.0));
             }
         }
-        let c = round64(k.work, coss.iter().map(|c| *c as f64).sum::<f64>() / coss.len() as f64);
+        let c = round64(
+            k.work,
+            coss.iter().map(|c| *c as f64).sum::<f64>() / coss.len() as f64,
+        );
         let num = r(n as f32 * c);
         let den = r(1.0 + r((n as f32 - 1.0) * c));
         let t = if den.abs() < eps { 0.0 } else { r(num / den) };
@@ -100,7 +114,10 @@ fn run(k: ModelStock, shape: &[usize], w: &[Vec<f32>], stored: WorkDtype) -> Vec
     let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, stored)).collect();
     let views: Vec<InputView> = bytes
         .iter()
-        .map(|b| InputView { bytes: b, dtype: stored.st_dtype() })
+        .map(|b| InputView {
+            bytes: b,
+            dtype: stored.st_dtype(),
+        })
         .collect();
     let numel: usize = shape.iter().product();
     let mut out = vec![0u8; numel * k.out.size()];
@@ -125,7 +142,11 @@ fn matches_reference_for_2_to_5_models() {
                     let numel: usize = shape.iter().product();
                     let w = models(n, numel, work, (n * 31 + numel) as u64);
                     for out in [work, WorkDtype::F16] {
-                        let k = ModelStock { work, out, filter_wise: fw };
+                        let k = ModelStock {
+                            work,
+                            out,
+                            filter_wise: fw,
+                        };
                         let what = format!("{work:?}->{out:?} n={n} fw={fw} shape={shape:?}");
                         assert_bits_eq(&run(k, shape, &w, work), &reference(k, shape, &w), &what);
                     }
@@ -140,9 +161,20 @@ fn inputs_are_cast_to_the_working_dtype() {
     // float32 inputs merged in bfloat16: each input rounds to bf16 first (torch's .to()).
     let shape = [40, 40];
     let w = models(3, 1600, WorkDtype::F32, 7);
-    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: false };
-    let rounded: Vec<Vec<f32>> = w.iter().map(|m| m.iter().map(|x| round(WorkDtype::BF16, *x)).collect()).collect();
-    assert_bits_eq(&run(k, &shape, &w, WorkDtype::F32), &reference(k, &shape, &rounded), "f32 in, bf16 work");
+    let k = ModelStock {
+        work: WorkDtype::BF16,
+        out: WorkDtype::BF16,
+        filter_wise: false,
+    };
+    let rounded: Vec<Vec<f32>> = w
+        .iter()
+        .map(|m| m.iter().map(|x| round(WorkDtype::BF16, *x)).collect())
+        .collect();
+    assert_bits_eq(
+        &run(k, &shape, &w, WorkDtype::F32),
+        &reference(k, &shape, &rounded),
+        "f32 in, bf16 work",
+    );
 }
 
 #[test]
@@ -150,8 +182,18 @@ fn hand_computed_bf16_rounding() {
     // base 1, fine-tunes 1, 1+2^-7, 1+2^-7: task vectors 0, 2^-7, 2^-7.
     let b = |x: f32| encode_vec(&[x], WorkDtype::BF16);
     let inputs = [b(1.0), b(1.0), b(1.0078125), b(1.0078125)];
-    let views: Vec<InputView> = inputs.iter().map(|x| InputView { bytes: x, dtype: Dtype::BF16 }).collect();
-    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: false };
+    let views: Vec<InputView> = inputs
+        .iter()
+        .map(|x| InputView {
+            bytes: x,
+            dtype: Dtype::BF16,
+        })
+        .collect();
+    let k = ModelStock {
+        work: WorkDtype::BF16,
+        out: WorkDtype::BF16,
+        filter_wise: false,
+    };
     // cos = [0, 0, 1]; c = bf16(1/3) = 0.333984375; 3c rounds to 1.0; 1 + 2c = 1.66796875
     // is a tie that rounds to even 1.671875; t = bf16(1/1.671875) = 0.59765625. Computing
     // t in f32 and rounding once would give bf16(0.6) = 0.6015625.
@@ -172,26 +214,46 @@ fn zero_task_vector_has_zero_cosine() {
     let numel = 500;
     let mut w = models(2, numel, WorkDtype::BF16, 3);
     w.push(w[0].clone());
-    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: false };
-    assert_bits_eq(&run(k, &[numel], &w, WorkDtype::BF16), &reference(k, &[numel], &w), "zero delta");
+    let k = ModelStock {
+        work: WorkDtype::BF16,
+        out: WorkDtype::BF16,
+        filter_wise: false,
+    };
+    assert_bits_eq(
+        &run(k, &[numel], &w, WorkDtype::BF16),
+        &reference(k, &[numel], &w),
+        "zero delta",
+    );
 }
 
 #[test]
 fn opposite_task_vectors_take_the_t_zero_branch() {
     // d2 = -d1: c = -1, 1 + (N-1)c = 0 -> t = 0 -> the output is the base.
     let base: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) / 64.0).collect();
-    let d: Vec<f32> = (0..256).map(|i| if i % 3 == 0 { 0.125 } else { -0.0625 }).collect();
+    let d: Vec<f32> = (0..256)
+        .map(|i| if i % 3 == 0 { 0.125 } else { -0.0625 })
+        .collect();
     let w = vec![
         base.clone(),
         base.iter().zip(&d).map(|(b, d)| b + d).collect(),
         base.iter().zip(&d).map(|(b, d)| b - d).collect(),
     ];
     for work in [WorkDtype::BF16, WorkDtype::F32] {
-        let k = ModelStock { work, out: work, filter_wise: false };
+        let k = ModelStock {
+            work,
+            out: work,
+            filter_wise: false,
+        };
         let out = run(k, &[256], &w, work);
         assert_bits_eq(&out, &base, "t = 0 gives the base");
         let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, work)).collect();
-        let views: Vec<InputView> = bytes.iter().map(|b| InputView { bytes: b, dtype: work.st_dtype() }).collect();
+        let views: Vec<InputView> = bytes
+            .iter()
+            .map(|b| InputView {
+                bytes: b,
+                dtype: work.st_dtype(),
+            })
+            .collect();
         assert_eq!(k.ratio(k.block_stats(&views, 0, 256).iter()), 0.0);
     }
 }
@@ -200,9 +262,20 @@ fn opposite_task_vectors_take_the_t_zero_branch() {
 fn filter_wise_treats_1d_as_one_row() {
     let numel = 300;
     let w = models(3, numel, WorkDtype::BF16, 11);
-    let fw = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: true };
-    let plain = ModelStock { filter_wise: false, ..fw };
-    assert_bits_eq(&run(fw, &[numel], &w, WorkDtype::BF16), &run(plain, &[numel], &w, WorkDtype::BF16), "1-D");
+    let fw = ModelStock {
+        work: WorkDtype::BF16,
+        out: WorkDtype::BF16,
+        filter_wise: true,
+    };
+    let plain = ModelStock {
+        filter_wise: false,
+        ..fw
+    };
+    assert_bits_eq(
+        &run(fw, &[numel], &w, WorkDtype::BF16),
+        &run(plain, &[numel], &w, WorkDtype::BF16),
+        "1-D",
+    );
     // ...while a 2-D tensor gets one ratio per row, which differs from one ratio overall.
     let a = run(fw, &[10, 30], &w, WorkDtype::BF16);
     let b = run(plain, &[10, 30], &w, WorkDtype::BF16);
@@ -214,12 +287,22 @@ fn streamed_windows_equal_one_pass() {
     // Statistics over block-aligned windows, then output per window, equal the in-memory merge.
     let numel = 3 * BLOCK + 1234;
     let w = models(3, numel, WorkDtype::BF16, 5);
-    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::F32, filter_wise: false };
+    let k = ModelStock {
+        work: WorkDtype::BF16,
+        out: WorkDtype::F32,
+        filter_wise: false,
+    };
     let whole = run(k, &[numel], &w, WorkDtype::BF16);
     let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, WorkDtype::BF16)).collect();
     let window = 2 * BLOCK;
     let view = |s: usize, e: usize| -> Vec<InputView> {
-        bytes.iter().map(|b| InputView { bytes: &b[s * 2..e * 2], dtype: Dtype::BF16 }).collect()
+        bytes
+            .iter()
+            .map(|b| InputView {
+                bytes: &b[s * 2..e * 2],
+                dtype: Dtype::BF16,
+            })
+            .collect()
     };
     let mut stats = Vec::new();
     for s in (0..numel).step_by(window) {
@@ -239,9 +322,16 @@ fn streamed_windows_equal_one_pass() {
 fn result_does_not_depend_on_thread_count() {
     let numel = 5 * BLOCK;
     let w = models(4, numel, WorkDtype::BF16, 9);
-    let k = ModelStock { work: WorkDtype::BF16, out: WorkDtype::BF16, filter_wise: false };
+    let k = ModelStock {
+        work: WorkDtype::BF16,
+        out: WorkDtype::BF16,
+        filter_wise: false,
+    };
     let many = run(k, &[numel], &w, WorkDtype::BF16);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let one = pool.install(|| run(k, &[numel], &w, WorkDtype::BF16));
     assert_bits_eq(&one, &many, "threads");
 }

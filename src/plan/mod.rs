@@ -23,10 +23,12 @@ use crate::source::ModelSource;
 pub enum PlanError {
     #[error("tensor `{tensor}` is in the base model but missing from `{model}`")]
     MissingTensor { tensor: String, model: String },
-    #[error("tensor `{tensor}` has shape {shape:?} in `{model}` but {base_shape:?} in the base model{hint}")]
+    #[error("tensor `{tensor}` has shape {shape:?} in `{model}`{via} but {base_shape:?} in the base model{hint}")]
     ShapeMismatch {
         tensor: String,
         model: String,
+        /// Set when a tied model's embeddings stand in for its missing lm_head.
+        via: &'static str,
         shape: Vec<usize>,
         base_shape: Vec<usize>,
         hint: &'static str,
@@ -44,7 +46,8 @@ pub enum PlanError {
     Layout(String),
 }
 
-const VOCAB_HINT: &str = ": the vocabularies differ. mergekit refuses this too; align the vocabularies \
+const VOCAB_HINT: &str =
+    ": the vocabularies differ. mergekit refuses this too; align the vocabularies \
 (mergekit's `tokenizer` config resizes embeddings) before merging";
 
 /// Sizes that shape the plan.
@@ -250,7 +253,8 @@ pub fn plan(
     let mut names: Vec<&str> = base.tensors.keys().map(String::as_str).collect();
     const LM_HEAD: &str = "lm_head.weight";
     const EMBED: &str = "model.embed_tokens.weight";
-    if !base.tensors.contains_key(LM_HEAD) && models.iter().any(|m| m.tensors.contains_key(LM_HEAD)) {
+    if !base.tensors.contains_key(LM_HEAD) && models.iter().any(|m| m.tensors.contains_key(LM_HEAD))
+    {
         names.push(LM_HEAD);
         names.sort_unstable();
     }
@@ -261,10 +265,10 @@ pub fn plan(
         let mut slices = Vec::with_capacity(models.len());
         let mut base_meta: Option<(&[usize], Dtype)> = None;
         for (mi, m) in models.iter().enumerate() {
+            let tied = name == LM_HEAD && !m.tensors.contains_key(LM_HEAD);
             let t = m
                 .tensors
-                .get(name)
-                .or_else(|| (name == LM_HEAD).then(|| m.tensors.get(EMBED)).flatten())
+                .get(if tied { EMBED } else { name })
                 .ok_or_else(|| PlanError::MissingTensor {
                     tensor: name.to_string(),
                     model: m.reference.clone(),
@@ -276,6 +280,11 @@ pub fn plan(
                         return Err(PlanError::ShapeMismatch {
                             tensor: name.to_string(),
                             model: m.reference.clone(),
+                            via: if tied {
+                                " (its model.embed_tokens.weight, standing in for the missing lm_head)"
+                            } else {
+                                ""
+                            },
                             shape: t.shape.clone(),
                             base_shape: shape.to_vec(),
                             hint: if name.contains("embed") || name.contains("lm_head") {
@@ -304,12 +313,12 @@ pub fn plan(
         let (shape, bdt) = base_meta.expect("at least one model");
         let (dtype, op) = if is_float(bdt) {
             let first = slices[0].dtype;
-            let work = config.dtype.unwrap_or_else(|| {
-                match WorkDtype::from_st(first) {
+            let work = config
+                .dtype
+                .unwrap_or_else(|| match WorkDtype::from_st(first) {
                     Some(w) if slices.iter().all(|s| s.dtype == first) => w,
                     _ => WorkDtype::F32,
-                }
-            });
+                });
             let out = config.out_dtype.unwrap_or(work);
             out_dtype.get_or_insert(out);
             let kernel = ModelStockParams {
@@ -317,9 +326,20 @@ pub fn plan(
                 out,
                 filter_wise: config.filter_wise.for_tensor(name, false),
             };
-            (out.st_dtype(), Op::Merge { kernel, inputs: slices })
+            (
+                out.st_dtype(),
+                Op::Merge {
+                    kernel,
+                    inputs: slices,
+                },
+            )
         } else {
-            (bdt, Op::Copy { input: slices.swap_remove(0) })
+            (
+                bdt,
+                Op::Copy {
+                    input: slices.swap_remove(0),
+                },
+            )
         };
         jobs.push(TensorJob {
             name: name.to_string(),
@@ -409,7 +429,11 @@ fn layout(
                 if let Some(t) = cur_task.take() {
                     tasks.push(t);
                 }
-                let start = if tasks.len() == first_task { 0 } else { j.out.start };
+                let start = if tasks.len() == first_task {
+                    0
+                } else {
+                    j.out.start
+                };
                 cur_task = Some(Task {
                     id: 0,
                     file: fi,

@@ -13,7 +13,13 @@ fn model(name: &str, tensors: &[(&str, Dtype, &[usize])]) -> ModelSource {
         let n: usize = shape.iter().product::<usize>() * dtype_size(*d).unwrap();
         map.insert(
             t.to_string(),
-            TensorLoc { file: 0, dtype: *d, shape: shape.to_vec(), start: off, end: off + n as u64 },
+            TensorLoc {
+                file: 0,
+                dtype: *d,
+                shape: shape.to_vec(),
+                start: off,
+                end: off + n as u64,
+            },
         );
         off += n as u64;
     }
@@ -53,11 +59,19 @@ fn single_file_layout_is_lexicographic() {
     let p = plan(&config(""), &three(LLAMA), PlanOptions::default()).unwrap();
     assert_eq!(p.files.len(), 1);
     assert_eq!(p.files[0].name, "model.safetensors");
-    let names: Vec<&str> = p.tasks.iter().flat_map(|t| &t.tensors).map(|t| t.name.as_str()).collect();
+    let names: Vec<&str> = p
+        .tasks
+        .iter()
+        .flat_map(|t| &t.tensors)
+        .map(|t| t.name.as_str())
+        .collect();
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted);
-    assert_eq!(p.total_size, (256 * 64 * 2 * 2 + 176 * 64 * 2 + 64 * 2 * 2) as u64);
+    assert_eq!(
+        p.total_size,
+        (256 * 64 * 2 * 2 + 176 * 64 * 2 + 64 * 2 * 2) as u64
+    );
     assert_eq!(p.bytes_written(), p.files[0].size);
     assert_eq!(p.bytes_read(), 3 * p.total_size);
 }
@@ -71,7 +85,11 @@ fn header_equals_the_safetensors_crate() {
     let mut off = 0;
     for t in p.tasks.iter().flat_map(|t| &t.tensors) {
         let n = (t.out.end - t.out.start) as usize;
-        views.push((t.name.clone(), safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &data[off..off + n]).unwrap()));
+        views.push((
+            t.name.clone(),
+            safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &data[off..off + n])
+                .unwrap(),
+        ));
         off += n;
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -83,20 +101,39 @@ fn header_equals_the_safetensors_crate() {
 #[test]
 fn greedy_sharding_like_mergekit() {
     // 32768 + 32768 > 60000: lm_head alone; then embed + norm + up_proj (22528) = 55424...
-    let opts = PlanOptions { out_shard_size: 60_000, ..Default::default() };
+    let opts = PlanOptions {
+        out_shard_size: 60_000,
+        ..Default::default()
+    };
     let p = plan(&config(""), &three(LLAMA), opts).unwrap();
     let names: Vec<&str> = p.files.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(names, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
+    assert_eq!(
+        names,
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors"
+        ]
+    );
     let in_file = |i: usize| -> Vec<&str> {
-        p.tasks[p.files[i].tasks.clone()].iter().flat_map(|t| &t.tensors).map(|t| t.name.as_str()).collect()
+        p.tasks[p.files[i].tasks.clone()]
+            .iter()
+            .flat_map(|t| &t.tensors)
+            .map(|t| t.name.as_str())
+            .collect()
     };
     assert_eq!(in_file(0), ["lm_head.weight"]);
     assert_eq!(in_file(1).len(), 4);
     assert_eq!(p.weight_map.len(), 5);
     assert!(p.weight_map.windows(2).all(|w| w[0].0 < w[1].0));
-    assert!(p.weight_map.iter().any(|(t, f)| t == "model.norm.weight" && f == "model-00002-of-00002.safetensors"));
+    assert!(p
+        .weight_map
+        .iter()
+        .any(|(t, f)| t == "model.norm.weight" && f == "model-00002-of-00002.safetensors"));
     // a tensor larger than the shard size still gets a file of its own
-    let opts = PlanOptions { out_shard_size: 10, ..Default::default() };
+    let opts = PlanOptions {
+        out_shard_size: 10,
+        ..Default::default()
+    };
     let p = plan(&config(""), &three(LLAMA), opts).unwrap();
     assert_eq!(p.files.len(), 5);
     assert_eq!(p.files[4].name, "model-00005-of-00005.safetensors");
@@ -104,7 +141,10 @@ fn greedy_sharding_like_mergekit() {
 
 #[test]
 fn tasks_cover_each_file_contiguously() {
-    let opts = PlanOptions { out_shard_size: 60_000, task_size: 40_000 };
+    let opts = PlanOptions {
+        out_shard_size: 60_000,
+        task_size: 40_000,
+    };
     let p = plan(&config(""), &three(LLAMA), opts).unwrap();
     for (fi, f) in p.files.iter().enumerate() {
         let tasks = &p.tasks[f.tasks.clone()];
@@ -124,15 +164,26 @@ fn tasks_cover_each_file_contiguously() {
 
 #[test]
 fn tied_embeddings() {
-    let tied: Vec<_> = LLAMA.iter().filter(|t| t.0 != "lm_head.weight").cloned().collect();
+    let tied: Vec<_> = LLAMA
+        .iter()
+        .filter(|t| t.0 != "lm_head.weight")
+        .cloned()
+        .collect();
     // No model has lm_head: the output has none.
     let p = plan(&config(""), &three(&tied), PlanOptions::default()).unwrap();
     assert!(p.weight_map.iter().all(|(t, _)| t != "lm_head.weight"));
     // One fine-tune lacks it: that model contributes its embeddings.
     let models = vec![model("base", LLAMA), model("a", &tied), model("b", LLAMA)];
     let p = plan(&config(""), &models, PlanOptions::default()).unwrap();
-    let lm = p.tasks.iter().flat_map(|t| &t.tensors).find(|t| t.name == "lm_head.weight").unwrap();
-    let Op::Merge { inputs, .. } = &lm.op else { panic!() };
+    let lm = p
+        .tasks
+        .iter()
+        .flat_map(|t| &t.tensors)
+        .find(|t| t.name == "lm_head.weight")
+        .unwrap();
+    let Op::Merge { inputs, .. } = &lm.op else {
+        panic!()
+    };
     let embed = &models[1].tensors["model.embed_tokens.weight"];
     assert_eq!(inputs[1].range, embed.start..embed.end);
     // Only a fine-tune has it: the base contributes its embeddings, the output has one.
@@ -143,37 +194,64 @@ fn tied_embeddings() {
 
 #[test]
 fn refusals_name_tensor_and_model() {
-    let missing: Vec<_> = LLAMA.iter().filter(|t| t.0 != "model.norm.weight").cloned().collect();
-    let e = plan(&config(""), &[model("base", LLAMA), model("a", LLAMA), model("b", &missing)], PlanOptions::default())
-        .unwrap_err()
-        .to_string();
+    let missing: Vec<_> = LLAMA
+        .iter()
+        .filter(|t| t.0 != "model.norm.weight")
+        .cloned()
+        .collect();
+    let e = plan(
+        &config(""),
+        &[
+            model("base", LLAMA),
+            model("a", LLAMA),
+            model("b", &missing),
+        ],
+        PlanOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("model.norm.weight") && e.contains("`b`"), "{e}");
 
     let mut vocab: Vec<_> = LLAMA.to_vec();
     vocab[0] = ("model.embed_tokens.weight", Dtype::BF16, &[260, 64]);
-    let e = plan(&config(""), &[model("base", LLAMA), model("a", &vocab), model("b", LLAMA)], PlanOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("[260, 64]") && e.contains("[256, 64]") && e.contains("vocabularies"), "{e}");
+    let e = plan(
+        &config(""),
+        &[model("base", LLAMA), model("a", &vocab), model("b", LLAMA)],
+        PlanOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("[260, 64]") && e.contains("[256, 64]") && e.contains("vocabularies"),
+        "{e}"
+    );
 
     let mut shape: Vec<_> = LLAMA.to_vec();
     shape[4] = ("model.norm.weight", Dtype::BF16, &[65]);
-    let e = plan(&config(""), &[model("base", LLAMA), model("a", &shape), model("b", LLAMA)], PlanOptions::default())
+    let e = plan(
+        &config(""),
+        &[model("base", LLAMA), model("a", &shape), model("b", LLAMA)],
+        PlanOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("model.norm.weight") && !e.contains("vocabularies"),
+        "{e}"
+    );
+
+    let e = plan(&config(""), &three(&[]), PlanOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("model.norm.weight") && !e.contains("vocabularies"), "{e}");
-
-    let e = plan(&config(""), &three(&[]), PlanOptions::default()).unwrap_err().to_string();
     assert!(e.contains("no tensors"), "{e}");
 }
 
 #[test]
 fn dtypes_and_copies() {
-    let t: &[(&str, Dtype, &[usize])] = &[
-        ("w", Dtype::F32, &[8]),
-        ("position_ids", Dtype::I64, &[4]),
-    ];
-    let mixed: &[(&str, Dtype, &[usize])] = &[("w", Dtype::BF16, &[8]), ("position_ids", Dtype::I64, &[4])];
+    let t: &[(&str, Dtype, &[usize])] =
+        &[("w", Dtype::F32, &[8]), ("position_ids", Dtype::I64, &[4])];
+    let mixed: &[(&str, Dtype, &[usize])] =
+        &[("w", Dtype::BF16, &[8]), ("position_ids", Dtype::I64, &[4])];
     let models = vec![model("base", t), model("a", mixed), model("b", t)];
     let p = plan(&config(""), &models, PlanOptions::default()).unwrap();
     let jobs: Vec<&TensorJob> = p.tasks.iter().flat_map(|t| &t.tensors).collect();
@@ -181,26 +259,47 @@ fn dtypes_and_copies() {
     assert_eq!(jobs[0].name, "position_ids");
     assert!(matches!(jobs[0].op, Op::Copy { .. }));
     assert_eq!(jobs[0].dtype, Dtype::I64);
-    let Op::Merge { kernel, .. } = &jobs[1].op else { panic!() };
+    let Op::Merge { kernel, .. } = &jobs[1].op else {
+        panic!()
+    };
     assert_eq!(kernel.work, WorkDtype::F32, "mixed inputs work in float32");
-    let p = plan(&config("dtype: bfloat16\nout_dtype: float16\n"), &models, PlanOptions::default()).unwrap();
-    let w = p.tasks.iter().flat_map(|t| &t.tensors).find(|t| t.name == "w").unwrap();
+    let p = plan(
+        &config("dtype: bfloat16\nout_dtype: float16\n"),
+        &models,
+        PlanOptions::default(),
+    )
+    .unwrap();
+    let w = p
+        .tasks
+        .iter()
+        .flat_map(|t| &t.tensors)
+        .find(|t| t.name == "w")
+        .unwrap();
     assert_eq!(w.dtype, Dtype::F16);
     assert_eq!(p.out_dtype, Some(WorkDtype::F16));
 
-    let int_ft: &[(&str, Dtype, &[usize])] = &[("w", Dtype::I32, &[8]), ("position_ids", Dtype::I64, &[4])];
-    let e = plan(&config(""), &[model("base", t), model("a", int_ft), model("b", t)], PlanOptions::default())
-        .unwrap_err()
-        .to_string();
+    let int_ft: &[(&str, Dtype, &[usize])] =
+        &[("w", Dtype::I32, &[8]), ("position_ids", Dtype::I64, &[4])];
+    let e = plan(
+        &config(""),
+        &[model("base", t), model("a", int_ft), model("b", t)],
+        PlanOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("`w`") && e.contains("I32"), "{e}");
 }
 
 #[test]
 fn filter_wise_per_tensor() {
-    let c = config("parameters:\n  filter_wise:\n    - filter: mlp\n      value: true\n    - value: false\n");
+    let c = config(
+        "parameters:\n  filter_wise:\n    - filter: mlp\n      value: true\n    - value: false\n",
+    );
     let p = plan(&c, &three(LLAMA), PlanOptions::default()).unwrap();
     for t in p.tasks.iter().flat_map(|t| &t.tensors) {
-        let Op::Merge { kernel, .. } = &t.op else { panic!() };
+        let Op::Merge { kernel, .. } = &t.op else {
+            panic!()
+        };
         assert_eq!(kernel.filter_wise, t.name.contains("mlp"), "{}", t.name);
     }
 }

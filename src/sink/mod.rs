@@ -39,6 +39,12 @@ pub enum SinkError {
         #[source]
         source: object_store::Error,
     },
+    #[error("cannot use the output location {url}: check that the bucket exists and the store's credentials and endpoint (environment variables): {source}")]
+    Unusable {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
     #[error(transparent)]
     Source(#[from] SourceError),
 }
@@ -46,7 +52,7 @@ pub enum SinkError {
 impl SinkError {
     pub fn is_invalid_input(&self) -> bool {
         match self {
-            SinkError::Exists { .. } => true,
+            SinkError::Exists { .. } | SinkError::Unusable { .. } => true,
             SinkError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::PermissionDenied
@@ -107,7 +113,10 @@ impl Sink {
         let mut marker = None;
         for name in [INDEX_NAME, SINGLE_NAME] {
             let url = location.child_display(name);
-            if head_size(store.as_ref(), &location.child(name), &url).await?.is_some() {
+            if head_size(store.as_ref(), &location.child(name), &url)
+                .await?
+                .is_some()
+            {
                 marker = Some(name);
                 break;
             }
@@ -120,6 +129,14 @@ impl Sink {
                 });
             }
             remove_old_checkpoint(&location, m).await?;
+        }
+        if location.local_dir.is_none() {
+            // Check the bucket and credentials now, not after hours of merging.
+            let url = location.display.clone();
+            store
+                .list_with_delimiter(Some(&location.prefix))
+                .await
+                .map_err(|source| SinkError::Unusable { url, source })?;
         }
         Ok(match &location.local_dir {
             Some(dir) => {
@@ -143,7 +160,10 @@ impl Sink {
                 let path = s.dir.join(tmp_name(name));
                 let f = File::create(&path).map_err(io_err(&path))?;
                 f.set_len(size).map_err(io_err(&path))?;
-                s.open.lock().expect("open files").insert(name.into(), Arc::new(f));
+                s.open
+                    .lock()
+                    .expect("open files")
+                    .insert(name.into(), Arc::new(f));
                 Ok(())
             }
             Sink::Store(s) => {
@@ -154,10 +174,10 @@ impl Sink {
                     .put_multipart(&path)
                     .await
                     .map_err(|e| s.store_err(name, e))?;
-                s.open
-                    .lock()
-                    .await
-                    .insert(name.into(), WriteMultipart::new_with_chunk_size(upload, PART_SIZE));
+                s.open.lock().await.insert(
+                    name.into(),
+                    WriteMultipart::new_with_chunk_size(upload, PART_SIZE),
+                );
                 Ok(())
             }
         }
@@ -199,7 +219,12 @@ impl Sink {
                 std::fs::rename(&from, &to).map_err(io_err(&to))
             }
             Sink::Store(s) => {
-                let w = s.open.lock().await.remove(name).ok_or_else(|| not_open(name))?;
+                let w = s
+                    .open
+                    .lock()
+                    .await
+                    .remove(name)
+                    .ok_or_else(|| not_open(name))?;
                 w.finish().await.map_err(|e| s.store_err(name, e))?;
                 Ok(())
             }
@@ -230,7 +255,13 @@ impl Sink {
     pub async fn abort(&self) {
         match self {
             Sink::Local(s) => {
-                let names: Vec<String> = s.open.lock().expect("open files").drain().map(|(n, _)| n).collect();
+                let names: Vec<String> = s
+                    .open
+                    .lock()
+                    .expect("open files")
+                    .drain()
+                    .map(|(n, _)| n)
+                    .collect();
                 for n in names {
                     let p = s.dir.join(tmp_name(&n));
                     if let Err(e) = std::fs::remove_file(&p) {
@@ -239,10 +270,14 @@ impl Sink {
                 }
             }
             Sink::Store(s) => {
-                let open: Vec<(String, WriteMultipart)> = s.open.lock().await.drain().collect::<Vec<_>>();
+                let open: Vec<(String, WriteMultipart)> =
+                    s.open.lock().await.drain().collect::<Vec<_>>();
                 for (n, w) in open {
                     if let Err(e) = w.abort().await {
-                        tracing::warn!("could not abort the upload of {}: {e}", s.location.child_display(&n));
+                        tracing::warn!(
+                            "could not abort the upload of {}: {e}",
+                            s.location.child_display(&n)
+                        );
                     }
                 }
             }

@@ -27,7 +27,7 @@ pub struct TensorEntry {
 /// The byte size of one element, if the dtype has whole-byte elements.
 pub fn dtype_size(d: Dtype) -> Option<usize> {
     let bits = d.bitsize();
-    (bits % 8 == 0).then_some(bits / 8)
+    bits.is_multiple_of(8).then_some(bits / 8)
 }
 
 /// Check the 8-byte prefix against the file size; returns the header's JSON length.
@@ -53,8 +53,9 @@ pub fn parse_header(
     file_size: u64,
 ) -> Result<(Vec<TensorEntry>, BTreeMap<String, String>), String> {
     let data_start = 8 + json.len() as u64;
-    let value: Value = serde_json::from_slice(json)
-        .map_err(|e| format!("the header is not valid JSON ({e}): not a safetensors file, or corrupted"))?;
+    let value: Value = serde_json::from_slice(json).map_err(|e| {
+        format!("the header is not valid JSON ({e}): not a safetensors file, or corrupted")
+    })?;
     let Value::Object(map) = value else {
         return Err("the header is not a JSON object".into());
     };
@@ -86,7 +87,10 @@ pub fn parse_header(
             return Err(if t.start < expect {
                 format!("tensor `{}`: data_offsets start {rel} overlaps the previous tensor (which ends at {want})", t.name)
             } else {
-                format!("tensor `{}`: data_offsets start {rel} leaves a gap after offset {want}", t.name)
+                format!(
+                    "tensor `{}`: data_offsets start {rel} leaves a gap after offset {want}",
+                    t.name
+                )
             });
         }
         expect = t.end;
@@ -107,13 +111,19 @@ fn parse_entry(name: &str, v: &Value, data_start: u64) -> Result<TensorEntry, St
     let dtype_v = o.get("dtype").ok_or_else(|| err("no `dtype`".into()))?;
     let dtype: Dtype = serde_json::from_value(dtype_v.clone())
         .map_err(|_| err(format!("unknown dtype {dtype_v}")))?;
-    let size = dtype_size(dtype).ok_or_else(|| err(format!("sub-byte dtype {dtype:?} is not supported")))?;
+    let size = dtype_size(dtype)
+        .ok_or_else(|| err(format!("sub-byte dtype {dtype:?} is not supported")))?;
     let shape: Vec<usize> = match o.get("shape") {
         Some(Value::Array(a)) => a
             .iter()
             .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
             .collect::<Option<_>>()
-            .ok_or_else(|| err(format!("shape {} is not a list of non-negative integers", o["shape"])))?,
+            .ok_or_else(|| {
+                err(format!(
+                    "shape {} is not a list of non-negative integers",
+                    o["shape"]
+                ))
+            })?,
         _ => return Err(err("no `shape` list".into())),
     };
     let offs = match o.get("data_offsets") {
@@ -121,10 +131,14 @@ fn parse_entry(name: &str, v: &Value, data_start: u64) -> Result<TensorEntry, St
         _ => return Err(err("`data_offsets` is not a pair of integers".into())),
     };
     let (Some(s), Some(e)) = offs else {
-        return Err(err("`data_offsets` is not a pair of non-negative integers".into()));
+        return Err(err(
+            "`data_offsets` is not a pair of non-negative integers".into()
+        ));
     };
     if e < s {
-        return Err(err(format!("data_offsets [{s}, {e}] end before they start")));
+        return Err(err(format!(
+            "data_offsets [{s}, {e}] end before they start"
+        )));
     }
     let numel = shape
         .iter()
@@ -139,8 +153,12 @@ fn parse_entry(name: &str, v: &Value, data_start: u64) -> Result<TensorEntry, St
             e - s
         )));
     }
-    let start = data_start.checked_add(s).ok_or_else(|| err("offset overflows".into()))?;
-    let end = data_start.checked_add(e).ok_or_else(|| err("offset overflows".into()))?;
+    let start = data_start
+        .checked_add(s)
+        .ok_or_else(|| err("offset overflows".into()))?;
+    let end = data_start
+        .checked_add(e)
+        .ok_or_else(|| err("offset overflows".into()))?;
     Ok(TensorEntry {
         name: name.to_string(),
         dtype,
@@ -176,10 +194,16 @@ mod tests {
 
     #[test]
     fn matches_safetensors_crate() {
-        let data = vec![0u8; 24];
+        let data = [0u8; 24];
         let views = vec![
-            ("x", safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 1], &data[..8]).unwrap()),
-            ("y", safetensors::tensor::TensorView::new(Dtype::BF16, vec![8], &data[8..24]).unwrap()),
+            (
+                "x",
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 1], &data[..8]).unwrap(),
+            ),
+            (
+                "y",
+                safetensors::tensor::TensorView::new(Dtype::BF16, vec![8], &data[8..24]).unwrap(),
+            ),
         ];
         let bytes = safetensors::serialize(views, None).unwrap();
         let n = header_len(bytes[..8].try_into().unwrap(), bytes.len() as u64).unwrap();
@@ -195,18 +219,66 @@ mod tests {
             ("[1,2]", 0, "not a JSON object"),
             (r#"{"__metadata__":[1]}"#, 0, "__metadata__"),
             (r#"{"__metadata__":{"a":1}}"#, 0, "__metadata__.a"),
-            (r#"{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#, 1, "unknown dtype"),
-            (r#"{"w":{"shape":[1],"data_offsets":[0,1]}}"#, 1, "no `dtype`"),
-            (r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, 4, "non-negative"),
-            (r#"{"w":{"dtype":"F32","data_offsets":[0,4]}}"#, 4, "no `shape`"),
-            (r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#, 4, "data_offsets"),
-            (r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#, 4, "end before"),
-            (r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4, "needs 8"),
-            (r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#, 4, "overflows"),
-            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8, "overlaps"),
-            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8, "gap"),
-            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 8, "extra bytes"),
-            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 4, "truncated"),
+            (
+                r#"{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#,
+                1,
+                "unknown dtype",
+            ),
+            (
+                r#"{"w":{"shape":[1],"data_offsets":[0,1]}}"#,
+                1,
+                "no `dtype`",
+            ),
+            (
+                r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+                4,
+                "non-negative",
+            ),
+            (
+                r#"{"w":{"dtype":"F32","data_offsets":[0,4]}}"#,
+                4,
+                "no `shape`",
+            ),
+            (
+                r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#,
+                4,
+                "data_offsets",
+            ),
+            (
+                r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+                4,
+                "end before",
+            ),
+            (
+                r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+                4,
+                "needs 8",
+            ),
+            (
+                r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
+                4,
+                "overflows",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                8,
+                "overlaps",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                8,
+                "gap",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                8,
+                "extra bytes",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                4,
+                "truncated",
+            ),
             (r#"{"w":7}"#, 0, "not an object"),
         ];
         for (json, data, want) in cases {
@@ -223,7 +295,9 @@ mod tests {
         assert!(header_len(200_000_000u64.to_le_bytes(), 1 << 40)
             .unwrap_err()
             .contains("cap"));
-        assert!(header_len(100u64.to_le_bytes(), 50).unwrap_err().contains("past the end"));
+        assert!(header_len(100u64.to_le_bytes(), 50)
+            .unwrap_err()
+            .contains("past the end"));
         assert!(header_len(u64::MAX.to_le_bytes(), 50).is_err());
         assert_eq!(header_len(42u64.to_le_bytes(), 50).unwrap(), 42);
     }

@@ -50,10 +50,13 @@ impl Location {
     }
 }
 
+/// A store, and the same store as a multipart store when it is one.
+type StorePair = (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>);
+
 /// Builds and caches stores.
 #[derive(Default)]
 pub struct Stores {
-    cache: Mutex<HashMap<String, (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>)>>,
+    cache: Mutex<HashMap<String, StorePair>>,
 }
 
 /// Retry policy for every remote store: bounded in count and in total time. The total may
@@ -145,14 +148,13 @@ impl Stores {
         })
     }
 
-    #[allow(clippy::type_complexity)]
     fn remote(
         &self,
         key: &str,
         scheme: &ObjectStoreScheme,
         url: &Url,
         spec: &str,
-    ) -> Result<(Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>), SourceError> {
+    ) -> Result<StorePair, SourceError> {
         let mut cache = self.cache.lock().expect("store cache");
         if let Some(hit) = cache.get(key) {
             return Ok(hit.clone());
@@ -161,7 +163,7 @@ impl Stores {
             location: spec.into(),
             message: format!("cannot configure the store: {e}"),
         };
-        let built: (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) = match scheme {
+        let built: StorePair = match scheme {
             ObjectStoreScheme::AmazonS3 => {
                 let s = Arc::new(
                     object_store::aws::AmazonS3Builder::from_env()
@@ -252,7 +254,10 @@ mod tests {
         let l = s.resolve("s3://bucket/models/base/").unwrap();
         assert_eq!(l.prefix.as_ref(), "models/base");
         assert!(l.multipart.is_some());
-        assert_eq!(l.child_display("config.json"), "s3://bucket/models/base/config.json");
+        assert_eq!(
+            l.child_display("config.json"),
+            "s3://bucket/models/base/config.json"
+        );
         let e = s.resolve("ftp://host/x").unwrap_err().to_string();
         assert!(e.contains("ftp://host/x"), "{e}");
     }

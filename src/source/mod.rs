@@ -116,7 +116,11 @@ pub async fn head_size(
 }
 
 /// Read a whole (small) object: index files, config.json, tokenizer files.
-pub async fn read_small(store: &dyn ObjectStore, path: &Path, url: &str) -> Result<Bytes, SourceError> {
+pub async fn read_small(
+    store: &dyn ObjectStore,
+    path: &Path,
+    url: &str,
+) -> Result<Bytes, SourceError> {
     let r = store.get(path).await.map_err(store_err(url, true))?;
     r.bytes().await.map_err(store_err(url, true))
 }
@@ -267,16 +271,16 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
             let index_url = index_url.clone();
             let has_index = weight_map.is_some();
             async move {
-                let size = head_size(store.as_ref(), &path, &url).await?.ok_or_else(|| {
-                    SourceError::NotFound {
+                let size = head_size(store.as_ref(), &path, &url)
+                    .await?
+                    .ok_or_else(|| SourceError::NotFound {
                         location: url.clone(),
                         message: if has_index {
                             format!("listed in {index_url} but missing")
                         } else {
                             "missing".into()
                         },
-                    }
-                })?;
+                    })?;
                 let (entries, _) = read_header(store.as_ref(), &path, &url, size).await?;
                 Ok::<_, SourceError>((SourceFile { path, url, size }, entries))
             }
@@ -294,7 +298,8 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
                     file: file.url.clone(),
                     message: format!(
                         "tensor `{}` is also in {}: a tensor may be in one shard only",
-                        e.name, files_url(&files, prev.file)
+                        e.name,
+                        files_url(&files, prev.file)
                     ),
                 });
             }
@@ -328,7 +333,9 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
                 None => {
                     return Err(SourceError::Invalid {
                         file: index_url.clone(),
-                        message: format!("tensor `{name}` is mapped to {fname}, whose header does not have it"),
+                        message: format!(
+                            "tensor `{name}` is mapped to {fname}, whose header does not have it"
+                        ),
                     })
                 }
             }
@@ -345,13 +352,17 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
 }
 
 fn files_url(files: &[SourceFile], i: usize) -> &str {
-    files.get(i).map(|f| f.url.as_str()).unwrap_or("another shard")
+    files
+        .get(i)
+        .map(|f| f.url.as_str())
+        .unwrap_or("another shard")
 }
 
 async fn missing_model(location: &Location) -> SourceError {
     for pickle in ["pytorch_model.bin", "pytorch_model.bin.index.json"] {
         let url = location.child_display(pickle);
-        if let Ok(Some(_)) = head_size(location.store.as_ref(), &location.child(pickle), &url).await {
+        if let Ok(Some(_)) = head_size(location.store.as_ref(), &location.child(pickle), &url).await
+        {
             return SourceError::Unsupported {
                 location: url,
                 message: "PyTorch pickle checkpoints (.bin) are not supported; convert the model to safetensors first (e.g. transformers' save_pretrained(safe_serialization=True))".into(),

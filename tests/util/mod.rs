@@ -1,0 +1,233 @@
+//! Helpers for the integration tests: temp dirs, running the real binary, a real
+//! S3-compatible server (s3s-fs) on loopback, and reading safetensors files back.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use tempfile::TempDir;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mergefleet")
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures/model_stock")
+}
+
+pub fn tmp() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("mergefleet-test")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Run the binary in `cwd` with extra environment variables.
+pub fn run_in(cwd: &Path, args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mergefleet")
+}
+
+pub fn run(args: &[&str]) -> Output {
+    run_in(&root(), args, &[])
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[track_caller]
+pub fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "mergefleet failed: {}", text(o));
+}
+
+/// Copy a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+            let mut p = std::fs::metadata(&dest).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            p.set_readonly(false);
+            std::fs::set_permissions(&dest, p).unwrap();
+        }
+    }
+}
+
+/// True when `dir` holds something that looks like a finished checkpoint.
+pub fn looks_complete(dir: &Path) -> bool {
+    dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists()
+}
+
+/// A tensor read back: dtype name, shape, raw bytes.
+pub type Tensors = BTreeMap<String, (String, Vec<usize>, Vec<u8>)>;
+
+pub fn read_safetensors(path: &Path) -> Tensors {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                (
+                    format!("{:?}", v.dtype()),
+                    v.shape().to_vec(),
+                    v.data().to_vec(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// All tensors of a checkpoint directory (one file or shards).
+pub fn read_checkpoint(dir: &Path) -> Tensors {
+    let mut all = Tensors::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            all.extend(read_safetensors(&p));
+        }
+    }
+    all
+}
+
+/// Names of the `.safetensors` and index files in a directory, sorted.
+pub fn weight_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors") || n.ends_with(".index.json"))
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn weight_map(dir: &Path) -> Option<serde_json::Value> {
+    let p = dir.join("model.safetensors.index.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).unwrap();
+    Some(v["weight_map"].clone())
+}
+
+/// Write a safetensors file with a hand-made header (for corrupt inputs).
+pub fn write_raw_safetensors(path: &Path, header: &str, data_len: usize) {
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.resize(b.len() + data_len, 0);
+    std::fs::write(path, b).unwrap();
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Where the s3s-fs binary is: `$S3S_FS`, `~/.cargo/bin/s3s-fs`, or `s3s-fs` on PATH.
+fn s3s_fs() -> PathBuf {
+    if let Ok(p) = std::env::var("S3S_FS") {
+        return p.into();
+    }
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
+    let p = home.join("bin/s3s-fs");
+    if p.exists() {
+        p
+    } else {
+        "s3s-fs".into()
+    }
+}
+
+/// A real S3-compatible server (s3s-fs) on 127.0.0.1 with a temp root; a bucket is a
+/// directory of the root. Killed on drop.
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+    pub root: TempDir,
+}
+
+pub const ACCESS_KEY: &str = "mergefleet-test";
+pub const SECRET_KEY: &str = "mergefleet-secret";
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let root = tmp();
+        let port = free_port();
+        let child = Command::new(s3s_fs())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start s3s-fs ({e}); install it with `cargo install s3s-fs@0.14.1 --features binary --locked` or set S3S_FS")
+            });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not start listening on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        S3Server { child, port, root }
+    }
+
+    pub fn bucket(&self, name: &str) -> PathBuf {
+        let p = self.root.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// The environment a client needs to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
