@@ -37,7 +37,7 @@ pub struct ShardArgs {
     #[arg(long, default_value = "5B", value_parser = parse_size)]
     pub out_shard_size: u64,
     /// Target bytes read per task (bigger tensors are a task of their own).
-    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub task_size: u64,
 }
 
@@ -105,7 +105,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     task_size: a.shard.task_size,
                 },
                 memory_limit: a.memory_limit.unwrap_or_else(default_memory_limit),
-                depth: threads.max(2) + 1,
+                depth: threads + 2,
                 copy_tokenizer: !a.no_copy_tokenizer,
                 model_card: !a.no_model_card,
                 overwrite: a.overwrite,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::exec::buffers::BufferPool;
 use crate::exec::{min_memory, run_plan, InputFiles, Progress};
 use crate::job::Job;
 use crate::plan::PlanOptions;
@@ -53,7 +54,9 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
             )));
         }
     }
-    let inputs = Arc::new(InputFiles::resolve(&stores, &job.plan.inputs)?);
+    // Idle output buffers kept for reuse: a few tasks' worth, never past the budget.
+    let pool = BufferPool::new((opts.memory_limit / 8).min(1 << 30) as usize);
+    let inputs = Arc::new(InputFiles::resolve(&stores, &job.plan.inputs, pool)?);
     let sink = Sink::open(stores.resolve(out)?, opts.overwrite).await?;
     let progress = Progress::new(job.plan.bytes_written());
     let reporter = progress.spawn_reporter(opts.quiet);

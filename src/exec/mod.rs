@@ -7,9 +7,11 @@
 //! when one ratio spans the whole tensor. [`run_plan`] pipelines tasks so reads, compute and
 //! writes overlap, with memory admitted in task order (so the pipeline cannot deadlock).
 
+pub mod buffers;
 pub mod progress;
 
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -25,24 +27,38 @@ use crate::merge::{row_len, InputView, ModelStock, BLOCK};
 use crate::plan::{InputFile, InputSlice, MergePlan, Op, Task, TensorJob};
 use crate::sink::Sink;
 use crate::source::header::dtype_size;
-use crate::source::{read_ranges, Stores};
+use crate::source::{read_ranges, SourceError, Stores};
+use buffers::BufferPool;
 pub use progress::Progress;
+
+/// Where one input file is read from.
+enum InputSource {
+    /// A local file: memory-mapped ranges.
+    Local(PathBuf),
+    /// Any object store: ranged GETs.
+    Store(Arc<dyn ObjectStore>, Path),
+}
 
 /// Input files resolved to stores, indexed like [`MergePlan::inputs`].
 pub struct InputFiles {
-    files: Vec<(Arc<dyn ObjectStore>, Path, String)>,
+    files: Vec<(InputSource, String)>,
+    pool: Arc<BufferPool>,
 }
 
 impl InputFiles {
-    pub fn resolve(stores: &Stores, inputs: &[InputFile]) -> Result<Self> {
+    pub fn resolve(stores: &Stores, inputs: &[InputFile], pool: Arc<BufferPool>) -> Result<Self> {
         let files = inputs
             .iter()
             .map(|f| {
                 let loc = stores.resolve(&f.url)?;
-                Ok((loc.store, loc.prefix, f.url.clone()))
+                let src = match loc.local_dir {
+                    Some(p) => InputSource::Local(p),
+                    None => InputSource::Store(loc.store, loc.prefix),
+                };
+                Ok((src, f.url.clone()))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(InputFiles { files })
+        Ok(InputFiles { files, pool })
     }
 
     /// Fetch several ranges, grouped per file, all files concurrently.
@@ -59,13 +75,24 @@ impl InputFiles {
             }
         }
         let reads = by_file.iter().map(|(f, idx)| async move {
-            let (store, path, url) = self.files.get(*f).ok_or_else(|| {
+            let (src, url) = self.files.get(*f).ok_or_else(|| {
                 Error::Internal(format!(
                     "task names input file {f}, which the plan does not have"
                 ))
             })?;
             let ranges: Vec<Range<u64>> = idx.iter().map(|&i| wanted[i].1.clone()).collect();
-            let got = read_ranges(store.as_ref(), path, url, &ranges).await?;
+            let got = match src {
+                InputSource::Store(store, path) => {
+                    read_ranges(store.as_ref(), path, url, &ranges).await?
+                }
+                InputSource::Local(p) => {
+                    let (p, url) = (p.clone(), url.clone());
+                    let ranges = ranges.clone();
+                    tokio::task::spawn_blocking(move || read_local(&p, &url, &ranges))
+                        .await
+                        .map_err(|e| Error::Internal(format!("read task panicked: {e}")))??
+                }
+            };
             progress.read(ranges.iter().map(|r| r.end - r.start).sum());
             Ok::<_, Error>(idx.iter().copied().zip(got).collect::<Vec<_>>())
         });
@@ -77,6 +104,50 @@ impl InputFiles {
         }
         Ok(out)
     }
+}
+
+/// Map byte ranges of a local file into memory (no copy: the kernel reads the page cache
+/// directly, as safetensors' own loader does). Each range is its own mapping, populated up
+/// front so the page faults happen here, in the fetch stage, and unmapped when its last
+/// [`Bytes`] is dropped, so resident memory stays bounded by the tasks in flight.
+/// Like any mmap reader, this assumes input files are not modified during the merge.
+fn read_local(path: &std::path::Path, url: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+    let io = |e: std::io::Error| {
+        Error::Source(SourceError::Invalid {
+            file: url.to_string(),
+            message: format!(
+                "read failed: {e} (was the file changed or truncated during the merge?)"
+            ),
+        })
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    const PAGE: u64 = 4096;
+    ranges
+        .iter()
+        .map(|r| {
+            if r.end > size {
+                return Err(io(std::io::Error::other(format!(
+                    "bytes {}..{} are past the end of the file ({size} bytes)",
+                    r.start, r.end
+                ))));
+            }
+            if r.start == r.end {
+                return Ok(Bytes::new());
+            }
+            let base = r.start / PAGE * PAGE;
+            // SAFETY: read-only mapping of a file we do not modify; see the note above.
+            let map = unsafe {
+                memmap2::MmapOptions::new()
+                    .offset(base)
+                    .len((r.end - base) as usize)
+                    .populate()
+                    .map(&file)
+            }
+            .map_err(io)?;
+            Ok(Bytes::from_owner(map).slice((r.start - base) as usize..))
+        })
+        .collect()
 }
 
 /// A piece of output: bytes at an absolute offset of the task's file. The last chunk of a
@@ -170,11 +241,12 @@ async fn run_in_memory(
         .map(|s| (s.file, s.range.clone()))
         .collect();
     let fetched = inputs.fetch(&wanted, progress).await?;
+    let pool = inputs.pool.clone();
     let task = task.clone();
     let n_tensors = task.tensors.len() as u64;
     let header = header.map(|h| h.to_vec());
     let out = tokio::task::spawn_blocking(move || {
-        let mut out = vec![0u8; (task.out.end - task.out.start) as usize];
+        let mut out = pool.get((task.out.end - task.out.start) as usize);
         if let Some(h) = &header {
             out[..h.len()].copy_from_slice(h);
         }
@@ -303,8 +375,9 @@ async fn stream_tensor(
         let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
         let len = w.len();
         let shape = job.shape.clone();
+        let pool = inputs.pool.clone();
         let data = tokio::task::spawn_blocking(move || {
-            let mut out = vec![0u8; len * out_size as usize];
+            let mut out = pool.get(len * out_size as usize);
             let views: Vec<InputView> = bytes
                 .iter()
                 .zip(&dtypes)
@@ -318,7 +391,7 @@ async fn stream_tensor(
                 (Some(k), Some(t)) => k.apply(&views, 0, len, t, &mut out),
                 (Some(k), None) => k.merge_rows(row_len(&shape), &views, &mut out),
             }
-            out
+            pool.freeze(out)
         })
         .await
         .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;

@@ -182,18 +182,18 @@ impl ModelStock {
 
     fn stats_range(&self, inputs: &[InputView], start: usize, len: usize) -> Stats {
         match self.work {
-            WorkDtype::BF16 => stats_range::<Bf16>(inputs, start, len),
-            WorkDtype::F16 => stats_range::<F16>(inputs, start, len),
-            WorkDtype::F32 => stats_range::<F32>(inputs, start, len),
+            WorkDtype::BF16 => simd::stats_range::<Bf16>(inputs, start, len),
+            WorkDtype::F16 => simd::stats_range::<F16>(inputs, start, len),
+            WorkDtype::F32 => simd::stats_range::<F32>(inputs, start, len),
         }
     }
 
     fn apply_range(&self, inputs: &[InputView], start: usize, len: usize, t: f32, out: &mut [u8]) {
         let od = self.out.st_dtype();
         match self.work {
-            WorkDtype::BF16 => apply_range::<Bf16>(inputs, start, len, t, od, out),
-            WorkDtype::F16 => apply_range::<F16>(inputs, start, len, t, od, out),
-            WorkDtype::F32 => apply_range::<F32>(inputs, start, len, t, od, out),
+            WorkDtype::BF16 => simd::apply_range::<Bf16>(inputs, start, len, t, od, out),
+            WorkDtype::F16 => simd::apply_range::<F16>(inputs, start, len, t, od, out),
+            WorkDtype::F32 => simd::apply_range::<F32>(inputs, start, len, t, od, out),
         }
     }
 }
@@ -207,6 +207,58 @@ pub fn row_len(shape: &[usize]) -> usize {
     }
 }
 
+/// The hot loops compiled twice: for the baseline target and, on x86-64, with AVX2 and FMA
+/// (chosen at run time). Rust never contracts `a * b + c` into an FMA, so both give the
+/// same bits.
+mod simd {
+    use super::*;
+
+    pub fn stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stats {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { stats_avx2::<R>(inputs, start, len) };
+        }
+        super::stats_range::<R>(inputs, start, len)
+    }
+
+    pub fn apply_range<R: Round>(
+        inputs: &[InputView],
+        start: usize,
+        len: usize,
+        t: f32,
+        od: Dtype,
+        out: &mut [u8],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { apply_avx2::<R>(inputs, start, len, t, od, out) };
+        }
+        super::apply_range::<R>(inputs, start, len, t, od, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn stats_avx2<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stats {
+        super::stats_range::<R>(inputs, start, len)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn apply_avx2<R: Round>(
+        inputs: &[InputView],
+        start: usize,
+        len: usize,
+        t: f32,
+        od: Dtype,
+        out: &mut [u8],
+    ) {
+        super::apply_range::<R>(inputs, start, len, t, od, out)
+    }
+}
+
+#[inline(always)]
 fn stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stats {
     let n = inputs.len() - 1;
     let mut stats = Stats::zero(n);
@@ -237,14 +289,17 @@ fn stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stat
     stats
 }
 
+/// Independent f64 accumulators: enough to hide the latency of vector adds.
+const LANES: usize = 8;
+
 /// sum of squares in f64 (torch's norm accumulates in higher precision).
-#[inline]
+#[inline(always)]
 fn sum_sq(a: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = a.chunks_exact(8);
+    let mut acc = [0f64; LANES];
+    let chunks = a.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
-        for l in 0..8 {
+        for l in 0..LANES {
             let v = c[l] as f64;
             acc[l] += v * v;
         }
@@ -257,14 +312,14 @@ fn sum_sq(a: &[f32]) -> f64 {
 }
 
 /// sum of products each rounded to the working dtype (torch: `(a * b).sum()`).
-#[inline]
+#[inline(always)]
 fn sum_rounded_products<R: Round>(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
+    let mut acc = [0f64; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
+        for l in 0..LANES {
             acc[l] += R::round(x[l] * y[l]) as f64;
         }
     }
@@ -315,6 +370,7 @@ fn ratio_from<R: Round>(stats: &Stats) -> f32 {
     }
 }
 
+#[inline(always)]
 fn apply_range<R: Round>(
     inputs: &[InputView],
     start: usize,

@@ -6,11 +6,15 @@
 //! once. We keep every working value as an `f32` that is exactly representable in the working
 //! dtype, and call [`Round::round`] after each operation, so results match torch bit for bit.
 
-use half::{bf16, f16};
+#[cfg(test)]
+use half::bf16;
+use half::f16;
 use safetensors::Dtype;
 
 /// Rounding of an `f32` (or `f64`) result to a working dtype, kept in an `f32`.
 pub trait Round: Copy + Send + Sync + 'static {
+    /// The dtype values are rounded to; decoding it needs no rounding.
+    const DTYPE: Dtype;
     /// Round an f32 result to this dtype (ties to even).
     fn round(x: f32) -> f32;
     /// Round an f64 result to this dtype once (no double rounding through f32).
@@ -25,6 +29,7 @@ pub struct F16;
 pub struct F32;
 
 impl Round for Bf16 {
+    const DTYPE: Dtype = Dtype::BF16;
     #[inline(always)]
     fn round(x: f32) -> f32 {
         let b = x.to_bits();
@@ -39,6 +44,7 @@ impl Round for Bf16 {
 }
 
 impl Round for F16 {
+    const DTYPE: Dtype = Dtype::F16;
     #[inline(always)]
     fn round(x: f32) -> f32 {
         f16::from_f32(x).to_f32()
@@ -50,6 +56,7 @@ impl Round for F16 {
 }
 
 impl Round for F32 {
+    const DTYPE: Dtype = Dtype::F32;
     #[inline(always)]
     fn round(x: f32) -> f32 {
         x
@@ -78,16 +85,23 @@ fn to_f32_round_to_odd(x: f64) -> f32 {
 
 /// Decode `out.len()` elements of a little-endian float tensor starting at element `start`,
 /// rounding each to the working dtype `R` (torch's `.to(dtype)`).
-#[inline]
+#[inline(always)]
 pub fn decode<R: Round>(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f32]) {
     let n = out.len();
     match dtype {
         Dtype::BF16 => {
             let src = &bytes[start * 2..(start + n) * 2];
-            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *o = R::round(f32::from_bits(
-                    (u16::from_le_bytes([c[0], c[1]]) as u32) << 16,
-                ));
+            if R::DTYPE == Dtype::BF16 || R::DTYPE == Dtype::F32 {
+                // exact: no rounding needed
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            } else {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = R::round(f32::from_bits(
+                        (u16::from_le_bytes([c[0], c[1]]) as u32) << 16,
+                    ));
+                }
             }
         }
         Dtype::F16 => {
@@ -98,8 +112,14 @@ pub fn decode<R: Round>(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f32
         }
         Dtype::F32 => {
             let src = &bytes[start * 4..(start + n) * 4];
-            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
-                *o = R::round(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            if R::DTYPE == Dtype::F32 {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            } else {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                    *o = R::round(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                }
             }
         }
         Dtype::F64 => {
@@ -116,12 +136,12 @@ pub fn decode<R: Round>(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f32
 }
 
 /// Encode values to `dtype` (round to nearest even) into `out` (little endian).
-#[inline]
+#[inline(always)]
 pub fn encode(values: &[f32], dtype: Dtype, out: &mut [u8]) {
     match dtype {
         Dtype::BF16 => {
             for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
-                o.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+                o.copy_from_slice(&((Bf16::round(*v).to_bits() >> 16) as u16).to_le_bytes());
             }
         }
         Dtype::F16 => {

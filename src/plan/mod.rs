@@ -63,7 +63,7 @@ impl Default for PlanOptions {
     fn default() -> Self {
         PlanOptions {
             out_shard_size: 5_000_000_000,
-            task_size: 256 << 20,
+            task_size: 64 << 20,
         }
     }
 }
