@@ -395,13 +395,7 @@ async fn stream_tensor(
         })
         .await
         .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;
-        send(
-            tx,
-            job.out.start + w.start as u64 * out_size,
-            Bytes::from(data),
-            None,
-        )
-        .await?;
+        send(tx, job.out.start + w.start as u64 * out_size, data, None).await?;
     }
     progress.tensors_done.fetch_add(1, Ordering::Relaxed);
     Ok(())
