@@ -10,7 +10,7 @@ use mergefleet::embedded::{merge, MergeOptions};
 use mergefleet::job::Job;
 use mergefleet::plan::PlanOptions;
 use mergefleet::source::Stores;
-use mergefleet::units::{default_memory_limit, fmt_bytes, parse_size};
+use mergefleet::units::{default_memory_limit, fmt_bytes, parse_size, peak_rss};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -116,14 +116,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("warning: {w}");
             }
             println!(
-                "merged {} tensors into {} file(s) at {}: read {}, wrote {} in {:.2} s ({:.2} GB/s of input)",
+                "merged {} tensors into {} file(s) at {}: read {}, wrote {} in {:.2} s ({:.2} GB/s of input), peak RSS {}",
                 s.tensors,
                 s.files,
                 s.output,
                 fmt_bytes(s.bytes_read),
                 fmt_bytes(s.bytes_written),
                 s.seconds,
-                s.bytes_read as f64 / s.seconds / 1e9
+                s.bytes_read as f64 / s.seconds / 1e9,
+                peak_rss().map(fmt_bytes).unwrap_or_else(|| "unknown".into())
             );
             Ok(())
         }

@@ -54,8 +54,9 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
             )));
         }
     }
-    // Idle output buffers kept for reuse: a few tasks' worth, never past the budget.
-    let pool = BufferPool::new((opts.memory_limit / 8).min(1 << 30) as usize);
+    let budget = pipeline_budget(&job.plan, opts);
+    // Idle output buffers kept for reuse: a few tasks' worth.
+    let pool = BufferPool::new((budget / 4) as usize);
     let inputs = Arc::new(InputFiles::resolve(&stores, &job.plan.inputs, pool)?);
     let sink = Sink::open(stores.resolve(out)?, opts.overwrite).await?;
     let progress = Progress::new(job.plan.bytes_written());
@@ -69,7 +70,7 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
             &job.plan,
             inputs,
             &sink,
-            opts.memory_limit,
+            budget,
             opts.depth,
             progress.clone(),
         )
@@ -99,6 +100,19 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
         seconds: started.elapsed().as_secs_f64(),
         warnings,
     })
+}
+
+/// Memory for tasks in flight: the largest task plus two ordinary ones keeps reads, compute
+/// and writes overlapping; more would only raise the footprint. Never above the limit.
+pub fn pipeline_budget(plan: &crate::plan::MergePlan, opts: &MergeOptions) -> u64 {
+    let largest = plan
+        .tasks
+        .iter()
+        .map(|t| t.working_set())
+        .max()
+        .unwrap_or(0);
+    let typical = opts.plan.task_size + opts.plan.task_size / 2;
+    opts.memory_limit.min(largest + 2 * typical)
 }
 
 /// Resolves on SIGINT or SIGTERM.

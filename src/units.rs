@@ -69,6 +69,19 @@ pub fn default_memory_limit() -> u64 {
     physical.min(cgroup) / 2
 }
 
+/// This process's peak resident memory (VmHWM), when the OS tells it.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +104,6 @@ mod tests {
         assert_eq!(fmt_bytes(999), "999 B");
         assert_eq!(fmt_bytes(1_500_000), "1.50 MB");
         assert!(default_memory_limit() > 0);
+        assert!(peak_rss().unwrap() > 0);
     }
 }

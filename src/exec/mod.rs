@@ -453,6 +453,12 @@ pub async fn run_plan(
                 .acquire_many_owned(units)
                 .await
                 .map_err(|_| Error::Interrupted)?;
+            tracing::debug!(
+                task = task.id,
+                units,
+                free = sem.available_permits(),
+                "admitted"
+            );
             let file = &plan.files[task.file];
             let header = (task.out.start == 0).then(|| Arc::new(file.header.clone()));
             let (ctx, crx) = mpsc::channel(1);

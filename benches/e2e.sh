@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of embedded mode against the I/O floor.
+#
+#   benches/e2e.sh [DIR] [RUNS]
+#
+# Writes a synthetic set into DIR (default /tmp/mergefleet-bench; kept for later runs):
+# base + 3 fine-tunes, bfloat16, hidden 2048, 8 layers, intermediate 5632, vocab 32000
+# (about 1 GB each). Then, with the inputs in the page cache, prints the time to read them
+# (cat > /dev/null), the time to write a file of the output's size, and for each of RUNS
+# merges its wall time, input GB/s and peak RSS, and the ratio to read + write.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${1:-/tmp/mergefleet-bench}
+RUNS=${2:-3}
+cargo build --release -q --bin mergefleet --example synth
+BIN=target/release/mergefleet
+[ -f "$DIR/model_stock.yml" ] || target/release/examples/synth "$DIR" >/dev/null
+INPUTS=("$DIR"/base/*.safetensors "$DIR"/ft1/*.safetensors "$DIR"/ft2/*.safetensors "$DIR"/ft3/*.safetensors)
+calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
+now() { date +%s.%N; }
+in_bytes=$(cat "${INPUTS[@]}" | wc -c)   # also warms the page cache
+t0=$(now); cat "${INPUTS[@]}" > /dev/null; t1=$(now)
+read_s=$(calc "$t1 - $t0")
+OUT="$DIR/out"
+rm -rf "$OUT"
+"$BIN" merge "$DIR/model_stock.yml" "$OUT" -q >/dev/null
+out_bytes=$(cat "$OUT"/*.safetensors | wc -c)
+sync
+t0=$(now); head -c "$out_bytes" /dev/zero > "$DIR/zero.bin"; t1=$(now)
+write_s=$(calc "$t1 - $t0")
+rm -f "$DIR/zero.bin"
+floor=$(calc "$read_s + $write_s")
+echo "input $(calc "$in_bytes/1e9") GB, output $(calc "$out_bytes/1e9") GB, $(nproc) cores"
+echo "read inputs (warm cache): $read_s s   write output: $write_s s   floor (read + write): $floor s"
+for i in $(seq "$RUNS"); do
+  sync
+  line=$("$BIN" merge "$DIR/model_stock.yml" "$OUT" -q --overwrite)
+  wall=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s .*/\1/')
+  rss=$(echo "$line" | sed -E 's/.*peak RSS (.*)$/\1/')
+  echo "merge run $i: $wall s, $(calc "$in_bytes/$wall/1e9") GB/s of input, peak RSS $rss, $(calc "$wall/$floor")x the floor"
+done
