@@ -434,7 +434,7 @@ pub async fn run_plan(
     depth: usize,
     progress: Arc<Progress>,
 ) -> Result<()> {
-    let budget_units = (memory_limit / UNIT).clamp(1, u32::MAX as u64) as u32;
+    let budget_units = memory_limit.div_ceil(UNIT).clamp(1, u32::MAX as u64) as u32;
     let budget = budget_units as u64 * UNIT;
     let sem = Arc::new(Semaphore::new(budget_units as usize));
     type Pending = (
