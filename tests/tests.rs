@@ -616,10 +616,8 @@ fn unwritable_output_is_refused() {
     assert!(text(&o).contains("a-file"), "{}", text(&o));
 }
 
-#[test]
-fn killed_merge_leaves_no_complete_checkpoint() {
-    // Many small shards; kill -9 as soon as the first one is visible.
-    let dir = tmp();
+/// A synthetic set big enough that a merge into 1 MB shards takes a while.
+fn slow_set(dir: &Path) -> std::path::PathBuf {
     let shape = mergefleet::synth::LlamaShape {
         hidden: 512,
         layers: 8,
@@ -629,14 +627,14 @@ fn killed_merge_leaves_no_complete_checkpoint() {
         kv_heads: 4,
         lm_head: true,
     };
-    mergefleet::synth::write_set(dir.path(), &shape, 3, 1).unwrap();
-    let out = dir.path().join("out");
+    mergefleet::synth::write_set(dir, &shape, 3, 1).unwrap();
+    dir.join("model_stock.yml")
+}
+
+/// Start a merge into many small shards and wait until the first one is visible.
+fn start_and_wait_for_first_shard(cfg: &Path, out: &Path) -> std::process::Child {
     let mut child = std::process::Command::new(bin())
-        .args([
-            "merge",
-            dir.path().join("model_stock.yml").to_str().unwrap(),
-            out.to_str().unwrap(),
-        ])
+        .args(["merge", cfg.to_str().unwrap(), out.to_str().unwrap()])
         .args([
             "--out-shard-size",
             "1M",
@@ -651,7 +649,7 @@ fn killed_merge_leaves_no_complete_checkpoint() {
         .spawn()
         .unwrap();
     let first_shard_visible = || {
-        std::fs::read_dir(&out).is_ok_and(|d| {
+        std::fs::read_dir(out).is_ok_and(|d| {
             d.flatten().any(|e| {
                 e.file_name()
                     .to_string_lossy()
@@ -668,6 +666,15 @@ fn killed_merge_leaves_no_complete_checkpoint() {
         assert!(std::time::Instant::now() < deadline, "no shard after 60 s");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    child
+}
+
+#[test]
+fn killed_merge_leaves_no_complete_checkpoint() {
+    let dir = tmp();
+    let cfg = slow_set(dir.path());
+    let out = dir.path().join("out");
+    let mut child = start_and_wait_for_first_shard(&cfg, &out);
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert!(!status.success(), "the merge finished before it was killed");
@@ -678,7 +685,7 @@ fn killed_merge_leaves_no_complete_checkpoint() {
     // Running again refuses nothing (no complete checkpoint) and completes.
     let o = run(&[
         "merge",
-        dir.path().join("model_stock.yml").to_str().unwrap(),
+        cfg.to_str().unwrap(),
         out.to_str().unwrap(),
         "--out-shard-size",
         "1M",
@@ -686,6 +693,29 @@ fn killed_merge_leaves_no_complete_checkpoint() {
     ]);
     assert_ok(&o);
     assert!(out.join("model.safetensors.index.json").exists());
+}
+
+#[test]
+fn sigterm_cleans_up_partial_files() {
+    let dir = tmp();
+    let cfg = slow_set(dir.path());
+    let out = dir.path().join("out");
+    let mut child = start_and_wait_for_first_shard(&cfg, &out);
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the merge finished before SIGTERM");
+    assert!(!looks_complete(&out));
+    let partial: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".mergefleet-partial"))
+        .collect();
+    assert!(partial.is_empty(), "partial files left behind: {partial:?}");
 }
 
 /// Put the fixture models into a bucket of the S3 server.
