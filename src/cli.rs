@@ -10,7 +10,7 @@ use mergefleet::embedded::{merge, MergeOptions};
 use mergefleet::job::Job;
 use mergefleet::plan::PlanOptions;
 use mergefleet::source::Stores;
-use mergefleet::units::{default_memory_limit, fmt_bytes, parse_size, peak_rss};
+use mergefleet::units::{default_memory_limit, fmt_bytes, parse_duration, parse_size, peak_rss};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,6 +29,94 @@ pub enum Command {
     Merge(MergeArgs),
     /// Read only the headers, check everything, and print what a merge would do.
     Plan(PlanArgs),
+    /// Cluster mode: plan the merge and hand its tasks to workers over gRPC.
+    Coordinator(CoordinatorArgs),
+    /// Cluster mode: run tasks for a coordinator.
+    Worker(WorkerArgs),
+    /// Cluster mode: print a running coordinator's progress and workers.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// The mergekit YAML config.
+    pub config: PathBuf,
+    /// Output: a directory every worker mounts (ReadWriteMany), or s3://, gs://, az:// prefix.
+    pub out: String,
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "0.0.0.0:7300")]
+    pub listen: std::net::SocketAddr,
+    /// File holding the shared token (else MERGEFLEET_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Serve TLS with this PEM certificate (and --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Run without a token (loopback or TLS only).
+    #[arg(long)]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub shard: ShardArgs,
+    /// Attempts per task before the merge fails.
+    #[arg(long, default_value_t = 4)]
+    pub max_attempts: u32,
+    /// A task whose worker sends no heartbeat for this long goes to another worker.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub lease_timeout: std::time::Duration,
+    /// Discard the resume journal in OUT and start over.
+    #[arg(long)]
+    pub restart: bool,
+    /// Replace a complete checkpoint already at OUT.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[arg(long)]
+    pub no_copy_tokenizer: bool,
+    #[arg(long)]
+    pub no_model_card: bool,
+    /// After the end, how long to keep answering so every worker learns the outcome.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub linger: std::time::Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The coordinator's URL, e.g. http://mergefleet-coordinator:7300
+    #[arg(long)]
+    pub coordinator: String,
+    /// File holding the shared token (else MERGEFLEET_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate authority for a TLS coordinator.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Memory this worker may use for tasks (default: half of physical memory or cgroup limit).
+    #[arg(long, value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Name shown in the coordinator's logs and status (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Keep trying an unreachable coordinator this long, then exit non-zero.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub retry_for: std::time::Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The coordinator's URL.
+    #[arg(long)]
+    pub coordinator: String,
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -39,6 +127,16 @@ pub struct ShardArgs {
     /// Target bytes read per task (bigger tensors are a task of their own).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub task_size: u64,
+}
+
+impl ShardArgs {
+    pub fn options(&self) -> PlanOptions {
+        PlanOptions {
+            out_shard_size: self.out_shard_size,
+            task_size: self.task_size,
+            ..PlanOptions::default()
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -89,7 +187,8 @@ fn read_config(path: &PathBuf) -> anyhow::Result<String> {
 pub fn threads(args: &Command) -> usize {
     let n = match args {
         Command::Merge(m) => m.threads,
-        Command::Plan(_) => None,
+        Command::Worker(w) => w.threads,
+        _ => None,
     };
     cli_threads(n)
 }
@@ -100,10 +199,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let yaml = read_config(&a.config)?;
             let threads = cli_threads(a.threads);
             let opts = MergeOptions {
-                plan: PlanOptions {
-                    out_shard_size: a.shard.out_shard_size,
-                    task_size: a.shard.task_size,
-                },
+                plan: a.shard.options(),
                 memory_limit: a.memory_limit.unwrap_or_else(default_memory_limit),
                 depth: threads + 2,
                 copy_tokenizer: !a.no_copy_tokenizer,
@@ -128,12 +224,72 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Coordinator(a) => {
+            let yaml = read_config(&a.config)?;
+            let token = mergefleet::security::load_token(a.token_file.as_deref())
+                .map_err(mergefleet::Error::Usage)?;
+            let opts = mergefleet::coordinator::CoordinatorOptions {
+                listen: a.listen,
+                token,
+                insecure: a.insecure,
+                tls: a.tls_cert.zip(a.tls_key),
+                plan: a.shard.options(),
+                max_attempts: a.max_attempts,
+                lease_timeout: a.lease_timeout,
+                restart: a.restart,
+                overwrite: a.overwrite,
+                copy_tokenizer: !a.no_copy_tokenizer,
+                model_card: !a.no_model_card,
+                linger: a.linger,
+            };
+            let s = mergefleet::coordinator::run(&yaml, &a.out, opts).await?;
+            println!(
+                "committed {} tensors ({} tasks, {} resumed from the journal) at {}: wrote {} in {:.2} s; {:.3} s from the last task to the commit",
+                s.tensors,
+                s.tasks,
+                s.resumed,
+                s.output,
+                fmt_bytes(s.bytes_written),
+                s.seconds,
+                s.commit_seconds
+            );
+            Ok(())
+        }
+        Command::Worker(a) => {
+            let token = mergefleet::security::load_token(a.token_file.as_deref())
+                .map_err(mergefleet::Error::Usage)?;
+            let name = a.name.clone().unwrap_or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .map(|s| s.trim().to_string())
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+            });
+            let opts = mergefleet::worker::WorkerOptions {
+                coordinator: a.coordinator,
+                token,
+                tls_ca: a.tls_ca,
+                memory_limit: a.memory_limit.unwrap_or_else(default_memory_limit),
+                threads: cli_threads(a.threads) as u32,
+                name,
+                retry_for: a.retry_for,
+            };
+            let s = mergefleet::worker::run(opts).await?;
+            println!("worker finished: {} task(s) ran here", s.tasks_done);
+            Ok(())
+        }
+        Command::Status(a) => {
+            let token = mergefleet::security::load_token(a.token_file.as_deref())
+                .map_err(mergefleet::Error::Usage)?;
+            let s =
+                mergefleet::worker::status(&a.coordinator, token.as_deref(), a.tls_ca.as_deref())
+                    .await?;
+            print_status(&s, a.json);
+            Ok(())
+        }
         Command::Plan(a) => {
             let yaml = read_config(&a.config)?;
-            let opts = PlanOptions {
-                out_shard_size: a.shard.out_shard_size,
-                task_size: a.shard.task_size,
-            };
+            let opts = a.shard.options();
             let job = Job::load(&yaml, &Stores::new(), opts).await?;
             print_plan(&job, a.json);
             Ok(())
@@ -234,4 +390,54 @@ fn cli_threads(n: Option<usize>) -> usize {
             .unwrap_or(2)
     })
     .max(1)
+}
+
+fn print_status(s: &mergefleet::wire::pb::StatusResponse, as_json: bool) {
+    let rate = s.bytes_done as f64 / s.elapsed_s.max(1e-9);
+    let eta = if rate > 0.0 {
+        (s.bytes_total.saturating_sub(s.bytes_done)) as f64 / rate
+    } else {
+        f64::NAN
+    };
+    if as_json {
+        let workers: Vec<_> = s
+            .workers
+            .iter()
+            .map(|w| json!({"id": w.worker_id, "name": w.name, "last_heartbeat_s_ago": w.last_heartbeat_s_ago, "task": w.task_id, "tasks_done": w.tasks_done}))
+            .collect();
+        let v = json!({
+            "state": s.state, "output": s.output,
+            "tasks": {"total": s.tasks_total, "done": s.tasks_done, "running": s.tasks_running, "pending": s.tasks_pending},
+            "bytes": {"total": s.bytes_total, "done": s.bytes_done},
+            "rate_bytes_per_s": rate, "eta_s": eta, "elapsed_s": s.elapsed_s, "workers": workers,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return;
+    }
+    println!("state:   {}", s.state);
+    println!("output:  {}", s.output);
+    println!(
+        "tasks:   {} done, {} running, {} pending (of {})",
+        s.tasks_done, s.tasks_running, s.tasks_pending, s.tasks_total
+    );
+    println!(
+        "bytes:   {} of {} ({}/s, ETA {:.0} s, {:.0} s elapsed)",
+        fmt_bytes(s.bytes_done),
+        fmt_bytes(s.bytes_total),
+        fmt_bytes(rate as u64),
+        eta,
+        s.elapsed_s
+    );
+    println!("workers: {}", s.workers.len());
+    for w in &s.workers {
+        let task = if w.task_id < 0 {
+            "idle".to_string()
+        } else {
+            format!("task {}", w.task_id)
+        };
+        println!(
+            "  {:<24} id {:<20} last heartbeat {:>5.1} s ago  {:<10} {} done",
+            w.name, w.worker_id, w.last_heartbeat_s_ago, task, w.tasks_done
+        );
+    }
 }

@@ -25,6 +25,11 @@ pub enum Error {
     Usage(String),
     #[error("the merge was interrupted")]
     Interrupted,
+    /// Cluster mode: the job failed (a task ran out of attempts, or the coordinator said so).
+    #[error("the cluster merge failed: {0}")]
+    Cluster(String),
+    #[error(transparent)]
+    Wire(#[from] crate::wire::WireError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -36,8 +41,22 @@ impl Error {
             Error::Config(_) | Error::Plan(_) | Error::Usage(_) => true,
             Error::Source(e) => e.is_invalid_input(),
             Error::Sink(e) => e.is_invalid_input(),
-            Error::Interrupted | Error::Internal(_) => false,
+            Error::Interrupted | Error::Internal(_) | Error::Cluster(_) | Error::Wire(_) => false,
         }
+    }
+
+    /// Whether another attempt of the same task may succeed (decided here, in one place;
+    /// the coordinator never parses messages). A bad config or plan, a malformed task or a
+    /// memory limit too small for a tensor fail the same way every time.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            Error::Config(_)
+                | Error::Plan(_)
+                | Error::Usage(_)
+                | Error::Wire(_)
+                | Error::Cluster(_)
+        )
     }
 }
 

@@ -11,15 +11,19 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod coordinator;
 pub mod embedded;
 pub mod error;
 pub mod exec;
 pub mod job;
 pub mod merge;
 pub mod plan;
+pub mod security;
 pub mod sink;
 pub mod source;
 pub mod synth;
 pub mod units;
+pub mod wire;
+pub mod worker;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! Integration tests: the real `mergefleet` binary against mergekit's golden outputs, bad
 //! inputs, and a real S3-compatible server.
 
+mod cluster;
 mod util;
 
 use std::path::Path;

@@ -57,6 +57,9 @@ pub struct PlanOptions {
     pub out_shard_size: u64,
     /// Target bytes read per task; a larger tensor is a task of its own.
     pub task_size: u64,
+    /// Smallest output of a task that is not the last of its file: every part of a
+    /// multipart upload but the last must be at least 5 MiB on S3.
+    pub min_part: u64,
 }
 
 impl Default for PlanOptions {
@@ -64,8 +67,21 @@ impl Default for PlanOptions {
         PlanOptions {
             out_shard_size: 5_000_000_000,
             task_size: 64 << 20,
+            min_part: MIN_PART,
         }
     }
+}
+
+/// S3's smallest part (all but the last part of an upload).
+pub const MIN_PART: u64 = 5 << 20;
+/// Our largest part (S3 allows 5 GiB).
+pub const MAX_PART: u64 = 4 << 30;
+
+/// How a task's output is cut into multipart parts: `(count, size)`, every part `size`
+/// bytes but the last. Equal cuts keep every part large when a task exceeds [`MAX_PART`].
+pub fn split_parts(len: u64) -> (u32, u64) {
+    let n = len.div_ceil(MAX_PART).max(1);
+    (n as u32, len.div_ceil(n).max(1))
 }
 
 /// An input file, referenced by index from [`InputSlice`].
@@ -422,9 +438,10 @@ fn layout(
             j.out = data_start + pos..data_start + pos + b;
             pos += b;
             weight_map.push((j.name.clone(), name.clone()));
-            let fits = cur_task
-                .as_ref()
-                .is_some_and(|t| t.input_bytes() + j.input_bytes() <= opts.task_size);
+            let fits = cur_task.as_ref().is_some_and(|t| {
+                t.input_bytes() + j.input_bytes() <= opts.task_size
+                    || t.out.end - t.out.start < opts.min_part
+            });
             if !fits {
                 if let Some(t) = cur_task.take() {
                     tasks.push(t);

@@ -144,6 +144,7 @@ fn tasks_cover_each_file_contiguously() {
     let opts = PlanOptions {
         out_shard_size: 60_000,
         task_size: 40_000,
+        min_part: 1,
     };
     let p = plan(&config(""), &three(LLAMA), opts).unwrap();
     for (fi, f) in p.files.iter().enumerate() {
@@ -302,4 +303,26 @@ fn filter_wise_per_tensor() {
         };
         assert_eq!(kernel.filter_wise, t.name.contains("mlp"), "{}", t.name);
     }
+}
+
+#[test]
+fn tasks_keep_multipart_parts_large() {
+    // With a 5 MiB minimum part, small tensors group until the task output reaches it.
+    let opts = PlanOptions {
+        task_size: 1,
+        min_part: 40_000,
+        ..Default::default()
+    };
+    let p = plan(&config(""), &three(LLAMA), opts).unwrap();
+    for f in &p.files {
+        let tasks = &p.tasks[f.tasks.clone()];
+        for t in &tasks[..tasks.len() - 1] {
+            assert!(t.out.end - t.out.start >= 40_000, "{:?}", t.out);
+        }
+    }
+    assert_eq!(split_parts(10), (1, 10));
+    assert_eq!(split_parts(MAX_PART), (1, MAX_PART));
+    let (n, size) = split_parts(MAX_PART + 1);
+    assert_eq!(n, 2);
+    assert!(size * 2 > MAX_PART && size > MAX_PART / 2);
 }

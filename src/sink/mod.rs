@@ -95,7 +95,7 @@ pub struct StoreSink {
     open: tokio::sync::Mutex<HashMap<String, WriteMultipart>>,
 }
 
-fn tmp_name(name: &str) -> String {
+pub fn tmp_name(name: &str) -> String {
     format!(".{name}.mergefleet-partial")
 }
 

@@ -67,7 +67,7 @@ fn retry_config() -> RetryConfig {
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(120);
     RetryConfig {
-        max_retries: 10,
+        max_retries: 50,
         retry_timeout: Duration::from_secs(secs),
         ..Default::default()
     }

@@ -182,10 +182,24 @@ impl S3Server {
     pub fn start() -> S3Server {
         let root = tmp();
         let port = free_port();
+        let child = Self::spawn(root.path(), port);
+        S3Server { child, port, root }
+    }
+
+    /// Kill the server now and start it again on the same port and root after `down`
+    /// (in the background, so the caller's processes see the outage).
+    pub fn restart_after(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = Self::spawn(self.root.path(), self.port);
+    }
+
+    fn spawn(root: &Path, port: u16) -> Child {
         let child = Command::new(s3s_fs())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(root.path())
+            .arg(root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -200,7 +214,7 @@ impl S3Server {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        S3Server { child, port, root }
+        child
     }
 
     pub fn bucket(&self, name: &str) -> PathBuf {

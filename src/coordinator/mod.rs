@@ -1,0 +1,443 @@
+//! Cluster mode's coordinator: plans the merge from headers, hands tasks to workers over
+//! gRPC, completes each output file when its tasks are done, and commits the checkpoint.
+//!
+//! It never touches weights: workers fetch inputs from object storage and upload their part
+//! of the output themselves. Its own state is small (one slot per task) and journaled in
+//! the output location, so a restarted coordinator resumes without redoing finished work.
+
+pub mod journal;
+pub mod output;
+pub mod service;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, Notify};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::embedded::shutdown_signal;
+use crate::error::{Error, Result};
+use crate::exec::min_memory;
+use crate::job::Job;
+use crate::plan::{MergePlan, PlanOptions};
+use crate::security::CheckToken;
+use crate::sink::Sink;
+use crate::source::Stores;
+use crate::units::fmt_bytes;
+use crate::wire::{pb, MAX_MESSAGE};
+use journal::{fingerprint, Journal};
+use output::ClusterOutput;
+use state::{ClusterState, Phase, Reported, TaskNeeds, TaskStatus};
+
+/// Options of `mergefleet coordinator`.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+    pub insecure: bool,
+    /// PEM certificate and key: serve TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub plan: PlanOptions,
+    pub max_attempts: u32,
+    pub lease_timeout: Duration,
+    /// Discard a journal of another merge (or of this one) and start over.
+    pub restart: bool,
+    pub overwrite: bool,
+    pub copy_tokenizer: bool,
+    pub model_card: bool,
+    /// After the end, how long to keep answering so every worker learns the outcome.
+    pub linger: Duration,
+}
+
+/// State shared by the gRPC service and the main loop.
+pub struct Shared {
+    pub state: Mutex<ClusterState>,
+    /// Wakes long-polling lease calls when tasks or the phase change.
+    pub changed: Notify,
+    pub plan: MergePlan,
+    pub output: ClusterOutput,
+    pub journal: Mutex<Journal>,
+    pub started: Instant,
+    pub output_display: String,
+}
+
+/// What a finished cluster merge did.
+#[derive(Debug)]
+pub struct ClusterSummary {
+    pub output: String,
+    pub tensors: usize,
+    pub tasks: usize,
+    pub resumed: usize,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    /// Time from the last task's report to the committed index.
+    pub commit_seconds: f64,
+}
+
+fn describe(plan: &MergePlan, i: usize) -> String {
+    let t = &plan.tasks[i];
+    let names: Vec<&str> = t.tensors.iter().map(|j| j.name.as_str()).collect();
+    let tensors = match names.as_slice() {
+        [] => "header only".to_string(),
+        [one] => format!("tensor {one}"),
+        [first, .., last] => format!("tensors {first} .. {last}"),
+    };
+    format!("task {i} ({}, {tensors})", plan.files[t.file].name)
+}
+
+fn check_security(opts: &CoordinatorOptions) -> Result<()> {
+    if opts.token.is_none() {
+        if !opts.insecure {
+            return Err(Error::Usage(
+                "refusing to start without a token: give --token-file or MERGEFLEET_TOKEN (or --insecure to run without authentication on loopback)".into(),
+            ));
+        }
+        if !opts.listen.ip().is_loopback() && opts.tls.is_none() {
+            return Err(Error::Usage(format!(
+                "refusing to serve {} in plaintext without a token: anyone on the network could steer the merge. Give a token (and TLS), or listen on 127.0.0.1",
+                opts.listen
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Run a cluster merge: serve until the checkpoint is committed or the merge fails.
+pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Result<ClusterSummary> {
+    check_security(&opts)?;
+    let started = Instant::now();
+    let stores = Stores::new();
+    let job = Job::load(config_yaml, &stores, opts.plan).await?;
+    for w in &job.plan.warnings {
+        tracing::warn!("{w}");
+    }
+    let location = stores.resolve(out)?;
+    let output = ClusterOutput::for_location(&location)?;
+
+    // Resume or start over.
+    let fp = fingerprint(&job.config, &job.plan);
+    let mut journal = match Journal::load(&location).await? {
+        Some(old) if old.fingerprint == fp && !opts.restart => {
+            tracing::info!(
+                "resuming from the journal in {}: {} task(s) already done",
+                location.display,
+                old.done.len()
+            );
+            old
+        }
+        Some(old) => {
+            if !opts.restart {
+                return Err(Error::Usage(format!(
+                    "{} holds the resume journal of a different merge (the config, the inputs or the layout changed); pass --restart to discard it and start over",
+                    location.display
+                )));
+            }
+            tracing::info!("--restart: discarding the journal in {}", location.display);
+            output.abort(&job.plan, &old).await;
+            Journal::remove(&location).await;
+            Journal::new(fp)
+        }
+        None => Journal::new(fp),
+    };
+    let sink = Sink::open(location.clone(), opts.overwrite).await?;
+    job.write_side_files(&sink, opts.copy_tokenizer, opts.model_card)
+        .await?;
+    output.prepare(&job.plan, &mut journal).await?;
+    journal.save(&location).await?;
+
+    let plan = job.plan.clone();
+    let needs = plan
+        .tasks
+        .iter()
+        .map(|t| TaskNeeds {
+            working_set: t.working_set(),
+            min_memory: t.tensors.iter().map(min_memory).max().unwrap_or(0),
+            bytes: t.out.end - t.out.start,
+        })
+        .collect();
+    let describe_plan = plan.clone();
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1);
+    let mut state = ClusterState::new(
+        epoch,
+        needs,
+        opts.max_attempts,
+        opts.lease_timeout,
+        Box::new(move |i| describe(&describe_plan, i)),
+    );
+    let resumed = journal.done.len();
+    for (task, parts) in &journal.done {
+        state.restore_done(*task, parts.clone());
+    }
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+        changed: Notify::new(),
+        plan,
+        output,
+        journal: Mutex::new(journal),
+        started,
+        output_display: location.display.clone(),
+    });
+
+    // Serve.
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let svc = service::Service {
+        shared: shared.clone(),
+        events: events_tx,
+    };
+    let coordinator = pb::coordinator_server::CoordinatorServer::new(svc)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::coordinator_server::CoordinatorServer<service::Service>>()
+        .await;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| Error::Usage(format!("cannot listen on {}: {e}", opts.listen)))?;
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &opts.tls {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| Error::Usage(format!("cannot read {}: {e}", p.display())))
+        };
+        let identity = Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(|e| Error::Usage(format!("bad TLS certificate or key: {e}")))?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = builder
+        .add_service(health_svc)
+        .add_service(InterceptedService::new(
+            coordinator,
+            CheckToken(opts.token.clone()),
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
+    let server = tokio::spawn(server);
+    tracing::info!(
+        "coordinator listening on {}: {} tasks ({} already done), {} files, {} to write",
+        opts.listen,
+        shared.plan.tasks.len(),
+        resumed,
+        shared.plan.files.len(),
+        fmt_bytes(shared.plan.bytes_written())
+    );
+
+    let outcome = main_loop(&shared, &job, &sink, &location, events).await;
+    let commit_seconds = match &outcome {
+        Ok(s) => *s,
+        Err(Error::Interrupted) => {
+            tracing::warn!("interrupted: uploads and the journal are kept; start the coordinator again to resume");
+            0.0
+        }
+        Err(e) => {
+            let journal = shared.journal.lock().expect("journal").clone();
+            shared.output.abort(&shared.plan, &journal).await;
+            Journal::remove(&location).await;
+            shared.state.lock().expect("state").fail(e.to_string());
+            0.0
+        }
+    };
+    shared.changed.notify_waiters();
+    if !matches!(outcome, Err(Error::Interrupted)) {
+        linger(&shared, opts.linger).await;
+    }
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    outcome?;
+    Ok(ClusterSummary {
+        output: location.display.clone(),
+        tensors: shared.plan.tensor_count(),
+        tasks: shared.plan.tasks.len(),
+        resumed,
+        bytes_written: shared.plan.bytes_written(),
+        seconds: started.elapsed().as_secs_f64(),
+        commit_seconds,
+    })
+}
+
+/// Keep answering until every known worker has asked for work once more (and so learned
+/// the outcome), or `max` passes.
+async fn linger(shared: &Shared, max: Duration) {
+    let until = Instant::now() + max;
+    let since = Instant::now();
+    while Instant::now() < until {
+        let waiting = {
+            let st = shared.state.lock().expect("state");
+            st.workers.values().filter(|w| w.last_seen < since).count()
+        };
+        if waiting == 0 {
+            // Give the last answers time to leave.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Handle reports, expire leases, complete files, commit. Returns the seconds from the
+/// last task's report to the commit.
+async fn main_loop(
+    shared: &Shared,
+    job: &Job,
+    sink: &Sink,
+    location_journal: &crate::source::Location,
+    mut events: mpsc::UnboundedReceiver<Reported>,
+) -> Result<f64> {
+    let plan = &shared.plan;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last_log = Instant::now();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    // Files whose tasks were all done before a restart, but not yet completed.
+    for f in 0..plan.files.len() {
+        complete_file_if_done(shared, f).await?;
+    }
+    loop {
+        let phase = shared.state.lock().expect("state").phase.clone();
+        match phase {
+            Phase::Failed(m) => return Err(Error::Cluster(m)),
+            Phase::Committing => {
+                let last_report = Instant::now();
+                for f in 0..plan.files.len() {
+                    complete_file_if_done(shared, f).await?;
+                }
+                if shared.state.lock().expect("state").phase != Phase::Committing {
+                    continue; // a file's upload was lost and its tasks are queued again
+                }
+                job.commit(sink).await?;
+                Journal::remove(location_journal).await;
+                shared.state.lock().expect("state").phase = Phase::Done;
+                shared.changed.notify_waiters();
+                let s = last_report.elapsed().as_secs_f64();
+                tracing::info!(
+                    "committed {} ({} files)",
+                    shared.output_display,
+                    plan.files.len()
+                );
+                return Ok(s);
+            }
+            Phase::Done => return Ok(0.0),
+            Phase::Running => {}
+        }
+        tokio::select! {
+            ev = events.recv() => {
+                let mut batch = vec![ev];
+                while let Ok(e) = events.try_recv() {
+                    batch.push(Some(e));
+                }
+                let mut save = false;
+                for ev in batch.into_iter().flatten() {
+                    if let Reported::Finished(task) = ev {
+                        let parts = match &shared.state.lock().expect("state").tasks[task].status {
+                            TaskStatus::Done { parts } => parts.clone(),
+                            _ => continue,
+                        };
+                        shared.journal.lock().expect("journal").done.insert(task, parts);
+                        complete_file_if_done(shared, plan.tasks[task].file).await?;
+                        save = true;
+                    }
+                }
+                if save {
+                    let j = shared.journal.lock().expect("journal").clone();
+                    j.save(location_journal).await?;
+                }
+            }
+            _ = tick.tick() => {
+                let expired = shared.state.lock().expect("state").tick(Instant::now());
+                for t in &expired {
+                    tracing::warn!("{}: lease expired (worker lost or stalled); the task goes back to the queue", describe(plan, *t));
+                }
+                if !expired.is_empty() {
+                    shared.changed.notify_waiters();
+                }
+                if last_log.elapsed() >= Duration::from_secs(10) {
+                    last_log = Instant::now();
+                    log_progress(shared);
+                }
+            }
+            _ = &mut signal => return Err(Error::Interrupted),
+        }
+    }
+}
+
+fn log_progress(shared: &Shared) {
+    let st = shared.state.lock().expect("state");
+    let (done, running, pending) = st.counts();
+    let bytes = st.bytes_done();
+    let total = shared.plan.bytes_written();
+    let secs = shared.started.elapsed().as_secs_f64();
+    let rate = bytes as f64 / secs;
+    let eta = if rate > 0.0 {
+        (total - bytes) as f64 / rate
+    } else {
+        f64::NAN
+    };
+    tracing::info!(
+        "progress: {done}/{} tasks done, {running} running, {pending} pending; {} of {} written ({}/s, ETA {:.0} s); {} worker(s)",
+        st.tasks.len(),
+        fmt_bytes(bytes),
+        fmt_bytes(total),
+        fmt_bytes(rate as u64),
+        eta,
+        st.workers.len()
+    );
+}
+
+/// Complete output file `f` if all its tasks are done and it is not complete yet.
+async fn complete_file_if_done(shared: &Shared, f: usize) -> Result<()> {
+    let plan = &shared.plan;
+    let file = &plan.files[f];
+    let parts = {
+        let st = shared.state.lock().expect("state");
+        let mut parts = Vec::new();
+        for t in file.tasks.clone() {
+            match &st.tasks[t].status {
+                TaskStatus::Done { parts: p } => parts.extend(p.iter().cloned()),
+                _ => return Ok(()),
+            }
+        }
+        parts
+    };
+    let journal = shared.journal.lock().expect("journal").clone();
+    if journal.completed_files.contains(&file.name) {
+        return Ok(());
+    }
+    if !shared
+        .output
+        .complete(&file.name, file.size, parts, &journal)
+        .await?
+    {
+        // The upload is gone: start it again and redo the file's tasks.
+        let id = shared.output.restart_upload(&file.name).await?;
+        {
+            let mut j = shared.journal.lock().expect("journal");
+            j.uploads.insert(file.name.clone(), id);
+            for t in file.tasks.clone() {
+                j.done.remove(&t);
+            }
+        }
+        shared.state.lock().expect("state").redo(file.tasks.clone());
+        shared.changed.notify_waiters();
+        return Ok(());
+    }
+    shared
+        .journal
+        .lock()
+        .expect("journal")
+        .completed_files
+        .insert(file.name.clone());
+    tracing::info!("output file {} complete", file.name);
+    Ok(())
+}

@@ -1,0 +1,734 @@
+//! The coordinator's bookkeeping as a pure state machine: workers, leases, attempts.
+//!
+//! No network and no clock of its own: every call takes `now`, so tests drive it with
+//! virtual workers ("lose a worker", "expire a lease", "stale report") in microseconds. The
+//! gRPC service is a thin shell around it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// What one task needs from a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskNeeds {
+    /// Memory to run it in one pass.
+    pub working_set: u64,
+    /// The least memory that can run it (streaming its largest tensor).
+    pub min_memory: u64,
+    /// Output bytes (progress).
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskStatus {
+    Pending,
+    Leased {
+        worker: u64,
+        attempt: u32,
+        deadline: Instant,
+    },
+    /// Finished; multipart part ids in part order (empty for file outputs).
+    Done {
+        parts: Vec<(u32, String)>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskSlot {
+    pub status: TaskStatus,
+    /// Attempts handed out so far; the next lease gets this number.
+    pub attempts: u32,
+    pub errors: Vec<String>,
+    pub needs: TaskNeeds,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSlot {
+    pub name: String,
+    pub memory: u64,
+    pub threads: u32,
+    pub last_seen: Instant,
+    pub task: Option<usize>,
+    pub tasks_done: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    Running,
+    /// Every task is done; the coordinator is committing.
+    Committing,
+    Done,
+    Failed(String),
+}
+
+/// The answer to a lease request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lease {
+    Task { task: usize, attempt: u32 },
+    Wait,
+    Done,
+    Failed(String),
+    UnknownWorker,
+}
+
+/// The outcome a worker reports for one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success { parts: Vec<(u32, String)> },
+    Failure { message: String, retryable: bool },
+}
+
+/// What a report did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reported {
+    /// From an old attempt or an unknown worker: dropped.
+    Stale,
+    Finished(usize),
+    Retrying(usize),
+    JobFailed(String),
+}
+
+pub struct ClusterState {
+    pub tasks: Vec<TaskSlot>,
+    pub workers: BTreeMap<u64, WorkerSlot>,
+    next_worker: u64,
+    pub max_attempts: u32,
+    pub lease_timeout: Duration,
+    pub phase: Phase,
+    /// How to name a task in messages (file and tensors).
+    describe: Box<dyn Fn(usize) -> String + Send + Sync>,
+}
+
+impl ClusterState {
+    /// `first_worker_id` should differ between coordinator runs (a clock reading), so a
+    /// worker registered with a previous run is unknown here and its reports are dropped.
+    pub fn new(
+        first_worker_id: u64,
+        needs: Vec<TaskNeeds>,
+        max_attempts: u32,
+        lease_timeout: Duration,
+        describe: Box<dyn Fn(usize) -> String + Send + Sync>,
+    ) -> Self {
+        ClusterState {
+            tasks: needs
+                .into_iter()
+                .map(|needs| TaskSlot {
+                    status: TaskStatus::Pending,
+                    attempts: 0,
+                    errors: Vec::new(),
+                    needs,
+                })
+                .collect(),
+            workers: BTreeMap::new(),
+            next_worker: first_worker_id.max(1),
+            max_attempts: max_attempts.max(1),
+            lease_timeout,
+            phase: Phase::Running,
+            describe,
+        }
+    }
+
+    /// Mark a task finished before any worker runs (resumed from the journal).
+    pub fn restore_done(&mut self, task: usize, parts: Vec<(u32, String)>) {
+        if let Some(t) = self.tasks.get_mut(task) {
+            t.status = TaskStatus::Done { parts };
+        }
+        self.check_all_done();
+    }
+
+    /// Put finished tasks back in the queue (their output was lost).
+    pub fn redo(&mut self, tasks: std::ops::Range<usize>) {
+        for t in tasks {
+            if let Some(slot) = self.tasks.get_mut(t) {
+                if matches!(slot.status, TaskStatus::Done { .. }) {
+                    slot.status = TaskStatus::Pending;
+                }
+            }
+        }
+        if self.phase == Phase::Committing {
+            self.phase = Phase::Running;
+        }
+    }
+
+    pub fn register(&mut self, name: &str, memory: u64, threads: u32, now: Instant) -> u64 {
+        let id = self.next_worker;
+        self.next_worker += 1;
+        self.workers.insert(
+            id,
+            WorkerSlot {
+                name: name.to_string(),
+                memory,
+                threads,
+                last_seen: now,
+                task: None,
+                tasks_done: 0,
+            },
+        );
+        id
+    }
+
+    fn fits(&self, t: &TaskNeeds, memory: u64) -> bool {
+        if t.working_set <= memory {
+            return true;
+        }
+        // Too big for this worker in one pass: stream it here only if no worker could
+        // take it whole.
+        let biggest = self.workers.values().map(|w| w.memory).max().unwrap_or(0);
+        t.min_memory <= memory && t.working_set > biggest
+    }
+
+    pub fn lease(&mut self, worker: u64, now: Instant) -> Lease {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.last_seen = now;
+        }
+        match &self.phase {
+            Phase::Done => return Lease::Done,
+            Phase::Failed(m) => return Lease::Failed(m.clone()),
+            Phase::Committing => return Lease::Wait,
+            Phase::Running => {}
+        }
+        let Some(w) = self.workers.get(&worker) else {
+            return Lease::UnknownWorker;
+        };
+        let memory = w.memory;
+        let pick = (0..self.tasks.len()).find(|&i| {
+            self.tasks[i].status == TaskStatus::Pending && self.fits(&self.tasks[i].needs, memory)
+        });
+        let Some(i) = pick else {
+            let stuck = self.tasks.iter().enumerate().find(|(_, t)| {
+                t.status == TaskStatus::Pending && t.needs.min_memory > self.max_worker_memory()
+            });
+            if let Some((i, t)) = stuck {
+                tracing::warn!(
+                    "{} needs at least {} bytes of memory; no registered worker has that much (give workers a larger --memory-limit)",
+                    (self.describe)(i),
+                    t.needs.min_memory
+                );
+            }
+            return Lease::Wait;
+        };
+        let t = &mut self.tasks[i];
+        t.attempts += 1;
+        let attempt = t.attempts;
+        t.status = TaskStatus::Leased {
+            worker,
+            attempt,
+            deadline: now + self.lease_timeout,
+        };
+        let w = self.workers.get_mut(&worker).expect("worker checked above");
+        w.task = Some(i);
+        w.last_seen = now;
+        Lease::Task { task: i, attempt }
+    }
+
+    fn max_worker_memory(&self) -> u64 {
+        self.workers.values().map(|w| w.memory).max().unwrap_or(0)
+    }
+
+    /// Renew a lease. False when the lease is no longer this worker's (stop the task).
+    pub fn heartbeat(&mut self, worker: u64, task: usize, attempt: u32, now: Instant) -> bool {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return false;
+        };
+        w.last_seen = now;
+        let timeout = self.lease_timeout;
+        match self.tasks.get_mut(task).map(|t| &mut t.status) {
+            Some(TaskStatus::Leased {
+                worker: lw,
+                attempt: la,
+                deadline,
+            }) if *lw == worker && *la == attempt => {
+                *deadline = now + timeout;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A worker says it is alive (between tasks).
+    pub fn touch(&mut self, worker: u64, now: Instant) -> bool {
+        match self.workers.get_mut(&worker) {
+            Some(w) => {
+                w.last_seen = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn report(
+        &mut self,
+        worker: u64,
+        task: usize,
+        attempt: u32,
+        outcome: Outcome,
+        _now: Instant,
+    ) -> Reported {
+        if !self.workers.contains_key(&worker) || self.phase != Phase::Running {
+            return Reported::Stale;
+        }
+        let Some(slot) = self.tasks.get_mut(task) else {
+            return Reported::Stale;
+        };
+        match &slot.status {
+            TaskStatus::Leased {
+                worker: lw,
+                attempt: la,
+                ..
+            } if *lw == worker && *la == attempt => {}
+            _ => return Reported::Stale,
+        }
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.task = None;
+        }
+        match outcome {
+            Outcome::Success { parts } => {
+                slot.status = TaskStatus::Done { parts };
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.tasks_done += 1;
+                }
+                self.check_all_done();
+                Reported::Finished(task)
+            }
+            Outcome::Failure { message, retryable } => {
+                let who = self
+                    .workers
+                    .get(&worker)
+                    .map(|w| w.name.clone())
+                    .unwrap_or_default();
+                slot.errors
+                    .push(format!("attempt {attempt} on worker {who}: {message}"));
+                slot.status = TaskStatus::Pending;
+                self.after_failure(task, retryable)
+            }
+        }
+    }
+
+    fn after_failure(&mut self, task: usize, retryable: bool) -> Reported {
+        let slot = &self.tasks[task];
+        if !retryable || slot.attempts >= self.max_attempts {
+            let why = if retryable {
+                format!(
+                    "failed {} times (--max-attempts {})",
+                    slot.attempts, self.max_attempts
+                )
+            } else {
+                "failed and cannot succeed on another attempt".to_string()
+            };
+            let last: Vec<&str> = slot
+                .errors
+                .iter()
+                .rev()
+                .take(3)
+                .map(String::as_str)
+                .collect();
+            let msg = format!(
+                "{} {why}; last errors: {}",
+                (self.describe)(task),
+                last.join(" | ")
+            );
+            self.phase = Phase::Failed(msg.clone());
+            Reported::JobFailed(msg)
+        } else {
+            Reported::Retrying(task)
+        }
+    }
+
+    /// Expire overdue leases (the task goes back with the next attempt number) and forget
+    /// workers silent for three lease timeouts. Returns the tasks put back.
+    pub fn tick(&mut self, now: Instant) -> Vec<usize> {
+        let mut expired = Vec::new();
+        for i in 0..self.tasks.len() {
+            if let TaskStatus::Leased {
+                worker,
+                attempt,
+                deadline,
+            } = self.tasks[i].status
+            {
+                if now >= deadline && self.phase == Phase::Running {
+                    let name = self
+                        .workers
+                        .get(&worker)
+                        .map(|w| w.name.clone())
+                        .unwrap_or_default();
+                    self.tasks[i].errors.push(format!("attempt {attempt} on worker {name}: lease expired (worker lost or stalled)"));
+                    self.tasks[i].status = TaskStatus::Pending;
+                    if let Some(w) = self.workers.get_mut(&worker) {
+                        w.task = None;
+                    }
+                    expired.push(i);
+                    if let Reported::JobFailed(_) = self.after_failure(i, true) {
+                        break;
+                    }
+                }
+            }
+        }
+        let forget = self.lease_timeout * 3;
+        self.workers
+            .retain(|_, w| w.task.is_some() || now.duration_since(w.last_seen) < forget);
+        expired
+    }
+
+    fn check_all_done(&mut self) {
+        if self.phase == Phase::Running
+            && self
+                .tasks
+                .iter()
+                .all(|t| matches!(t.status, TaskStatus::Done { .. }))
+        {
+            self.phase = Phase::Committing;
+        }
+    }
+
+    pub fn fail(&mut self, message: String) {
+        if !matches!(self.phase, Phase::Done) {
+            self.phase = Phase::Failed(message);
+        }
+    }
+
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut c = (0, 0, 0);
+        for t in &self.tasks {
+            match t.status {
+                TaskStatus::Done { .. } => c.0 += 1,
+                TaskStatus::Leased { .. } => c.1 += 1,
+                TaskStatus::Pending => c.2 += 1,
+            }
+        }
+        c
+    }
+
+    pub fn bytes_done(&self) -> u64 {
+        self.tasks
+            .iter()
+            .filter(|t| matches!(t.status, TaskStatus::Done { .. }))
+            .map(|t| t.needs.bytes)
+            .sum()
+    }
+
+    pub fn is_done(&self, task: usize) -> bool {
+        matches!(
+            self.tasks.get(task).map(|t| &t.status),
+            Some(TaskStatus::Done { .. })
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn needs(ws: u64) -> TaskNeeds {
+        TaskNeeds {
+            working_set: ws,
+            min_memory: ws.min(10),
+            bytes: 1,
+        }
+    }
+
+    fn state(n: usize) -> ClusterState {
+        ClusterState::new(
+            1,
+            vec![needs(100); n],
+            3,
+            Duration::from_secs(10),
+            Box::new(|i| format!("task {i}")),
+        )
+    }
+
+    fn ok() -> Outcome {
+        Outcome::Success { parts: vec![] }
+    }
+
+    #[test]
+    fn happy_path() {
+        let now = Instant::now();
+        let mut s = state(2);
+        let w = s.register("w1", 1000, 2, now);
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 0,
+                attempt: 1
+            }
+        );
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 1,
+                attempt: 1
+            }
+        );
+        assert_eq!(s.lease(w, now), Lease::Wait);
+        assert_eq!(s.report(w, 0, 1, ok(), now), Reported::Finished(0));
+        assert_eq!(s.phase, Phase::Running);
+        assert_eq!(s.report(w, 1, 1, ok(), now), Reported::Finished(1));
+        assert_eq!(s.phase, Phase::Committing);
+        assert_eq!(s.lease(w, now), Lease::Wait);
+        s.phase = Phase::Done;
+        assert_eq!(s.lease(w, now), Lease::Done);
+        assert_eq!(s.workers[&w].tasks_done, 2);
+    }
+
+    #[test]
+    fn lost_worker_lease_expires_and_task_is_redone() {
+        let now = Instant::now();
+        let mut s = state(1);
+        let a = s.register("a", 1000, 1, now);
+        let b = s.register("b", 1000, 1, now);
+        assert_eq!(
+            s.lease(a, now),
+            Lease::Task {
+                task: 0,
+                attempt: 1
+            }
+        );
+        assert_eq!(s.lease(b, now), Lease::Wait);
+        // a's heartbeats keep it alive...
+        assert!(s.heartbeat(a, 0, 1, now + Duration::from_secs(8)));
+        assert!(s.tick(now + Duration::from_secs(15)).is_empty());
+        // ...until they stop: the lease expires and b gets attempt 2.
+        assert_eq!(s.tick(now + Duration::from_secs(19)), vec![0]);
+        assert_eq!(
+            s.lease(b, now + Duration::from_secs(19)),
+            Lease::Task {
+                task: 0,
+                attempt: 2
+            }
+        );
+        // a comes back (SIGCONT): its heartbeat is refused, its report is stale.
+        assert!(!s.heartbeat(a, 0, 1, now + Duration::from_secs(20)));
+        assert_eq!(
+            s.report(a, 0, 1, ok(), now + Duration::from_secs(20)),
+            Reported::Stale
+        );
+        assert!(!s.is_done(0));
+        assert_eq!(
+            s.report(b, 0, 2, ok(), now + Duration::from_secs(21)),
+            Reported::Finished(0)
+        );
+        assert!(s.tasks[0].errors[0].contains("lease expired"));
+    }
+
+    #[test]
+    fn unknown_worker_is_ignored() {
+        let now = Instant::now();
+        let mut s = state(1);
+        assert_eq!(s.lease(42, now), Lease::UnknownWorker);
+        // A worker of a previous coordinator run has an id this run never gave out.
+        let mut next_run = ClusterState::new(
+            1000,
+            vec![needs(1)],
+            3,
+            Duration::from_secs(1),
+            Box::new(|i| i.to_string()),
+        );
+        assert_eq!(next_run.register("w", 10, 1, now), 1000);
+        assert_eq!(next_run.report(1, 0, 1, ok(), now), Reported::Stale);
+        assert_eq!(s.report(42, 0, 1, ok(), now), Reported::Stale);
+        assert!(!s.heartbeat(42, 0, 1, now));
+    }
+
+    #[test]
+    fn retryable_failures_retry_until_max_attempts() {
+        let now = Instant::now();
+        let mut s = state(1);
+        let w = s.register("w", 1000, 1, now);
+        for attempt in 1..=2 {
+            assert_eq!(s.lease(w, now), Lease::Task { task: 0, attempt });
+            let r = s.report(
+                w,
+                0,
+                attempt,
+                Outcome::Failure {
+                    message: format!("upload failed {attempt}"),
+                    retryable: true,
+                },
+                now,
+            );
+            assert_eq!(r, Reported::Retrying(0));
+        }
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 0,
+                attempt: 3
+            }
+        );
+        let r = s.report(
+            w,
+            0,
+            3,
+            Outcome::Failure {
+                message: "upload failed 3".into(),
+                retryable: true,
+            },
+            now,
+        );
+        let Reported::JobFailed(msg) = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            msg.contains("task 0") && msg.contains("3 times") && msg.contains("upload failed 3"),
+            "{msg}"
+        );
+        assert!(matches!(s.lease(w, now), Lease::Failed(_)));
+    }
+
+    #[test]
+    fn fatal_failure_fails_at_once() {
+        let now = Instant::now();
+        let mut s = state(2);
+        let w = s.register("w", 1000, 1, now);
+        s.lease(w, now);
+        let r = s.report(
+            w,
+            0,
+            1,
+            Outcome::Failure {
+                message: "bad".into(),
+                retryable: false,
+            },
+            now,
+        );
+        assert!(matches!(r, Reported::JobFailed(m) if m.contains("cannot succeed")));
+    }
+
+    #[test]
+    fn expiries_count_toward_max_attempts() {
+        let now = Instant::now();
+        let mut s = state(1);
+        let w = s.register("w", 1000, 1, now);
+        let mut t = now;
+        for _ in 0..3 {
+            assert!(matches!(s.lease(w, t), Lease::Task { .. }));
+            t += Duration::from_secs(11);
+            s.tick(t);
+            s.touch(w, t);
+        }
+        assert!(matches!(s.phase, Phase::Failed(ref m) if m.contains("lease expired")));
+    }
+
+    #[test]
+    fn tasks_go_only_to_workers_with_enough_memory() {
+        let now = Instant::now();
+        let mut s = ClusterState::new(
+            1,
+            vec![
+                TaskNeeds {
+                    working_set: 500,
+                    min_memory: 50,
+                    bytes: 1,
+                },
+                needs(100),
+            ],
+            3,
+            Duration::from_secs(10),
+            Box::new(|i| format!("task {i}")),
+        );
+        let small = s.register("small", 200, 1, now);
+        let big = s.register("big", 600, 1, now);
+        // small cannot take task 0 whole, and a bigger worker exists: it gets task 1.
+        assert_eq!(
+            s.lease(small, now),
+            Lease::Task {
+                task: 1,
+                attempt: 1
+            }
+        );
+        assert_eq!(s.lease(small, now), Lease::Wait);
+        assert_eq!(
+            s.lease(big, now),
+            Lease::Task {
+                task: 0,
+                attempt: 1
+            }
+        );
+        // Without a big worker, the small one streams it.
+        let mut s2 = ClusterState::new(
+            1,
+            vec![TaskNeeds {
+                working_set: 500,
+                min_memory: 50,
+                bytes: 1,
+            }],
+            3,
+            Duration::from_secs(10),
+            Box::new(|i| format!("task {i}")),
+        );
+        let small = s2.register("small", 200, 1, now);
+        assert_eq!(
+            s2.lease(small, now),
+            Lease::Task {
+                task: 0,
+                attempt: 1
+            }
+        );
+        // Nobody can run a task below its minimum.
+        let mut s3 = ClusterState::new(
+            1,
+            vec![TaskNeeds {
+                working_set: 500,
+                min_memory: 300,
+                bytes: 1,
+            }],
+            3,
+            Duration::from_secs(10),
+            Box::new(|i| format!("task {i}")),
+        );
+        let small = s3.register("small", 200, 1, now);
+        assert_eq!(s3.lease(small, now), Lease::Wait);
+    }
+
+    #[test]
+    fn resumed_tasks_are_not_leased_again() {
+        let now = Instant::now();
+        let mut s = state(3);
+        s.restore_done(0, vec![(0, "etag0".into())]);
+        s.restore_done(2, vec![]);
+        let w = s.register("w", 1000, 1, now);
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 1,
+                attempt: 1
+            }
+        );
+        assert_eq!(s.lease(w, now), Lease::Wait);
+        assert_eq!(s.counts(), (2, 1, 0));
+        s.report(w, 1, 1, ok(), now);
+        assert_eq!(s.phase, Phase::Committing);
+    }
+
+    #[test]
+    fn lost_output_is_redone() {
+        let now = Instant::now();
+        let mut s = state(2);
+        let w = s.register("w", 1000, 1, now);
+        for t in 0..2 {
+            s.lease(w, now);
+            s.report(w, t, 1, ok(), now);
+        }
+        assert_eq!(s.phase, Phase::Committing);
+        s.redo(0..2);
+        assert_eq!(s.phase, Phase::Running);
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 0,
+                attempt: 2
+            }
+        );
+    }
+
+    #[test]
+    fn silent_idle_workers_are_forgotten() {
+        let now = Instant::now();
+        let mut s = state(1);
+        let w = s.register("w", 1000, 1, now);
+        s.tick(now + Duration::from_secs(29));
+        assert!(s.workers.contains_key(&w));
+        s.tick(now + Duration::from_secs(31));
+        assert!(!s.workers.contains_key(&w));
+        assert_eq!(s.lease(w, now), Lease::UnknownWorker);
+    }
+}

@@ -1,0 +1,620 @@
+//! Cluster mode with real processes: a coordinator and workers over gRPC on loopback, the
+//! S3 server, and real faults (kill -9, SIGSTOP, a stopped S3 server, corrupted input).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// A background mergefleet process whose output goes to a log file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], cwd: &Path, env: &[(String, String)], log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(args)
+            .current_dir(cwd)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    #[track_caller]
+    fn wait_for(&mut self, needle: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !self.log().contains(needle) {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!(
+                    "process exited ({st}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} after {secs} s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[track_caller]
+    fn wait(&mut self, secs: u64) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {secs} s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cluster {
+    dir: TempDir,
+    port: u16,
+    env: Vec<(String, String)>,
+    cwd: PathBuf,
+}
+
+impl Cluster {
+    fn new(cwd: &Path, env: Vec<(String, String)>) -> Cluster {
+        Cluster {
+            dir: tmp(),
+            port: free_port(),
+            env,
+            cwd: cwd.to_path_buf(),
+        }
+    }
+
+    fn coordinator(&self, config: &str, out: &str, extra: &[&str], log: &str) -> Proc {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let mut args = vec![
+            "coordinator",
+            config,
+            out,
+            "--listen",
+            &listen,
+            "--insecure",
+            "--linger",
+            "10s",
+        ];
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn(&args, &self.cwd, &self.env, self.dir.path().join(log));
+        p.wait_for("coordinator listening", 60);
+        p
+    }
+
+    fn worker(&self, name: &str, extra: &[&str], env: &[(String, String)]) -> Proc {
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let mut args = vec![
+            "worker",
+            "--coordinator",
+            &url,
+            "--name",
+            name,
+            "--threads",
+            "1",
+            "--retry-for",
+            "60s",
+        ];
+        args.extend_from_slice(extra);
+        let mut all = self.env.clone();
+        all.extend_from_slice(env);
+        Proc::spawn(
+            &args,
+            &self.cwd,
+            &all,
+            self.dir.path().join(format!("{name}.log")),
+        )
+    }
+
+    fn workers(&self, n: usize, env: &[(String, String)]) -> Vec<Proc> {
+        (1..=n)
+            .map(|i| self.worker(&format!("w{i}"), &[], env))
+            .collect()
+    }
+}
+
+#[track_caller]
+fn assert_exit_ok(p: &mut Proc, secs: u64) {
+    let st = p.wait(secs);
+    assert!(st.success(), "exit {st}:\n{}", p.log());
+}
+
+/// Compare every weight file and the index of two checkpoint directories byte for byte.
+#[track_caller]
+fn assert_same_checkpoint(a: &Path, b: &Path) {
+    assert_eq!(weight_files(a), weight_files(b));
+    for f in weight_files(a) {
+        assert!(
+            std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
+            "{f} differs"
+        );
+    }
+}
+
+fn embedded(config: &Path, cwd: &Path, extra: &[&str], env: &[(String, String)]) -> TempDir {
+    let out = tmp();
+    let mut args = vec![
+        "merge",
+        config.to_str().unwrap(),
+        out.path().to_str().unwrap(),
+        "-q",
+        "--overwrite",
+    ];
+    args.extend_from_slice(extra);
+    assert_ok(&run_in(cwd, &args, env));
+    out
+}
+
+/// A synthetic set whose tasks are several MiB each (so S3 parts are real multipart parts).
+fn mid_set(dir: &Path) -> PathBuf {
+    let shape = mergefleet::synth::LlamaShape {
+        hidden: 512,
+        layers: 4,
+        intermediate: 1536,
+        vocab: 8192,
+        heads: 8,
+        kv_heads: 4,
+        lm_head: true,
+    };
+    mergefleet::synth::write_set(dir, &shape, 3, 2).unwrap();
+    dir.join("model_stock.yml")
+}
+
+const LAYOUT: &[&str] = &["--out-shard-size", "12M", "--task-size", "1"];
+
+#[test]
+fn cluster_local_to_local_equals_embedded() {
+    for case in ["basic_bf16", "sharded_two_ft_f16_out"] {
+        let c = Cluster::new(&fixtures(), vec![]);
+        let out = c.dir.path().join("out");
+        let ss = std::fs::read_to_string(fixtures().join(case).join("shard_size"))
+            .unwrap_or("5B".into());
+        let cfg = format!("{case}/config.yml");
+        let mut coord = c.coordinator(
+            &cfg,
+            out.to_str().unwrap(),
+            &["--out-shard-size", ss.trim()],
+            "coord.log",
+        );
+        let mut ws = c.workers(3, &[]);
+        assert_exit_ok(&mut coord, 60);
+        for w in &mut ws {
+            assert_exit_ok(w, 30);
+        }
+        let want = embedded(
+            &fixtures().join(&cfg),
+            &fixtures(),
+            &["--out-shard-size", ss.trim()],
+            &[],
+        );
+        assert_same_checkpoint(&out, want.path());
+        assert!(
+            !out.join(".mergefleet-journal.json").exists(),
+            "journal removed after commit"
+        );
+    }
+}
+
+#[test]
+fn cluster_s3_to_s3_equals_embedded() {
+    let s3 = S3Server::start();
+    let models = s3.bucket("models");
+    mid_set(&models.join("mid"));
+    s3.bucket("merged");
+    let cfg_text = std::fs::read_to_string(models.join("mid/model_stock.yml"))
+        .unwrap()
+        .replace(&format!("{}/", models.display()), "s3://models/");
+    let c = Cluster::new(Path::new("/"), s3.env());
+    let cfg = c.dir.path().join("config.yml");
+    std::fs::write(&cfg, &cfg_text).unwrap();
+    let mut args = LAYOUT.to_vec();
+    args.extend(["--lease-timeout", "20s"]);
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        "s3://merged/cluster/",
+        &args,
+        "coord.log",
+    );
+    let mut ws = c.workers(3, &[]);
+    assert_exit_ok(&mut coord, 120);
+    for w in &mut ws {
+        assert_exit_ok(w, 30);
+    }
+    let want = embedded(&models.join("mid/model_stock.yml"), &c.cwd, LAYOUT, &[]);
+    let got = s3.root.path().join("merged/cluster");
+    assert_same_checkpoint(&got, want.path());
+    // Several tasks per file: real multipart uploads with several parts.
+    let log = coord.log();
+    assert!(
+        log.matches("task leased").count() > weight_files(&got).len(),
+        "{log}"
+    );
+    // the status of a finished job is not reachable any more; the coordinator is gone
+    assert!(!got.join(".mergefleet-journal.json").exists());
+}
+
+#[test]
+fn killed_worker_task_is_redone() {
+    let d = tmp();
+    let cfg = mid_set(d.path());
+    let c = Cluster::new(d.path(), vec![]);
+    let out = c.dir.path().join("out");
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &[LAYOUT, &["--lease-timeout", "2s"]].concat(),
+        "coord.log",
+    );
+    let delay = [(
+        "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
+        "300".to_string(),
+    )];
+    let mut victim = c.worker("victim", &[], &delay);
+    victim.wait_for("failpoint: holding the task", 60);
+    victim.signal("-KILL");
+    let mut ws = c.workers(2, &[]);
+    assert_exit_ok(&mut coord, 120);
+    for w in &mut ws {
+        assert_exit_ok(w, 30);
+    }
+    assert!(coord.log().contains("lease expired"), "{}", coord.log());
+    let want = embedded(&cfg, d.path(), LAYOUT, &[]);
+    assert_same_checkpoint(&out, want.path());
+}
+
+#[test]
+fn killed_coordinator_resumes_from_its_journal() {
+    let d = tmp();
+    let cfg = mid_set(d.path());
+    let c = Cluster::new(d.path(), vec![]);
+    let out = c.dir.path().join("out");
+    let delay = [(
+        "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
+        "150".to_string(),
+    )];
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        LAYOUT,
+        "coord1.log",
+    );
+    let mut ws = c.workers(2, &delay);
+    // Let some tasks finish, then kill -9 the coordinator.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ws
+        .iter()
+        .map(|w| w.log().matches(": done").count())
+        .sum::<usize>()
+        < 6
+    {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    coord.signal("-KILL");
+    coord.wait(10);
+    let total = coord
+        .log()
+        .split("tasks (")
+        .next()
+        .and_then(|s| s.rsplit(": ").next())
+        .and_then(|s| s.trim().parse::<usize>().ok());
+    // Start it again: it resumes; the workers reconnect.
+    let mut coord2 = c.coordinator(
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        LAYOUT,
+        "coord2.log",
+    );
+    assert_exit_ok(&mut coord2, 120);
+    for w in &mut ws {
+        assert_exit_ok(w, 60);
+    }
+    let log2 = coord2.log();
+    let resumed: usize = log2
+        .split("resuming from the journal")
+        .nth(1)
+        .and_then(|s| s.split(": ").nth(1))
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no resume line:\n{log2}"));
+    assert!(resumed > 0, "{log2}");
+    let total = total.unwrap_or_else(|| panic!("no task count:\n{}", coord.log()));
+    assert_eq!(
+        log2.matches("task leased").count(),
+        total - resumed,
+        "finished tasks were redone:\n{log2}"
+    );
+    let want = embedded(&cfg, d.path(), LAYOUT, &[]);
+    assert_same_checkpoint(&out, want.path());
+}
+
+#[test]
+fn stalled_worker_loses_its_lease() {
+    let d = tmp();
+    let cfg = mid_set(d.path());
+    let c = Cluster::new(d.path(), vec![]);
+    let out = c.dir.path().join("out");
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &[LAYOUT, &["--lease-timeout", "1s"]].concat(),
+        "coord.log",
+    );
+    let delay = [(
+        "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
+        "500".to_string(),
+    )];
+    let mut stalled = c.worker("stalled", &[], &delay);
+    stalled.wait_for("failpoint: holding the task", 60);
+    stalled.signal("-STOP");
+    let mut other = c.worker("other", &[], &[]);
+    coord.wait_for("lease expired", 30);
+    std::thread::sleep(Duration::from_millis(500));
+    stalled.signal("-CONT");
+    assert_exit_ok(&mut coord, 120);
+    assert_exit_ok(&mut other, 30);
+    assert_exit_ok(&mut stalled, 30);
+    // The stalled worker's late work is not accepted: its heartbeat is refused and it drops
+    // the task, or its report arrives and is ignored as stale.
+    let (sl, cl) = (stalled.log(), coord.log());
+    assert!(
+        sl.contains("the lease was lost") || cl.contains("ignoring a stale report"),
+        "{sl}\n{cl}"
+    );
+    let want = embedded(&cfg, d.path(), LAYOUT, &[]);
+    assert_same_checkpoint(&out, want.path());
+}
+
+#[test]
+fn s3_outage_mid_run_is_survived() {
+    let mut s3 = S3Server::start();
+    let models = s3.bucket("models");
+    mid_set(&models.join("mid"));
+    s3.bucket("merged");
+    let cfg_text = std::fs::read_to_string(models.join("mid/model_stock.yml"))
+        .unwrap()
+        .replace(&format!("{}/", models.display()), "s3://models/");
+    let c = Cluster::new(Path::new("/"), s3.env());
+    let cfg = c.dir.path().join("config.yml");
+    std::fs::write(&cfg, &cfg_text).unwrap();
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        "s3://merged/outage/",
+        &[LAYOUT, &["--lease-timeout", "30s"]].concat(),
+        "coord.log",
+    );
+    let delay = [(
+        "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
+        "100".to_string(),
+    )];
+    let mut ws = c.workers(2, &delay);
+    ws[0].wait_for(": done", 60);
+    s3.restart_after(Duration::from_secs(3));
+    assert_exit_ok(&mut coord, 180);
+    for w in &mut ws {
+        assert_exit_ok(w, 30);
+    }
+    let want = embedded(&models.join("mid/model_stock.yml"), &c.cwd, LAYOUT, &[]);
+    assert_same_checkpoint(&s3.root.path().join("merged/outage"), want.path());
+}
+
+#[test]
+fn deterministic_failure_fails_the_job_cleanly() {
+    let s3 = S3Server::start();
+    let models = s3.bucket("models");
+    mid_set(&models.join("mid"));
+    s3.bucket("merged");
+    let cfg_text = std::fs::read_to_string(models.join("mid/model_stock.yml"))
+        .unwrap()
+        .replace(&format!("{}/", models.display()), "s3://models/");
+    let c = Cluster::new(Path::new("/"), s3.env());
+    let cfg = c.dir.path().join("config.yml");
+    std::fs::write(&cfg, &cfg_text).unwrap();
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        "s3://merged/broken/",
+        &[LAYOUT, &["--max-attempts", "3"]].concat(),
+        "coord.log",
+    );
+    // The coordinator planned from intact headers; now corrupt the data: truncate a shard.
+    let victim = models.join("mid/ft2/model-00002-of-00002.safetensors");
+    let len = std::fs::metadata(&victim).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let mut ws = c.workers(2, &[]);
+    let st = coord.wait(120);
+    assert!(!st.success(), "{}", coord.log());
+    let log = coord.log();
+    assert!(
+        log.contains("failed 3 times") && log.contains("ft2/model-00002-of-00002.safetensors"),
+        "{log}"
+    );
+    for w in &mut ws {
+        let st = w.wait(30);
+        assert!(!st.success(), "worker exit {st}:\n{}", w.log());
+    }
+    let out = s3.root.path().join("merged/broken");
+    assert!(
+        !looks_complete(&out),
+        "a failed job left a complete-looking checkpoint"
+    );
+    // Multipart uploads were aborted: s3s-fs keeps one .upload-*.json per open upload.
+    let open: Vec<_> = std::fs::read_dir(s3.root.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
+        .collect();
+    assert!(open.is_empty(), "uploads left open: {open:?}");
+}
+
+#[test]
+fn wrong_token_and_wrong_protocol_are_refused() {
+    let c = Cluster::new(&fixtures(), vec![]);
+    let token = c.dir.path().join("token");
+    std::fs::write(&token, "right-token\n").unwrap();
+    let out = c.dir.path().join("out");
+    let listen = format!("127.0.0.1:{}", c.port);
+    let mut coord = Proc::spawn(
+        &[
+            "coordinator",
+            "basic_bf16/config.yml",
+            out.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+        &fixtures(),
+        &[],
+        c.dir.path().join("coord.log"),
+    );
+    coord.wait_for("coordinator listening", 60);
+    let url = format!("http://{listen}");
+    let o = run_in(
+        &fixtures(),
+        &["worker", "--coordinator", &url, "--name", "intruder"],
+        &[("MERGEFLEET_TOKEN".into(), "wrong-token".into())],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("refused") && text(&o).contains("token"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !text(&o).contains("right-token")
+            && !coord.log().contains("right-token")
+            && !coord.log().contains("wrong-token")
+    );
+
+    // A worker of another protocol version.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let mut client =
+            mergefleet::wire::pb::coordinator_client::CoordinatorClient::with_interceptor(
+                tonic::transport::Endpoint::from_shared(url.clone())
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+                mergefleet::security::AddToken::new(Some("right-token")),
+            );
+        client
+            .register(mergefleet::wire::pb::RegisterRequest {
+                protocol_version: 999,
+                name: "old".into(),
+                memory_limit: 1 << 30,
+                threads: 1,
+            })
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains("protocol version 999"),
+        "{}",
+        status.message()
+    );
+
+    // `status` works with the right token and shows the job.
+    let o = run_in(
+        &fixtures(),
+        &[
+            "status",
+            "--coordinator",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_ok(&o);
+    assert!(
+        text(&o).contains("tasks:") && text(&o).contains("0 done"),
+        "{}",
+        text(&o)
+    );
+    drop(coord);
+}
+
+#[test]
+fn coordinator_needs_a_token_or_insecure() {
+    let dir = tmp();
+    let out = dir.path().join("out");
+    let o = run_in(
+        &fixtures(),
+        &[
+            "coordinator",
+            "basic_bf16/config.yml",
+            out.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("without a token"), "{}", text(&o));
+    let o = run_in(
+        &fixtures(),
+        &[
+            "coordinator",
+            "basic_bf16/config.yml",
+            out.to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:0",
+            "--insecure",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("plaintext"), "{}", text(&o));
+}
