@@ -103,6 +103,9 @@ pub struct WorkerArgs {
     /// Keep trying an unreachable coordinator this long, then exit non-zero.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub retry_for: std::time::Duration,
+    /// Tasks run at once (fetching one while computing another), within --memory-limit.
+    #[arg(long, default_value_t = 4)]
+    pub tasks_in_flight: usize,
 }
 
 #[derive(Args, Debug)]
@@ -274,7 +277,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 retry_for: a.retry_for,
             };
-            let s = mergefleet::worker::run(opts).await?;
+            let s = mergefleet::worker::run(opts, a.tasks_in_flight).await?;
             println!("worker finished: {} task(s) ran here", s.tasks_done);
             Ok(())
         }

@@ -45,6 +45,7 @@ fn parse_work(s: &str) -> Result<WorkDtype, WireError> {
 /// A plan task as sent to a worker. `inputs` are the plan's input files (for their URLs).
 pub fn task_to_wire(
     task: &Task,
+    file_name: &str,
     attempt: u32,
     header: Option<&[u8]>,
     inputs: &[InputFile],
@@ -89,6 +90,7 @@ pub fn task_to_wire(
             })
             .collect(),
         output: Some(output),
+        file_name: file_name.to_string(),
     }
 }
 
@@ -236,7 +238,14 @@ mod tests {
         let out = pb::Output {
             target: Some(pb::output::Target::LocalPath("/x".into())),
         };
-        let w = task_to_wire(t, 3, Some(&p.files[0].header), &p.inputs, out);
+        let w = task_to_wire(
+            t,
+            "model.safetensors",
+            3,
+            Some(&p.files[0].header),
+            &p.inputs,
+            out,
+        );
         assert_eq!(w.attempt, 3);
         let Received {
             task: back,

@@ -70,7 +70,14 @@ impl pb::coordinator_server::Coordinator for Service {
                         self.shared.output.target(plan, t, &journal)
                     };
                     tracing::info!(task, attempt, worker = r.worker_id, file = %plan.files[t.file].name, "task leased");
-                    O::Task(task_to_wire(t, attempt, header, &plan.inputs, target))
+                    O::Task(task_to_wire(
+                        t,
+                        &plan.files[t.file].name,
+                        attempt,
+                        header,
+                        &plan.inputs,
+                        target,
+                    ))
                 }
                 Lease::Done => O::Done(pb::Empty {}),
                 Lease::Failed(m) => O::Failed(m),
@@ -180,7 +187,7 @@ impl pb::coordinator_server::Coordinator for Service {
                     worker_id: *id,
                     name: w.name.clone(),
                     last_heartbeat_s_ago: now.duration_since(w.last_seen).as_secs_f64(),
-                    task_id: w.task.map(|t| t as i64).unwrap_or(-1),
+                    task_id: w.tasks.first().map(|(t, _)| *t as i64).unwrap_or(-1),
                     tasks_done: w.tasks_done,
                 })
                 .collect(),

@@ -47,8 +47,18 @@ pub struct WorkerSlot {
     pub memory: u64,
     pub threads: u32,
     pub last_seen: Instant,
-    pub task: Option<usize>,
+    /// Tasks this worker runs now, with the memory reserved for each.
+    pub tasks: Vec<(usize, u64)>,
     pub tasks_done: u64,
+}
+
+impl WorkerSlot {
+    pub fn in_use(&self) -> u64 {
+        self.tasks.iter().map(|(_, m)| m).sum()
+    }
+    fn release(&mut self, task: usize) {
+        self.tasks.retain(|(t, _)| *t != task);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -159,16 +169,20 @@ impl ClusterState {
                 memory,
                 threads,
                 last_seen: now,
-                task: None,
+                tasks: Vec::new(),
                 tasks_done: 0,
             },
         );
         id
     }
 
-    fn fits(&self, t: &TaskNeeds, memory: u64) -> bool {
-        if t.working_set <= memory {
+    /// Can a worker with `memory` bytes, `in_use` of them reserved, take this task now?
+    fn fits(&self, t: &TaskNeeds, memory: u64, in_use: u64) -> bool {
+        if t.working_set <= memory.saturating_sub(in_use) {
             return true;
+        }
+        if in_use > 0 {
+            return false;
         }
         // Too big for this worker in one pass: stream it here only if no worker could
         // take it whole.
@@ -189,15 +203,16 @@ impl ClusterState {
         let Some(w) = self.workers.get(&worker) else {
             return Lease::UnknownWorker;
         };
-        let memory = w.memory;
+        let (memory, in_use) = (w.memory, w.in_use());
         let pick = (0..self.tasks.len()).find(|&i| {
-            self.tasks[i].status == TaskStatus::Pending && self.fits(&self.tasks[i].needs, memory)
+            self.tasks[i].status == TaskStatus::Pending
+                && self.fits(&self.tasks[i].needs, memory, in_use)
         });
         let Some(i) = pick else {
             let stuck = self.tasks.iter().enumerate().find(|(_, t)| {
                 t.status == TaskStatus::Pending && t.needs.min_memory > self.max_worker_memory()
             });
-            if let Some((i, t)) = stuck {
+            if let (Some((i, t)), 0) = (stuck, in_use) {
                 tracing::warn!(
                     "{} needs at least {} bytes of memory; no registered worker has that much (give workers a larger --memory-limit)",
                     (self.describe)(i),
@@ -207,6 +222,7 @@ impl ClusterState {
             return Lease::Wait;
         };
         let t = &mut self.tasks[i];
+        let reserve = t.needs.working_set.min(memory);
         t.attempts += 1;
         let attempt = t.attempts;
         t.status = TaskStatus::Leased {
@@ -215,7 +231,7 @@ impl ClusterState {
             deadline: now + self.lease_timeout,
         };
         let w = self.workers.get_mut(&worker).expect("worker checked above");
-        w.task = Some(i);
+        w.tasks.push((i, reserve));
         w.last_seen = now;
         Lease::Task { task: i, attempt }
     }
@@ -278,7 +294,7 @@ impl ClusterState {
             _ => return Reported::Stale,
         }
         if let Some(w) = self.workers.get_mut(&worker) {
-            w.task = None;
+            w.release(task);
         }
         match outcome {
             Outcome::Success { parts } => {
@@ -353,7 +369,7 @@ impl ClusterState {
                     self.tasks[i].errors.push(format!("attempt {attempt} on worker {name}: lease expired (worker lost or stalled)"));
                     self.tasks[i].status = TaskStatus::Pending;
                     if let Some(w) = self.workers.get_mut(&worker) {
-                        w.task = None;
+                        w.release(i);
                     }
                     expired.push(i);
                     if let Reported::JobFailed(_) = self.after_failure(i, true) {
@@ -364,7 +380,7 @@ impl ClusterState {
         }
         let forget = self.lease_timeout * 3;
         self.workers
-            .retain(|_, w| w.task.is_some() || now.duration_since(w.last_seen) < forget);
+            .retain(|_, w| !w.tasks.is_empty() || now.duration_since(w.last_seen) < forget);
         expired
     }
 
@@ -697,6 +713,41 @@ mod tests {
         assert_eq!(s.counts(), (2, 1, 0));
         s.report(w, 1, 1, ok(), now);
         assert_eq!(s.phase, Phase::Committing);
+    }
+
+    #[test]
+    fn one_worker_runs_several_tasks_within_its_memory() {
+        let now = Instant::now();
+        let mut s = state(3);
+        let w = s.register("w", 250, 1, now);
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 0,
+                attempt: 1
+            }
+        );
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 1,
+                attempt: 1
+            }
+        );
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Wait,
+            "a third task would exceed 250 bytes"
+        );
+        s.report(w, 0, 1, ok(), now);
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 2,
+                attempt: 1
+            }
+        );
+        assert_eq!(s.workers[&w].in_use(), 200);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use object_store::PutPayload;
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::embedded::shutdown_signal;
 use crate::error::{Error, Result};
@@ -166,55 +167,130 @@ fn fatal_status(s: &Status) -> Option<Error> {
     }
 }
 
-/// Run until the coordinator says the merge is done (Ok) or failed (Err).
-pub async fn run(opts: WorkerOptions) -> Result<WorkerSummary> {
-    let mut client = connect(&opts)?;
-    let stores = Arc::new(Stores::new());
-    let pool = BufferPool::new((opts.memory_limit / 4) as usize);
-    let mut backoff = Backoff::new(opts.retry_for);
-    let mut worker: Option<(u64, Duration)> = None;
-    let mut done = 0u64;
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
-    loop {
-        let (id, heartbeat) = match worker {
-            Some(w) => w,
-            None => {
-                let req = pb::RegisterRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    name: opts.name.clone(),
-                    memory_limit: opts.memory_limit,
-                    threads: opts.threads,
-                };
-                match client.register(req).await {
-                    Ok(r) => {
-                        backoff.ok();
-                        let r = r.into_inner();
-                        tracing::info!(
-                            worker = r.worker_id,
-                            "registered with {}",
-                            opts.coordinator
-                        );
-                        let w = (
-                            r.worker_id,
-                            Duration::from_millis(r.heartbeat_interval_ms.max(100)),
-                        );
-                        worker = Some(w);
-                        w
+/// What the task slots of one worker share.
+struct Ctx {
+    opts: WorkerOptions,
+    client: Client,
+    stores: Stores,
+    pool: Arc<BufferPool>,
+    /// This worker's id and heartbeat interval, once registered.
+    registration: tokio::sync::Mutex<Option<(u64, Duration)>>,
+    done: std::sync::atomic::AtomicU64,
+    /// Set on SIGTERM/SIGINT: slots report their running task as failed and stop.
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Ctx {
+    /// Register (once for all slots) and return the worker id and heartbeat interval.
+    async fn registered(&self) -> Result<(u64, Duration)> {
+        let mut reg = self.registration.lock().await;
+        if let Some(r) = *reg {
+            return Ok(r);
+        }
+        let mut backoff = Backoff::new(self.opts.retry_for);
+        loop {
+            let req = pb::RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                name: self.opts.name.clone(),
+                memory_limit: self.opts.memory_limit,
+                threads: self.opts.threads,
+            };
+            match self.client.clone().register(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    tracing::info!(
+                        worker = r.worker_id,
+                        "registered with {}",
+                        self.opts.coordinator
+                    );
+                    let got = (
+                        r.worker_id,
+                        Duration::from_millis(r.heartbeat_interval_ms.max(100)),
+                    );
+                    *reg = Some(got);
+                    return Ok(got);
+                }
+                Err(s) => {
+                    if let Some(e) = fatal_status(&s) {
+                        return Err(e);
                     }
-                    Err(s) => {
-                        if let Some(e) = fatal_status(&s) {
-                            return Err(e);
-                        }
-                        backoff.wait(&opts, &s).await?;
-                        continue;
-                    }
+                    backoff.wait(&self.opts, &s).await?;
                 }
             }
-        };
+        }
+    }
+
+    /// The coordinator forgot worker `id` (it restarted): register again on next use.
+    async fn forget(&self, id: u64) {
+        let mut reg = self.registration.lock().await;
+        if reg.is_some_and(|(cur, _)| cur == id) {
+            tracing::info!(
+                "the coordinator does not know this worker (it restarted?): registering again"
+            );
+            *reg = None;
+        }
+    }
+}
+
+/// Run until the coordinator says the merge is done (Ok) or failed (Err). `slots` tasks
+/// run at once (so fetching one overlaps computing another); the coordinator keeps their
+/// total working set within this worker's memory limit.
+pub async fn run(opts: WorkerOptions, slots: usize) -> Result<WorkerSummary> {
+    let client = connect(&opts)?;
+    let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let ctx = Arc::new(Ctx {
+        pool: BufferPool::new((opts.memory_limit / 4) as usize),
+        opts,
+        client,
+        stores: Stores::new(),
+        registration: tokio::sync::Mutex::new(None),
+        done: std::sync::atomic::AtomicU64::new(0),
+        stopping,
+    });
+    ctx.registered().await?;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..slots.max(1) {
+        set.spawn(slot(ctx.clone()));
+    }
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut first: Option<Result<()>> = None;
+    loop {
+        tokio::select! {
+            r = set.join_next() => {
+                let Some(r) = r else { break };
+                let r = r.unwrap_or_else(|e| Err(Error::Internal(format!("worker slot panicked: {e}"))));
+                if r.is_err() {
+                    // One slot failing for good ends the worker: stop the others.
+                    let _ = stop_tx.send(true);
+                }
+                first.get_or_insert(r);
+            }
+            _ = &mut signal, if !*stop_tx.borrow() => {
+                let _ = stop_tx.send(true);
+                first.get_or_insert(Err(Error::Interrupted));
+            }
+        }
+    }
+    first.unwrap_or(Ok(()))?;
+    let tasks_done = ctx.done.load(Ordering::Relaxed);
+    tracing::info!("the merge is committed; {tasks_done} task(s) ran here");
+    Ok(WorkerSummary { tasks_done })
+}
+
+/// One task slot: lease, run, report, until the merge ends.
+async fn slot(ctx: Arc<Ctx>) -> Result<()> {
+    let mut client = ctx.client.clone();
+    let mut backoff = Backoff::new(ctx.opts.retry_for);
+    let mut stopping = ctx.stopping.clone();
+    loop {
+        if *stopping.borrow() {
+            return Err(Error::Interrupted);
+        }
+        let (id, heartbeat) = ctx.registered().await?;
         let lease = tokio::select! {
             r = client.lease(pb::LeaseRequest { worker_id: id, wait_ms: 20_000 }) => r,
-            _ = &mut signal => return Err(Error::Interrupted),
+            _ = stopping.changed() => return Err(Error::Interrupted),
         };
         let outcome = match lease {
             Ok(r) => {
@@ -222,79 +298,81 @@ pub async fn run(opts: WorkerOptions) -> Result<WorkerSummary> {
                 r.into_inner().outcome
             }
             Err(s) if s.code() == Code::NotFound => {
-                tracing::info!(
-                    "the coordinator does not know this worker (it restarted?): registering again"
-                );
-                worker = None;
+                ctx.forget(id).await;
                 continue;
             }
             Err(s) => {
                 if let Some(e) = fatal_status(&s) {
                     return Err(e);
                 }
-                backoff.wait(&opts, &s).await?;
+                backoff.wait(&ctx.opts, &s).await?;
                 continue;
             }
         };
         use pb::lease_response::Outcome as O;
-        match outcome {
-            Some(O::Task(task)) => {
-                let (task_id, attempt) = (task.task_id, task.attempt);
-                let span = tracing::info_span!("task", task = task_id, attempt);
-                let _enter = span.enter();
-                tracing::info!(
-                    tensors = task.tensors.len(),
-                    bytes = task.out_end - task.out_start,
-                    "running"
-                );
-                let progress = Progress::new(task.out_end - task.out_start);
-                let started = Instant::now();
-                let result = tokio::select! {
-                    r = execute(&task, &stores, &pool, opts.memory_limit, progress.clone()) => Some(r),
-                    _ = heartbeats(client.clone(), id, task_id, attempt, heartbeat, progress.clone()) => None,
-                    _ = &mut signal => {
-                        let failure = pb::report_request::Outcome::Failure(pb::Failure {
-                            message: format!("worker {} was stopped (SIGTERM) while running the task", opts.name),
-                            retryable: true,
-                        });
-                        let _ = report(&mut client, &opts, id, task_id, attempt, failure).await;
-                        return Err(Error::Interrupted);
-                    }
-                };
-                let outcome = match result {
-                    None => {
-                        tracing::warn!("the lease was lost (this worker was too slow or unreachable); dropping the task");
-                        continue;
-                    }
-                    Some(Ok(parts)) => {
-                        done += 1;
-                        tracing::info!(secs = started.elapsed().as_secs_f64(), "done");
-                        pb::report_request::Outcome::Success(pb::Success {
-                            parts: parts
-                                .into_iter()
-                                .map(|(part, content_id)| pb::PartDone { part, content_id })
-                                .collect(),
-                        })
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!("failed: {e}");
-                        pb::report_request::Outcome::Failure(pb::Failure {
-                            message: error_chain(&e),
-                            retryable: e.is_retryable(),
-                        })
-                    }
-                };
-                if !report(&mut client, &opts, id, task_id, attempt, outcome).await? {
-                    worker = None;
-                }
-            }
-            Some(O::Wait(_)) => {}
-            Some(O::Done(_)) => {
-                tracing::info!("the merge is committed; {done} task(s) ran here");
-                return Ok(WorkerSummary { tasks_done: done });
-            }
+        let task = match outcome {
+            Some(O::Task(task)) => task,
+            Some(O::Done(_)) => return Ok(()),
             Some(O::Failed(m)) => return Err(Error::Cluster(m)),
-            None => {}
+            Some(O::Wait(_)) | None => continue,
+        };
+        let (task_id, attempt) = (task.task_id, task.attempt);
+        let span = tracing::info_span!("task", file = %task.file_name, task = task_id, attempt);
+        let result = async {
+            tracing::info!(tensors = task.tensors.len(), bytes = task.out_end - task.out_start, "running");
+            let progress = Progress::new(task.out_end - task.out_start);
+            let started = Instant::now();
+            let r = tokio::select! {
+                r = execute(&task, &ctx.stores, &ctx.pool, ctx.opts.memory_limit, progress.clone()) => Some(Ok(r)),
+                _ = heartbeats(client.clone(), id, task_id, attempt, heartbeat, progress.clone()) => None,
+                _ = stopping.changed() => Some(Err(())),
+            };
+            if let Some(Ok(Ok(_))) = &r {
+                tracing::info!(secs = started.elapsed().as_secs_f64(), "done");
+            }
+            r
+        }
+        .instrument(span)
+        .await;
+        let result = match result {
+            Some(Err(())) => {
+                let failure = pb::report_request::Outcome::Failure(pb::Failure {
+                    message: format!(
+                        "worker {} was stopped (SIGTERM) while running the task",
+                        ctx.opts.name
+                    ),
+                    retryable: true,
+                });
+                let _ = report(&mut client, &ctx.opts, id, task_id, attempt, failure).await;
+                return Err(Error::Interrupted);
+            }
+            Some(Ok(r)) => Some(r),
+            None => None,
+        };
+        let outcome = match result {
+            None => {
+                tracing::warn!(task = task_id, attempt, "the lease was lost (this worker was too slow or unreachable); dropping the task");
+                continue;
+            }
+            Some(Ok(parts)) => {
+                ctx.done.fetch_add(1, Ordering::Relaxed);
+                pb::report_request::Outcome::Success(pb::Success {
+                    parts: parts
+                        .into_iter()
+                        .map(|(part, content_id)| pb::PartDone { part, content_id })
+                        .collect(),
+                })
+            }
+            Some(Err(e)) => {
+                tracing::warn!(task = task_id, attempt, "failed: {e}");
+                pb::report_request::Outcome::Failure(pb::Failure {
+                    message: error_chain(&e),
+                    retryable: e.is_retryable(),
+                })
+            }
+        };
+        if !report(&mut client, &ctx.opts, id, task_id, attempt, outcome).await? {
+            ctx.forget(id).await;
         }
     }
 }

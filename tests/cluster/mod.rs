@@ -565,7 +565,32 @@ fn wrong_token_and_wrong_protocol_are_refused() {
         status.message()
     );
 
-    // `status` works with the right token and shows the job.
+    // Health checks need no token.
+    let serving = rt.block_on(async {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            tonic::transport::Endpoint::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    });
+    assert_eq!(
+        serving,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // `status` needs the token...
+    let o = run_in(&fixtures(), &["status", "--coordinator", &url], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // ...and with it shows the job.
     let o = run_in(
         &fixtures(),
         &[
