@@ -163,6 +163,11 @@ fn fatal_status(s: &Status) -> Option<Error> {
                 s.message()
             )))
         }
+        // A certificate that does not verify will not start verifying: stop at once.
+        _ if s.message().contains("certificate") => Some(Error::Usage(format!(
+            "cannot verify the coordinator's TLS certificate ({}): give its CA with --tls-ca",
+            s.message()
+        ))),
         _ => None,
     }
 }

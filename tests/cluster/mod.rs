@@ -643,3 +643,104 @@ fn coordinator_needs_a_token_or_insecure() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("plaintext"), "{}", text(&o));
 }
+
+#[test]
+fn tls_with_a_self_signed_certificate() {
+    let c = Cluster::new(&fixtures(), vec![]);
+    let d = c.dir.path();
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(d.join("key.pem"))
+        .arg("-out")
+        .arg(d.join("cert.pem"))
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (Debian package openssl) makes the test certificate");
+    assert!(made.success());
+    std::fs::write(d.join("token"), "tls-token\n").unwrap();
+    let listen = format!("127.0.0.1:{}", c.port);
+    let out = d.join("out");
+    let (cert, key, token) = (d.join("cert.pem"), d.join("key.pem"), d.join("token"));
+    let mut coord = Proc::spawn(
+        &[
+            "coordinator",
+            "basic_bf16/config.yml",
+            out.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--linger",
+            "3s",
+        ],
+        &fixtures(),
+        &[],
+        d.join("coord.log"),
+    );
+    drop(coord);
+    let args = [
+        "coordinator",
+        "basic_bf16/config.yml",
+        out.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--linger",
+        "3s",
+        "--token-file",
+        token.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    coord = Proc::spawn(&args, &fixtures(), &[], d.join("coord.log"));
+    coord.wait_for("coordinator listening", 60);
+    let url = format!("https://localhost:{}", c.port);
+    // Without the CA the certificate does not verify: a clear error at once, exit 2.
+    let o = run_in(
+        &fixtures(),
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--tls-ca"), "{}", text(&o));
+    // With it, the merge runs over TLS.
+    let o = run_in(
+        &fixtures(),
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--tls-ca",
+            cert.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_ok(&o);
+    assert_exit_ok(&mut coord, 30);
+    assert_same_checkpoint(&out, &fixtures().join("basic_bf16/expected"));
+}
