@@ -88,9 +88,7 @@ impl InputFiles {
                 InputSource::Local(p) => {
                     let (p, url) = (p.clone(), url.clone());
                     let ranges = ranges.clone();
-                    tokio::task::spawn_blocking(move || read_local(&p, &url, &ranges))
-                        .await
-                        .map_err(|e| Error::Internal(format!("read task panicked: {e}")))??
+                    blocking(move || read_local(&p, &url, &ranges)).await??
                 }
             };
             progress.read(ranges.iter().map(|r| r.end - r.start).sum());
@@ -245,7 +243,7 @@ async fn run_in_memory(
     let task = task.clone();
     let n_tensors = task.tensors.len() as u64;
     let header = header.map(|h| h.to_vec());
-    let out = tokio::task::spawn_blocking(move || {
+    let out = blocking(move || {
         let mut out = pool.get((task.out.end - task.out.start) as usize);
         if let Some(h) = &header {
             out[..h.len()].copy_from_slice(h);
@@ -268,14 +266,13 @@ async fn run_in_memory(
         slices
             .into_par_iter()
             .for_each(|(job, out, bytes)| compute(job, bytes, out));
-        out
+        pool.freeze(out)
     })
-    .await
-    .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;
+    .await?;
     progress
         .tensors_done
         .fetch_add(n_tensors, Ordering::Relaxed);
-    Ok(Bytes::from(out))
+    Ok(out)
 }
 
 fn compute(job: &TensorJob, bytes: &[Bytes], out: &mut [u8]) {
@@ -350,19 +347,7 @@ async fn stream_tensor(
                 let k = *k;
                 let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
                 let len = w.len();
-                let part = tokio::task::spawn_blocking(move || {
-                    let views: Vec<InputView> = bytes
-                        .iter()
-                        .zip(&dtypes)
-                        .map(|(b, d)| InputView {
-                            bytes: b,
-                            dtype: *d,
-                        })
-                        .collect();
-                    k.block_stats(&views, 0, len)
-                })
-                .await
-                .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;
+                let part = blocking(move || k.block_stats(&views(&bytes, &dtypes), 0, len)).await?;
                 stats.extend(part);
             }
             Some(k.ratio(stats.iter()))
@@ -376,16 +361,9 @@ async fn stream_tensor(
         let len = w.len();
         let shape = job.shape.clone();
         let pool = inputs.pool.clone();
-        let data = tokio::task::spawn_blocking(move || {
+        let data = blocking(move || {
             let mut out = pool.get(len * out_size as usize);
-            let views: Vec<InputView> = bytes
-                .iter()
-                .zip(&dtypes)
-                .map(|(b, d)| InputView {
-                    bytes: b,
-                    dtype: *d,
-                })
-                .collect();
+            let views = views(&bytes, &dtypes);
             match (kernel, t) {
                 (None, _) => out.copy_from_slice(&bytes[0]),
                 (Some(k), Some(t)) => k.apply(&views, 0, len, t, &mut out),
@@ -393,12 +371,30 @@ async fn stream_tensor(
             }
             pool.freeze(out)
         })
-        .await
-        .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))?;
+        .await?;
         send(tx, job.out.start + w.start as u64 * out_size, data, None).await?;
     }
     progress.tensors_done.fetch_add(1, Ordering::Relaxed);
     Ok(())
+}
+
+/// Input views over fetched bytes.
+fn views<'a>(bytes: &'a [Bytes], dtypes: &[safetensors::Dtype]) -> Vec<InputView<'a>> {
+    bytes
+        .iter()
+        .zip(dtypes)
+        .map(|(b, d)| InputView {
+            bytes: b,
+            dtype: *d,
+        })
+        .collect()
+}
+
+/// Run CPU-bound work off the async threads; a panic becomes an internal error.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))
 }
 
 /// The streaming granularity of a tensor (elements: a block, or a filter_wise row) and the
