@@ -320,8 +320,20 @@ fn print_plan(job: &Job, as_json: bool) {
         let tensors: Vec<_> = p
             .tasks
             .iter()
-            .flat_map(|t| &t.tensors)
-            .map(|t| json!({"name": t.name, "shape": t.shape, "dtype": format!("{:?}", t.dtype), "file": p.files[p.tasks.iter().find(|k| k.tensors.iter().any(|x| x.name == t.name)).map(|k| k.file).unwrap_or(0)].name, "merge": matches!(t.op, mergefleet::plan::Op::Merge{..})}))
+            .flat_map(|task| {
+                task.tensors
+                    .iter()
+                    .map(move |t| (t, &p.files[task.file].name))
+            })
+            .map(|(t, file)| {
+                json!({
+                    "name": t.name,
+                    "shape": t.shape,
+                    "dtype": format!("{:?}", t.dtype),
+                    "file": file,
+                    "merge": matches!(t.op, mergefleet::plan::Op::Merge { .. }),
+                })
+            })
             .collect();
         let v = json!({
             "base_model": job.config.base_model.0,

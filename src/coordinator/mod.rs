@@ -58,7 +58,7 @@ pub struct Shared {
     pub state: Mutex<ClusterState>,
     /// Wakes long-polling lease calls when tasks or the phase change.
     pub changed: Notify,
-    pub plan: MergePlan,
+    pub plan: Arc<MergePlan>,
     pub output: ClusterOutput,
     pub journal: Mutex<Journal>,
     pub started: Instant,
@@ -149,7 +149,7 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
     output.prepare(&job.plan, &mut journal).await?;
     journal.save(&location).await?;
 
-    let plan = job.plan.clone();
+    let plan = Arc::new(job.plan.clone());
     let needs = plan
         .tasks
         .iter()
@@ -159,7 +159,7 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
             bytes: t.out.end - t.out.start,
         })
         .collect();
-    let describe_plan = plan.clone();
+    let describe_plan = Arc::clone(&plan);
     let epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)

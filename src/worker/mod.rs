@@ -142,8 +142,11 @@ impl Backoff {
             self.delay.as_millis()
         );
         // jitter: up to +50%, from the clock's low bits
-        let jitter = Instant::now().elapsed().subsec_nanos() as u64
-            % (self.delay.as_millis() as u64 / 2 + 1);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(0);
+        let jitter = nanos % (self.delay.as_millis() as u64 / 2 + 1);
         tokio::time::sleep(self.delay + Duration::from_millis(jitter)).await;
         self.delay = (self.delay * 2).min(Duration::from_secs(5));
         Ok(())
