@@ -205,6 +205,21 @@ fn mid_set(dir: &Path) -> PathBuf {
     dir.join("model_stock.yml")
 }
 
+/// The mid set in bucket `models` (under `mid/`), an empty bucket `merged`, and a cluster
+/// whose config reads the models from S3. Returns the models bucket's directory.
+fn s3_cluster(s3: &S3Server) -> (PathBuf, Cluster, PathBuf) {
+    let models = s3.bucket("models");
+    mid_set(&models.join("mid"));
+    s3.bucket("merged");
+    let cfg_text = std::fs::read_to_string(models.join("mid/model_stock.yml"))
+        .unwrap()
+        .replace(&format!("{}/", models.display()), "s3://models/");
+    let c = Cluster::new(Path::new("/"), s3.env());
+    let cfg = c.dir.path().join("config.yml");
+    std::fs::write(&cfg, &cfg_text).unwrap();
+    (models, c, cfg)
+}
+
 const LAYOUT: &[&str] = &["--out-shard-size", "12M", "--task-size", "1"];
 
 #[test]
@@ -243,15 +258,7 @@ fn cluster_local_to_local_equals_embedded() {
 #[test]
 fn cluster_s3_to_s3_equals_embedded() {
     let s3 = S3Server::start();
-    let models = s3.bucket("models");
-    mid_set(&models.join("mid"));
-    s3.bucket("merged");
-    let cfg_text = std::fs::read_to_string(models.join("mid/model_stock.yml"))
-        .unwrap()
-        .replace(&format!("{}/", models.display()), "s3://models/");
-    let c = Cluster::new(Path::new("/"), s3.env());
-    let cfg = c.dir.path().join("config.yml");
-    std::fs::write(&cfg, &cfg_text).unwrap();
+    let (models, c, cfg) = s3_cluster(&s3);
     let mut args = LAYOUT.to_vec();
     args.extend(["--lease-timeout", "20s"]);
     let mut coord = c.coordinator(
@@ -413,15 +420,7 @@ fn stalled_worker_loses_its_lease() {
 #[test]
 fn s3_outage_mid_run_is_survived() {
     let mut s3 = S3Server::start();
-    let models = s3.bucket("models");
-    mid_set(&models.join("mid"));
-    s3.bucket("merged");
-    let cfg_text = std::fs::read_to_string(models.join("mid/model_stock.yml"))
-        .unwrap()
-        .replace(&format!("{}/", models.display()), "s3://models/");
-    let c = Cluster::new(Path::new("/"), s3.env());
-    let cfg = c.dir.path().join("config.yml");
-    std::fs::write(&cfg, &cfg_text).unwrap();
+    let (models, c, cfg) = s3_cluster(&s3);
     let mut coord = c.coordinator(
         cfg.to_str().unwrap(),
         "s3://merged/outage/",
@@ -446,15 +445,7 @@ fn s3_outage_mid_run_is_survived() {
 #[test]
 fn deterministic_failure_fails_the_job_cleanly() {
     let s3 = S3Server::start();
-    let models = s3.bucket("models");
-    mid_set(&models.join("mid"));
-    s3.bucket("merged");
-    let cfg_text = std::fs::read_to_string(models.join("mid/model_stock.yml"))
-        .unwrap()
-        .replace(&format!("{}/", models.display()), "s3://models/");
-    let c = Cluster::new(Path::new("/"), s3.env());
-    let cfg = c.dir.path().join("config.yml");
-    std::fs::write(&cfg, &cfg_text).unwrap();
+    let (models, c, cfg) = s3_cluster(&s3);
     let mut coord = c.coordinator(
         cfg.to_str().unwrap(),
         "s3://merged/broken/",
