@@ -80,8 +80,9 @@ pub struct CoordinatorArgs {
     pub linger: std::time::Duration,
 }
 
+/// How a worker or `status` reaches the coordinator.
 #[derive(Args, Debug)]
-pub struct WorkerArgs {
+pub struct ConnectArgs {
     /// The coordinator's URL, e.g. http://mergefleet-coordinator:7300
     #[arg(long)]
     pub coordinator: String,
@@ -91,6 +92,19 @@ pub struct WorkerArgs {
     /// PEM certificate authority for a TLS coordinator.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        Ok(mergefleet::security::load_token(self.token_file.as_deref())
+            .map_err(mergefleet::Error::Usage)?)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Memory this worker may use for tasks (default: half of physical memory or cgroup limit).
     #[arg(long, value_parser = parse_size)]
     pub memory_limit: Option<u64>,
@@ -110,13 +124,8 @@ pub struct WorkerArgs {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The coordinator's URL.
-    #[arg(long)]
-    pub coordinator: String,
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -259,8 +268,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(a) => {
-            let token = mergefleet::security::load_token(a.token_file.as_deref())
-                .map_err(mergefleet::Error::Usage)?;
+            let token = a.connect.token()?;
             let name = a.name.clone().unwrap_or_else(|| {
                 std::fs::read_to_string("/etc/hostname")
                     .map(|s| s.trim().to_string())
@@ -269,9 +277,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|| format!("worker-{}", std::process::id()))
             });
             let opts = mergefleet::worker::WorkerOptions {
-                coordinator: a.coordinator,
+                coordinator: a.connect.coordinator,
                 token,
-                tls_ca: a.tls_ca,
+                tls_ca: a.connect.tls_ca,
                 memory_limit: a.memory_limit.unwrap_or_else(default_memory_limit),
                 threads: cli_threads(a.threads) as u32,
                 name,
@@ -282,11 +290,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status(a) => {
-            let token = mergefleet::security::load_token(a.token_file.as_deref())
-                .map_err(mergefleet::Error::Usage)?;
-            let s =
-                mergefleet::worker::status(&a.coordinator, token.as_deref(), a.tls_ca.as_deref())
-                    .await?;
+            let c = &a.connect;
+            let s = mergefleet::worker::status(
+                &c.coordinator,
+                c.token()?.as_deref(),
+                c.tls_ca.as_deref(),
+            )
+            .await?;
             print_status(&s, a.json);
             Ok(())
         }
