@@ -137,9 +137,10 @@ impl Cluster {
             name,
             "--threads",
             "1",
-            "--retry-for",
-            "60s",
         ];
+        if !extra.contains(&"--retry-for") {
+            args.extend(["--retry-for", "60s"]);
+        }
         args.extend_from_slice(extra);
         let mut all = self.env.clone();
         all.extend_from_slice(env);
@@ -734,4 +735,34 @@ fn tls_with_a_self_signed_certificate() {
     assert_ok(&o);
     assert_exit_ok(&mut coord, 30);
     assert_same_checkpoint(&out, &fixtures().join("basic_bf16/expected"));
+}
+
+#[test]
+fn worker_gives_up_on_a_lost_coordinator() {
+    let d = tmp();
+    let cfg = mid_set(d.path());
+    let c = Cluster::new(d.path(), vec![]);
+    let out = c.dir.path().join("out");
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        LAYOUT,
+        "coord.log",
+    );
+    let delay = [(
+        "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
+        "300".to_string(),
+    )];
+    let mut w = c.worker("orphan", &["--retry-for", "2s"], &delay);
+    w.wait_for("failpoint: holding the task", 60);
+    coord.signal("-KILL");
+    let started = Instant::now();
+    let st = w.wait(30);
+    assert!(!st.success(), "{}", w.log());
+    assert!(w.log().contains("lost the coordinator"), "{}", w.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "gave up only after {:?}",
+        started.elapsed()
+    );
 }
