@@ -743,7 +743,7 @@ fn worker_gives_up_on_a_lost_coordinator() {
     let cfg = mid_set(d.path());
     let c = Cluster::new(d.path(), vec![]);
     let out = c.dir.path().join("out");
-    let mut coord = c.coordinator(
+    let coord = c.coordinator(
         cfg.to_str().unwrap(),
         out.to_str().unwrap(),
         LAYOUT,
