@@ -1,194 +1,15 @@
-//! Command-line interface: argument parsing and the human-facing output of each command.
-//! The only place besides `main` that prints; `anyhow` is used here, at the binary's edge.
+//! Runs the commands the user gave (their grammar is `mergefleet::args`) and prints what
+//! they did. The only place besides `main` that prints; `anyhow` is used here, at the edge.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use mergefleet::args::{Cli, Command};
 use mergefleet::embedded::{merge, MergeOptions};
 use mergefleet::job::Job;
-use mergefleet::plan::PlanOptions;
 use mergefleet::source::Stores;
-use mergefleet::units::{default_memory_limit, fmt_bytes, parse_duration, parse_size, peak_rss};
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "mergefleet",
-    version,
-    about = "Merge large language models with mergekit's model_stock, on one machine or a fleet"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Merge in this process: read the models, write the merged checkpoint to OUT.
-    Merge(MergeArgs),
-    /// Read only the headers, check everything, and print what a merge would do.
-    Plan(PlanArgs),
-    /// Cluster mode: plan the merge and hand its tasks to workers over gRPC.
-    Coordinator(CoordinatorArgs),
-    /// Cluster mode: run tasks for a coordinator.
-    Worker(WorkerArgs),
-    /// Cluster mode: print a running coordinator's progress and workers.
-    Status(StatusArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct CoordinatorArgs {
-    /// The mergekit YAML config.
-    pub config: PathBuf,
-    /// Output: a directory every worker mounts (ReadWriteMany), or s3://, gs://, az:// prefix.
-    pub out: String,
-    /// Address to serve gRPC on.
-    #[arg(long, default_value = "0.0.0.0:7300")]
-    pub listen: std::net::SocketAddr,
-    /// File holding the shared token (else MERGEFLEET_TOKEN).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Serve TLS with this PEM certificate (and --tls-key).
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Run without a token (loopback or TLS only).
-    #[arg(long)]
-    pub insecure: bool,
-    #[command(flatten)]
-    pub shard: ShardArgs,
-    /// Attempts per task before the merge fails.
-    #[arg(long, default_value_t = 4)]
-    pub max_attempts: u32,
-    /// A task whose worker sends no heartbeat for this long goes to another worker.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub lease_timeout: std::time::Duration,
-    /// Discard the resume journal in OUT and start over.
-    #[arg(long)]
-    pub restart: bool,
-    /// Replace a complete checkpoint already at OUT.
-    #[arg(long)]
-    pub overwrite: bool,
-    #[arg(long)]
-    pub no_copy_tokenizer: bool,
-    #[arg(long)]
-    pub no_model_card: bool,
-    /// After the end, how long to keep answering so every worker learns the outcome.
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
-    pub linger: std::time::Duration,
-}
-
-/// How a worker or `status` reaches the coordinator.
-#[derive(Args, Debug)]
-pub struct ConnectArgs {
-    /// The coordinator's URL, e.g. http://mergefleet-coordinator:7300
-    #[arg(long)]
-    pub coordinator: String,
-    /// File holding the shared token (else MERGEFLEET_TOKEN).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// PEM certificate authority for a TLS coordinator.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
-}
-
-impl ConnectArgs {
-    fn token(&self) -> anyhow::Result<Option<String>> {
-        Ok(mergefleet::security::load_token(self.token_file.as_deref())
-            .map_err(mergefleet::Error::Usage)?)
-    }
-}
-
-#[derive(Args, Debug)]
-pub struct WorkerArgs {
-    #[command(flatten)]
-    pub connect: ConnectArgs,
-    /// Memory this worker may use for tasks (default: half of physical memory or cgroup limit).
-    #[arg(long, value_parser = parse_size)]
-    pub memory_limit: Option<u64>,
-    /// Compute threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Name shown in the coordinator's logs and status (default: the host name).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Keep trying an unreachable coordinator this long, then exit non-zero.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    pub retry_for: std::time::Duration,
-    /// Tasks run at once (fetching one while computing another), within --memory-limit.
-    #[arg(long, default_value_t = 4)]
-    pub tasks_in_flight: usize,
-}
-
-#[derive(Args, Debug)]
-pub struct StatusArgs {
-    #[command(flatten)]
-    pub connect: ConnectArgs,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct ShardArgs {
-    /// Largest output file, in bytes of tensor data (decimal K/M/B suffixes: 5B = 5e9).
-    #[arg(long, default_value = "5B", value_parser = parse_size)]
-    pub out_shard_size: u64,
-    /// Target bytes read per task (bigger tensors are a task of their own).
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    pub task_size: u64,
-}
-
-impl ShardArgs {
-    pub fn options(&self) -> PlanOptions {
-        PlanOptions {
-            out_shard_size: self.out_shard_size,
-            task_size: self.task_size,
-            ..PlanOptions::default()
-        }
-    }
-}
-
-#[derive(Args, Debug)]
-pub struct MergeArgs {
-    /// The mergekit YAML config.
-    pub config: PathBuf,
-    /// Output directory or object-store URL (s3://bucket/prefix, gs://, az://, file://).
-    pub out: String,
-    #[command(flatten)]
-    pub shard: ShardArgs,
-    /// Compute threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Bound on the merge's working memory (default: half of physical memory).
-    #[arg(long, value_parser = parse_size)]
-    pub memory_limit: Option<u64>,
-    /// Do not copy the base model's tokenizer files.
-    #[arg(long)]
-    pub no_copy_tokenizer: bool,
-    /// Do not write a README.md model card.
-    #[arg(long)]
-    pub no_model_card: bool,
-    /// Replace a complete checkpoint already at OUT.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// No progress output.
-    #[arg(long, short)]
-    pub quiet: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct PlanArgs {
-    /// The mergekit YAML config.
-    pub config: PathBuf,
-    #[command(flatten)]
-    pub shard: ShardArgs,
-    /// Print the plan as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
+use mergefleet::units::{default_memory_limit, fmt_bytes, peak_rss, task_budget};
 
 fn read_config(path: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(path).map_err(|e| {
@@ -239,6 +60,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Coordinator(a) => {
             let yaml = read_config(&a.config)?;
             let token = mergefleet::security::load_token(a.token_file.as_deref())
+                .and_then(|t| {
+                    t.as_deref()
+                        .map_or(Ok(()), mergefleet::security::check_strength)?;
+                    Ok(t)
+                })
                 .map_err(mergefleet::Error::Usage)?;
             let opts = mergefleet::coordinator::CoordinatorOptions {
                 listen: a.listen,
@@ -280,10 +106,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 coordinator: a.connect.coordinator,
                 token,
                 tls_ca: a.connect.tls_ca,
-                memory_limit: a.memory_limit.unwrap_or_else(default_memory_limit),
+                memory_limit: a
+                    .memory_limit
+                    .map(task_budget)
+                    .unwrap_or_else(default_memory_limit),
                 threads: cli_threads(a.threads) as u32,
                 name,
                 retry_for: a.retry_for,
+                health_listen: a.health_listen,
             };
             let s = mergefleet::worker::run(opts, a.tasks_in_flight).await?;
             println!("worker finished: {} task(s) ran here", s.tasks_done);

@@ -28,6 +28,10 @@ pub enum Error {
     /// Cluster mode: the job failed (a task ran out of attempts, or the coordinator said so).
     #[error("the cluster merge failed: {0}")]
     Cluster(String),
+    /// Cluster mode, on a worker: the coordinator ended the merge as failed, so running this
+    /// worker again cannot help (exit code 3, which Kubernetes is told not to retry).
+    #[error("the coordinator ended the merge as failed: {0}")]
+    JobFailed(String),
     #[error(transparent)]
     Wire(#[from] crate::wire::WireError),
     #[error("internal error: {0}")]
@@ -41,7 +45,21 @@ impl Error {
             Error::Config(_) | Error::Plan(_) | Error::Usage(_) => true,
             Error::Source(e) => e.is_invalid_input(),
             Error::Sink(e) => e.is_invalid_input(),
-            Error::Interrupted | Error::Internal(_) | Error::Cluster(_) | Error::Wire(_) => false,
+            Error::Interrupted
+            | Error::Internal(_)
+            | Error::Cluster(_)
+            | Error::JobFailed(_)
+            | Error::Wire(_) => false,
+        }
+    }
+
+    /// The CLI's exit code: 2 when the user's input is at fault, 3 when a worker learns the
+    /// merge failed (restarting it cannot help), 1 for anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::JobFailed(_) => 3,
+            e if e.is_invalid_input() => 2,
+            _ => 1,
         }
     }
 
@@ -56,6 +74,7 @@ impl Error {
                 | Error::Usage(_)
                 | Error::Wire(_)
                 | Error::Cluster(_)
+                | Error::JobFailed(_)
         )
     }
 }

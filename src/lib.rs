@@ -9,6 +9,7 @@
 // Errors carry the names and shapes users need; they are built once, on a cold path.
 #![allow(clippy::result_large_err)]
 
+pub mod args;
 pub mod checkpoint;
 pub mod config;
 pub mod coordinator;

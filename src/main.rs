@@ -1,5 +1,6 @@
 //! The `mergefleet` binary: parse arguments, set up logging and threads, map errors to exit
-//! codes (0 success, 2 invalid config or input, 1 anything else).
+//! codes (0 success, 2 invalid config or input, 3 a worker told the merge failed, 1 anything
+//! else).
 
 mod cli;
 
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = mergefleet::args::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -50,10 +51,10 @@ fn main() -> ExitCode {
                     shown.push_str(&c);
                 }
             }
-            let invalid = e
-                .downcast_ref::<mergefleet::Error>()
-                .is_some_and(|e| e.is_invalid_input());
-            ExitCode::from(if invalid { 2 } else { 1 })
+            ExitCode::from(
+                e.downcast_ref::<mergefleet::Error>()
+                    .map_or(1, mergefleet::Error::exit_code),
+            )
         }
     }
 }

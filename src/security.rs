@@ -37,6 +37,20 @@ pub fn load_token(file: Option<&Path>) -> Result<Option<String>, String> {
     }
 }
 
+/// The coordinator's token must be hard to guess: at least 16 characters. This also catches
+/// a placeholder left in a deployment's Secret.
+pub fn check_strength(token: &str) -> Result<(), String> {
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "the token is too short ({} characters): use at least {MIN_TOKEN_LEN}, e.g. from `openssl rand -hex 32`",
+            token.len()
+        ));
+    }
+    Ok(())
+}
+
+pub const MIN_TOKEN_LEN: usize = 16;
+
 /// Equal in time independent of where the inputs differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -91,6 +105,14 @@ impl tonic::service::Interceptor for AddToken {
 mod tests {
     use super::*;
     use tonic::service::Interceptor;
+
+    #[test]
+    fn short_tokens_are_refused() {
+        assert!(check_strength("replace-me")
+            .unwrap_err()
+            .contains("too short"));
+        assert!(check_strength(&"x".repeat(16)).is_ok());
+    }
 
     #[test]
     fn tokens() {

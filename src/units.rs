@@ -92,6 +92,12 @@ pub fn default_memory_limit() -> u64 {
     physical.min(cgroup) / 2
 }
 
+/// Of a whole-process memory limit (say a container's), what a worker's tasks may use: all
+/// but a reserve for the runtime, connections and allocator slack (1/8, at most 1 GiB).
+pub fn task_budget(limit: u64) -> u64 {
+    limit - (limit / 8).min(1 << 30)
+}
+
 /// This process's peak resident memory (VmHWM), when the OS tells it.
 pub fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -108,6 +114,13 @@ pub fn peak_rss() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_budget_keeps_a_reserve() {
+        assert_eq!(task_budget(8 << 20), 7 << 20);
+        assert_eq!(task_budget(16 << 30), 15 << 30);
+        assert_eq!(task_budget(0), 0);
+    }
 
     #[test]
     fn sizes() {

@@ -43,6 +43,9 @@ pub struct WorkerOptions {
     pub name: String,
     /// How long to keep trying to reach a coordinator that does not answer.
     pub retry_for: Duration,
+    /// Serve the standard gRPC health service here (for a liveness probe): it answers
+    /// while this process runs, whatever the coordinator's state.
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 /// How a worker's run ended well.
@@ -79,6 +82,33 @@ fn connect(opts: &WorkerOptions) -> Result<Client> {
     .max_encoding_message_size(MAX_MESSAGE))
 }
 
+/// Serve gRPC health (always SERVING) until the returned guard is dropped. It says only
+/// that this process is alive and responsive, so a liveness probe built on it never kills
+/// a worker that is waiting for a restarting coordinator.
+async fn serve_health(addr: std::net::SocketAddr) -> Result<AbortOnDrop> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Usage(format!("--health-listen {addr}: cannot listen: {e}")))?;
+    let (_reporter, service) = tonic_health::server::health_reporter();
+    let server = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    Ok(AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::warn!("the health endpoint stopped: {e}");
+        }
+    })))
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Ask a coordinator for its status (`mergefleet status`).
 pub async fn status(
     url: &str,
@@ -93,6 +123,7 @@ pub async fn status(
         threads: 0,
         name: String::new(),
         retry_for: Duration::ZERO,
+        health_listen: None,
     };
     let mut client = connect(&opts)?;
     match client.status(pb::StatusRequest {}).await {
@@ -245,6 +276,10 @@ impl Ctx {
 /// total working set within this worker's memory limit.
 pub async fn run(opts: WorkerOptions, slots: usize) -> Result<WorkerSummary> {
     let client = connect(&opts)?;
+    let _health = match opts.health_listen {
+        Some(addr) => Some(serve_health(addr).await?),
+        None => None,
+    };
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Ctx {
         pool: BufferPool::new((opts.memory_limit / 4) as usize),
@@ -321,7 +356,7 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
         let task = match outcome {
             Some(O::Task(task)) => task,
             Some(O::Done(_)) => return Ok(()),
-            Some(O::Failed(m)) => return Err(Error::Cluster(m)),
+            Some(O::Failed(m)) => return Err(Error::JobFailed(m)),
             Some(O::Wait(_)) | None => continue,
         };
         let (task_id, attempt) = (task.task_id, task.attempt);

@@ -160,6 +160,27 @@ impl Cluster {
 }
 
 #[track_caller]
+/// Does the gRPC health service at `url` say SERVING (no token)?
+fn serving(url: &str) -> bool {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    })
+}
+
 fn assert_exit_ok(p: &mut Proc, secs: u64) {
     let st = p.wait(secs);
     assert!(st.success(), "exit {st}:\n{}", p.log());
@@ -471,8 +492,9 @@ fn deterministic_failure_fails_the_job_cleanly() {
         "{log}"
     );
     for w in &mut ws {
+        // 3: told the merge failed, so Kubernetes' podFailurePolicy does not restart it.
         let st = w.wait(30);
-        assert!(!st.success(), "worker exit {st}:\n{}", w.log());
+        assert_eq!(st.code(), Some(3), "worker exit {st}:\n{}", w.log());
     }
     let out = s3.root.path().join("merged/broken");
     assert!(
@@ -492,7 +514,7 @@ fn deterministic_failure_fails_the_job_cleanly() {
 fn wrong_token_and_wrong_protocol_are_refused() {
     let c = Cluster::new(&fixtures(), vec![]);
     let token = c.dir.path().join("token");
-    std::fs::write(&token, "right-token\n").unwrap();
+    std::fs::write(&token, "right-token-0123456789\n").unwrap();
     let out = c.dir.path().join("out");
     let listen = format!("127.0.0.1:{}", c.port);
     let mut coord = Proc::spawn(
@@ -538,7 +560,7 @@ fn wrong_token_and_wrong_protocol_are_refused() {
                     .connect()
                     .await
                     .unwrap(),
-                mergefleet::security::AddToken::new(Some("right-token")),
+                mergefleet::security::AddToken::new(Some("right-token-0123456789")),
             );
         client
             .register(mergefleet::wire::pb::RegisterRequest {
@@ -558,27 +580,7 @@ fn wrong_token_and_wrong_protocol_are_refused() {
     );
 
     // Health checks need no token.
-    let serving = rt.block_on(async {
-        let mut health = tonic_health::pb::health_client::HealthClient::new(
-            tonic::transport::Endpoint::from_shared(url.clone())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap(),
-        );
-        health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-    });
-    assert_eq!(
-        serving,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    assert!(serving(&url));
     // `status` needs the token...
     let o = run_in(&fixtures(), &["status", "--coordinator", &url], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
@@ -634,6 +636,22 @@ fn coordinator_needs_a_token_or_insecure() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("plaintext"), "{}", text(&o));
+    // A guessable token (or a deployment's placeholder) is refused too, without echoing it.
+    let o = run_in(
+        &fixtures(),
+        &[
+            "coordinator",
+            "basic_bf16/config.yml",
+            out.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[("MERGEFLEET_TOKEN".into(), "replace-me".into())],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("too short"), "{}", text(&o));
+    assert!(!text(&o).contains("replace-me"), "{}", text(&o));
+    assert!(!out.exists(), "nothing may be written");
 }
 
 #[test]
@@ -667,7 +685,7 @@ fn tls_with_a_self_signed_certificate() {
         .status()
         .expect("openssl (Debian package openssl) makes the test certificate");
     assert!(made.success());
-    std::fs::write(d.join("token"), "tls-token\n").unwrap();
+    std::fs::write(d.join("token"), "tls-token-0123456789\n").unwrap();
     let listen = format!("127.0.0.1:{}", c.port);
     let out = d.join("out");
     let (cert, key, token) = (d.join("cert.pem"), d.join("key.pem"), d.join("token"));
@@ -753,10 +771,18 @@ fn worker_gives_up_on_a_lost_coordinator() {
         "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
         "300".to_string(),
     )];
-    let mut w = c.worker("orphan", &["--retry-for", "2s"], &delay);
+    let health = format!("127.0.0.1:{}", free_port());
+    let mut w = c.worker(
+        "orphan",
+        &["--retry-for", "4s", "--health-listen", &health],
+        &delay,
+    );
     w.wait_for("failpoint: holding the task", 60);
     coord.signal("-KILL");
     let started = Instant::now();
+    // The liveness endpoint does not depend on the coordinator: it answers while the worker
+    // waits for a coordinator that may be restarting.
+    assert!(serving(&format!("http://{health}")));
     let st = w.wait(30);
     assert!(!st.success(), "{}", w.log());
     assert!(w.log().contains("lost the coordinator"), "{}", w.log());

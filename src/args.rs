@@ -1,0 +1,193 @@
+//! The command line's grammar: every command, flag and default, as clap types.
+//!
+//! Kept in the library, apart from the code that runs the commands (`src/cli.rs` in the
+//! binary), so tests can check that the argument lists in our Kubernetes manifests parse
+//! exactly as the binary would parse them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::plan::PlanOptions;
+use crate::units::{parse_duration, parse_size};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mergefleet",
+    version,
+    about = "Merge large language models with mergekit's model_stock, on one machine or a fleet"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Merge in this process: read the models, write the merged checkpoint to OUT.
+    Merge(MergeArgs),
+    /// Read only the headers, check everything, and print what a merge would do.
+    Plan(PlanArgs),
+    /// Cluster mode: plan the merge and hand its tasks to workers over gRPC.
+    Coordinator(CoordinatorArgs),
+    /// Cluster mode: run tasks for a coordinator.
+    Worker(WorkerArgs),
+    /// Cluster mode: print a running coordinator's progress and workers.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// The mergekit YAML config.
+    pub config: PathBuf,
+    /// Output: a directory every worker mounts (ReadWriteMany), or s3://, gs://, az:// prefix.
+    pub out: String,
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "0.0.0.0:7300")]
+    pub listen: std::net::SocketAddr,
+    /// File holding the shared token (else MERGEFLEET_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Serve TLS with this PEM certificate (and --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Run without a token (loopback or TLS only).
+    #[arg(long)]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub shard: ShardArgs,
+    /// Attempts per task before the merge fails.
+    #[arg(long, default_value_t = 4)]
+    pub max_attempts: u32,
+    /// A task whose worker sends no heartbeat for this long goes to another worker.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub lease_timeout: std::time::Duration,
+    /// Discard the resume journal in OUT and start over.
+    #[arg(long)]
+    pub restart: bool,
+    /// Replace a complete checkpoint already at OUT.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[arg(long)]
+    pub no_copy_tokenizer: bool,
+    #[arg(long)]
+    pub no_model_card: bool,
+    /// After the end, how long to keep answering so every worker learns the outcome.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub linger: std::time::Duration,
+}
+
+/// How a worker or `status` reaches the coordinator.
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    /// The coordinator's URL, e.g. http://mergefleet-coordinator:7300
+    #[arg(long)]
+    pub coordinator: String,
+    /// File holding the shared token (else MERGEFLEET_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate authority for a TLS coordinator.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    pub fn token(&self) -> crate::Result<Option<String>> {
+        crate::security::load_token(self.token_file.as_deref()).map_err(crate::Error::Usage)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The most memory this worker may use, e.g. its container's limit; tasks get all but
+    /// a reserve for the process itself (default: half of physical memory or cgroup limit).
+    #[arg(long, value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Name shown in the coordinator's logs and status (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Keep trying an unreachable coordinator this long, then exit non-zero.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub retry_for: std::time::Duration,
+    /// Tasks run at once (fetching one while computing another), within --memory-limit.
+    #[arg(long, default_value_t = 4)]
+    pub tasks_in_flight: usize,
+    /// Serve the gRPC health service on this address, for a liveness probe.
+    #[arg(long)]
+    pub health_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShardArgs {
+    /// Largest output file, in bytes of tensor data (decimal K/M/B suffixes: 5B = 5e9).
+    #[arg(long, default_value = "5B", value_parser = parse_size)]
+    pub out_shard_size: u64,
+    /// Target bytes read per task (bigger tensors are a task of their own).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub task_size: u64,
+}
+
+impl ShardArgs {
+    pub fn options(&self) -> PlanOptions {
+        PlanOptions {
+            out_shard_size: self.out_shard_size,
+            task_size: self.task_size,
+            ..PlanOptions::default()
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The mergekit YAML config.
+    pub config: PathBuf,
+    /// Output directory or object-store URL (s3://bucket/prefix, gs://, az://, file://).
+    pub out: String,
+    #[command(flatten)]
+    pub shard: ShardArgs,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Bound on the merge's working memory (default: half of physical memory).
+    #[arg(long, value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Do not copy the base model's tokenizer files.
+    #[arg(long)]
+    pub no_copy_tokenizer: bool,
+    /// Do not write a README.md model card.
+    #[arg(long)]
+    pub no_model_card: bool,
+    /// Replace a complete checkpoint already at OUT.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// The mergekit YAML config.
+    pub config: PathBuf,
+    #[command(flatten)]
+    pub shard: ShardArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
