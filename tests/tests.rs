@@ -2,6 +2,7 @@
 //! inputs, and a real S3-compatible server.
 
 mod cluster;
+mod k8s;
 mod util;
 
 use std::path::Path;

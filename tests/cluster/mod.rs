@@ -2,95 +2,10 @@
 //! S3 server, and real faults (kill -9, SIGSTOP, a stopped S3 server, corrupted input).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-
-/// A background mergefleet process whose output goes to a log file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(args: &[&str], cwd: &Path, env: &[(String, String)], log: PathBuf) -> Proc {
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin())
-            .args(args)
-            .current_dir(cwd)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    #[track_caller]
-    fn wait_for(&mut self, needle: &str, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !self.log().contains(needle) {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                panic!(
-                    "process exited ({st}) before logging {needle:?}:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} after {secs} s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    #[track_caller]
-    fn wait(&mut self, secs: u64) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running after {secs} s:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        assert!(Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success());
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Cluster {
     dir: TempDir,
@@ -156,45 +71,6 @@ impl Cluster {
         (1..=n)
             .map(|i| self.worker(&format!("w{i}"), &[], env))
             .collect()
-    }
-}
-
-#[track_caller]
-/// Does the gRPC health service at `url` say SERVING (no token)?
-fn serving(url: &str) -> bool {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        tonic_health::pb::health_client::HealthClient::new(channel)
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    })
-}
-
-fn assert_exit_ok(p: &mut Proc, secs: u64) {
-    let st = p.wait(secs);
-    assert!(st.success(), "exit {st}:\n{}", p.log());
-}
-
-/// Compare every weight file and the index of two checkpoint directories byte for byte.
-#[track_caller]
-fn assert_same_checkpoint(a: &Path, b: &Path) {
-    assert_eq!(weight_files(a), weight_files(b));
-    for f in weight_files(a) {
-        assert!(
-            std::fs::read(a.join(&f)).unwrap() == std::fs::read(b.join(&f)).unwrap(),
-            "{f} differs"
-        );
     }
 }
 
