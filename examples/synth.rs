@@ -2,6 +2,7 @@
 //!
 //! `cargo run --release --example synth -- DIR` writes the end-to-end benchmark set (bf16,
 //! hidden 2048, 8 layers, intermediate 5632, vocab 32000: about 1 GB per model).
+//! `--deepseek-sparse` writes a 671B-class layout instead, as sparse files (`benches/scale.sh`).
 
 use std::path::PathBuf;
 
@@ -31,6 +32,9 @@ struct Args {
     /// Tied embeddings: no lm_head.weight.
     #[arg(long)]
     tied: bool,
+    /// Instead: a 671B-class DeepSeek-V3 layout (163 sparse files per model, headers only).
+    #[arg(long)]
+    deepseek_sparse: bool,
 }
 
 fn main() -> std::io::Result<()> {
@@ -44,7 +48,11 @@ fn main() -> std::io::Result<()> {
         kv_heads: a.kv_heads,
         lm_head: !a.tied,
     };
-    write_set(&a.dir, &shape, a.fine_tunes, a.shards)?;
+    if a.deepseek_sparse {
+        mergefleet::synth::write_sparse_deepseek_set(&a.dir, a.fine_tunes)?;
+    } else {
+        write_set(&a.dir, &shape, a.fine_tunes, a.shards)?;
+    }
     println!("wrote {}", a.dir.join("model_stock.yml").display());
     Ok(())
 }

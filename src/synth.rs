@@ -205,3 +205,158 @@ pub fn write_set(
     ));
     std::fs::write(dir.join("model_stock.yml"), yaml)
 }
+
+/// The tensor layout of a DeepSeek-V3-class checkpoint (671B parameters): 61 layers (3 dense,
+/// 58 mixture-of-experts with 256 routed experts + 1 shared), multi-head latent attention,
+/// a multi-token-prediction layer, FP8-style `weight_scale_inv` companions for the big
+/// matrices; 91,991 tensors, names and shapes as the published checkpoint. Matrices are
+/// bfloat16 here (the planner works the same on any float dtype), scales float32.
+pub fn deepseek_v3_tensors() -> Vec<(String, Vec<usize>, Dtype)> {
+    const H: usize = 7168;
+    const VOCAB: usize = 129_280;
+    let mut t: Vec<(String, Vec<usize>, Dtype)> = Vec::new();
+    let matrix = |t: &mut Vec<_>, name: String, rows: usize, cols: usize| {
+        let scales = vec![rows.div_ceil(128), cols.div_ceil(128)];
+        t.push((format!("{name}.weight"), vec![rows, cols], Dtype::BF16));
+        t.push((format!("{name}.weight_scale_inv"), scales, Dtype::F32));
+    };
+    let vector = |t: &mut Vec<_>, name: String, n: usize| t.push((name, vec![n], Dtype::BF16));
+    t.push((
+        "model.embed_tokens.weight".into(),
+        vec![VOCAB, H],
+        Dtype::BF16,
+    ));
+    for l in 0..62 {
+        let p = format!("model.layers.{l}");
+        vector(&mut t, format!("{p}.input_layernorm.weight"), H);
+        vector(&mut t, format!("{p}.post_attention_layernorm.weight"), H);
+        let a = format!("{p}.self_attn");
+        matrix(&mut t, format!("{a}.q_a_proj"), 1536, H);
+        vector(&mut t, format!("{a}.q_a_layernorm.weight"), 1536);
+        matrix(&mut t, format!("{a}.q_b_proj"), 128 * 192, 1536);
+        matrix(&mut t, format!("{a}.kv_a_proj_with_mqa"), 576, H);
+        vector(&mut t, format!("{a}.kv_a_layernorm.weight"), 512);
+        matrix(&mut t, format!("{a}.kv_b_proj"), 128 * 256, 512);
+        matrix(&mut t, format!("{a}.o_proj"), H, 128 * 128);
+        let m = format!("{p}.mlp");
+        if l < 3 {
+            matrix(&mut t, format!("{m}.gate_proj"), 18432, H);
+            matrix(&mut t, format!("{m}.up_proj"), 18432, H);
+            matrix(&mut t, format!("{m}.down_proj"), H, 18432);
+            continue;
+        }
+        t.push((format!("{m}.gate.weight"), vec![256, H], Dtype::BF16));
+        t.push((
+            format!("{m}.gate.e_score_correction_bias"),
+            vec![256],
+            Dtype::F32,
+        ));
+        for e in (0..256)
+            .map(|e| format!("{m}.experts.{e}"))
+            .chain([format!("{m}.shared_experts")])
+        {
+            matrix(&mut t, format!("{e}.gate_proj"), 2048, H);
+            matrix(&mut t, format!("{e}.up_proj"), 2048, H);
+            matrix(&mut t, format!("{e}.down_proj"), H, 2048);
+        }
+        if l == 61 {
+            // The multi-token-prediction module rides on the last layer.
+            t.push((
+                format!("{p}.embed_tokens.weight"),
+                vec![VOCAB, H],
+                Dtype::BF16,
+            ));
+            vector(&mut t, format!("{p}.enorm.weight"), H);
+            vector(&mut t, format!("{p}.hnorm.weight"), H);
+            t.push((format!("{p}.eh_proj.weight"), vec![H, 2 * H], Dtype::BF16));
+            vector(&mut t, format!("{p}.shared_head.norm.weight"), H);
+            t.push((
+                format!("{p}.shared_head.head.weight"),
+                vec![VOCAB, H],
+                Dtype::BF16,
+            ));
+        }
+    }
+    vector(&mut t, "model.norm.weight".into(), H);
+    t.push(("lm_head.weight".into(), vec![VOCAB, H], Dtype::BF16));
+    t
+}
+
+/// Write a model's headers, index and config with no data: each file is extended to its
+/// full size as a sparse file, so a 1.3 TB checkpoint takes a few megabytes of disk. Enough
+/// for everything that reads only headers (`plan`, the coordinator). Tensors are spread over
+/// `files` files in order, balanced by bytes.
+pub fn write_sparse_model(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>, Dtype)],
+    files: usize,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes =
+        |(_, s, d): &(String, Vec<usize>, Dtype)| s.iter().product::<usize>() * d.bitsize() / 8;
+    let total: usize = tensors.iter().map(bytes).sum();
+    let files = files.clamp(1, tensors.len());
+    let mut groups: Vec<Vec<&(String, Vec<usize>, Dtype)>> = vec![Vec::new(); files];
+    let mut acc = 0;
+    for t in tensors {
+        // The file whose share of the bytes this tensor starts in.
+        groups[(acc * files / total.max(1)).min(files - 1)].push(t);
+        acc += bytes(t);
+    }
+    groups.retain(|g| !g.is_empty());
+    let mut weight_map = serde_json::Map::new();
+    for (i, group) in groups.iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, groups.len());
+        let mut off = 0;
+        let infos = group
+            .iter()
+            .map(|t| {
+                let b = bytes(t);
+                off += b;
+                weight_map.insert(t.0.clone(), serde_json::Value::String(name.clone()));
+                let info = TensorInfo {
+                    dtype: t.2,
+                    shape: t.1.clone(),
+                    data_offsets: (off - b, off),
+                };
+                (t.0.clone(), info)
+            })
+            .collect();
+        let header = header_bytes(infos).map_err(std::io::Error::other)?;
+        let f = File::create(dir.join(&name))?;
+        (&f).write_all(&header)?;
+        f.set_len((header.len() + off) as u64)?;
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())?;
+    let config = serde_json::json!({
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "hidden_size": 7168,
+        "num_hidden_layers": 61,
+        "n_routed_experts": 256,
+        "vocab_size": 129280,
+        "torch_dtype": "bfloat16",
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())
+}
+
+/// A 671B-class set under `dir`: `base/` and `ft1/`..`ftN/` with the DeepSeek-V3 layout in
+/// 163 sparse files each, and `model_stock.yml` merging them.
+pub fn write_sparse_deepseek_set(dir: &Path, fine_tunes: usize) -> std::io::Result<()> {
+    let tensors = deepseek_v3_tensors();
+    let mut yaml = String::from("models:\n");
+    for name in
+        std::iter::once("base".to_string()).chain((1..=fine_tunes).map(|i| format!("ft{i}")))
+    {
+        write_sparse_model(&dir.join(&name), &tensors, 163)?;
+        if name != "base" {
+            yaml.push_str(&format!("  - model: {}\n", dir.join(&name).display()));
+        }
+    }
+    yaml.push_str(&format!(
+        "merge_method: model_stock\nbase_model: {}\ndtype: bfloat16\n",
+        dir.join("base").display()
+    ));
+    std::fs::write(dir.join("model_stock.yml"), yaml)
+}

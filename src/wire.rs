@@ -7,7 +7,7 @@
 use safetensors::Dtype;
 
 use crate::merge::WorkDtype;
-use crate::plan::{InputFile, InputSlice, ModelStockParams, Op, Task, TensorJob};
+use crate::plan::{InputFile, InputSlice, MergePlan, ModelStockParams, Op, Task, TensorJob};
 
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
@@ -42,15 +42,13 @@ fn parse_work(s: &str) -> Result<WorkDtype, WireError> {
     WorkDtype::from_name(s).ok_or_else(|| WireError(format!("unknown working dtype `{s}`")))
 }
 
-/// A plan task as sent to a worker. `inputs` are the plan's input files (for their URLs).
-pub fn task_to_wire(
-    task: &Task,
-    file_name: &str,
-    attempt: u32,
-    header: Option<&[u8]>,
-    inputs: &[InputFile],
-    output: pb::Output,
-) -> pb::Task {
+/// Task `id` of `plan` as sent to a worker, for its `attempt`, writing to `output`. The
+/// output file's header rides with the file's first task.
+pub fn task_to_wire(plan: &MergePlan, id: usize, attempt: u32, output: pb::Output) -> pb::Task {
+    let task = &plan.tasks[id];
+    let file = &plan.files[task.file];
+    let header = (task.out.start == 0).then_some(file.header.as_slice());
+    let inputs = &plan.inputs;
     let slice = |s: &InputSlice| pb::InputRange {
         url: inputs[s.file].url.clone(),
         start: s.range.start,
@@ -90,7 +88,7 @@ pub fn task_to_wire(
             })
             .collect(),
         output: Some(output),
-        file_name: file_name.to_string(),
+        file_name: file.name.clone(),
     }
 }
 
@@ -238,14 +236,8 @@ mod tests {
         let out = pb::Output {
             target: Some(pb::output::Target::LocalPath("/x".into())),
         };
-        let w = task_to_wire(
-            t,
-            "model.safetensors",
-            3,
-            Some(&p.files[0].header),
-            &p.inputs,
-            out,
-        );
+        let w = task_to_wire(&p, 0, 3, out);
+        assert_eq!(w.file_name, p.files[0].name);
         assert_eq!(w.attempt, 3);
         let Received {
             task: back,

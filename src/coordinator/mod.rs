@@ -286,6 +286,9 @@ async fn linger(shared: &Shared, max: Duration) {
     }
 }
 
+/// How often, at most, the journal is written while tasks finish.
+const JOURNAL_EVERY: Duration = Duration::from_secs(2);
+
 /// Handle reports, expire leases, complete files, commit. Returns the seconds from the
 /// last task's report to the commit.
 async fn main_loop(
@@ -298,6 +301,7 @@ async fn main_loop(
     let plan = &shared.plan;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut last_log = Instant::now();
+    let (mut unsaved, mut last_save) = (false, Instant::now());
     let signal = shutdown_signal();
     tokio::pin!(signal);
     // Files whose tasks were all done before a restart, but not yet completed.
@@ -337,7 +341,6 @@ async fn main_loop(
                 while let Ok(e) = events.try_recv() {
                     batch.push(Some(e));
                 }
-                let mut save = false;
                 for ev in batch.into_iter().flatten() {
                     if let Reported::Finished(task) = ev {
                         let parts = match &shared.state.lock().expect("state").tasks[task].status {
@@ -346,12 +349,8 @@ async fn main_loop(
                         };
                         shared.journal.lock().expect("journal").done.insert(task, parts);
                         complete_file_if_done(shared, plan.tasks[task].file).await?;
-                        save = true;
+                        unsaved = true;
                     }
-                }
-                if save {
-                    let j = shared.journal.lock().expect("journal").clone();
-                    j.save(location_journal).await?;
                 }
             }
             _ = tick.tick() => {
@@ -367,7 +366,22 @@ async fn main_loop(
                     log_progress(shared);
                 }
             }
-            _ = &mut signal => return Err(Error::Interrupted),
+            _ = &mut signal => {
+                // Keep what finished since the last save; a failed save only costs redoing it.
+                let j = shared.journal.lock().expect("journal").clone();
+                if let Err(e) = j.save(location_journal).await {
+                    tracing::warn!("could not save the journal on the way out: {e}");
+                }
+                return Err(Error::Interrupted);
+            }
+        }
+        // At most one journal write per JOURNAL_EVERY: at 671B scale it lists ~46,000 tasks,
+        // and a task finished after the last save is merely run again after a restart.
+        if unsaved && last_save.elapsed() >= JOURNAL_EVERY {
+            let j = shared.journal.lock().expect("journal").clone();
+            j.save(location_journal).await?;
+            unsaved = false;
+            last_save = Instant::now();
         }
     }
 }

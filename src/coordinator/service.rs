@@ -64,20 +64,12 @@ impl pb::coordinator_server::Coordinator for Service {
                 Lease::Task { task, attempt } => {
                     let plan = &self.shared.plan;
                     let t = &plan.tasks[task];
-                    let header = (t.out.start == 0).then(|| plan.files[t.file].header.as_slice());
                     let target = {
                         let journal = self.shared.journal.lock().expect("journal");
                         self.shared.output.target(plan, t, &journal)
                     };
                     tracing::info!(task, attempt, worker = r.worker_id, file = %plan.files[t.file].name, "task leased");
-                    O::Task(task_to_wire(
-                        t,
-                        &plan.files[t.file].name,
-                        attempt,
-                        header,
-                        &plan.inputs,
-                        target,
-                    ))
+                    O::Task(task_to_wire(plan, task, attempt, target))
                 }
                 Lease::Done => O::Done(pb::Empty {}),
                 Lease::Failed(m) => O::Failed(m),

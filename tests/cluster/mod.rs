@@ -218,9 +218,10 @@ fn killed_coordinator_resumes_from_its_journal() {
     let cfg = mid_set(d.path());
     let c = Cluster::new(d.path(), vec![]);
     let out = c.dir.path().join("out");
+    // Slow enough that the coordinator is killed with work both journaled and not.
     let delay = [(
         "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
-        "150".to_string(),
+        "1000".to_string(),
     )];
     let mut coord = c.coordinator(
         cfg.to_str().unwrap(),
@@ -228,16 +229,27 @@ fn killed_coordinator_resumes_from_its_journal() {
         LAYOUT,
         "coord1.log",
     );
-    let mut ws = c.workers(2, &delay);
-    // Let some tasks finish, then kill -9 the coordinator.
+    // One task at a time per worker, so that tasks finish in several rounds.
+    let mut ws: Vec<Proc> = (1..=2)
+        .map(|i| c.worker(&format!("w{i}"), &["--tasks-in-flight", "1"], &delay))
+        .collect();
+    // Once the journal (written at most every 2 s) records finished tasks, kill -9 the
+    // coordinator.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while ws
-        .iter()
-        .map(|w| w.log().matches(": done").count())
-        .sum::<usize>()
-        < 6
-    {
-        assert!(Instant::now() < deadline, "no progress");
+    let journaled = || {
+        std::fs::read(out.join(".mergefleet-journal.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|j| j["done"].as_object().map(|d| d.len()))
+            .unwrap_or(0)
+    };
+    while journaled() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the journal records no finished task: {:?} {}",
+            std::fs::read_to_string(out.join(".mergefleet-journal.json")),
+            coord.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     coord.signal("-KILL");
