@@ -10,6 +10,17 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = mergefleet::args::Cli::parse();
+    if matches!(
+        cli.command,
+        mergefleet::args::Command::Plan(_) | mergefleet::args::Command::Status(_)
+    ) {
+        // Commands that only print: a closed pipe (`mergefleet plan | head`) ends them
+        // quietly, as it ends `cat`, instead of a panic on the next println.
+        // SAFETY: called before any thread starts; SIG_DFL is always a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

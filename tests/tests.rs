@@ -3,6 +3,7 @@
 
 mod cluster;
 mod k8s;
+mod scale;
 mod util;
 
 use std::path::Path;

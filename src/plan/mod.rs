@@ -236,6 +236,116 @@ impl MergePlan {
     pub fn file_of(&self, task: &Task) -> &OutputFile {
         &self.files[task.file]
     }
+
+    /// The invariants every plan keeps, or the first one broken: tasks tile their files
+    /// byte for byte after the header, every tensor is in exactly one task and one file
+    /// (as the weight map says), sizes equal shape x dtype, input ranges lie inside their
+    /// files (`input_size` gives a file's size), parts are at least `opts.min_part` but a
+    /// file's last, and files stay within `opts.out_shard_size` unless one tensor is
+    /// bigger. Property tests and the 671B-scale test check plans with it.
+    pub fn check(
+        &self,
+        opts: &PlanOptions,
+        input_size: impl Fn(usize) -> u64,
+    ) -> Result<(), String> {
+        let bytes = |shape: &[usize], d: Dtype| -> u64 {
+            shape.iter().product::<usize>() as u64 * (d.bitsize() / 8) as u64
+        };
+        let mut next_task = 0;
+        let mut names = std::collections::HashMap::new();
+        let mut total = 0;
+        for (fi, f) in self.files.iter().enumerate() {
+            if f.tasks.start != next_task || f.tasks.is_empty() {
+                return Err(format!("{}: tasks {:?} do not follow on", f.name, f.tasks));
+            }
+            next_task = f.tasks.end;
+            let mut at = 0;
+            for t in &self.tasks[f.tasks.clone()] {
+                if t.file != fi || t.out.start != at || t.out.end <= t.out.start {
+                    return Err(format!(
+                        "task {} of {}: range {:?}, expected from {at}",
+                        t.id, f.name, t.out
+                    ));
+                }
+                let last = t.out.end == f.size;
+                if !last && t.out.end - t.out.start < opts.min_part {
+                    return Err(format!(
+                        "task {}: a {}-byte part that is not its file's last",
+                        t.id,
+                        t.out.end - t.out.start
+                    ));
+                }
+                let mut pos = if at == 0 { f.header.len() as u64 } else { at };
+                for j in &t.tensors {
+                    if j.out.start != pos || j.out.end - j.out.start != bytes(&j.shape, j.dtype) {
+                        return Err(format!(
+                            "{}: output range {:?}, expected {} bytes from {pos}",
+                            j.name,
+                            j.out,
+                            bytes(&j.shape, j.dtype)
+                        ));
+                    }
+                    pos = j.out.end;
+                    total += j.out.end - j.out.start;
+                    if names.insert(j.name.as_str(), f.name.as_str()).is_some() {
+                        return Err(format!("{} is in two tasks", j.name));
+                    }
+                    let inputs: Vec<&InputSlice> = match &j.op {
+                        Op::Merge { inputs, .. } => inputs.iter().collect(),
+                        Op::Copy { input } => vec![input],
+                    };
+                    for s in inputs {
+                        let file = self
+                            .inputs
+                            .get(s.file)
+                            .ok_or(format!("{}: no input file {}", j.name, s.file))?;
+                        if s.range.end > input_size(s.file) || s.len() != bytes(&j.shape, s.dtype) {
+                            return Err(format!("{}: input range {:?} of {} is outside the file or not shape x dtype", j.name, s.range, file.url));
+                        }
+                    }
+                }
+                if pos != t.out.end {
+                    return Err(format!(
+                        "task {}: tensors end at {pos}, the task at {}",
+                        t.id, t.out.end
+                    ));
+                }
+                at = t.out.end;
+            }
+            if at != f.size {
+                return Err(format!("{}: tasks end at {at} of {} bytes", f.name, f.size));
+            }
+            let data = f.size - f.header.len() as u64;
+            let tensors: usize = self.tasks[f.tasks.clone()]
+                .iter()
+                .map(|t| t.tensors.len())
+                .sum();
+            if data > opts.out_shard_size && tensors > 1 {
+                return Err(format!(
+                    "{}: {data} bytes of data in {tensors} tensors, over the shard size",
+                    f.name
+                ));
+            }
+        }
+        if next_task != self.tasks.len() || self.tasks.iter().enumerate().any(|(i, t)| t.id != i) {
+            return Err("task ids are not 0..n in file order".into());
+        }
+        if total != self.total_size {
+            return Err(format!(
+                "total_size {} but the tensors hold {total} bytes",
+                self.total_size
+            ));
+        }
+        let mapped: std::collections::HashMap<&str, &str> = self
+            .weight_map
+            .iter()
+            .map(|(t, f)| (t.as_str(), f.as_str()))
+            .collect();
+        if mapped != names || mapped.len() != self.weight_map.len() {
+            return Err("the weight map does not list each tensor once, in its file".into());
+        }
+        Ok(())
+    }
 }
 
 /// Plan a merge. `models[0]` is the base, then the fine-tunes in config order.

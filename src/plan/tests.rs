@@ -326,3 +326,119 @@ fn tasks_keep_multipart_parts_large() {
     assert_eq!(n, 2);
     assert!(size * 2 > MAX_PART && size > MAX_PART / 2);
 }
+
+mod properties {
+    //! Property tests: random tensor sets and sizes, checked against the plan's invariants
+    //! and against the header parser.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::source::header::parse_header;
+
+    /// A random tensor set: unique names, float or integer dtypes, small shapes.
+    fn tensor_set() -> impl Strategy<Value = Vec<(String, Dtype, Vec<usize>)>> {
+        let dtype = prop::sample::select(vec![
+            Dtype::BF16,
+            Dtype::F16,
+            Dtype::F32,
+            Dtype::I64,
+            Dtype::U8,
+        ]);
+        let shape = prop::collection::vec(1usize..48, 0..3);
+        prop::collection::btree_map("[a-z]{1,3}(\\.[a-z0-9]{1,3}){0,2}", (dtype, shape), 1..40)
+            .prop_map(|m| m.into_iter().map(|(n, (d, s))| (n, d, s)).collect())
+    }
+
+    fn borrowed(t: &[(String, Dtype, Vec<usize>)]) -> Vec<(&str, Dtype, &[usize])> {
+        t.iter()
+            .map(|(n, d, s)| (n.as_str(), *d, s.as_slice()))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn plans_keep_their_invariants(
+            tensors in tensor_set(),
+            shard in 1u64..20_000,
+            task in 1u64..20_000,
+            min_part in 0u64..4_000,
+        ) {
+            let t = borrowed(&tensors);
+            let models = three(&t);
+            let opts = PlanOptions { out_shard_size: shard, task_size: task, min_part };
+            let p = plan(&config(""), &models, opts).unwrap();
+            let sizes: Vec<u64> = models.iter().flat_map(|m| m.files.iter().map(|f| f.size)).collect();
+            prop_assert_eq!(p.check(&opts, |i| sizes[i]), Ok(()));
+            prop_assert_eq!(p.tensor_count(), tensors.len());
+        }
+
+        #[test]
+        fn headers_round_trip(tensors in tensor_set()) {
+            let mut off = 0;
+            let infos: Vec<(String, TensorInfo)> = tensors
+                .iter()
+                .map(|(n, d, s)| {
+                    let len = s.iter().product::<usize>() * d.bitsize() / 8;
+                    off += len;
+                    (n.clone(), TensorInfo { dtype: *d, shape: s.clone(), data_offsets: (off - len, off) })
+                })
+                .collect();
+            let header = header_bytes(infos.clone()).unwrap();
+            let size = (header.len() + off) as u64;
+            let (parsed, meta) = parse_header(&header[8..], size).unwrap();
+            prop_assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
+            prop_assert_eq!(parsed.len(), infos.len());
+            for p in &parsed {
+                let (_, info) = infos.iter().find(|(n, _)| *n == p.name).unwrap();
+                prop_assert_eq!((p.dtype, &p.shape), (info.dtype, &info.shape));
+                let data = header.len() as u64;
+                prop_assert_eq!(
+                    (p.start, p.end),
+                    (data + info.data_offsets.0 as u64, data + info.data_offsets.1 as u64)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn check_catches_broken_plans() {
+    let models = three(LLAMA);
+    let opts = PlanOptions {
+        out_shard_size: 40_000,
+        task_size: 1,
+        min_part: 0,
+    };
+    let good = plan(&config(""), &models, opts).unwrap();
+    let size = |_| models[0].files[0].size;
+    assert_eq!(good.check(&opts, size), Ok(()));
+    type Break = fn(&mut MergePlan);
+    let breaks: Vec<(&str, Break)> = vec![
+        ("do not follow on", |p| p.files[0].tasks.start = 1),
+        ("expected from", |p| p.tasks[1].out.start += 2),
+        ("in two tasks", |p| {
+            p.tasks[1].tensors[0].name = p.tasks[0].tensors[0].name.clone()
+        }),
+        ("outside the file", |p| {
+            if let Op::Merge { inputs, .. } = &mut p.tasks[0].tensors[0].op {
+                inputs[1].range.end += 1 << 40;
+            }
+        }),
+        ("total_size", |p| p.total_size += 1),
+        ("weight map", |p| p.weight_map[0].1 = "elsewhere".into()),
+    ];
+    for (want, brk) in breaks {
+        let mut p = good.clone();
+        brk(&mut p);
+        let err = p.check(&opts, size).unwrap_err();
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    let strict = PlanOptions {
+        min_part: 1 << 30,
+        ..opts
+    };
+    assert!(good.check(&strict, size).unwrap_err().contains("part"));
+}

@@ -8,7 +8,37 @@
 use std::collections::BTreeMap;
 
 use safetensors::Dtype;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+
+/// Visitor methods that accept any JSON value but an object, as `None` (so the caller can
+/// say which entry is not an object, rather than serde's generic "invalid type").
+macro_rules! not_an_object {
+    () => {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    };
+}
 
 /// Headers larger than this are refused (the safetensors crate uses the same cap).
 pub const MAX_HEADER: u64 = 100_000_000;
@@ -53,30 +83,43 @@ pub fn parse_header(
     file_size: u64,
 ) -> Result<(Vec<TensorEntry>, BTreeMap<String, String>), String> {
     let data_start = 8 + json.len() as u64;
-    let value: Value = serde_json::from_slice(json).map_err(|e| {
-        format!("the header is not valid JSON ({e}): not a safetensors file, or corrupted")
-    })?;
-    let Value::Object(map) = value else {
-        return Err("the header is not a JSON object".into());
-    };
+    // Streamed into small typed entries rather than a `serde_json::Value` tree: a 671B
+    // checkpoint has ~91,000 entries, and the tree's per-entry maps dominated planning.
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let items = serde::Deserializer::deserialize_any(&mut de, TopVisitor)
+        .and_then(|items| de.end().map(|()| items))
+        .map_err(|e| {
+            format!("the header is not valid JSON ({e}): not a safetensors file, or corrupted")
+        })?
+        .ok_or("the header is not a JSON object")?;
     let mut metadata = BTreeMap::new();
-    let mut tensors = Vec::with_capacity(map.len());
-    for (name, v) in map {
-        if name == "__metadata__" {
-            let Value::Object(m) = v else {
-                return Err("`__metadata__` is not an object".into());
-            };
-            for (k, v) in m {
-                match v {
-                    Value::String(s) => {
-                        metadata.insert(k, s);
+    let mut tensors = Vec::with_capacity(items.len());
+    let mut seen_metadata = false;
+    for (name, item) in items {
+        match item {
+            Item::Metadata(v) => {
+                if std::mem::replace(&mut seen_metadata, true) {
+                    return Err("`__metadata__` appears twice".into());
+                }
+                let Value::Object(m) = v else {
+                    return Err("`__metadata__` is not an object".into());
+                };
+                for (k, v) in m {
+                    match v {
+                        Value::String(s) => {
+                            metadata.insert(k, s);
+                        }
+                        _ => return Err(format!("`__metadata__.{k}` is not a string")),
                     }
-                    _ => return Err(format!("`__metadata__.{k}` is not a string")),
                 }
             }
-            continue;
+            Item::Tensor(e) => tensors.push(parse_entry(&name, e.as_ref(), data_start)?),
         }
-        tensors.push(parse_entry(&name, &v, data_start)?);
+    }
+    let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("tensor `{}` appears twice in the header", w[0]));
     }
     tensors.sort_by_key(|t| (t.start, t.end));
     let mut expect = data_start;
@@ -103,30 +146,93 @@ pub fn parse_header(
     Ok((tensors, metadata))
 }
 
-fn parse_entry(name: &str, v: &Value, data_start: u64) -> Result<TensorEntry, String> {
+/// A header entry as read: a tensor's fields, still untyped, or `None` if it is not an
+/// object. Unknown fields are skipped.
+#[derive(Default)]
+struct RawEntry {
+    dtype: Option<Value>,
+    shape: Option<Value>,
+    data_offsets: Option<Value>,
+}
+
+enum Item {
+    Metadata(Value),
+    Tensor(Option<RawEntry>),
+}
+
+/// The top level: `Some(entries)` for an object, `None` for any other JSON value.
+struct TopVisitor;
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = Option<Vec<(String, Item)>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some(name) = map.next_key::<String>()? {
+            let item = if name == "__metadata__" {
+                Item::Metadata(map.next_value()?)
+            } else {
+                Item::Tensor(map.next_value_seed(EntryVisitor)?)
+            };
+            items.push((name, item));
+        }
+        Ok(Some(items))
+    }
+    not_an_object!();
+}
+
+struct EntryVisitor;
+
+impl<'de> DeserializeSeed<'de> for EntryVisitor {
+    type Value = Option<RawEntry>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntryVisitor {
+    type Value = Option<RawEntry>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a tensor entry")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut e = RawEntry::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "dtype" => e.dtype = Some(map.next_value()?),
+                "shape" => e.shape = Some(map.next_value()?),
+                "data_offsets" => e.data_offsets = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(e))
+    }
+    not_an_object!();
+}
+
+fn parse_entry(name: &str, e: Option<&RawEntry>, data_start: u64) -> Result<TensorEntry, String> {
     let err = |m: String| format!("tensor `{name}`: {m}");
-    let Value::Object(o) = v else {
+    let Some(o) = e else {
         return Err(err("entry is not an object".into()));
     };
-    let dtype_v = o.get("dtype").ok_or_else(|| err("no `dtype`".into()))?;
+    let dtype_v = o.dtype.as_ref().ok_or_else(|| err("no `dtype`".into()))?;
     let dtype: Dtype = serde_json::from_value(dtype_v.clone())
         .map_err(|_| err(format!("unknown dtype {dtype_v}")))?;
     let size = dtype_size(dtype)
         .ok_or_else(|| err(format!("sub-byte dtype {dtype:?} is not supported")))?;
-    let shape: Vec<usize> = match o.get("shape") {
-        Some(Value::Array(a)) => a
+    let shape: Vec<usize> = match &o.shape {
+        Some(v @ Value::Array(a)) => a
             .iter()
             .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
             .collect::<Option<_>>()
-            .ok_or_else(|| {
-                err(format!(
-                    "shape {} is not a list of non-negative integers",
-                    o["shape"]
-                ))
-            })?,
+            .ok_or_else(|| err(format!("shape {v} is not a list of non-negative integers")))?,
         _ => return Err(err("no `shape` list".into())),
     };
-    let offs = match o.get("data_offsets") {
+    let offs = match &o.data_offsets {
         Some(Value::Array(a)) if a.len() == 2 => (a[0].as_u64(), a[1].as_u64()),
         _ => return Err(err("`data_offsets` is not a pair of integers".into())),
     };
@@ -280,6 +386,14 @@ mod tests {
                 "truncated",
             ),
             (r#"{"w":7}"#, 0, "not an object"),
+            (r#"{"w":[1,2]}"#, 0, "not an object"),
+            (
+                r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                2,
+                "appears twice",
+            ),
+            (r#"[1,2]"#, 0, "not a JSON object"),
+            (r#"{} trailing"#, 0, "not valid JSON"),
         ];
         for (json, data, want) in cases {
             let e = parse(json, *data).unwrap_err();

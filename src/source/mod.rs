@@ -185,7 +185,12 @@ pub async fn read_header(
             .await
             .map_err(store_err(url, true))?
     };
-    header::parse_header(&json, size).map_err(invalid)
+    // Parsing a large header is CPU work (a 671B checkpoint has 489 of ~100 KB): off the
+    // async threads, so the headers of many files parse on all cores at once.
+    tokio::task::spawn_blocking(move || header::parse_header(&json, size))
+        .await
+        .map_err(|e| invalid(format!("header parser failed: {e}")))?
+        .map_err(invalid)
 }
 
 /// Parse `model.safetensors.index.json`: tensor name -> file name (pure).
@@ -194,28 +199,39 @@ pub fn parse_index(json: &[u8], url: &str) -> Result<BTreeMap<String, String>, S
         file: url.to_string(),
         message,
     };
-    let v: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| invalid("no `weight_map` object".into()))?;
-    let mut out = BTreeMap::new();
-    for (k, f) in map {
-        let f = f
-            .as_str()
-            .ok_or_else(|| invalid(format!("weight_map[`{k}`] is not a file name")))?;
+    // Only `weight_map` is read, straight into strings (no JSON tree: a 671B index lists
+    // ~91,000 tensors). When that fails, the slow path says what is wrong.
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        weight_map: BTreeMap<String, String>,
+    }
+    let map = match serde_json::from_slice::<Typed>(json) {
+        Ok(t) => t.weight_map,
+        Err(_) => {
+            let v: serde_json::Value = serde_json::from_slice(json)
+                .map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+            let m = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| invalid("no `weight_map` object".into()))?;
+            let (k, _) = m
+                .iter()
+                .find(|(_, f)| !f.is_string())
+                .ok_or_else(|| invalid("malformed".into()))?;
+            return Err(invalid(format!("weight_map[`{k}`] is not a file name")));
+        }
+    };
+    for (k, f) in &map {
         if f.is_empty() || f.contains('/') || f.contains('\\') || f == "." || f == ".." {
             return Err(invalid(format!(
                 "weight_map[`{k}`] = `{f}` is not a plain file name in the model directory"
             )));
         }
-        out.insert(k.clone(), f.to_string());
     }
-    if out.is_empty() {
+    if map.is_empty() {
         return Err(invalid("the weight_map is empty".into()));
     }
-    Ok(out)
+    Ok(map)
 }
 
 /// Open a model from its headers: `model.safetensors.index.json` + shards, or a single
@@ -317,8 +333,13 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
         files.push(file);
     }
     if let Some(map) = weight_map {
+        let file_index: std::collections::HashMap<&str, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
         for (name, fname) in &map {
-            let fi = names.iter().position(|n| n == fname).expect("file listed");
+            let fi = file_index[fname.as_str()];
             match tensors.get(name) {
                 Some(t) if t.file == fi => {}
                 Some(t) => {

@@ -1,0 +1,66 @@
+//! A 671B-class merge plan (DeepSeek-V3 layout: 91,991 tensors in 163 files per model, as
+//! sparse files, so nothing real is stored): `mergefleet plan` handles it, the plan keeps
+//! its invariants, and every task message stays small. Time and memory are measured by
+//! `benches/scale.sh`, not asserted here.
+
+use mergefleet::job::Job;
+use mergefleet::plan::PlanOptions;
+use mergefleet::source::Stores;
+use mergefleet::wire::{pb, task_to_wire, MAX_MESSAGE};
+use prost::Message;
+
+use crate::util::*;
+
+/// What a task message may weigh at most: far below the gRPC cap, so no layout can hit it.
+const TASK_MESSAGE_BOUND: usize = 1 << 20;
+
+#[test]
+fn plan_671b_class_layout() {
+    let dir = tmp();
+    mergefleet::synth::write_sparse_deepseek_set(dir.path(), 2).unwrap();
+    let cfg = dir.path().join("model_stock.yml");
+
+    // The command users run.
+    let o = run(&["plan", cfg.to_str().unwrap()]);
+    assert_ok(&o);
+    assert!(text(&o).contains("tensors:        91991"), "{}", text(&o));
+
+    // The plan itself.
+    let yaml = std::fs::read_to_string(&cfg).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let opts = PlanOptions::default();
+    let job = rt.block_on(Job::load(&yaml, &Stores::new(), opts)).unwrap();
+    let plan = &job.plan;
+    assert_eq!(plan.tensor_count(), 91_991);
+    assert_eq!(plan.inputs.len(), 3 * 163);
+    let sizes: Vec<u64> = plan
+        .inputs
+        .iter()
+        .map(|f| std::fs::metadata(&f.url).unwrap().len())
+        .collect();
+    plan.check(&opts, |i| sizes[i]).unwrap();
+
+    // Every message the coordinator would send, to an S3 multipart target.
+    let output = pb::Output {
+        target: Some(pb::output::Target::Multipart(pb::Multipart {
+            url: "s3://a-bucket-name/some/long/prefix/model-00001-of-00275.safetensors".into(),
+            upload_id: "x".repeat(128),
+            first_part: 1,
+            part_size: 5 << 20,
+        })),
+    };
+    let lens: Vec<usize> = (0..plan.tasks.len())
+        .map(|t| task_to_wire(plan, t, 1, output.clone()).encoded_len())
+        .collect();
+    let max = *lens.iter().max().unwrap();
+    let mean = lens.iter().sum::<usize>() / lens.len();
+    println!(
+        "671B-class plan: {} tasks, {} output files; task messages: max {max} B, mean {mean} B",
+        plan.tasks.len(),
+        plan.files.len()
+    );
+    assert!(
+        max <= TASK_MESSAGE_BOUND && TASK_MESSAGE_BOUND < MAX_MESSAGE,
+        "a task message of {max} bytes"
+    );
+}
