@@ -550,6 +550,66 @@ const BAD: &[Bad] = &[
         },
         words: &["[130, 32]", "[128, 32]", "vocabularies"],
     },
+    Bad {
+        name: "tensor named twice in a header",
+        setup: |d| {
+            let c = tiny(d);
+            write_raw_safetensors(
+                &ft2(d),
+                r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                2,
+            );
+            c
+        },
+        words: &["ft2/model.safetensors", "`w` appears twice"],
+    },
+    Bad {
+        name: "metadata not an object",
+        setup: |d| {
+            let c = tiny(d);
+            write_raw_safetensors(&ft2(d), r#"{"__metadata__":7}"#, 0);
+            c
+        },
+        words: &["ft2/model.safetensors", "`__metadata__` is not an object"],
+    },
+    Bad {
+        name: "negative dimension",
+        setup: |d| {
+            let c = tiny(d);
+            write_raw_safetensors(
+                &ft2(d),
+                r#"{"w":{"dtype":"BF16","shape":[-4],"data_offsets":[0,8]}}"#,
+                8,
+            );
+            c
+        },
+        words: &["`w`", "non-negative integers"],
+    },
+    Bad {
+        name: "unreadable model file",
+        setup: |d| {
+            // Root reads everything, so "unreadable" is a directory where the file must be.
+            let c = tiny(d);
+            std::fs::remove_file(ft2(d)).unwrap();
+            std::fs::create_dir(ft2(d)).unwrap();
+            c
+        },
+        words: &["ft2", "model.safetensors"],
+    },
+    Bad {
+        name: "model path is a file",
+        setup: |d| {
+            let c = tiny(d);
+            std::fs::write(d.join("ft3"), b"not a model").unwrap();
+            c.replace("/ft2\n", "/ft3\n")
+        },
+        words: &["ft3", "is not a directory"],
+    },
+    Bad {
+        name: "empty config",
+        setup: |_| String::new(),
+        words: &["config"],
+    },
 ];
 
 #[test]
@@ -617,6 +677,56 @@ fn unwritable_output_is_refused() {
     let o = run(&["merge", "examples/model_stock.yml", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("a-file"), "{}", text(&o));
+}
+
+/// A small tmpfs, unmounted when dropped (the tests run as root on our machines).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(
+            st.success(),
+            "cannot mount a tmpfs at {} (needs root)",
+            dir.display()
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_is_a_clear_error_and_leaves_no_checkpoint() {
+    let dir = tmp();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    // The example's side files fit; its ~55 KB of weights do not.
+    let _mounted = SmallDisk::mount(&disk, "24k");
+    let out = disk.join("out");
+    let o = run(&["merge", "examples/model_stock.yml", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    for w in ["No space left", "filesystem is full", "out"] {
+        assert!(text(&o).contains(w), "lacks {w:?}: {}", text(&o));
+    }
+    assert!(!looks_complete(&out));
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !left
+            .iter()
+            .any(|n| n.to_string_lossy().contains("safetensors")),
+        "weights left behind: {left:?}"
+    );
 }
 
 /// A synthetic set big enough that a merge into 1 MB shards takes a while.

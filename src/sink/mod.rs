@@ -27,7 +27,7 @@ use crate::source::{head_size, read_small, Location, SourceError};
 pub enum SinkError {
     #[error("{location} already holds a complete checkpoint ({marker}); pass --overwrite to replace it, or choose another output")]
     Exists { location: String, marker: String },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {source}{}", io_hint(source))]
     Io {
         path: String,
         #[source]
@@ -97,6 +97,19 @@ pub struct StoreSink {
 
 pub fn tmp_name(name: &str) -> String {
     format!(".{name}.mergefleet-partial")
+}
+
+/// What to do about the I/O errors a user can fix.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => {
+            " (the output's filesystem is full: free space, or choose another output; `mergefleet plan` prints the bytes to write)"
+        }
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+            " (choose an output this user may write)"
+        }
+        _ => "",
+    }
 }
 
 fn io_err(path: &FsPath) -> impl FnOnce(std::io::Error) -> SinkError + '_ {

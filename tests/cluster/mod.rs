@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
+mod chaos;
+
 struct Cluster {
     dir: TempDir,
     port: u16,
@@ -467,6 +469,37 @@ fn wrong_token_and_wrong_protocol_are_refused() {
         status.message()
     );
 
+    // A request over the message cap (64 MiB) is refused before it is decoded, and the
+    // coordinator goes on serving.
+    let status = rt.block_on(async {
+        let mut client =
+            mergefleet::wire::pb::coordinator_client::CoordinatorClient::with_interceptor(
+                tonic::transport::Endpoint::from_shared(url.clone())
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+                mergefleet::security::AddToken::new(Some("right-token-0123456789")),
+            )
+            .max_encoding_message_size(usize::MAX);
+        client
+            .register(mergefleet::wire::pb::RegisterRequest {
+                protocol_version: mergefleet::wire::PROTOCOL_VERSION,
+                name: "x".repeat(mergefleet::wire::MAX_MESSAGE + 1),
+                memory_limit: 1 << 30,
+                threads: 1,
+            })
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("too large"), "{status:?}");
+    assert!(serving(&url));
+    assert!(
+        !coord.log().contains("xxxxxxxx"),
+        "the oversized request was logged"
+    );
+
     // Health checks need no token.
     assert!(serving(&url));
     // `status` needs the token...
@@ -640,6 +673,49 @@ fn tls_with_a_self_signed_certificate() {
     );
     assert_ok(&o);
     assert_exit_ok(&mut coord, 30);
+    assert_same_checkpoint(&out, &fixtures().join("basic_bf16/expected"));
+}
+
+#[test]
+fn token_never_logged_even_at_trace_level() {
+    let c = Cluster::new(&fixtures(), vec![]);
+    let secret = "never-log-me-0123456789abcdef";
+    let env = [
+        ("MERGEFLEET_TOKEN".to_string(), secret.to_string()),
+        ("RUST_LOG".to_string(), "trace".to_string()),
+    ];
+    let out = c.dir.path().join("out");
+    let listen = format!("127.0.0.1:{}", c.port);
+    let mut coord = Proc::spawn(
+        &[
+            "coordinator",
+            "basic_bf16/config.yml",
+            out.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--linger",
+            "5s",
+        ],
+        &fixtures(),
+        &env,
+        c.dir.path().join("coord.log"),
+    );
+    coord.wait_for("coordinator listening", 60);
+    let url = format!("http://{listen}");
+    let mut w = Proc::spawn(
+        &["worker", "--coordinator", &url, "--name", "w"],
+        &fixtures(),
+        &env,
+        c.dir.path().join("w.log"),
+    );
+    assert_exit_ok(&mut coord, 60);
+    assert_exit_ok(&mut w, 30);
+    let (cl, wl) = (coord.log(), w.log());
+    assert!(cl.lines().count() > 20, "trace logging is on:\n{cl}");
+    assert!(
+        !cl.contains(secret) && !wl.contains(secret),
+        "the token was logged"
+    );
     assert_same_checkpoint(&out, &fixtures().join("basic_bf16/expected"));
 }
 

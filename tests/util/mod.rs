@@ -248,7 +248,7 @@ impl Drop for S3Server {
 
 /// A background mergefleet process whose output goes to a log file.
 pub struct Proc {
-    child: Child,
+    pub child: Child,
     log: PathBuf,
 }
 
@@ -258,8 +258,8 @@ impl Proc {
         let mut cmd = Command::new(bin());
         cmd.args(args)
             .current_dir(cwd)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         Proc::start(cmd, log)
     }
 
