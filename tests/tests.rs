@@ -606,6 +606,21 @@ const BAD: &[Bad] = &[
         words: &["ft3", "is not a directory"],
     },
     Bad {
+        name: "fp8 checkpoint",
+        setup: |d| {
+            let c = tiny(d);
+            for m in ["base", "ft1", "ft2"] {
+                write_raw_safetensors(
+                    &d.join(m).join("model.safetensors"),
+                    r#"{"w":{"dtype":"F8_E4M3","shape":[4],"data_offsets":[0,4]}}"#,
+                    4,
+                );
+            }
+            c
+        },
+        words: &["`w`", "F8_E4M3", "bfloat16"],
+    },
+    Bad {
         name: "empty config",
         setup: |_| String::new(),
         words: &["config"],

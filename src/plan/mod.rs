@@ -40,6 +40,8 @@ pub enum PlanError {
         dtype: Dtype,
         base_dtype: Dtype,
     },
+    #[error("tensor `{tensor}` is {dtype:?}: FP8/FP4 checkpoints are not merged yet; convert the models to bfloat16 first (e.g. DeepSeek's fp8_cast_bf16.py)")]
+    LowPrecision { tensor: String, dtype: Dtype },
     #[error("the base model `{0}` has no tensors")]
     Empty(String),
     #[error("{0}")]
@@ -49,6 +51,20 @@ pub enum PlanError {
 const VOCAB_HINT: &str =
     ": the vocabularies differ. mergekit refuses this too; align the vocabularies \
 (mergekit's `tokenizer` config resizes embeddings) before merging";
+
+fn is_low_precision_float(d: Dtype) -> bool {
+    matches!(
+        d,
+        Dtype::F8_E4M3
+            | Dtype::F8_E5M2
+            | Dtype::F8_E8M0
+            | Dtype::F8_E4M3FNUZ
+            | Dtype::F8_E5M2FNUZ
+            | Dtype::F4
+            | Dtype::F6_E2M3
+            | Dtype::F6_E3M2
+    )
+}
 
 /// Sizes that shape the plan.
 #[derive(Debug, Clone, Copy)]
@@ -437,6 +453,19 @@ pub fn plan(
             });
         }
         let (shape, bdt) = base_meta.expect("at least one model");
+        // Low-precision floats are weights, not integers to copy; merging them needs their
+        // block scales, which model_stock here does not apply. Refuse rather than copy
+        // the base's bytes and call it a merge.
+        if let Some(d) = slices
+            .iter()
+            .map(|s| s.dtype)
+            .find(|d| is_low_precision_float(*d))
+        {
+            return Err(PlanError::LowPrecision {
+                tensor: name.to_string(),
+                dtype: d,
+            });
+        }
         let (dtype, op) = if is_float(bdt) {
             let first = slices[0].dtype;
             let work = config
