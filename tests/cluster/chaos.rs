@@ -10,17 +10,7 @@ use super::*;
 
 /// A set of ~30 tasks (every task writes at least 5 MiB, S3's smallest part).
 fn chaos_set(dir: &Path) -> PathBuf {
-    let shape = mergefleet::synth::LlamaShape {
-        hidden: 512,
-        layers: 24,
-        intermediate: 1536,
-        vocab: 8192,
-        heads: 8,
-        kv_heads: 4,
-        lm_head: true,
-    };
-    mergefleet::synth::write_set(dir, &shape, 3, 4).unwrap();
-    dir.join("model_stock.yml")
+    llama_set(dir, 24, 4)
 }
 
 struct Rng(u64);

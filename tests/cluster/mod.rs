@@ -92,16 +92,22 @@ fn embedded(config: &Path, cwd: &Path, extra: &[&str], env: &[(String, String)])
 
 /// A synthetic set whose tasks are several MiB each (so S3 parts are real multipart parts).
 fn mid_set(dir: &Path) -> PathBuf {
+    llama_set(dir, 4, 2)
+}
+
+/// Base + 3 fine-tunes, hidden 512, vocab 8192, `layers` layers (3.1 M parameters each),
+/// in `shards` files per model.
+fn llama_set(dir: &Path, layers: usize, shards: usize) -> PathBuf {
     let shape = mergefleet::synth::LlamaShape {
         hidden: 512,
-        layers: 4,
+        layers,
         intermediate: 1536,
         vocab: 8192,
         heads: 8,
         kv_heads: 4,
         lm_head: true,
     };
-    mergefleet::synth::write_set(dir, &shape, 3, 2).unwrap();
+    mergefleet::synth::write_set(dir, &shape, 3, shards).unwrap();
     dir.join("model_stock.yml")
 }
 
@@ -400,6 +406,27 @@ fn deterministic_failure_fails_the_job_cleanly() {
     assert!(open.is_empty(), "uploads left open: {open:?}");
 }
 
+/// A raw gRPC client of the coordinator at `url`, sending `token`.
+async fn client(
+    url: &str,
+    token: &str,
+) -> mergefleet::wire::pb::coordinator_client::CoordinatorClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        mergefleet::security::AddToken,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    mergefleet::wire::pb::coordinator_client::CoordinatorClient::with_interceptor(
+        channel,
+        mergefleet::security::AddToken::new(Some(token)),
+    )
+}
+
 #[test]
 fn wrong_token_and_wrong_protocol_are_refused() {
     let c = Cluster::new(&fixtures(), vec![]);
@@ -443,16 +470,8 @@ fn wrong_token_and_wrong_protocol_are_refused() {
     // A worker of another protocol version.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
-        let mut client =
-            mergefleet::wire::pb::coordinator_client::CoordinatorClient::with_interceptor(
-                tonic::transport::Endpoint::from_shared(url.clone())
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap(),
-                mergefleet::security::AddToken::new(Some("right-token-0123456789")),
-            );
-        client
+        client(&url, "right-token-0123456789")
+            .await
             .register(mergefleet::wire::pb::RegisterRequest {
                 protocol_version: 999,
                 name: "old".into(),
@@ -472,17 +491,9 @@ fn wrong_token_and_wrong_protocol_are_refused() {
     // A request over the message cap (64 MiB) is refused before it is decoded, and the
     // coordinator goes on serving.
     let status = rt.block_on(async {
-        let mut client =
-            mergefleet::wire::pb::coordinator_client::CoordinatorClient::with_interceptor(
-                tonic::transport::Endpoint::from_shared(url.clone())
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap(),
-                mergefleet::security::AddToken::new(Some("right-token-0123456789")),
-            )
-            .max_encoding_message_size(usize::MAX);
-        client
+        client(&url, "right-token-0123456789")
+            .await
+            .max_encoding_message_size(usize::MAX)
             .register(mergefleet::wire::pb::RegisterRequest {
                 protocol_version: mergefleet::wire::PROTOCOL_VERSION,
                 name: "x".repeat(mergefleet::wire::MAX_MESSAGE + 1),
