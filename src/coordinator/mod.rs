@@ -267,15 +267,14 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
     })
 }
 
-/// Keep answering until every known worker has asked for work once more (and so learned
-/// the outcome), or `max` passes.
+/// Keep answering until every registered worker has been told the outcome (one that
+/// registers during the linger too), or `max` passes.
 async fn linger(shared: &Shared, max: Duration) {
     let until = Instant::now() + max;
-    let since = Instant::now();
     while Instant::now() < until {
         let waiting = {
             let st = shared.state.lock().expect("state");
-            st.workers.values().filter(|w| w.last_seen < since).count()
+            st.workers.values().filter(|w| !w.told).count()
         };
         if waiting == 0 {
             // Give the last answers time to leave.

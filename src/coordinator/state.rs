@@ -50,6 +50,8 @@ pub struct WorkerSlot {
     /// Tasks this worker runs now, with the memory reserved for each.
     pub tasks: Vec<(usize, u64)>,
     pub tasks_done: u64,
+    /// Has been answered "done" or "failed": it knows how the merge ended.
+    pub told: bool,
 }
 
 impl WorkerSlot {
@@ -171,6 +173,7 @@ impl ClusterState {
                 last_seen: now,
                 tasks: Vec::new(),
                 tasks_done: 0,
+                told: false,
             },
         );
         id
@@ -191,8 +194,10 @@ impl ClusterState {
     }
 
     pub fn lease(&mut self, worker: u64, now: Instant) -> Lease {
+        let ended = matches!(self.phase, Phase::Done | Phase::Failed(_));
         if let Some(w) = self.workers.get_mut(&worker) {
             w.last_seen = now;
+            w.told |= ended;
         }
         match &self.phase {
             Phase::Done => return Lease::Done,
@@ -480,8 +485,14 @@ mod tests {
         assert_eq!(s.report(w, 1, 1, ok(), now), Reported::Finished(1));
         assert_eq!(s.phase, Phase::Committing);
         assert_eq!(s.lease(w, now), Lease::Wait);
+        assert!(!s.workers[&w].told);
         s.phase = Phase::Done;
+        // A worker registering at the very end is told too (the linger waits for it).
+        let late = s.register("late", 1 << 30, 1, now);
         assert_eq!(s.lease(w, now), Lease::Done);
+        assert!(s.workers[&w].told && !s.workers[&late].told);
+        assert_eq!(s.lease(late, now), Lease::Done);
+        assert!(s.workers[&late].told);
         assert_eq!(s.workers[&w].tasks_done, 2);
     }
 
