@@ -253,8 +253,14 @@ fn url_host_port(url: &str) -> (String, u16) {
 
 /// The rules of the issue and of how mergefleet behaves, for one rendering.
 fn check_rules(name: &str, r: &Rendered) {
+    check_pods(name, r);
+    let config = check_wiring(name, r);
+    check_overlay(name, r, &config);
+}
+
+/// Both Jobs: lifetimes, identity, hardening, resources, where env and volumes come from.
+fn check_pods(name: &str, r: &Rendered) {
     let ctx = |m: &str| format!("{name}: {m}");
-    // Both Jobs.
     for (role, c_name) in [("coordinator", "coordinator"), ("workers", "worker")] {
         let (job, spec, c) = pod(r, c_name);
         let js = job.spec.as_ref().unwrap();
@@ -363,7 +369,12 @@ fn check_rules(name: &str, r: &Rendered) {
             );
         }
     }
+}
 
+/// How the pods fit together: the coordinator's Job, config, probes and Service, the
+/// workers' Job, args, memory and liveness. Returns the merge config it runs.
+fn check_wiring(name: &str, r: &Rendered) -> mergefleet::config::MergeConfig {
+    let ctx = |m: &str| format!("{name}: {m}");
     // Coordinator: one pod, restarted in place on failure (it resumes from its journal).
     let (cjob, cspec, cc) = pod(r, "coordinator");
     let cjs = cjob.spec.as_ref().unwrap();
@@ -626,7 +637,14 @@ fn check_rules(name: &str, r: &Rendered) {
         ctx("the placeholder token would be accepted")
     );
 
-    // Each overlay's own promise.
+    config
+}
+
+/// Each overlay's own promise.
+fn check_overlay(name: &str, r: &Rendered, config: &mergefleet::config::MergeConfig) {
+    let ctx = |m: &str| format!("{name}: {m}");
+    let (_, cspec, cc) = pod(r, "coordinator");
+    let (_, wspec, wc) = pod(r, "worker");
     let store_env = container_env(r, cspec, cc, "coordinator").unwrap();
     let output = expand("$(MERGEFLEET_OUTPUT)", &store_env).unwrap();
     let inputs: Vec<String> = config.all_models().map(|m| m.0.clone()).collect();
