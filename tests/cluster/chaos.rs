@@ -50,11 +50,11 @@ fn chaos_random_worker_kills_and_a_coordinator_restart() {
         let c = Cluster::new(d.path(), vec![]);
         let out = c.dir.path().join("out");
         // Short leases so a killed worker's task goes back to the queue quickly; each task
-        // held 200 ms so kills land mid-task.
+        // held 500 ms so kills land mid-task and the merge outlives several kills.
         let args = ["--lease-timeout", "2s"];
         let delay = [(
             "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
-            "200".to_string(),
+            "500".to_string(),
         )];
         let start =
             |c: &Cluster, n: usize| c.worker(&format!("w{n}"), &["--tasks-in-flight", "1"], &delay);
