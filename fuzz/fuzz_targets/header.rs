@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok((tensors, _)) = parse_header(json, file_size) {
         for t in &tensors {
-            assert!(t.start <= t.end && t.end <= file_size, "{t:?} outside a {file_size}-byte file");
+            assert!(
+                t.start <= t.end && t.end <= file_size,
+                "{t:?} outside a {file_size}-byte file"
+            );
         }
     }
 });
