@@ -60,11 +60,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Coordinator(a) => {
             let yaml = read_config(&a.config)?;
             let token = mergefleet::security::load_token(a.token_file.as_deref())
-                .and_then(|t| {
-                    t.as_deref()
-                        .map_or(Ok(()), mergefleet::security::check_strength)?;
-                    Ok(t)
-                })
                 .map_err(mergefleet::Error::Usage)?;
             let opts = mergefleet::coordinator::CoordinatorOptions {
                 listen: a.listen,

@@ -90,6 +90,9 @@ fn describe(plan: &MergePlan, i: usize) -> String {
 }
 
 fn check_security(opts: &CoordinatorOptions) -> Result<()> {
+    if let Some(t) = &opts.token {
+        crate::security::check_strength(t).map_err(Error::Usage)?;
+    }
     if opts.token.is_none() {
         if !opts.insecure {
             return Err(Error::Usage(
