@@ -447,9 +447,14 @@ mod tests {
     }
 
     fn state(n: usize) -> ClusterState {
+        with_tasks(vec![needs(100); n])
+    }
+
+    /// A fresh state over these tasks: 3 attempts, 10 s leases.
+    fn with_tasks(tasks: Vec<TaskNeeds>) -> ClusterState {
         ClusterState::new(
             1,
-            vec![needs(100); n],
+            tasks,
             3,
             Duration::from_secs(10),
             Box::new(|i| format!("task {i}")),
@@ -638,20 +643,14 @@ mod tests {
     #[test]
     fn tasks_go_only_to_workers_with_enough_memory() {
         let now = Instant::now();
-        let mut s = ClusterState::new(
-            1,
-            vec![
-                TaskNeeds {
-                    working_set: 500,
-                    min_memory: 50,
-                    bytes: 1,
-                },
-                needs(100),
-            ],
-            3,
-            Duration::from_secs(10),
-            Box::new(|i| format!("task {i}")),
-        );
+        let mut s = with_tasks(vec![
+            TaskNeeds {
+                working_set: 500,
+                min_memory: 50,
+                bytes: 1,
+            },
+            needs(100),
+        ]);
         let small = s.register("small", 200, 1, now);
         let big = s.register("big", 600, 1, now);
         // small cannot take task 0 whole, and a bigger worker exists: it gets task 1.
@@ -671,17 +670,11 @@ mod tests {
             }
         );
         // Without a big worker, the small one streams it.
-        let mut s2 = ClusterState::new(
-            1,
-            vec![TaskNeeds {
-                working_set: 500,
-                min_memory: 50,
-                bytes: 1,
-            }],
-            3,
-            Duration::from_secs(10),
-            Box::new(|i| format!("task {i}")),
-        );
+        let mut s2 = with_tasks(vec![TaskNeeds {
+            working_set: 500,
+            min_memory: 50,
+            bytes: 1,
+        }]);
         let small = s2.register("small", 200, 1, now);
         assert_eq!(
             s2.lease(small, now),
@@ -691,17 +684,11 @@ mod tests {
             }
         );
         // Nobody can run a task below its minimum.
-        let mut s3 = ClusterState::new(
-            1,
-            vec![TaskNeeds {
-                working_set: 500,
-                min_memory: 300,
-                bytes: 1,
-            }],
-            3,
-            Duration::from_secs(10),
-            Box::new(|i| format!("task {i}")),
-        );
+        let mut s3 = with_tasks(vec![TaskNeeds {
+            working_set: 500,
+            min_memory: 300,
+            bytes: 1,
+        }]);
         let small = s3.register("small", 200, 1, now);
         assert_eq!(s3.lease(small, now), Lease::Wait);
     }
