@@ -541,43 +541,27 @@ fn wrong_token_and_wrong_protocol_are_refused() {
 fn coordinator_needs_a_token_or_insecure() {
     let dir = tmp();
     let out = dir.path().join("out");
-    let o = run_in(
-        &fixtures(),
-        &[
+    let coordinator = |listen: &str, extra: &[&str], env: &[(String, String)]| {
+        let mut args = vec![
             "coordinator",
             "basic_bf16/config.yml",
             out.to_str().unwrap(),
             "--listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+            listen,
+        ];
+        args.extend_from_slice(extra);
+        run_in(&fixtures(), &args, env)
+    };
+    let o = coordinator("127.0.0.1:0", &[], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("without a token"), "{}", text(&o));
-    let o = run_in(
-        &fixtures(),
-        &[
-            "coordinator",
-            "basic_bf16/config.yml",
-            out.to_str().unwrap(),
-            "--listen",
-            "0.0.0.0:0",
-            "--insecure",
-        ],
-        &[],
-    );
+    let o = coordinator("0.0.0.0:0", &["--insecure"], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("plaintext"), "{}", text(&o));
     // A guessable token (or a deployment's placeholder) is refused too, without echoing it.
-    let o = run_in(
-        &fixtures(),
-        &[
-            "coordinator",
-            "basic_bf16/config.yml",
-            out.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
+    let o = coordinator(
+        "127.0.0.1:0",
+        &[],
         &[("MERGEFLEET_TOKEN".into(), "replace-me".into())],
     );
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
