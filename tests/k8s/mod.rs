@@ -943,11 +943,9 @@ impl Rehearsal {
             }
             None => a,
         };
-        let args: Vec<String> = c
-            .args
+        let args: Vec<String> = run_args(r, spec, c, pod_name)
             .iter()
-            .flatten()
-            .map(|a| own_port(self.localize(&expand(a, &env).unwrap())))
+            .map(|a| own_port(self.localize(a)))
             .collect();
         assert_eq!(c.command.as_ref().unwrap()[0], "/usr/local/bin/mergefleet");
         let mut cmd = Command::new(bin());
