@@ -8,7 +8,8 @@
 
 use super::*;
 
-/// A set of ~30 tasks (every task writes at least 5 MiB, S3's smallest part).
+/// 219 tensors, 4 shards per model; with `--task-size 20MiB` the plan has 27 tasks
+/// (`mergefleet plan` says so).
 fn chaos_set(dir: &Path) -> PathBuf {
     llama_set(dir, 24, 4)
 }
@@ -51,7 +52,7 @@ fn chaos_random_worker_kills_and_a_coordinator_restart() {
         let out = c.dir.path().join("out");
         // Short leases so a killed worker's task goes back to the queue quickly; each task
         // held 500 ms so kills land mid-task and the merge outlives several kills.
-        let args = ["--lease-timeout", "2s"];
+        let args = ["--lease-timeout", "2s", "--task-size", "20MiB"];
         let delay = [(
             "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
             "500".to_string(),
