@@ -156,8 +156,12 @@ impl Backoff {
         self.since = None;
         self.delay = Duration::from_millis(200);
     }
-    /// Sleep before the next try, or fail when the coordinator has been gone too long.
+    /// After a failed call: fail at once on an error no retry fixes, or when the
+    /// coordinator has been gone too long; else sleep before the next try.
     async fn wait(&mut self, opts: &WorkerOptions, why: &Status) -> Result<()> {
+        if let Some(e) = fatal_status(why) {
+            return Err(e);
+        }
         let since = *self.since.get_or_insert_with(Instant::now);
         if since.elapsed() >= self.limit {
             return Err(Error::Cluster(format!(
@@ -250,9 +254,6 @@ impl Ctx {
                     return Ok(got);
                 }
                 Err(s) => {
-                    if let Some(e) = fatal_status(&s) {
-                        return Err(e);
-                    }
                     backoff.wait(&self.opts, &s).await?;
                 }
             }
@@ -345,9 +346,6 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
                 continue;
             }
             Err(s) => {
-                if let Some(e) = fatal_status(&s) {
-                    return Err(e);
-                }
                 backoff.wait(&ctx.opts, &s).await?;
                 continue;
             }
@@ -456,9 +454,6 @@ async fn report(
             Ok(_) => return Ok(true),
             Err(s) if s.code() == Code::NotFound => return Ok(false),
             Err(s) => {
-                if let Some(e) = fatal_status(&s) {
-                    return Err(e);
-                }
                 backoff.wait(opts, &s).await?;
             }
         }
