@@ -107,8 +107,8 @@ pub struct WorkerArgs {
     /// a reserve for the process itself (default: half of physical memory or cgroup limit).
     #[arg(long, value_parser = parse_size)]
     pub memory_limit: Option<u64>,
-    /// Compute threads (default: all cores).
-    #[arg(long)]
+    /// Compute threads (default: all cores; more than the cores are capped).
+    #[arg(long, value_parser = parse_threads)]
     pub threads: Option<usize>,
     /// Name shown in the coordinator's logs and status (default: the host name).
     #[arg(long)]
@@ -161,8 +161,8 @@ pub struct MergeArgs {
     pub out: String,
     #[command(flatten)]
     pub shard: ShardArgs,
-    /// Compute threads (default: all cores).
-    #[arg(long)]
+    /// Compute threads (default: all cores; more than the cores are capped).
+    #[arg(long, value_parser = parse_threads)]
     pub threads: Option<usize>,
     /// Bound on the merge's working memory (default: half of physical memory).
     #[arg(long, value_parser = parse_size)]
@@ -179,6 +179,13 @@ pub struct MergeArgs {
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a number of threads (1 or more)")),
+    }
 }
 
 #[derive(Args, Debug)]

@@ -9,9 +9,11 @@ use serde_json::{json, Map, Value};
 use crate::config::MergeConfig;
 use crate::plan::MergePlan;
 
-/// Tokenizer files copied from the base model when present (mergekit's list, plus vocab.json
-/// which byte-level BPE tokenizers need next to merges.txt).
-pub const TOKENIZER_FILES: &[&str] = &[
+/// Files copied byte for byte from the base model when present: the list mergekit 0.1.5
+/// copies (`_copy_tokenizer`: tokenizer files, the chat template and the generation config,
+/// whose stop tokens and sampling defaults a chat model needs), plus vocab.json, which
+/// byte-level BPE tokenizers need next to merges.txt.
+pub const COPIED_FILES: &[&str] = &[
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.json",
@@ -19,7 +21,14 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "added_tokens.json",
     "merges.txt",
     "vocab.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "chat_template.json",
+    "video_preprocessor_config.json",
 ];
+
+/// Files a merge writes itself beside the weights.
+pub const WRITTEN_FILES: &[&str] = &["config.json", "mergekit_config.yml", "README.md"];
 
 /// `model.safetensors.index.json` as transformers and mergekit write it.
 pub fn index_json(plan: &MergePlan) -> Vec<u8> {
@@ -41,12 +50,13 @@ pub fn index_json(plan: &MergePlan) -> Vec<u8> {
 }
 
 /// The base model's `config.json` with the output dtype recorded.
-pub fn config_json(base: &[u8], dtype: Option<&str>, url: &str) -> Result<Vec<u8>, String> {
-    let mut v: Value = serde_json::from_slice(base)
-        .map_err(|e| format!("{url}: config.json is not valid JSON: {e}"))?;
+/// The error names no file: the caller knows which one it read.
+pub fn config_json(base: &[u8], dtype: Option<&str>) -> Result<Vec<u8>, String> {
+    let mut v: Value =
+        serde_json::from_slice(base).map_err(|e| format!("config.json is not valid JSON: {e}"))?;
     let obj = v
         .as_object_mut()
-        .ok_or_else(|| format!("{url}: config.json is not a JSON object"))?;
+        .ok_or_else(|| "config.json is not a JSON object".to_string())?;
     if let Some(d) = dtype {
         let mut set = false;
         for key in ["torch_dtype", "dtype"] {
@@ -90,18 +100,18 @@ mod tests {
 
     #[test]
     fn config_json_records_dtype() {
-        let out =
-            config_json(br#"{"a":1,"torch_dtype":"float32"}"#, Some("bfloat16"), "u").unwrap();
+        let out = config_json(br#"{"a":1,"torch_dtype":"float32"}"#, Some("bfloat16")).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["torch_dtype"], "bfloat16");
         assert_eq!(v["a"], 1);
-        let out = config_json(br#"{"dtype":"float32"}"#, Some("float16"), "u").unwrap();
+        let out = config_json(br#"{"dtype":"float32"}"#, Some("float16")).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["dtype"], "float16");
         assert!(v.get("torch_dtype").is_none());
-        assert!(config_json(b"[", None, "cfg")
+        assert!(config_json(b"[", None)
             .unwrap_err()
-            .starts_with("cfg:"));
+            .starts_with("config.json is not valid JSON"));
+        assert!(config_json(b"[1]", None).is_err());
     }
 
     #[test]

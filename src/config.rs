@@ -101,8 +101,9 @@ const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
 impl MergeConfig {
     /// Parse and check a config from its YAML text.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let value: Value =
+        let mut value: Value =
             serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        apply_merge_keys(&mut value)?;
         let Value::Mapping(map) = value else {
             return Err(ConfigError::Yaml(
                 "the top level must be a mapping with `models`, `base_model` and `merge_method`"
@@ -262,6 +263,31 @@ impl MergeConfig {
     }
 }
 
+/// Apply YAML merge keys (`<<: *defaults`) as PyYAML, which mergekit uses, does: keys
+/// written in the mapping win over merged ones, earlier merged mappings over later ones.
+/// Repeated so a merged mapping's own `<<` is applied too.
+fn apply_merge_keys(value: &mut Value) -> Result<(), ConfigError> {
+    fn has_merge_key(v: &Value) -> bool {
+        match v {
+            Value::Mapping(m) => m.contains_key("<<") || m.values().any(has_merge_key),
+            Value::Sequence(s) => s.iter().any(has_merge_key),
+            Value::Tagged(t) => has_merge_key(&t.value),
+            _ => false,
+        }
+    }
+    for _ in 0..64 {
+        if !has_merge_key(value) {
+            return Ok(());
+        }
+        value
+            .apply_merge()
+            .map_err(|e| ConfigError::Yaml(format!("merge key `<<`: {e}")))?;
+    }
+    Err(ConfigError::Yaml(
+        "merge keys `<<` nested more than 64 deep".into(),
+    ))
+}
+
 fn yaml_key(k: &Value) -> String {
     match k {
         Value::String(s) => s.clone(),
@@ -378,8 +404,21 @@ fn bool_value(v: &Value, key: &str) -> Result<bool, ConfigError> {
         Value::Bool(b) => Ok(*b),
         Value::Number(n) if n.as_f64() == Some(1.0) => Ok(true),
         Value::Number(n) if n.as_f64() == Some(0.0) => Ok(false),
-        Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(true),
-        Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(false),
+        // YAML 1.1 booleans, which PyYAML (and so mergekit) reads as booleans.
+        Value::String(s)
+            if ["true", "yes", "on"]
+                .iter()
+                .any(|b| s.eq_ignore_ascii_case(b)) =>
+        {
+            Ok(true)
+        }
+        Value::String(s)
+            if ["false", "no", "off"]
+                .iter()
+                .any(|b| s.eq_ignore_ascii_case(b)) =>
+        {
+            Ok(false)
+        }
         Value::Sequence(_) => Err(key_err(
             key,
             "is a list (a gradient); filter_wise takes true or false",
@@ -394,12 +433,12 @@ fn opt_dtype(v: Option<&Value>, key: &str) -> Result<Option<WorkDtype>, ConfigEr
         Some(Value::String(s)) => WorkDtype::from_name(s).map(Some).ok_or_else(|| {
             key_err(
                 key,
-                format!("`{s}` is not supported; use bfloat16, float16 or float32"),
+                format!("`{s}` is not supported; use bfloat16, float16, float32 or float64"),
             )
         }),
         Some(_) => Err(key_err(
             key,
-            "must be a string: bfloat16, float16 or float32",
+            "must be a string: bfloat16, float16, float32 or float64",
         )),
     }
 }
@@ -519,6 +558,50 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn anchors_aliases_and_merge_keys() {
+        // PyYAML applies merge keys: the merged filter_wise must count, not warn about `<<`.
+        let c = MergeConfig::from_yaml(
+            "defaults: &d {filter_wise: true}\nmodels:\n  - model: &a a\n  - model: b\nmerge_method: model_stock\nbase_model: base\nparameters: {<<: *d}\n",
+        )
+        .unwrap();
+        assert_eq!(c.filter_wise, PerTensor::Scalar(true));
+        assert!(
+            c.warnings.iter().all(|w| !w.contains("<<")),
+            "{:?}",
+            c.warnings
+        );
+        // Explicit keys win over merged ones; earlier merged mappings over later ones.
+        let c = MergeConfig::from_yaml(
+            "x: &t {filter_wise: true}\ny: &f {filter_wise: false}\nmodels: [{model: a}, {model: b}]\nmerge_method: model_stock\nbase_model: base\nparameters: {<<: [*f, *t]}\n",
+        )
+        .unwrap();
+        assert_eq!(c.filter_wise, PerTensor::Scalar(false));
+        let c = MergeConfig::from_yaml(
+            "x: &t {filter_wise: true}\nmodels: [{model: a}, {model: b}]\nmerge_method: model_stock\nbase_model: base\nparameters: {<<: *t, filter_wise: false}\n",
+        )
+        .unwrap();
+        assert_eq!(c.filter_wise, PerTensor::Scalar(false));
+        // A merged mapping that itself merges another.
+        let c = MergeConfig::from_yaml(
+            "x: &inner {filter_wise: on}\ny: &outer {<<: *inner}\nmodels: [{model: a}, {model: b}]\nmerge_method: model_stock\nbase_model: base\nparameters: {<<: *outer}\n",
+        )
+        .unwrap();
+        assert_eq!(c.filter_wise, PerTensor::Scalar(true));
+        // Aliases of whole entries and of model paths.
+        let c = MergeConfig::from_yaml(
+            "models:\n  - &first {model: a}\n  - model: b\nmerge_method: model_stock\nbase_model: &b base\n",
+        )
+        .unwrap();
+        assert_eq!(c.models[0].0, "a");
+        assert!(err(
+            "models: [{model: a}, {model: b}]\nmerge_method: model_stock\nbase_model: *nope\n"
+        )
+        .contains("not valid YAML"));
+        assert!(err("models: [{model: a}, {model: b}]\nmerge_method: model_stock\nbase_model: base\nparameters: {<<: 3}\n")
+            .contains("<<"));
     }
 
     #[test]

@@ -8,6 +8,8 @@ use crate::exec::buffers::BufferPool;
 use crate::exec::{min_memory, run_plan, InputFiles, Progress};
 use crate::job::Job;
 use crate::plan::PlanOptions;
+use crate::shutdown::shutdown_signal;
+use crate::sink::lock::{Holder, OutputLock};
 use crate::sink::Sink;
 use crate::source::Stores;
 
@@ -42,6 +44,8 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
     let started = Instant::now();
     let stores = Stores::new();
     let job = Job::load(config_yaml, &stores, opts.plan).await?;
+    let location = stores.resolve(out)?;
+    job.check_output(&location)?;
     for w in &job.plan.warnings {
         tracing::warn!("{w}");
     }
@@ -58,7 +62,15 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
     // Idle output buffers kept for reuse: a few tasks' worth.
     let pool = BufferPool::new((budget / 4) as usize);
     let inputs = Arc::new(InputFiles::resolve(&stores, &job.plan.inputs, pool)?);
-    let sink = Sink::open(stores.resolve(out)?, opts.overwrite).await?;
+    // Every check is done: take the output, then touch it.
+    let lock = OutputLock::acquire(&location, &Holder::this_process("merge", None)).await?;
+    let sink = match Sink::open(location, opts.overwrite).await {
+        Ok(s) => s,
+        Err(e) => {
+            lock.release().await;
+            return Err(e.into());
+        }
+    };
     let progress = Progress::new(job.plan.bytes_written());
     let reporter = progress.spawn_reporter(opts.quiet);
 
@@ -82,15 +94,14 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
     let result = tokio::select! {
         r = work => r,
         _ = shutdown_signal() => Err(Error::Interrupted),
+        _ = lock.lost() => Err(Error::OutputLost(sink.display())),
     };
     drop(reporter);
-    let warnings = match result {
-        Ok(w) => w,
-        Err(e) => {
-            sink.abort().await;
-            return Err(e);
-        }
-    };
+    if result.is_err() {
+        sink.abort().await;
+    }
+    lock.release().await;
+    let warnings = result?;
     Ok(Summary {
         output: sink.display(),
         tensors: job.plan.tensor_count(),
@@ -113,17 +124,4 @@ pub fn pipeline_budget(plan: &crate::plan::MergePlan, opts: &MergeOptions) -> u6
         .unwrap_or(0);
     let typical = opts.plan.task_size + opts.plan.task_size / 2;
     opts.memory_limit.min(largest + 2 * typical)
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -25,9 +25,15 @@ pub enum Error {
     Usage(String),
     #[error("the merge was interrupted")]
     Interrupted,
+    /// Another process took the output over (it judged this one's lock stale).
+    #[error("lost ownership of the output {0} to another process; stopped without committing")]
+    OutputLost(String),
     /// Cluster mode: the job failed (a task ran out of attempts, or the coordinator said so).
     #[error("the cluster merge failed: {0}")]
     Cluster(String),
+    /// Cluster mode, a client: the coordinator could not be reached (or stopped answering).
+    #[error("{0}")]
+    Unreachable(String),
     /// Cluster mode, on a worker: the coordinator ended the merge as failed, so running this
     /// worker again cannot help (exit code 3, which Kubernetes is told not to retry).
     #[error("the coordinator ended the merge as failed: {0}")]
@@ -46,8 +52,10 @@ impl Error {
             Error::Source(e) => e.is_invalid_input(),
             Error::Sink(e) => e.is_invalid_input(),
             Error::Interrupted
+            | Error::OutputLost(_)
             | Error::Internal(_)
             | Error::Cluster(_)
+            | Error::Unreachable(_)
             | Error::JobFailed(_)
             | Error::Wire(_) => false,
         }

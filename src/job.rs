@@ -9,11 +9,13 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 
 use crate::checkpoint;
-use crate::config::MergeConfig;
+use crate::config::{ConfigError, MergeConfig};
 use crate::error::Result;
 use crate::plan::{plan, MergePlan, PlanOptions};
-use crate::sink::{Sink, INDEX_NAME};
-use crate::source::{head_size, open_model, read_small, ModelSource, Stores};
+use crate::sink::{Sink, SinkError, INDEX_NAME};
+use crate::source::{
+    head_size, open_model, read_small, Location, ModelSource, SourceError, Stores,
+};
 
 /// A planned merge.
 pub struct Job {
@@ -21,19 +23,52 @@ pub struct Job {
     /// Base first, then the fine-tunes in config order.
     pub models: Vec<ModelSource>,
     pub plan: MergePlan,
+    /// The output's `config.json` (the base's, with the output dtype), when the base has one.
+    pub config_json: Option<Bytes>,
 }
 
 impl Job {
-    /// Parse the config and plan the merge from the models' headers.
+    /// Parse the config and plan the merge from the models' headers. Everything a merge
+    /// would refuse before moving weights is refused here, so `plan` checks it too.
     pub async fn load(config_yaml: &str, stores: &Stores, opts: PlanOptions) -> Result<Job> {
         let config = MergeConfig::from_yaml(config_yaml)?;
+        let locations = config
+            .all_models()
+            .map(|m| stores.resolve(&m.0))
+            .collect::<Result<Vec<_>, _>>()?;
+        refuse_duplicates(&config, &locations)?;
         let models = try_join_all(config.all_models().map(|m| open_model(stores, &m.0))).await?;
         let plan = plan(&config, &models, opts)?;
+        let config_json = output_config_json(&models[0].location, &plan).await?;
         Ok(Job {
             config,
             models,
             plan,
+            config_json,
         })
+    }
+
+    /// Refuse an output that is, contains, or lies inside an input: writing there could
+    /// destroy a user's model (an `--overwrite` of the base's own folder removed its
+    /// weights before reading them). Checked before anything is written.
+    pub fn check_output(&self, out: &Location) -> Result<(), SinkError> {
+        for (m, reference) in self.models.iter().zip(self.config.all_models()) {
+            if out.overlaps(&m.location) {
+                let how = if out.same_place(&m.location) {
+                    "is"
+                } else if out.identity().1.len() < m.location.identity().1.len() {
+                    "contains"
+                } else {
+                    "lies inside"
+                };
+                return Err(SinkError::OverlapsInput {
+                    output: out.display.clone(),
+                    how,
+                    input: reference.0.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Write everything but the tensors and the index: config.json, tokenizer files, the
@@ -47,22 +82,15 @@ impl Job {
         let mut warnings = Vec::new();
         let base = &self.models[0].location;
         let store = base.store.as_ref();
-        let cfg_url = base.child_display("config.json");
-        match head_size(store, &base.child("config.json"), &cfg_url).await? {
-            Some(_) => {
-                let raw = read_small(store, &base.child("config.json"), &cfg_url).await?;
-                let dtype = self.plan.out_dtype.map(|d| d.name());
-                let out = checkpoint::config_json(&raw, dtype, &cfg_url).map_err(|message| {
-                    crate::source::SourceError::Invalid { file: cfg_url.clone(), message }
-                })?;
-                sink.put("config.json", Bytes::from(out)).await?;
-            }
+        match &self.config_json {
+            Some(out) => sink.put("config.json", out.clone()).await?,
             None => warnings.push(format!(
-                "the base model has no config.json ({cfg_url}); the output has none either, so transformers cannot load it until you add one"
+                "the base model has no config.json ({}); the output has none either, so transformers cannot load it until you add one",
+                base.child_display("config.json")
             )),
         }
         if copy_tokenizer {
-            for name in checkpoint::TOKENIZER_FILES {
+            for name in checkpoint::COPIED_FILES {
                 let url = base.child_display(name);
                 if head_size(store, &base.child(name), &url).await?.is_some() {
                     let data = read_small(store, &base.child(name), &url).await?;
@@ -93,4 +121,37 @@ impl Job {
         }
         Ok(())
     }
+}
+
+/// Two spellings of one model (`./m/ft1` and `m/ft1/`, a path and its `file://` URL, a
+/// symlink and its target) would merge a model with itself.
+fn refuse_duplicates(config: &MergeConfig, locations: &[Location]) -> Result<(), ConfigError> {
+    let names: Vec<&str> = config.all_models().map(|m| m.0.as_str()).collect();
+    for (j, b) in locations.iter().enumerate() {
+        if let Some(i) = locations[..j].iter().position(|a| a.same_place(b)) {
+            let first = if i == 0 { "base_model" } else { "models" };
+            return Err(ConfigError::Key {
+                key: "models".into(),
+                message: format!(
+                    "`{}` and `{}` ({first}) are the same model ({}); list each model once",
+                    names[j], names[i], b.display
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Read and check the base's config.json now (a merge must not fail on it hours later).
+async fn output_config_json(base: &Location, plan: &MergePlan) -> Result<Option<Bytes>> {
+    let store = base.store.as_ref();
+    let url = base.child_display("config.json");
+    let path = base.child("config.json");
+    if head_size(store, &path, &url).await?.is_none() {
+        return Ok(None);
+    }
+    let raw = read_small(store, &path, &url).await?;
+    let out = checkpoint::config_json(&raw, plan.out_dtype.map(|d| d.name()))
+        .map_err(|message| SourceError::Invalid { file: url, message })?;
+    Ok(Some(Bytes::from(out)))
 }

@@ -20,6 +20,7 @@ pub mod job;
 pub mod merge;
 pub mod plan;
 pub mod security;
+pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod synth;

@@ -9,7 +9,8 @@ use std::path::Path;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Status};
 
-/// Read the token: the file's first line, else `MERGEFLEET_TOKEN`.
+/// Read the token: the file's first line, else `MERGEFLEET_TOKEN` (set but empty means no
+/// token, as an unset variable does).
 pub fn load_token(file: Option<&Path>) -> Result<Option<String>, String> {
     let token = match file {
         Some(f) => Some(
@@ -23,16 +24,17 @@ pub fn load_token(file: Option<&Path>) -> Result<Option<String>, String> {
         ),
         None => std::env::var("MERGEFLEET_TOKEN")
             .ok()
-            .map(|t| t.trim().to_string()),
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
     };
     match token {
         Some(t) if t.is_empty() => Err("the token is empty".into()),
-        Some(t)
-            if MetadataValue::<tonic::metadata::Ascii>::try_from(format!("Bearer {t}"))
-                .is_err() =>
-        {
-            Err("the token must be printable ASCII".into())
-        }
+        // HTTP headers also carry bytes past ASCII, but not every peer takes them: refuse
+        // them here, on both sides, instead of at the first worker's call.
+        Some(t) if !t.bytes().all(|b| b.is_ascii_graphic()) => Err(
+            "the token must be printable ASCII without spaces (e.g. from `openssl rand -hex 32`)"
+                .into(),
+        ),
         other => Ok(other),
     }
 }
@@ -143,5 +145,10 @@ mod tests {
         assert!(load_token(Some(&dir.path().join("missing")))
             .unwrap_err()
             .contains("missing"));
+        // Refused at start, not first at a worker's call.
+        std::fs::write(&f, "s3cret-é-0123456789\n").unwrap();
+        assert!(load_token(Some(&f)).unwrap_err().contains("ASCII"));
+        std::fs::write(&f, "two words-0123456789\n").unwrap();
+        assert!(load_token(Some(&f)).unwrap_err().contains("ASCII"));
     }
 }

@@ -73,6 +73,28 @@ pub fn fmt_bytes(n: u64) -> String {
     }
 }
 
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (proleptic Gregorian calendar).
+pub fn fmt_unix_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Memory this process may use by default: half of physical memory, or of the cgroup
 /// limit when that is smaller (containers).
 pub fn default_memory_limit() -> u64 {
@@ -96,6 +118,21 @@ pub fn default_memory_limit() -> u64 {
 /// but a reserve for the runtime, connections and allocator slack (1/8, at most 1 GiB).
 pub fn task_budget(limit: u64) -> u64 {
     limit - (limit / 8).min(1 << 30)
+}
+
+/// The least whole-process limit whose [`task_budget`] is at least `budget`.
+pub fn limit_for_task_budget(budget: u64) -> u64 {
+    // task_budget never decreases as the limit grows, and gives at most 1 GiB away.
+    let (mut lo, mut hi) = (budget, budget.saturating_add(1 << 30));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if task_budget(mid) >= budget {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo
 }
 
 /// This process's peak resident memory (VmHWM), when the OS tells it.
@@ -151,6 +188,16 @@ mod tests {
     fn formatting() {
         assert_eq!(fmt_bytes(999), "999 B");
         assert_eq!(fmt_bytes(1_500_000), "1.50 MB");
+        assert_eq!(fmt_unix_time(0), "1970-01-01 00:00:00 UTC");
+        for b in [0, 1, 7, 1 << 20, 7 << 30, 100 << 30] {
+            let l = limit_for_task_budget(b);
+            assert!(
+                task_budget(l) >= b && (l == 0 || task_budget(l - 1) < b),
+                "{b} -> {l}"
+            );
+        }
+        assert_eq!(fmt_unix_time(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(fmt_unix_time(1_795_999_999), "2026-11-30 00:53:19 UTC");
         assert!(default_memory_limit() > 0);
         assert!(peak_rss().unwrap() > 0);
     }

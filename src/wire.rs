@@ -15,7 +15,7 @@ pub mod pb {
 }
 
 /// Bumped on any incompatible change of the contract; checked at registration.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest gRPC message either side accepts (a task lists every input range of its
 /// tensors; 64 MiB is far above any real task).

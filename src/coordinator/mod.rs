@@ -19,14 +19,14 @@ use tokio::sync::{mpsc, Notify};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
-use crate::embedded::shutdown_signal;
 use crate::error::{Error, Result};
-use crate::exec::min_memory;
 use crate::job::Job;
 use crate::plan::{MergePlan, PlanOptions};
 use crate::security::CheckToken;
-use crate::sink::Sink;
-use crate::source::Stores;
+use crate::shutdown::shutdown_signal;
+use crate::sink::lock::{Holder, OutputLock};
+use crate::sink::{Sink, ABORT_DEADLINE};
+use crate::source::{Location, Stores};
 use crate::units::fmt_bytes;
 use crate::wire::{pb, MAX_MESSAGE};
 use journal::{fingerprint, Journal};
@@ -63,6 +63,8 @@ pub struct Shared {
     pub journal: Mutex<Journal>,
     pub started: Instant,
     pub output_display: String,
+    /// Side-file warnings, for the summary (embedded mode prints the same).
+    pub warnings: Vec<String>,
 }
 
 /// What a finished cluster merge did.
@@ -76,6 +78,7 @@ pub struct ClusterSummary {
     pub seconds: f64,
     /// Time from the last task's report to the committed index.
     pub commit_seconds: f64,
+    pub warnings: Vec<String>,
 }
 
 fn describe(plan: &MergePlan, i: usize) -> String {
@@ -110,20 +113,76 @@ fn check_security(opts: &CoordinatorOptions) -> Result<()> {
 }
 
 /// Run a cluster merge: serve until the checkpoint is committed or the merge fails.
+///
+/// Every check runs, and the port is bound, before the output is touched; then the output
+/// is locked (one owner at a time), and only then read for a journal or written.
 pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Result<ClusterSummary> {
     check_security(&opts)?;
     let started = Instant::now();
     let stores = Stores::new();
     let job = Job::load(config_yaml, &stores, opts.plan).await?;
+    let location = stores.resolve(out)?;
+    job.check_output(&location)?;
+    let output = ClusterOutput::for_location(&location)?;
     for w in &job.plan.warnings {
         tracing::warn!("{w}");
     }
-    let location = stores.resolve(out)?;
-    let output = ClusterOutput::for_location(&location)?;
+    let (listener, tls) = bind(&opts).await?;
+    let holder = Holder::this_process("coordinator", Some(opts.listen.to_string()));
+    let lock = OutputLock::acquire(&location, &holder).await?;
+    let prepared = prepare(&job, &location, &output, &opts).await;
+    let (journal, sink, warnings) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            lock.release().await;
+            return Err(e);
+        }
+    };
+    let served = serve(
+        &job, journal, warnings, output, &location, &sink, listener, tls, &lock, &opts,
+    )
+    .await;
+    lock.release().await;
+    let (shared, resumed, commit_seconds) = served?;
+    Ok(ClusterSummary {
+        output: location.display.clone(),
+        tensors: shared.plan.tensor_count(),
+        tasks: shared.plan.tasks.len(),
+        resumed,
+        bytes_written: shared.plan.bytes_written(),
+        seconds: started.elapsed().as_secs_f64(),
+        commit_seconds,
+        warnings: shared.warnings.clone(),
+    })
+}
 
-    // Resume or start over.
+/// Bind the port and load the TLS identity: failures here must leave the output untouched.
+async fn bind(opts: &CoordinatorOptions) -> Result<(tokio::net::TcpListener, Option<Identity>)> {
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| Error::Usage(format!("cannot listen on {}: {e}", opts.listen)))?;
+    let tls = match &opts.tls {
+        Some((cert, key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p)
+                    .map_err(|e| Error::Usage(format!("cannot read {}: {e}", p.display())))
+            };
+            Some(Identity::from_pem(read(cert)?, read(key)?))
+        }
+        None => None,
+    };
+    Ok((listener, tls))
+}
+
+/// Resume or start over, then write the side files and prepare every output file.
+async fn prepare(
+    job: &Job,
+    location: &Location,
+    output: &ClusterOutput,
+    opts: &CoordinatorOptions,
+) -> Result<(Journal, Sink, Vec<String>)> {
     let fp = fingerprint(&job.config, &job.plan);
-    let mut journal = match Journal::load(&location).await? {
+    let mut journal = match Journal::load(location).await? {
         Some(old) if old.fingerprint == fp && !opts.restart => {
             tracing::info!(
                 "resuming from the journal in {}: {} task(s) already done",
@@ -141,27 +200,38 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
             }
             tracing::info!("--restart: discarding the journal in {}", location.display);
             output.abort(&job.plan, &old).await;
-            Journal::remove(&location).await;
+            Journal::remove(location).await;
             Journal::new(fp)
         }
         None => Journal::new(fp),
     };
     let sink = Sink::open(location.clone(), opts.overwrite).await?;
-    job.write_side_files(&sink, opts.copy_tokenizer, opts.model_card)
+    let warnings = job
+        .write_side_files(&sink, opts.copy_tokenizer, opts.model_card)
         .await?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
     output.prepare(&job.plan, &mut journal).await?;
-    journal.save(&location).await?;
+    journal.save(location).await?;
+    Ok((journal, sink, warnings))
+}
 
+/// Serve workers until the merge ends; on failure, give the output up cleanly.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    job: &Job,
+    journal: Journal,
+    warnings: Vec<String>,
+    output: ClusterOutput,
+    location: &Location,
+    sink: &Sink,
+    listener: tokio::net::TcpListener,
+    tls: Option<Identity>,
+    lock: &OutputLock,
+    opts: &CoordinatorOptions,
+) -> Result<(Arc<Shared>, usize, f64)> {
     let plan = Arc::new(job.plan.clone());
-    let needs = plan
-        .tasks
-        .iter()
-        .map(|t| TaskNeeds {
-            working_set: t.working_set(),
-            min_memory: t.tensors.iter().map(min_memory).max().unwrap_or(0),
-            bytes: t.out.end - t.out.start,
-        })
-        .collect();
     let describe_plan = Arc::clone(&plan);
     let epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -169,7 +239,7 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
         .unwrap_or(1);
     let mut state = ClusterState::new(
         epoch,
-        needs,
+        plan.tasks.iter().map(TaskNeeds::of).collect(),
         opts.max_attempts,
         opts.lease_timeout,
         Box::new(move |i| describe(&describe_plan, i)),
@@ -183,12 +253,12 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
         changed: Notify::new(),
         plan,
         output,
+        warnings,
         journal: Mutex::new(journal),
-        started,
+        started: Instant::now(),
         output_display: location.display.clone(),
     });
 
-    // Serve.
     let (events_tx, events) = mpsc::unbounded_channel();
     let svc = service::Service {
         shared: shared.clone(),
@@ -201,15 +271,8 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
     health
         .set_serving::<pb::coordinator_server::CoordinatorServer<service::Service>>()
         .await;
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|e| Error::Usage(format!("cannot listen on {}: {e}", opts.listen)))?;
     let mut builder = Server::builder();
-    if let Some((cert, key)) = &opts.tls {
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|e| Error::Usage(format!("cannot read {}: {e}", p.display())))
-        };
-        let identity = Identity::from_pem(read(cert)?, read(key)?);
+    if let Some(identity) = tls {
         builder = builder
             .tls_config(ServerTlsConfig::new().identity(identity))
             .map_err(|e| Error::Usage(format!("bad TLS certificate or key: {e}")))?;
@@ -237,37 +300,58 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
         fmt_bytes(shared.plan.bytes_written())
     );
 
-    let outcome = main_loop(&shared, &job, &sink, &location, events).await;
+    let outcome = tokio::select! {
+        r = main_loop(&shared, job, sink, location, events) => r,
+        _ = lock.lost() => Err(Error::OutputLost(location.display.clone())),
+    };
     let commit_seconds = match &outcome {
         Ok(s) => *s,
         Err(Error::Interrupted) => {
             tracing::warn!("interrupted: uploads and the journal are kept; start the coordinator again to resume");
             0.0
         }
+        Err(Error::OutputLost(_)) => 0.0,
         Err(e) => {
-            let journal = shared.journal.lock().expect("journal").clone();
-            shared.output.abort(&shared.plan, &journal).await;
-            Journal::remove(&location).await;
             shared.state.lock().expect("state").fail(e.to_string());
+            give_up(&shared, location).await;
             0.0
         }
     };
     shared.changed.notify_waiters();
-    if !matches!(outcome, Err(Error::Interrupted)) {
+    if !matches!(outcome, Err(Error::Interrupted | Error::OutputLost(_))) {
         linger(&shared, opts.linger).await;
     }
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    outcome?;
-    Ok(ClusterSummary {
-        output: location.display.clone(),
-        tensors: shared.plan.tensor_count(),
-        tasks: shared.plan.tasks.len(),
-        resumed,
-        bytes_written: shared.plan.bytes_written(),
-        seconds: started.elapsed().as_secs_f64(),
-        commit_seconds,
-    })
+    let commit_seconds = outcome.map(|_| commit_seconds)?;
+    Ok((shared, resumed, commit_seconds))
+}
+
+/// A failed merge: abort the uploads concurrently under one deadline. The journal goes only
+/// when nothing is left open; otherwise it keeps the upload ids, so running the coordinator
+/// again (same config: resume; `--restart`: abort them) can clean up.
+async fn give_up(shared: &Shared, location: &Location) {
+    let journal = shared.journal.lock().expect("journal").clone();
+    let left = shared.output.abort(&shared.plan, &journal).await;
+    if left.is_empty() {
+        if tokio::time::timeout(ABORT_DEADLINE, Journal::remove(location))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "could not remove the journal in {} in time",
+                location.display
+            );
+        }
+    } else {
+        let ids: Vec<String> = left.iter().map(|(f, id)| format!("{f}: {id}")).collect();
+        tracing::warn!(
+            "{} upload(s) may still be open under {} (upload ids kept in its journal: {}); run the coordinator again to resume, or with --restart to abort them",
+            left.len(),
+            location.display,
+            ids.join(", ")
+        );
+    }
 }
 
 /// Keep answering until every registered worker has been told the outcome (one that
@@ -297,7 +381,7 @@ async fn main_loop(
     shared: &Shared,
     job: &Job,
     sink: &Sink,
-    location_journal: &crate::source::Location,
+    location_journal: &Location,
     mut events: mpsc::UnboundedReceiver<Reported>,
 ) -> Result<f64> {
     let plan = &shared.plan;

@@ -13,7 +13,7 @@ use object_store::ObjectStoreExt;
 
 use super::journal::Journal;
 use crate::plan::{split_parts, MergePlan, Task};
-use crate::sink::{tmp_name, SinkError};
+use crate::sink::{tmp_name, SinkError, ABORT_DEADLINE};
 use crate::source::Location;
 use crate::wire::pb;
 
@@ -32,11 +32,9 @@ impl ClusterOutput {
         match (&location.local_dir, &location.multipart) {
             (Some(dir), _) => Ok(ClusterOutput::Local { dir: dir.clone() }),
             (None, Some(store)) => Ok(ClusterOutput::Multipart { location: location.clone(), store: store.clone() }),
-            (None, None) => Err(SinkError::Io {
-                path: location.display.clone(),
-                source: std::io::Error::other(
-                    "cluster mode writes to a shared filesystem path or to S3, GCS or Azure (multipart uploads); this store has neither",
-                ),
+            (None, None) => Err(SinkError::Unsupported {
+                url: location.display.clone(),
+                message: "cluster mode writes to a shared filesystem path or to S3, GCS or Azure (multipart uploads); this store has neither".into(),
             }),
         }
     }
@@ -49,18 +47,23 @@ impl ClusterOutput {
             }
             match self {
                 ClusterOutput::Local { dir } => {
+                    // Never truncate a partial file: a worker of the previous run may still
+                    // be writing its range. Reuse it; tasks not in the journal run again.
                     let path = dir.join(tmp_name(&f.name));
                     let io = |source| SinkError::Io {
                         path: path.display().to_string(),
                         source,
                     };
-                    let reuse = std::fs::metadata(&path).is_ok_and(|m| m.len() == f.size)
-                        && plan.tasks[f.tasks.clone()]
-                            .iter()
-                            .any(|t| journal.done.contains_key(&t.id));
-                    if !reuse {
-                        let file = std::fs::File::create(&path).map_err(io)?;
+                    let existed = std::fs::metadata(&path).is_ok_and(|m| m.len() == f.size);
+                    if !existed {
+                        let file = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(&path)
+                            .map_err(io)?;
                         file.set_len(f.size).map_err(io)?;
+                        // A new (or resized) file holds none of the journal's finished tasks.
                         for t in f.tasks.clone() {
                             journal.done.remove(&t);
                         }
@@ -189,26 +192,41 @@ impl ClusterOutput {
         }
     }
 
-    /// Give up: abort uploads and remove partial files not yet complete.
-    pub async fn abort(&self, plan: &MergePlan, journal: &Journal) {
-        for f in plan
+    /// Give up: abort uploads and remove partial files not yet complete, concurrently and
+    /// within [`ABORT_DEADLINE`]. Returns the files whose uploads may still be open, with
+    /// their upload ids (kept in the journal so a later run can clean them up).
+    pub async fn abort(&self, plan: &MergePlan, journal: &Journal) -> Vec<(String, String)> {
+        let open = plan
             .files
             .iter()
-            .filter(|f| !journal.completed_files.contains(&f.name))
-        {
-            match self {
-                ClusterOutput::Local { dir } => {
+            .filter(|f| !journal.completed_files.contains(&f.name));
+        match self {
+            ClusterOutput::Local { dir } => {
+                for f in open {
                     let _ = std::fs::remove_file(dir.join(tmp_name(&f.name)));
                 }
-                ClusterOutput::Multipart { location, store } => {
-                    if let Some(id) = journal.uploads.get(&f.name) {
-                        if let Err(e) = store.abort_multipart(&location.child(&f.name), id).await {
+                Vec::new()
+            }
+            ClusterOutput::Multipart { location, store } => {
+                let uploads: Vec<(String, String)> = open
+                    .filter_map(|f| Some((f.name.clone(), journal.uploads.get(&f.name)?.clone())))
+                    .collect();
+                let aborts = uploads.iter().map(|(name, id)| async move {
+                    match store.abort_multipart(&location.child(name), id).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => None,
+                        Err(e) => {
                             tracing::warn!(
                                 "could not abort the upload of {}: {e}",
-                                location.child_display(&f.name)
+                                location.child_display(name)
                             );
+                            Some((name.clone(), id.clone()))
                         }
                     }
+                });
+                match tokio::time::timeout(ABORT_DEADLINE, futures::future::join_all(aborts)).await
+                {
+                    Ok(left) => left.into_iter().flatten().collect(),
+                    Err(_) => uploads,
                 }
             }
         }

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::state::{Lease, Outcome, Phase, Reported};
 use super::Shared;
+use crate::units::fmt_bytes;
 use crate::wire::{pb, task_to_wire, PROTOCOL_VERSION};
 
 /// Longest a lease call waits for a task.
@@ -33,6 +34,20 @@ impl pb::coordinator_server::Coordinator for Service {
             )));
         }
         let mut st = self.shared.state.lock().expect("state");
+        // A worker too small for a task would wait forever: refuse it now, saying how much
+        // it needs (workers of one Job are alike, so this is a configuration error).
+        if let Some((task, need)) = st.most_memory_needed() {
+            if r.memory_limit < need {
+                return Err(Status::failed_precondition(format!(
+                    "worker `{}` has {} for tasks, but {} needs at least {} even when streamed: give workers --memory-limit {} or more",
+                    r.name,
+                    fmt_bytes(r.memory_limit),
+                    st.describe(task),
+                    fmt_bytes(need),
+                    fmt_bytes(crate::units::limit_for_task_budget(need))
+                )));
+            }
+        }
         let id = st.register(&r.name, r.memory_limit, r.threads, Instant::now());
         let lease = st.lease_timeout;
         tracing::info!(worker = id, name = %r.name, memory = r.memory_limit, threads = r.threads, "worker registered");
@@ -117,6 +132,9 @@ impl pb::coordinator_server::Coordinator for Service {
                     .map(|p| (p.part, p.content_id))
                     .collect(),
             },
+            Some(pb::report_request::Outcome::Failure(f)) if f.preempted => {
+                Outcome::Preempted { message: f.message }
+            }
             Some(pb::report_request::Outcome::Failure(f)) => Outcome::Failure {
                 message: f.message,
                 retryable: f.retryable,

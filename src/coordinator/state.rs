@@ -18,6 +18,21 @@ pub struct TaskNeeds {
     pub bytes: u64,
 }
 
+impl TaskNeeds {
+    pub fn of(t: &crate::plan::Task) -> Self {
+        TaskNeeds {
+            working_set: t.working_set(),
+            min_memory: t
+                .tensors
+                .iter()
+                .map(crate::exec::min_memory)
+                .max()
+                .unwrap_or(0),
+            bytes: t.out.end - t.out.start,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskStatus {
     Pending,
@@ -37,6 +52,9 @@ pub struct TaskSlot {
     pub status: TaskStatus,
     /// Attempts handed out so far; the next lease gets this number.
     pub attempts: u32,
+    /// Attempts ended by their worker's shutdown (preemption): not the task's fault, so
+    /// they do not count toward --max-attempts.
+    pub preempted: u32,
     pub errors: Vec<String>,
     pub needs: TaskNeeds,
 }
@@ -85,8 +103,17 @@ pub enum Lease {
 /// The outcome a worker reports for one attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Success { parts: Vec<(u32, String)> },
-    Failure { message: String, retryable: bool },
+    Success {
+        parts: Vec<(u32, String)>,
+    },
+    Failure {
+        message: String,
+        retryable: bool,
+    },
+    /// The worker was stopped (SIGTERM) mid-task: run it again, without counting it.
+    Preempted {
+        message: String,
+    },
 }
 
 /// What a report did.
@@ -126,6 +153,7 @@ impl ClusterState {
                 .map(|needs| TaskSlot {
                     status: TaskStatus::Pending,
                     attempts: 0,
+                    preempted: 0,
                     errors: Vec::new(),
                     needs,
                 })
@@ -321,16 +349,24 @@ impl ClusterState {
                 slot.status = TaskStatus::Pending;
                 self.after_failure(task, retryable)
             }
+            Outcome::Preempted { message } => {
+                slot.preempted += 1;
+                slot.errors
+                    .push(format!("attempt {attempt} (not counted): {message}"));
+                slot.status = TaskStatus::Pending;
+                Reported::Retrying(task)
+            }
         }
     }
 
     fn after_failure(&mut self, task: usize, retryable: bool) -> Reported {
         let slot = &self.tasks[task];
-        if !retryable || slot.attempts >= self.max_attempts {
+        let failures = slot.attempts - slot.preempted;
+        if !retryable || failures >= self.max_attempts {
             let why = if retryable {
                 format!(
-                    "failed {} times (--max-attempts {})",
-                    slot.attempts, self.max_attempts
+                    "failed {failures} times (--max-attempts {})",
+                    self.max_attempts
                 )
             } else {
                 "failed and cannot succeed on another attempt".to_string()
@@ -416,6 +452,22 @@ impl ClusterState {
             }
         }
         c
+    }
+
+    /// The unfinished task that needs the most memory even when streamed, and that memory:
+    /// a worker with less could never run it.
+    pub fn most_memory_needed(&self) -> Option<(usize, u64)> {
+        self.tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !matches!(t.status, TaskStatus::Done { .. }))
+            .map(|(i, t)| (i, t.needs.min_memory))
+            .max_by_key(|&(i, m)| (m, std::cmp::Reverse(i)))
+    }
+
+    /// How to name a task in messages.
+    pub fn describe(&self, task: usize) -> String {
+        (self.describe)(task)
     }
 
     pub fn bytes_done(&self) -> u64 {

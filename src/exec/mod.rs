@@ -350,7 +350,7 @@ async fn stream_tensor(
                 let part = blocking(move || k.block_stats(&views(&bytes, &dtypes), 0, len)).await?;
                 stats.extend(part);
             }
-            Some(k.ratio(stats.iter()))
+            Some(k.ratio(slices.len() - 1, stats.iter()))
         }
         _ => None,
     };

@@ -11,6 +11,7 @@
 //! too large for memory can be streamed in block-aligned windows with the same bits out.
 
 pub mod numeric;
+mod wide;
 
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -28,6 +29,8 @@ pub enum WorkDtype {
     BF16,
     F16,
     F32,
+    /// mergekit keeps float64 inputs in float64 when no `dtype` is given.
+    F64,
 }
 
 impl WorkDtype {
@@ -37,6 +40,7 @@ impl WorkDtype {
             "bfloat16" => Some(Self::BF16),
             "float16" | "half" => Some(Self::F16),
             "float32" | "float" => Some(Self::F32),
+            "float64" | "double" => Some(Self::F64),
             _ => None,
         }
     }
@@ -46,6 +50,7 @@ impl WorkDtype {
             Self::BF16 => "bfloat16",
             Self::F16 => "float16",
             Self::F32 => "float32",
+            Self::F64 => "float64",
         }
     }
     pub fn st_dtype(self) -> Dtype {
@@ -53,6 +58,7 @@ impl WorkDtype {
             Self::BF16 => Dtype::BF16,
             Self::F16 => Dtype::F16,
             Self::F32 => Dtype::F32,
+            Self::F64 => Dtype::F64,
         }
     }
     pub fn from_st(d: Dtype) -> Option<Self> {
@@ -60,6 +66,7 @@ impl WorkDtype {
             Dtype::BF16 => Some(Self::BF16),
             Dtype::F16 => Some(Self::F16),
             Dtype::F32 => Some(Self::F32),
+            Dtype::F64 => Some(Self::F64),
             _ => None,
         }
     }
@@ -67,6 +74,7 @@ impl WorkDtype {
         match self {
             Self::BF16 | Self::F16 => 2,
             Self::F32 => 4,
+            Self::F64 => 8,
         }
     }
 }
@@ -83,17 +91,25 @@ pub struct InputView<'a> {
     pub dtype: Dtype,
 }
 
-/// Partial sums over some elements: squared norms of each task vector, then the dot products
-/// of each pair (i < j) in row-major pair order. Accumulated in f64.
+/// Partial sums over some elements of `fine_tunes` task vectors: the squared norm of each,
+/// then the dot products of each pair (i < j) in row-major pair order. Accumulated in f64.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Stats(pub Vec<f64>);
+pub struct Stats {
+    pub fine_tunes: usize,
+    pub sums: Vec<f64>,
+}
 
 impl Stats {
-    fn zero(n: usize) -> Self {
-        Stats(vec![0.0; n + n * (n - 1) / 2])
+    pub fn zero(fine_tunes: usize) -> Self {
+        let n = fine_tunes;
+        Stats {
+            fine_tunes: n,
+            sums: vec![0.0; n + n * n.saturating_sub(1) / 2],
+        }
     }
     fn add(&mut self, other: &Stats) {
-        for (a, b) in self.0.iter_mut().zip(&other.0) {
+        debug_assert_eq!(self.fine_tunes, other.fine_tunes);
+        for (a, b) in self.sums.iter_mut().zip(&other.sums) {
             *a += b;
         }
     }
@@ -117,7 +133,7 @@ impl ModelStock {
             self.merge_rows(row, inputs, out);
         } else {
             let stats = self.block_stats(inputs, 0, numel);
-            let t = self.ratio(stats.iter());
+            let t = self.ratio(inputs.len() - 1, stats.iter());
             self.apply(inputs, 0, numel, t, out);
         }
     }
@@ -133,7 +149,7 @@ impl ModelStock {
                 let start = r * row;
                 let len = out.len() / osz;
                 let s = self.stats_range(inputs, start, len);
-                let t = self.ratio(std::iter::once(&s));
+                let t = self.ratio(inputs.len() - 1, std::iter::once(&s));
                 self.apply_range(inputs, start, len, t, out);
             });
     }
@@ -153,24 +169,25 @@ impl ModelStock {
             .collect()
     }
 
-    /// The interpolation ratio `t` from per-block statistics, combined in order.
-    pub fn ratio<'a>(&self, parts: impl Iterator<Item = &'a Stats>) -> f32 {
-        let mut it = parts.peekable();
-        let n_stats = it.peek().map(|s| s.0.len()).unwrap_or(0);
-        let mut total = Stats(vec![0.0; n_stats]);
-        for s in it {
+    /// The interpolation ratio `t` for `fine_tunes` fine-tunes from per-block statistics,
+    /// combined in order.
+    /// (An f32 for the 16- and 32-bit dtypes, widened exactly.)
+    pub fn ratio<'a>(&self, fine_tunes: usize, parts: impl Iterator<Item = &'a Stats>) -> f64 {
+        let mut total = Stats::zero(fine_tunes);
+        for s in parts {
             total.add(s);
         }
         match self.work {
-            WorkDtype::BF16 => ratio_from::<Bf16>(&total),
-            WorkDtype::F16 => ratio_from::<F16>(&total),
-            WorkDtype::F32 => ratio_from::<F32>(&total),
+            WorkDtype::BF16 => ratio_from::<Bf16>(&total) as f64,
+            WorkDtype::F16 => ratio_from::<F16>(&total) as f64,
+            WorkDtype::F32 => ratio_from::<F32>(&total) as f64,
+            WorkDtype::F64 => wide::ratio(&total),
         }
     }
 
     /// Write the merged values of `len` elements starting at element `start` of `inputs`
     /// into `out` (which starts at that element), in parallel.
-    pub fn apply(&self, inputs: &[InputView], start: usize, len: usize, t: f32, out: &mut [u8]) {
+    pub fn apply(&self, inputs: &[InputView], start: usize, len: usize, t: f64, out: &mut [u8]) {
         let osz = self.out.size();
         debug_assert_eq!(out.len(), len * osz);
         out.par_chunks_mut(BLOCK * osz)
@@ -185,15 +202,18 @@ impl ModelStock {
             WorkDtype::BF16 => simd::stats_range::<Bf16>(inputs, start, len),
             WorkDtype::F16 => simd::stats_range::<F16>(inputs, start, len),
             WorkDtype::F32 => simd::stats_range::<F32>(inputs, start, len),
+            WorkDtype::F64 => wide::stats_range(inputs, start, len),
         }
     }
 
-    fn apply_range(&self, inputs: &[InputView], start: usize, len: usize, t: f32, out: &mut [u8]) {
+    fn apply_range(&self, inputs: &[InputView], start: usize, len: usize, t: f64, out: &mut [u8]) {
         let od = self.out.st_dtype();
+        let t32 = t as f32;
         match self.work {
-            WorkDtype::BF16 => simd::apply_range::<Bf16>(inputs, start, len, t, od, out),
-            WorkDtype::F16 => simd::apply_range::<F16>(inputs, start, len, t, od, out),
-            WorkDtype::F32 => simd::apply_range::<F32>(inputs, start, len, t, od, out),
+            WorkDtype::BF16 => simd::apply_range::<Bf16>(inputs, start, len, t32, od, out),
+            WorkDtype::F16 => simd::apply_range::<F16>(inputs, start, len, t32, od, out),
+            WorkDtype::F32 => simd::apply_range::<F32>(inputs, start, len, t32, od, out),
+            WorkDtype::F64 => wide::apply_range(inputs, start, len, t, od, out),
         }
     }
 }
@@ -215,7 +235,7 @@ mod simd {
 
     pub fn stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stats {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if has_avx2() {
             // SAFETY: the CPU supports the features the function is compiled for.
             return unsafe { stats_avx2::<R>(inputs, start, len) };
         }
@@ -231,11 +251,20 @@ mod simd {
         out: &mut [u8],
     ) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if has_avx2() {
             // SAFETY: as above.
             return unsafe { apply_avx2::<R>(inputs, start, len, t, od, out) };
         }
         super::apply_range::<R>(inputs, start, len, t, od, out)
+    }
+
+    /// Every feature the fast functions are compiled with (f16c too: a CPU may have AVX2
+    /// without it, for example under some hypervisors).
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2() -> bool {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -278,9 +307,9 @@ fn stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stat
         }
         let mut p = n;
         for i in 0..n {
-            stats.0[i] += sum_sq(&d[i][..m]);
+            stats.sums[i] += sum_sq(&d[i][..m]);
             for j in i + 1..n {
-                stats.0[p] += sum_rounded_products::<R>(&d[i][..m], &d[j][..m]);
+                stats.sums[p] += sum_rounded_products::<R>(&d[i][..m], &d[j][..m]);
                 p += 1;
             }
         }
@@ -331,13 +360,11 @@ fn sum_rounded_products<R: Round>(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn ratio_from<R: Round>(stats: &Stats) -> f32 {
-    // number of fine-tunes n from n + n(n-1)/2 = len
-    let len = stats.0.len();
-    let n = (1..=64).find(|n| n + n * (n - 1) / 2 == len).unwrap_or(0);
+    let n = stats.fine_tunes;
     if n < 2 {
         return 0.0;
     }
-    let norms: Vec<f32> = stats.0[..n]
+    let norms: Vec<f32> = stats.sums[..n]
         .iter()
         .map(|s| R::round_f64(s.sqrt()))
         .collect();
@@ -352,7 +379,7 @@ fn ratio_from<R: Round>(stats: &Stats) -> f32 {
             } else {
                 norm_product
             };
-            let dot = R::round_f64(stats.0[p]);
+            let dot = R::round_f64(stats.sums[p]);
             let cos = R::round(dot / denom).clamp(-1.0, 1.0);
             cos_sum += cos as f64;
             p += 1;

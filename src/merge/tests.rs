@@ -9,7 +9,7 @@ fn round(w: WorkDtype, x: f32) -> f32 {
     match w {
         WorkDtype::BF16 => bf16::from_f32(x).to_f32(),
         WorkDtype::F16 => f16::from_f32(x).to_f32(),
-        WorkDtype::F32 => x,
+        WorkDtype::F32 | WorkDtype::F64 => x,
     }
 }
 
@@ -17,7 +17,7 @@ fn round64(w: WorkDtype, x: f64) -> f32 {
     match w {
         WorkDtype::BF16 => Bf16::round_f64(x),
         WorkDtype::F16 => F16::round_f64(x),
-        WorkDtype::F32 => F32::round_f64(x),
+        WorkDtype::F32 | WorkDtype::F64 => F32::round_f64(x),
     }
 }
 
@@ -198,7 +198,7 @@ fn hand_computed_bf16_rounding() {
     // is a tie that rounds to even 1.671875; t = bf16(1/1.671875) = 0.59765625. Computing
     // t in f32 and rounding once would give bf16(0.6) = 0.6015625.
     let stats = k.block_stats(&views, 0, 1);
-    let t = k.ratio(stats.iter());
+    let t = k.ratio(views.len() - 1, stats.iter());
     assert_eq!(t, 0.59765625);
     // With t = 1 the output is the average: 1 + (1+2^-7) = 2.0078125 is a tie -> 2.0;
     // 2 + (1+2^-7) = 3.0078125 is a tie -> 3.0; 3/3 = 1.0. Exact arithmetic rounded once
@@ -254,7 +254,10 @@ fn opposite_task_vectors_take_the_t_zero_branch() {
                 dtype: work.st_dtype(),
             })
             .collect();
-        assert_eq!(k.ratio(k.block_stats(&views, 0, 256).iter()), 0.0);
+        assert_eq!(
+            k.ratio(views.len() - 1, k.block_stats(&views, 0, 256).iter()),
+            0.0
+        );
     }
 }
 
@@ -309,7 +312,7 @@ fn streamed_windows_equal_one_pass() {
         let e = (s + window).min(numel);
         stats.extend(k.block_stats(&view(s, e), 0, e - s));
     }
-    let t = k.ratio(stats.iter());
+    let t = k.ratio(bytes.len() - 1, stats.iter());
     let mut out = vec![0u8; numel * 4];
     for s in (0..numel).step_by(window) {
         let e = (s + window).min(numel);
@@ -344,4 +347,76 @@ fn dtype_names() {
     assert_eq!(row_len(&[4, 5, 6]), 6);
     assert_eq!(row_len(&[7]), 7);
     assert_eq!(row_len(&[]), 1);
+}
+
+#[test]
+fn many_fine_tunes_match_reference() {
+    // The count of fine-tunes is passed, never inferred: 65 and 100 once gave the base back.
+    for n in [65, 100] {
+        for fw in [false, true] {
+            let shape = [8, 40];
+            let w = models(n, 320, WorkDtype::BF16, n as u64);
+            let k = ModelStock {
+                work: WorkDtype::BF16,
+                out: WorkDtype::BF16,
+                filter_wise: fw,
+            };
+            let got = run(k, &shape, &w, WorkDtype::BF16);
+            assert_bits_eq(&got, &reference(k, &shape, &w), &format!("n={n} fw={fw}"));
+            assert_ne!(got, w[0], "n={n}: the base came back unmerged");
+        }
+    }
+}
+
+#[test]
+fn float64_work_stays_float64() {
+    // mergekit keeps float64 inputs in float64: compare with the formula in plain f64.
+    let shape = [16, 24];
+    let n = 3;
+    let w32 = models(n, 384, WorkDtype::F32, 11);
+    let w: Vec<Vec<f64>> = w32
+        .iter()
+        .map(|m| m.iter().map(|x| *x as f64 * (1.0 + 1e-9)).collect())
+        .collect();
+    let bytes: Vec<Vec<u8>> = w
+        .iter()
+        .map(|m| m.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<InputView> = bytes
+        .iter()
+        .map(|b| InputView {
+            bytes: b,
+            dtype: Dtype::F64,
+        })
+        .collect();
+    let k = ModelStock {
+        work: WorkDtype::F64,
+        out: WorkDtype::F64,
+        filter_wise: false,
+    };
+    let mut out = vec![0u8; 384 * 8];
+    k.merge(&shape, &views, &mut out);
+    let got: Vec<f64> = out
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let d: Vec<Vec<f64>> = (1..=n)
+        .map(|i| (0..384).map(|e| w[i][e] - w[0][e]).collect())
+        .collect();
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let mut c = 0.0;
+    for i in 0..n {
+        for j in i + 1..n {
+            c += dot(&d[i], &d[j]) / (dot(&d[i], &d[i]).sqrt() * dot(&d[j], &d[j]).sqrt());
+        }
+    }
+    c /= 3.0;
+    let t = 3.0 * c / (1.0 + 2.0 * c);
+    for e in 0..384 {
+        let avg = (w[1][e] + w[2][e] + w[3][e]) / 3.0;
+        let want = t * avg + (1.0 - t) * w[0][e];
+        assert!((got[e] - want).abs() <= 1e-15, "{e}: {} vs {want}", got[e]);
+    }
+    // Not a float32 result widened: float64 keeps bits float32 cannot hold.
+    assert!(got.iter().any(|x| (*x as f32) as f64 != *x));
 }

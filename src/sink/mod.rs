@@ -6,7 +6,11 @@
 //! is invisible until completed. Data files come first, the index (or the single
 //! `model.safetensors`) last: it is the commit point. An output that already holds a complete
 //! checkpoint is refused unless the caller allows overwriting, and an overwrite first removes
-//! the old commit point so a crash midway cannot leave a mix that looks whole.
+//! the old commit point so a crash midway cannot leave a mix that looks whole, then every
+//! other file of the old checkpoint. Before any of this, [`lock`] makes the caller the
+//! output's only owner.
+
+pub mod lock;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,10 +19,10 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use object_store::path::Path;
 use object_store::WriteMultipart;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+use crate::checkpoint;
 use crate::source::{head_size, read_small, Location, SourceError};
 
 /// Where an output could not be written.
@@ -27,6 +31,18 @@ use crate::source::{head_size, read_small, Location, SourceError};
 pub enum SinkError {
     #[error("{location} already holds a complete checkpoint ({marker}); pass --overwrite to replace it, or choose another output")]
     Exists { location: String, marker: String },
+    #[error(
+        "{location} is being written by {holder}; wait for it to finish, or choose another output"
+    )]
+    Held { location: String, holder: String },
+    #[error("the output {output} {how} the input model `{input}`; a merge never writes where its inputs are: choose another output")]
+    OverlapsInput {
+        output: String,
+        how: &'static str,
+        input: String,
+    },
+    #[error("cannot write to {url}: {message}")]
+    Unsupported { url: String, message: String },
     #[error("cannot write {path}: {source}{}", io_hint(source))]
     Io {
         path: String,
@@ -52,7 +68,11 @@ pub enum SinkError {
 impl SinkError {
     pub fn is_invalid_input(&self) -> bool {
         match self {
-            SinkError::Exists { .. } | SinkError::Unusable { .. } => true,
+            SinkError::Exists { .. }
+            | SinkError::Held { .. }
+            | SinkError::OverlapsInput { .. }
+            | SinkError::Unsupported { .. }
+            | SinkError::Unusable { .. } => true,
             SinkError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::PermissionDenied
@@ -76,6 +96,9 @@ pub const SINGLE_NAME: &str = "model.safetensors";
 
 /// Chunk size of multipart uploads (every part but the last; S3 needs at least 5 MiB).
 const PART_SIZE: usize = 16 << 20;
+/// How long giving up may take: aborts run concurrently under this one deadline, so a
+/// failed merge with its store gone exits promptly whatever the number of files.
+pub const ABORT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
 /// Parts of one file uploading at once.
 const PARTS_IN_FLIGHT: usize = 4;
 
@@ -285,13 +308,23 @@ impl Sink {
             Sink::Store(s) => {
                 let open: Vec<(String, WriteMultipart)> =
                     s.open.lock().await.drain().collect::<Vec<_>>();
-                for (n, w) in open {
+                let aborts = open.into_iter().map(|(n, w)| async move {
                     if let Err(e) = w.abort().await {
                         tracing::warn!(
                             "could not abort the upload of {}: {e}",
                             s.location.child_display(&n)
                         );
                     }
+                });
+                if tokio::time::timeout(ABORT_DEADLINE, futures::future::join_all(aborts))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "could not abort every upload under {} within {} s; a bucket lifecycle rule for incomplete multipart uploads removes what is left",
+                        s.location.display,
+                        ABORT_DEADLINE.as_secs()
+                    );
                 }
             }
         }
@@ -329,22 +362,46 @@ fn join_err(name: &str, e: tokio::task::JoinError) -> SinkError {
     }
 }
 
-/// Remove an old checkpoint's commit point first, then its data files.
+/// Remove an old checkpoint: its commit point first (so a crash midway never leaves a mix
+/// that looks whole), then every other file it had: the single `model.safetensors`, every
+/// shard its index names or that is named like one (`model-*-of-*.safetensors`), and the
+/// small files a merge writes beside them. transformers prefers `model.safetensors` to an
+/// index, so an old single file left beside a new index would silently win.
 async fn remove_old_checkpoint(location: &Location, marker: &str) -> Result<(), SinkError> {
     let store: &dyn ObjectStore = location.store.as_ref();
-    let mut data_files = Vec::new();
+    let mut old: Vec<String> = Vec::new();
     if marker == INDEX_NAME {
         let url = location.child_display(INDEX_NAME);
         let json = read_small(store, &location.child(INDEX_NAME), &url).await?;
         if let Ok(map) = crate::source::parse_index(&json, &url) {
-            let mut files: Vec<String> = map.into_values().collect();
-            files.sort();
-            files.dedup();
-            data_files = files;
+            old.extend(map.into_values().filter(|f| is_plain_name(f)));
         }
     }
-    let delete = |p: Path, name: String| async move {
-        match store.delete(&p).await {
+    let listing = store
+        .list_with_delimiter(Some(&location.prefix))
+        .await
+        .map_err(|source| SinkError::Store {
+            url: location.display.clone(),
+            source,
+        })?;
+    old.extend(
+        listing
+            .objects
+            .iter()
+            .filter_map(|o| o.location.filename())
+            .filter(|n| {
+                *n == SINGLE_NAME
+                    || is_shard_name(n)
+                    || checkpoint::COPIED_FILES.contains(n)
+                    || checkpoint::WRITTEN_FILES.contains(n)
+            })
+            .map(str::to_string),
+    );
+    old.sort();
+    old.dedup();
+    old.retain(|f| f != marker);
+    let delete = |name: String| async move {
+        match store.delete(&location.child(&name)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(source) => Err(SinkError::Store {
                 url: location.child_display(&name),
@@ -352,9 +409,34 @@ async fn remove_old_checkpoint(location: &Location, marker: &str) -> Result<(), 
             }),
         }
     };
-    delete(location.child(marker), marker.to_string()).await?;
-    for f in data_files {
-        delete(location.child(&f), f.clone()).await?;
+    delete(marker.to_string()).await?;
+    for f in old {
+        delete(f).await?;
     }
     Ok(())
+}
+
+/// `model-00001-of-00003.safetensors` and the like.
+fn is_shard_name(n: &str) -> bool {
+    n.strip_prefix("model-")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+        .is_some_and(|r| r.contains("-of-"))
+}
+
+/// A file name without a directory part (an index may name anything).
+fn is_plain_name(n: &str) -> bool {
+    !n.is_empty() && !n.contains('/') && n != "." && n != ".."
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names() {
+        assert!(is_shard_name("model-00001-of-00003.safetensors"));
+        assert!(!is_shard_name("model.safetensors"));
+        assert!(!is_shard_name("model-00001.safetensors"));
+        assert!(!is_plain_name("../x.safetensors") && is_plain_name("a.safetensors"));
+    }
 }

@@ -31,6 +31,9 @@ pub struct Location {
     pub display: String,
     /// Some(dir) when this is a local directory.
     pub local_dir: Option<PathBuf>,
+    /// Which store this is, as the store itself names it (bucket or container, endpoint),
+    /// so two spellings of one bucket compare equal. `file` for the local filesystem.
+    pub store_id: String,
 }
 
 impl std::fmt::Debug for Location {
@@ -48,10 +51,65 @@ impl Location {
     pub fn child_display(&self, name: &str) -> String {
         format!("{}/{}", self.display.trim_end_matches('/'), name)
     }
+
+    /// The location's identity for overlap checks: the store and the path segments, local
+    /// paths with symlinks resolved (as far as the path exists; the rest is appended as
+    /// written, already free of `.` and `..`).
+    pub fn identity(&self) -> (String, Vec<String>) {
+        let segments = match &self.local_dir {
+            Some(dir) => canonical(dir)
+                .components()
+                .filter_map(|c| match c {
+                    std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect(),
+            None => self
+                .prefix
+                .parts()
+                .map(|p| p.as_ref().to_string())
+                .collect(),
+        };
+        (self.store_id.clone(), segments)
+    }
+
+    /// True when one location is, contains, or lies inside the other.
+    pub fn overlaps(&self, other: &Location) -> bool {
+        let (sa, a) = self.identity();
+        let (sb, b) = other.identity();
+        sa == sb && (a.starts_with(&b) || b.starts_with(&a))
+    }
+
+    /// True when both name the same place.
+    pub fn same_place(&self, other: &Location) -> bool {
+        self.identity() == other.identity()
+    }
 }
 
-/// A store, and the same store as a multipart store when it is one.
-type StorePair = (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>);
+/// `path` with symlinks resolved in its longest existing ancestor.
+fn canonical(path: &std::path::Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut cur = path.to_path_buf();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(&cur) {
+            return rest.iter().rev().fold(c, |acc, r| acc.join(r));
+        }
+        match (cur.file_name().map(|n| n.to_os_string()), cur.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                cur = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// A store, the same store as a multipart store when it is one, and its identity.
+type StorePair = (
+    Arc<dyn ObjectStore>,
+    Option<Arc<dyn MultipartStore>>,
+    String,
+);
 
 /// Builds and caches stores.
 #[derive(Default)]
@@ -59,16 +117,22 @@ pub struct Stores {
     cache: Mutex<HashMap<String, StorePair>>,
 }
 
-/// Retry policy for every remote store: bounded in count and in total time. The total may
-/// be shortened with `MERGEFLEET_RETRY_TIMEOUT_SECS` (tests of unreachable endpoints use it).
-fn retry_config() -> RetryConfig {
+/// Retry policy for every remote store: bounded in total time (120 s, or
+/// `MERGEFLEET_RETRY_TIMEOUT_SECS`). The count bound is only a backstop far beyond what
+/// the time allows, so an outage shorter than the time never fails a merge (with a count
+/// of 50, quick refusals used up the tries in under 40 s).
+pub fn retry_timeout() -> Duration {
     let secs = std::env::var("MERGEFLEET_RETRY_TIMEOUT_SECS")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(120);
+    Duration::from_secs(secs)
+}
+
+fn retry_config() -> RetryConfig {
     RetryConfig {
-        max_retries: 50,
-        retry_timeout: Duration::from_secs(secs),
+        max_retries: 100_000,
+        retry_timeout: retry_timeout(),
         ..Default::default()
     }
 }
@@ -101,13 +165,14 @@ impl Stores {
                     ),
                 })?;
             let key = format!("{scheme:?}:{}", &url[..url::Position::BeforePath]);
-            let (store, multipart) = self.remote(&key, &scheme, &url, spec)?;
+            let (store, multipart, store_id) = self.remote(&key, &scheme, &url, spec)?;
             Ok(Location {
                 store,
                 multipart,
                 prefix: path,
                 display: spec.trim_end_matches('/').to_string(),
                 local_dir: None,
+                store_id,
             })
         } else {
             let p = PathBuf::from(spec);
@@ -135,7 +200,7 @@ impl Stores {
             let mut cache = self.cache.lock().expect("store cache");
             cache
                 .entry("local".into())
-                .or_insert_with(|| (Arc::new(LocalFileSystem::new()), None))
+                .or_insert_with(|| (Arc::new(LocalFileSystem::new()), None, "file".into()))
                 .0
                 .clone()
         };
@@ -145,6 +210,7 @@ impl Stores {
             prefix,
             display: path.display().to_string(),
             local_dir: Some(path),
+            store_id: "file".into(),
         })
     }
 
@@ -165,14 +231,15 @@ impl Stores {
         };
         let built: StorePair = match scheme {
             ObjectStoreScheme::AmazonS3 => {
-                let s = Arc::new(
-                    object_store::aws::AmazonS3Builder::from_env()
-                        .with_url(url.as_str())
-                        .with_retry(retry_config())
-                        .build()
-                        .map_err(bad)?,
-                );
-                (s.clone(), Some(s))
+                let b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url.as_str())
+                    .with_retry(retry_config());
+                let endpoint = b
+                    .get_config_value(&object_store::aws::AmazonS3ConfigKey::Endpoint)
+                    .unwrap_or_default();
+                let s = Arc::new(b.build().map_err(bad)?);
+                let id = format!("{s}@{endpoint}");
+                (s.clone(), Some(s), id)
             }
             ObjectStoreScheme::GoogleCloudStorage => {
                 let s = Arc::new(
@@ -182,7 +249,8 @@ impl Stores {
                         .build()
                         .map_err(bad)?,
                 );
-                (s.clone(), Some(s))
+                let id = s.to_string();
+                (s.clone(), Some(s), id)
             }
             ObjectStoreScheme::MicrosoftAzure => {
                 let s = Arc::new(
@@ -192,7 +260,8 @@ impl Stores {
                         .build()
                         .map_err(bad)?,
                 );
-                (s.clone(), Some(s))
+                let id = s.to_string();
+                (s.clone(), Some(s), id)
             }
             ObjectStoreScheme::Http => {
                 let base = &url[..url::Position::BeforePath];
@@ -203,7 +272,7 @@ impl Stores {
                         .build()
                         .map_err(bad)?,
                 );
-                (s, None)
+                (s, None, base.to_string())
             }
             other => {
                 return Err(SourceError::BadLocation {

@@ -20,11 +20,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use crate::embedded::shutdown_signal;
 use crate::error::{Error, Result};
 use crate::exec::buffers::BufferPool;
 use crate::exec::{run_task, Chunk, InputFiles, Progress};
 use crate::security::AddToken;
+use crate::shutdown::shutdown_signal;
 use crate::source::Stores;
 use crate::wire::{pb, task_from_wire, MAX_MESSAGE, PROTOCOL_VERSION};
 
@@ -126,16 +126,28 @@ pub async fn status(
         health_listen: None,
     };
     let mut client = connect(&opts)?;
-    match client.status(pb::StatusRequest {}).await {
+    let call = tokio::time::timeout(STATUS_TIMEOUT, client.status(pb::StatusRequest {}));
+    let answer = call.await.unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(format!(
+            "no answer within {} s",
+            STATUS_TIMEOUT.as_secs()
+        )))
+    });
+    match answer {
         Ok(r) => Ok(r.into_inner()),
-        Err(s) => Err(fatal_status(&s).unwrap_or_else(|| {
-            Error::Cluster(format!(
-                "cannot reach the coordinator at {url}: {}",
+        Err(s) => Err(fatal_status(&s, url).unwrap_or_else(|| {
+            Error::Unreachable(format!(
+                "cannot reach the coordinator at {url}: {} (a coordinator exits once its merge has ended)",
                 s.message()
             ))
         })),
     }
 }
+
+/// The longest `mergefleet status` waits for an answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest one call waits for an answer (lease long polls excepted).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Tracks how long the coordinator has been unreachable.
 struct Backoff {
@@ -156,15 +168,33 @@ impl Backoff {
         self.since = None;
         self.delay = Duration::from_millis(200);
     }
+    /// Run one call, waiting no longer than the time left to retry (so an address that
+    /// accepts connections but never answers cannot hold a worker past --retry-for).
+    async fn call<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let left = self
+            .limit
+            .saturating_sub(self.since.map_or(Duration::ZERO, |s| s.elapsed()))
+            .clamp(Duration::from_secs(1), CALL_TIMEOUT);
+        tokio::time::timeout(left, fut).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "no answer within {} s",
+                left.as_secs()
+            )))
+        })
+    }
+
     /// After a failed call: fail at once on an error no retry fixes, or when the
     /// coordinator has been gone too long; else sleep before the next try.
     async fn wait(&mut self, opts: &WorkerOptions, why: &Status) -> Result<()> {
-        if let Some(e) = fatal_status(why) {
+        if let Some(e) = fatal_status(why, &opts.coordinator) {
             return Err(e);
         }
         let since = *self.since.get_or_insert_with(Instant::now);
         if since.elapsed() >= self.limit {
-            return Err(Error::Cluster(format!(
+            return Err(Error::Unreachable(format!(
                 "lost the coordinator at {} for {} s ({}); giving up",
                 opts.coordinator,
                 self.limit.as_secs(),
@@ -189,8 +219,13 @@ impl Backoff {
 }
 
 /// Errors the coordinator gives that no retry can fix.
-fn fatal_status(s: &Status) -> Option<Error> {
+fn fatal_status(s: &Status, url: &str) -> Option<Error> {
     match s.code() {
+        // A gRPC server, but not ours (a health port, another service): stop at once.
+        Code::Unimplemented => Some(Error::Usage(format!(
+            "{url} answers gRPC but is not a mergefleet coordinator ({}): check --coordinator",
+            s.message()
+        ))),
         Code::Unauthenticated => Some(Error::Usage(format!(
             "the coordinator refused this worker: {}",
             s.message()
@@ -238,7 +273,7 @@ impl Ctx {
                 memory_limit: self.opts.memory_limit,
                 threads: self.opts.threads,
             };
-            match self.client.clone().register(req).await {
+            match backoff.call(self.client.clone().register(req)).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     tracing::info!(
@@ -383,6 +418,7 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
                         ctx.opts.name
                     ),
                     retryable: true,
+                    preempted: true,
                 });
                 let _ = report(&mut client, &ctx.opts, id, task_id, attempt, failure).await;
                 return Err(Error::Interrupted);
@@ -409,6 +445,7 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
                 pb::report_request::Outcome::Failure(pb::Failure {
                     message: error_chain(&e),
                     retryable: e.is_retryable(),
+                    preempted: false,
                 })
             }
         };
@@ -450,7 +487,7 @@ async fn report(
             attempt,
             outcome: Some(outcome.clone()),
         };
-        match client.report(req).await {
+        match backoff.call(client.report(req)).await {
             Ok(_) => return Ok(true),
             Err(s) if s.code() == Code::NotFound => return Ok(false),
             Err(s) => {
