@@ -133,7 +133,7 @@ fn refuse_duplicates(config: &MergeConfig, locations: &[Location]) -> Result<(),
             return Err(ConfigError::Key {
                 key: "models".into(),
                 message: format!(
-                    "`{}` and `{}` ({first}) are the same model ({}); list each model once",
+                    "model `{}` is listed twice: `{}` ({first}) is the same model ({}). List each model once",
                     names[j], names[i], b.display
                 ),
             });

@@ -2,6 +2,7 @@
 //! inputs, and a real S3-compatible server.
 
 mod cluster;
+mod contract;
 mod k8s;
 mod scale;
 mod util;

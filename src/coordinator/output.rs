@@ -196,20 +196,25 @@ impl ClusterOutput {
     /// within [`ABORT_DEADLINE`]. Returns the files whose uploads may still be open, with
     /// their upload ids (kept in the journal so a later run can clean them up).
     pub async fn abort(&self, plan: &MergePlan, journal: &Journal) -> Vec<(String, String)> {
-        let open = plan
-            .files
-            .iter()
-            .filter(|f| !journal.completed_files.contains(&f.name));
         match self {
             ClusterOutput::Local { dir } => {
+                let open = plan
+                    .files
+                    .iter()
+                    .filter(|f| !journal.completed_files.contains(&f.name));
                 for f in open {
                     let _ = std::fs::remove_file(dir.join(tmp_name(&f.name)));
                 }
                 Vec::new()
             }
             ClusterOutput::Multipart { location, store } => {
-                let uploads: Vec<(String, String)> = open
-                    .filter_map(|f| Some((f.name.clone(), journal.uploads.get(&f.name)?.clone())))
+                // Every upload the journal names, whatever plan made it (`--restart` after
+                // a layout change aborts the old plan's uploads).
+                let uploads: Vec<(String, String)> = journal
+                    .uploads
+                    .iter()
+                    .filter(|(name, _)| !journal.completed_files.contains(*name))
+                    .map(|(name, id)| (name.clone(), id.clone()))
                     .collect();
                 let aborts = uploads.iter().map(|(name, id)| async move {
                     match store.abort_multipart(&location.child(name), id).await {

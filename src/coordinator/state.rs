@@ -613,6 +613,76 @@ mod tests {
     }
 
     #[test]
+    fn preempted_attempts_do_not_count_toward_max_attempts() {
+        let now = Instant::now();
+        let mut s = state(1);
+        let w = s.register("w", 1000, 1, now);
+        // Five preemptions with --max-attempts 3: still running, attempts numbered on.
+        for attempt in 1..=5 {
+            assert_eq!(s.lease(w, now), Lease::Task { task: 0, attempt });
+            let r = s.report(
+                w,
+                0,
+                attempt,
+                Outcome::Preempted {
+                    message: "SIGTERM".into(),
+                },
+                now,
+            );
+            assert_eq!(r, Reported::Retrying(0));
+        }
+        // A stale report of a preempted attempt is still dropped.
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 0,
+                attempt: 6
+            }
+        );
+        assert_eq!(s.report(w, 0, 5, ok(), now), Reported::Stale);
+        // Real failures still count: three of them fail the job.
+        let fail = |m: &str| Outcome::Failure {
+            message: m.into(),
+            retryable: true,
+        };
+        assert_eq!(s.report(w, 0, 6, fail("a"), now), Reported::Retrying(0));
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 0,
+                attempt: 7
+            }
+        );
+        assert_eq!(s.report(w, 0, 7, fail("b"), now), Reported::Retrying(0));
+        assert_eq!(
+            s.lease(w, now),
+            Lease::Task {
+                task: 0,
+                attempt: 8
+            }
+        );
+        assert!(matches!(
+            s.report(w, 0, 8, fail("c"), now),
+            Reported::JobFailed(m) if m.contains("failed 3 times")
+        ));
+    }
+
+    #[test]
+    fn unfinished_task_needing_most_memory() {
+        let now = Instant::now();
+        let mut s = with_tasks(vec![needs(100), needs(5), needs(300)]);
+        assert_eq!(s.most_memory_needed(), Some((0, 10)));
+        let w = s.register("w", 1000, 1, now);
+        for _ in 0..3 {
+            let Lease::Task { task, attempt } = s.lease(w, now) else {
+                panic!()
+            };
+            s.report(w, task, attempt, ok(), now);
+        }
+        assert_eq!(s.most_memory_needed(), None);
+    }
+
+    #[test]
     fn retryable_failures_retry_until_max_attempts() {
         let now = Instant::now();
         let mut s = state(1);

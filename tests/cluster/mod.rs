@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 
 mod chaos;
+mod contract;
 
 struct Cluster {
     dir: TempDir,

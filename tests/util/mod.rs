@@ -195,6 +195,16 @@ impl S3Server {
         self.child = Self::spawn(self.root.path(), self.port);
     }
 
+    /// Kill the server (its data stays); [`S3Server::start_again`] brings it back.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn start_again(&mut self) {
+        self.child = Self::spawn(self.root.path(), self.port);
+    }
+
     fn spawn(root: &Path, port: u16) -> Child {
         let child = Command::new(s3s_fs())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
