@@ -62,6 +62,7 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
     // Idle output buffers kept for reuse: a few tasks' worth.
     let pool = BufferPool::new((budget / 4) as usize);
     let inputs = Arc::new(InputFiles::resolve(&stores, &job.plan.inputs, pool)?);
+    Sink::check(&location, opts.overwrite).await?;
     // Every check is done: take the output, then touch it.
     let lock = OutputLock::acquire(&location, &Holder::this_process("merge", None)).await?;
     let sink = match Sink::open(location, opts.overwrite).await {

@@ -115,7 +115,8 @@ pub struct LocalSink {
 
 pub struct StoreSink {
     location: Location,
-    open: tokio::sync::Mutex<HashMap<String, WriteMultipart>>,
+    /// Open uploads, with the size each file will have.
+    open: tokio::sync::Mutex<HashMap<String, (WriteMultipart, u64)>>,
 }
 
 pub fn tmp_name(name: &str) -> String {
@@ -143,36 +144,45 @@ fn io_err(path: &FsPath) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
 }
 
 impl Sink {
-    /// Open an output location; refuse a complete checkpoint unless `overwrite`.
-    pub async fn open(location: Location, overwrite: bool) -> Result<Sink, SinkError> {
-        let store = location.store.clone();
-        let mut marker = None;
-        for name in [INDEX_NAME, SINGLE_NAME] {
-            let url = location.child_display(name);
-            if head_size(store.as_ref(), &location.child(name), &url)
-                .await?
-                .is_some()
-            {
-                marker = Some(name);
-                break;
-            }
-        }
-        if let Some(m) = marker {
-            if !overwrite {
-                return Err(SinkError::Exists {
-                    location: location.display.clone(),
-                    marker: m.to_string(),
-                });
-            }
-            remove_old_checkpoint(&location, m).await?;
-        }
+    /// Check an output location without touching it: the bucket and credentials work, and
+    /// it holds no complete checkpoint unless `overwrite`. Returns the old checkpoint's
+    /// commit point, if any. Run before the output is locked, and again by [`Sink::open`].
+    pub async fn check(
+        location: &Location,
+        overwrite: bool,
+    ) -> Result<Option<&'static str>, SinkError> {
         if location.local_dir.is_none() {
-            // Check the bucket and credentials now, not after hours of merging.
+            // The bucket and credentials now, not after hours of merging.
             let url = location.display.clone();
-            store
+            location
+                .store
                 .list_with_delimiter(Some(&location.prefix))
                 .await
                 .map_err(|source| SinkError::Unusable { url, source })?;
+        }
+        for name in [INDEX_NAME, SINGLE_NAME] {
+            let url = location.child_display(name);
+            if head_size(location.store.as_ref(), &location.child(name), &url)
+                .await?
+                .is_some()
+            {
+                if !overwrite {
+                    return Err(SinkError::Exists {
+                        location: location.display.clone(),
+                        marker: name.to_string(),
+                    });
+                }
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Open an output location the caller owns (see [`lock`]); refuse a complete checkpoint
+    /// unless `overwrite`, which removes it.
+    pub async fn open(location: Location, overwrite: bool) -> Result<Sink, SinkError> {
+        if let Some(marker) = Sink::check(&location, overwrite).await? {
+            remove_old_checkpoint(&location, marker).await?;
         }
         Ok(match &location.local_dir {
             Some(dir) => {
@@ -212,7 +222,7 @@ impl Sink {
                     .map_err(|e| s.store_err(name, e))?;
                 s.open.lock().await.insert(
                     name.into(),
-                    WriteMultipart::new_with_chunk_size(upload, PART_SIZE),
+                    (WriteMultipart::new_with_chunk_size(upload, PART_SIZE), size),
                 );
                 Ok(())
             }
@@ -234,7 +244,7 @@ impl Sink {
             }
             Sink::Store(s) => {
                 let mut open = s.open.lock().await;
-                let w = open.get_mut(name).ok_or_else(|| not_open(name))?;
+                let (w, _) = open.get_mut(name).ok_or_else(|| not_open(name))?;
                 w.wait_for_capacity(PARTS_IN_FLIGHT)
                     .await
                     .map_err(|e| s.store_err(name, e))?;
@@ -255,14 +265,28 @@ impl Sink {
                 std::fs::rename(&from, &to).map_err(io_err(&to))
             }
             Sink::Store(s) => {
-                let w = s
+                let (w, size) = s
                     .open
                     .lock()
                     .await
                     .remove(name)
                     .ok_or_else(|| not_open(name))?;
-                w.finish().await.map_err(|e| s.store_err(name, e))?;
-                Ok(())
+                match w.finish().await {
+                    Ok(_) => Ok(()),
+                    // Completing is not idempotent: when a try went through but its answer
+                    // was lost (the store restarted), the retry finds no upload, and the
+                    // object is there, whole.
+                    Err(e) => match s.location.store.head(&s.location.child(name)).await {
+                        Ok(meta) if meta.size == size => {
+                            tracing::info!(
+                                "{} was already complete (an earlier answer was lost)",
+                                s.location.child_display(name)
+                            );
+                            Ok(())
+                        }
+                        _ => Err(s.store_err(name, e)),
+                    },
+                }
             }
         }
     }
@@ -306,9 +330,9 @@ impl Sink {
                 }
             }
             Sink::Store(s) => {
-                let open: Vec<(String, WriteMultipart)> =
+                let open: Vec<(String, (WriteMultipart, u64))> =
                     s.open.lock().await.drain().collect::<Vec<_>>();
-                let aborts = open.into_iter().map(|(n, w)| async move {
+                let aborts = open.into_iter().map(|(n, (w, _))| async move {
                     if let Err(e) = w.abort().await {
                         tracing::warn!(
                             "could not abort the upload of {}: {e}",

@@ -139,7 +139,8 @@ fn one_model_in_two_spellings_is_refused() {
         let o = run_in(dir, &["plan", "config.yml"], &[]);
         assert_refused(&o, &["listed twice"]);
     }
-    write_config(dir, "base", &["ft1", "./base/", "ft2"], "");
+    let abs_base = dir.join("base").display().to_string();
+    write_config(dir, "base", &["ft1", &abs_base, "ft2"], "");
     let o = run_in(dir, &["plan", "config.yml"], &[]);
     assert_refused(&o, &["listed twice", "base_model"]);
 }

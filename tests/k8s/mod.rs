@@ -165,6 +165,9 @@ fn container_env(
                 } else if let Some(f) = &src.field_ref {
                     match f.field_path.as_str() {
                         "metadata.name" => pod_name.to_string(),
+                        "metadata.labels['batch.kubernetes.io/controller-uid']" => {
+                            "rehearsal-job-uid".to_string()
+                        }
                         other => return Err(format!("{}: fieldRef {other} not rehearsed", e.name)),
                     }
                 } else if let Some(f) = &src.resource_field_ref {
