@@ -4,7 +4,7 @@
 //! `cargo bench --bench kernel`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mergefleet::merge::{InputView, ModelStock, WorkDtype};
+use mergefleet::merge::{InputView, ModelStock, Reductions, WorkDtype};
 
 const ROWS: usize = 1024;
 const COLS: usize = 2048;
@@ -30,7 +30,7 @@ fn inputs(dtype: WorkDtype) -> Vec<Vec<u8>> {
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("model_stock");
     g.sample_size(20);
-    for dtype in [WorkDtype::BF16, WorkDtype::F32] {
+    for dtype in [WorkDtype::BF16, WorkDtype::F16, WorkDtype::F32] {
         let data = inputs(dtype);
         let views: Vec<InputView> = data
             .iter()
@@ -41,16 +41,20 @@ fn bench(c: &mut Criterion) {
             .collect();
         let in_bytes: usize = data.iter().map(Vec::len).sum();
         g.throughput(Throughput::Bytes(in_bytes as u64));
-        for fw in [false, true] {
-            let k = ModelStock {
-                work: dtype,
-                out: dtype,
-                filter_wise: fw,
-            };
-            let mut out = vec![0u8; ROWS * COLS * dtype.size()];
-            g.bench_function(format!("{}/filter_wise={fw}", dtype.name()), |b| {
-                b.iter(|| k.merge(&[ROWS, COLS], &views, &mut out))
-            });
+        for reductions in [Reductions::Torch, Reductions::Exact] {
+            for fw in [false, true] {
+                let k = ModelStock {
+                    work: dtype,
+                    out: dtype,
+                    filter_wise: fw,
+                    reductions,
+                };
+                let mut out = vec![0u8; ROWS * COLS * dtype.size()];
+                let name = format!("{}/{}/filter_wise={fw}", dtype.name(), reductions.name());
+                g.bench_function(name, |b| {
+                    b.iter(|| k.merge(&[ROWS, COLS], &views, &mut out))
+                });
+            }
         }
     }
     g.finish();

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::merge::Reductions;
 use crate::plan::PlanOptions;
 use crate::units::{parse_duration, parse_size};
 
@@ -141,6 +142,14 @@ pub struct ShardArgs {
     /// Target bytes read per task (bigger tensors are a task of their own).
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub task_size: u64,
+    /// The order of model_stock's sums: `torch` (what `mergekit-yaml -j 1` computes on CPU,
+    /// bit for bit) or `exact` (correctly rounded).
+    #[arg(long, default_value = "torch", value_parser = parse_reductions)]
+    pub reductions: Reductions,
+}
+
+fn parse_reductions(s: &str) -> Result<Reductions, String> {
+    Reductions::from_name(s).ok_or_else(|| format!("`{s}`: use torch or exact"))
 }
 
 impl ShardArgs {
@@ -148,6 +157,7 @@ impl ShardArgs {
         PlanOptions {
             out_shard_size: self.out_shard_size,
             task_size: self.task_size,
+            reductions: self.reductions,
             ..PlanOptions::default()
         }
     }

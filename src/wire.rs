@@ -6,7 +6,7 @@
 
 use safetensors::Dtype;
 
-use crate::merge::WorkDtype;
+use crate::merge::{Reductions, WorkDtype};
 use crate::plan::{InputFile, InputSlice, MergePlan, ModelStockParams, Op, Task, TensorJob};
 
 #[allow(clippy::all, missing_docs)]
@@ -71,6 +71,7 @@ pub fn task_to_wire(plan: &MergePlan, id: usize, attempt: u32, output: pb::Outpu
                             work_dtype: kernel.work.name().into(),
                             out_dtype: kernel.out.name().into(),
                             filter_wise: kernel.filter_wise,
+                            reductions: kernel.reductions.name().into(),
                         }),
                         inputs.iter().map(slice).collect(),
                     ),
@@ -146,6 +147,12 @@ pub fn task_from_wire(t: &pb::Task) -> Result<Received, WireError> {
                         work: parse_work(&k.work_dtype)?,
                         out: parse_work(&k.out_dtype)?,
                         filter_wise: k.filter_wise,
+                        reductions: Reductions::from_name(&k.reductions).ok_or_else(|| {
+                            WireError(format!(
+                                "tensor `{}`: unknown reduction order `{}`",
+                                j.name, k.reductions
+                            ))
+                        })?,
                     },
                     inputs: slices,
                 }

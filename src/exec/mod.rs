@@ -340,17 +340,20 @@ async fn stream_tensor(
     };
     let t = match (&kernel, fw) {
         (Some(k), false) => {
-            // Pass 1: statistics over every window, in block order.
-            let mut stats = Vec::new();
+            // Pass 1: statistics over every window, in element order.
+            let mut acc = k.begin_stats(slices.len() - 1, numel);
             for w in &windows {
                 let bytes = fetch_window(w).await?;
                 let k = *k;
                 let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
                 let len = w.len();
-                let part = blocking(move || k.block_stats(&views(&bytes, &dtypes), 0, len)).await?;
-                stats.extend(part);
+                acc = blocking(move || {
+                    k.feed_stats(&mut acc, &views(&bytes, &dtypes), 0, len);
+                    acc
+                })
+                .await?;
             }
-            Some(k.ratio(slices.len() - 1, stats.iter()))
+            Some(k.finish_ratio(&acc, 0, 1))
         }
         _ => None,
     };
@@ -358,7 +361,7 @@ async fn stream_tensor(
     for w in &windows {
         let bytes = fetch_window(w).await?;
         let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
-        let len = w.len();
+        let (start, len) = (w.start, w.len());
         let shape = job.shape.clone();
         let pool = inputs.pool.clone();
         let data = blocking(move || {
@@ -367,7 +370,10 @@ async fn stream_tensor(
             match (kernel, t) {
                 (None, _) => out.copy_from_slice(&bytes[0]),
                 (Some(k), Some(t)) => k.apply(&views, 0, len, t, &mut out),
-                (Some(k), None) => k.merge_rows(row_len(&shape), &views, &mut out),
+                (Some(k), None) => {
+                    let row = row_len(&shape).max(1);
+                    k.merge_rows(row, start / row, numel / row, &views, &mut out)
+                }
             }
             pool.freeze(out)
         })

@@ -11,6 +11,7 @@
 //! too large for memory can be streamed in block-aligned windows with the same bits out.
 
 pub mod numeric;
+pub mod torch;
 mod wide;
 
 use rayon::prelude::*;
@@ -115,31 +116,87 @@ impl Stats {
     }
 }
 
-/// model_stock for one tensor: working dtype, output dtype, filter_wise.
+/// How the norms, sums and means of model_stock are summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Reductions {
+    /// In torch's CPU order (one thread), as `mergekit-yaml -j 1` sums: its bits.
+    #[default]
+    Torch,
+    /// Accumulated in float64 and rounded once: the correctly rounded result.
+    Exact,
+}
+
+impl Reductions {
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s.trim() {
+            "torch" => Some(Self::Torch),
+            "exact" => Some(Self::Exact),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Torch => "torch",
+            Self::Exact => "exact",
+        }
+    }
+}
+
+/// model_stock for one tensor: working dtype, output dtype, filter_wise, reduction order.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelStock {
     pub work: WorkDtype,
     pub out: WorkDtype,
     pub filter_wise: bool,
+    pub reductions: Reductions,
+}
+
+/// The statistics of one tensor (or filter_wise row) being gathered in element order.
+pub enum StatsAcc {
+    /// Per-block float64 partial sums, combined in block order.
+    Exact {
+        fine_tunes: usize,
+        blocks: Vec<Stats>,
+    },
+    /// torch's accumulators: one per norm, one per pair's sum of products.
+    Torch {
+        fine_tunes: usize,
+        norms: Vec<torch::NormSum>,
+        dots: Vec<torch::CascadeSum>,
+    },
 }
 
 impl ModelStock {
+    /// torch's order is emulated for the 16- and 32-bit dtypes; float64 sums exactly.
+    fn torch_order(&self) -> bool {
+        self.reductions == Reductions::Torch && self.work != WorkDtype::F64
+    }
+
     /// Merge a whole tensor held in memory. `inputs[0]` is the base, then the fine-tunes.
     /// `shape` is the tensor's shape; `out` receives `numel * out.size()` bytes.
     pub fn merge(&self, shape: &[usize], inputs: &[InputView], out: &mut [u8]) {
         let numel: usize = shape.iter().product();
         if self.filter_wise {
-            let row = row_len(shape);
-            self.merge_rows(row, inputs, out);
+            let row = row_len(shape).max(1);
+            self.merge_rows(row, 0, numel / row, inputs, out);
         } else {
-            let stats = self.block_stats(inputs, 0, numel);
-            let t = self.ratio(inputs.len() - 1, stats.iter());
+            let mut acc = self.begin_stats(inputs.len() - 1, numel);
+            self.feed_stats(&mut acc, inputs, 0, numel);
+            let t = self.finish_ratio(&acc, 0, 1);
             self.apply(inputs, 0, numel, t, out);
         }
     }
 
-    /// filter_wise: every row of `row` elements gets its own ratio. `inputs` hold whole rows.
-    pub fn merge_rows(&self, row: usize, inputs: &[InputView], out: &mut [u8]) {
+    /// filter_wise: every row of `row` elements gets its own ratio. `inputs` hold whole
+    /// rows, the first of them row `first_row` of the tensor's `rows`.
+    pub fn merge_rows(
+        &self,
+        row: usize,
+        first_row: usize,
+        rows: usize,
+        inputs: &[InputView],
+        out: &mut [u8],
+    ) {
         let osz = self.out.size();
         let row = row.max(1);
         out.par_chunks_mut(row * osz)
@@ -148,10 +205,73 @@ impl ModelStock {
             .for_each(|(r, out)| {
                 let start = r * row;
                 let len = out.len() / osz;
-                let s = self.stats_range(inputs, start, len);
-                let t = self.ratio(inputs.len() - 1, std::iter::once(&s));
+                let mut acc = self.begin_stats(inputs.len() - 1, len);
+                self.feed_stats(&mut acc, inputs, start, len);
+                let t = self.finish_ratio(&acc, first_row + r, rows);
                 self.apply_range(inputs, start, len, t, out);
             });
+    }
+
+    /// Start gathering the statistics of `fine_tunes` task vectors of `numel` elements.
+    pub fn begin_stats(&self, fine_tunes: usize, numel: usize) -> StatsAcc {
+        if !self.torch_order() {
+            return StatsAcc::Exact {
+                fine_tunes,
+                blocks: Vec::new(),
+            };
+        }
+        let (norm_width, sum_width) = match self.work {
+            WorkDtype::F32 => (torch::LANES, torch::LANES),
+            WorkDtype::BF16 => (2 * torch::LANES, 2 * torch::LANES),
+            // float16 norms take torch's generic, sequential path.
+            _ => (0, 2 * torch::LANES),
+        };
+        let pairs = fine_tunes * fine_tunes.saturating_sub(1) / 2;
+        StatsAcc::Torch {
+            fine_tunes,
+            norms: (0..fine_tunes)
+                .map(|_| torch::NormSum::new(numel, norm_width))
+                .collect(),
+            dots: (0..pairs)
+                .map(|_| torch::CascadeSum::new(numel, sum_width))
+                .collect(),
+        }
+    }
+
+    /// The next `len` elements (from element `start` of `inputs`), in order. In exact mode
+    /// `start` must be a multiple of [`BLOCK`] for results to equal a single pass.
+    pub fn feed_stats(&self, acc: &mut StatsAcc, inputs: &[InputView], start: usize, len: usize) {
+        match acc {
+            StatsAcc::Exact { blocks, .. } => blocks.extend(self.block_stats(inputs, start, len)),
+            StatsAcc::Torch { norms, dots, .. } => match self.work {
+                WorkDtype::BF16 => feed_torch::<Bf16>(norms, dots, inputs, start, len),
+                WorkDtype::F16 => feed_torch::<F16>(norms, dots, inputs, start, len),
+                _ => feed_torch::<F32>(norms, dots, inputs, start, len),
+            },
+        }
+    }
+
+    /// The ratio `t` from gathered statistics, for output `col` of `outputs` (the row of a
+    /// filter_wise tensor; 0 of 1 otherwise). An f32 for the 16- and 32-bit dtypes,
+    /// widened exactly.
+    pub fn finish_ratio(&self, acc: &StatsAcc, col: usize, outputs: usize) -> f64 {
+        match acc {
+            StatsAcc::Exact { fine_tunes, blocks } => self.ratio(*fine_tunes, blocks.iter()),
+            StatsAcc::Torch {
+                fine_tunes,
+                norms,
+                dots,
+            } => {
+                let n: Vec<f32> = norms.iter().map(|a| a.finish()).collect();
+                let d: Vec<f32> = dots.iter().map(|a| a.finish()).collect();
+                let t = match self.work {
+                    WorkDtype::BF16 => ratio_torch::<Bf16>(*fine_tunes, &n, &d, col, outputs),
+                    WorkDtype::F16 => ratio_torch::<F16>(*fine_tunes, &n, &d, col, outputs),
+                    _ => ratio_torch::<F32>(*fine_tunes, &n, &d, col, outputs),
+                };
+                t as f64
+            }
+        }
     }
 
     /// Statistics of `len` elements starting at element `start` of `inputs`, one [`Stats`]
@@ -258,6 +378,56 @@ mod simd {
         super::apply_range::<R>(inputs, start, len, t, od, out)
     }
 
+    pub fn torch_values<R: Round>(inputs: &[InputView], at: usize, m: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: as above.
+            return unsafe { torch_values_avx2::<R>(inputs, at, m, out) };
+        }
+        super::torch_values::<R>(inputs, at, m, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn torch_values_avx2<R: Round>(
+        inputs: &[InputView],
+        at: usize,
+        m: usize,
+        out: &mut [f32],
+    ) {
+        super::torch_values::<R>(inputs, at, m, out)
+    }
+
+    pub fn feed_norm(a: &mut torch::NormSum, x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: as above.
+            return unsafe { feed_norm_avx2(a, x) };
+        }
+        a.feed(x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn feed_norm_avx2(a: &mut torch::NormSum, x: &[f32]) {
+        a.feed(x)
+    }
+
+    pub fn feed_sum(a: &mut torch::CascadeSum, x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: as above.
+            return unsafe { feed_sum_avx2(a, x) };
+        }
+        a.feed(x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn feed_sum_avx2(a: &mut torch::CascadeSum, x: &[f32]) {
+        a.feed(x)
+    }
+
     /// Every feature the fast functions are compiled with (f16c too: a CPU may have AVX2
     /// without it, for example under some hypervisors).
     #[cfg(target_arch = "x86_64")]
@@ -357,6 +527,127 @@ fn sum_rounded_products<R: Round>(a: &[f32], b: &[f32]) -> f64 {
         s += R::round(x * y) as f64;
     }
     s
+}
+
+/// Feed torch's accumulators. Per block of elements, the task vectors and the rounded
+/// products are computed in parallel (piece by piece); then each norm and each pair's sum
+/// (independent of each other) takes its values in order, in parallel across them.
+fn feed_torch<R: Round>(
+    norms: &mut [torch::NormSum],
+    dots: &mut [torch::CascadeSum],
+    inputs: &[InputView],
+    start: usize,
+    len: usize,
+) {
+    let n = norms.len();
+    let streams = n + dots.len();
+    let mut scratch = vec![0f32; BLOCK.min(len.max(1)).div_ceil(MICRO) * MICRO * streams];
+    let mut off = 0;
+    while off < len {
+        let c = BLOCK.min(len - off);
+        let pieces = c.div_ceil(MICRO);
+        scratch[..pieces * MICRO * streams]
+            .par_chunks_mut(MICRO * streams)
+            .enumerate()
+            .for_each(|(p, out)| {
+                let at = start + off + p * MICRO;
+                let m = MICRO.min(c - p * MICRO);
+                simd::torch_values::<R>(inputs, at, m, out);
+            });
+        let scratch = &scratch;
+        let feed = |q: usize, acc: &mut dyn FnMut(&[f32])| {
+            for p in 0..pieces {
+                let m = MICRO.min(c - p * MICRO);
+                let base = (p * streams + q) * MICRO;
+                acc(&scratch[base..base + m]);
+            }
+        };
+        rayon::join(
+            || {
+                norms
+                    .par_iter_mut()
+                    .enumerate()
+                    .for_each(|(q, a)| feed(q, &mut |x| simd::feed_norm(a, x)))
+            },
+            || {
+                dots.par_iter_mut()
+                    .enumerate()
+                    .for_each(|(q, a)| feed(n + q, &mut |x| simd::feed_sum(a, x)))
+            },
+        );
+        off += c;
+    }
+}
+
+/// For `m` elements at `at`: the task vectors (rounded to the working dtype), then the
+/// products of each pair (i < j) rounded to it, each in its own `MICRO`-long slot of `out`.
+#[inline(always)]
+fn torch_values<R: Round>(inputs: &[InputView], at: usize, m: usize, out: &mut [f32]) {
+    let n = inputs.len() - 1;
+    let mut w0 = [0f32; MICRO];
+    decode::<R>(inputs[0].bytes, inputs[0].dtype, at, &mut w0[..m]);
+    for i in 0..n {
+        let d = &mut out[i * MICRO..i * MICRO + m];
+        let inp = &inputs[i + 1];
+        decode::<R>(inp.bytes, inp.dtype, at, d);
+        for (o, z) in d.iter_mut().zip(&w0[..m]) {
+            *o = R::round(*o - z);
+        }
+    }
+    let mut q = n;
+    for i in 0..n {
+        for j in i + 1..n {
+            let (head, tail) = out.split_at_mut(q * MICRO);
+            let (a, b) = (
+                &head[i * MICRO..i * MICRO + m],
+                &head[j * MICRO..j * MICRO + m],
+            );
+            for k in 0..m {
+                tail[k] = R::round(a[k] * b[k]);
+            }
+            q += 1;
+        }
+    }
+}
+
+/// `t` from torch-ordered sums: the same elementwise steps as [`ratio_from`], with the
+/// norms' square roots taken in float32 and the mean of the cosines in torch's order.
+fn ratio_torch<R: Round>(
+    n: usize,
+    norm_sums: &[f32],
+    dot_sums: &[f32],
+    col: usize,
+    outputs: usize,
+) -> f32 {
+    if n < 2 {
+        return 0.0;
+    }
+    let norms: Vec<f32> = norm_sums.iter().map(|s| R::round(s.sqrt())).collect();
+    let eps = R::round(1e-6);
+    let mut cos = Vec::with_capacity(dot_sums.len());
+    let mut p = 0;
+    for i in 0..n {
+        for j in i + 1..n {
+            let norm_product = R::round(norms[i] * norms[j]);
+            let denom = if norm_product < eps {
+                eps
+            } else {
+                norm_product
+            };
+            let dot = R::round(dot_sums[p]);
+            cos.push(R::round(dot / denom).clamp(-1.0, 1.0));
+            p += 1;
+        }
+    }
+    let c = R::round(torch::mean(&cos, col, outputs));
+    let nf = n as f32;
+    let num = R::round(nf * c);
+    let den = R::round(1.0 + R::round((nf - 1.0) * c));
+    if den.abs() < eps {
+        0.0
+    } else {
+        R::round(num / den)
+    }
 }
 
 fn ratio_from<R: Round>(stats: &Stats) -> f32 {

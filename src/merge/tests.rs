@@ -146,6 +146,7 @@ fn matches_reference_for_2_to_5_models() {
                             work,
                             out,
                             filter_wise: fw,
+                            reductions: Reductions::Exact,
                         };
                         let what = format!("{work:?}->{out:?} n={n} fw={fw} shape={shape:?}");
                         assert_bits_eq(&run(k, shape, &w, work), &reference(k, shape, &w), &what);
@@ -165,6 +166,7 @@ fn inputs_are_cast_to_the_working_dtype() {
         work: WorkDtype::BF16,
         out: WorkDtype::BF16,
         filter_wise: false,
+        reductions: Reductions::Exact,
     };
     let rounded: Vec<Vec<f32>> = w
         .iter()
@@ -193,6 +195,7 @@ fn hand_computed_bf16_rounding() {
         work: WorkDtype::BF16,
         out: WorkDtype::BF16,
         filter_wise: false,
+        reductions: Reductions::Exact,
     };
     // cos = [0, 0, 1]; c = bf16(1/3) = 0.333984375; 3c rounds to 1.0; 1 + 2c = 1.66796875
     // is a tie that rounds to even 1.671875; t = bf16(1/1.671875) = 0.59765625. Computing
@@ -218,6 +221,7 @@ fn zero_task_vector_has_zero_cosine() {
         work: WorkDtype::BF16,
         out: WorkDtype::BF16,
         filter_wise: false,
+        reductions: Reductions::Exact,
     };
     assert_bits_eq(
         &run(k, &[numel], &w, WorkDtype::BF16),
@@ -243,6 +247,7 @@ fn opposite_task_vectors_take_the_t_zero_branch() {
             work,
             out: work,
             filter_wise: false,
+            reductions: Reductions::Exact,
         };
         let out = run(k, &[256], &w, work);
         assert_bits_eq(&out, &base, "t = 0 gives the base");
@@ -269,9 +274,11 @@ fn filter_wise_treats_1d_as_one_row() {
         work: WorkDtype::BF16,
         out: WorkDtype::BF16,
         filter_wise: true,
+        reductions: Reductions::Exact,
     };
     let plain = ModelStock {
         filter_wise: false,
+        reductions: Reductions::Exact,
         ..fw
     };
     assert_bits_eq(
@@ -294,6 +301,7 @@ fn streamed_windows_equal_one_pass() {
         work: WorkDtype::BF16,
         out: WorkDtype::F32,
         filter_wise: false,
+        reductions: Reductions::Exact,
     };
     let whole = run(k, &[numel], &w, WorkDtype::BF16);
     let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, WorkDtype::BF16)).collect();
@@ -329,6 +337,7 @@ fn result_does_not_depend_on_thread_count() {
         work: WorkDtype::BF16,
         out: WorkDtype::BF16,
         filter_wise: false,
+        reductions: Reductions::Exact,
     };
     let many = run(k, &[numel], &w, WorkDtype::BF16);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -360,6 +369,7 @@ fn many_fine_tunes_match_reference() {
                 work: WorkDtype::BF16,
                 out: WorkDtype::BF16,
                 filter_wise: fw,
+                reductions: Reductions::Exact,
             };
             let got = run(k, &shape, &w, WorkDtype::BF16);
             assert_bits_eq(&got, &reference(k, &shape, &w), &format!("n={n} fw={fw}"));
@@ -393,6 +403,7 @@ fn float64_work_stays_float64() {
         work: WorkDtype::F64,
         out: WorkDtype::F64,
         filter_wise: false,
+        reductions: Reductions::Exact,
     };
     let mut out = vec![0u8; 384 * 8];
     k.merge(&shape, &views, &mut out);

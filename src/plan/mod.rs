@@ -13,7 +13,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
 use crate::config::MergeConfig;
-use crate::merge::{is_float, ModelStock, WorkDtype};
+use crate::merge::{is_float, ModelStock, Reductions, WorkDtype};
 use crate::source::header::dtype_size;
 use crate::source::ModelSource;
 
@@ -76,6 +76,8 @@ pub struct PlanOptions {
     /// Smallest output of a task that is not the last of its file: every part of a
     /// multipart upload but the last must be at least 5 MiB on S3.
     pub min_part: u64,
+    /// The order of model_stock's sums (`--reductions`).
+    pub reductions: Reductions,
 }
 
 impl Default for PlanOptions {
@@ -84,6 +86,7 @@ impl Default for PlanOptions {
             out_shard_size: 5_000_000_000,
             task_size: 64 << 20,
             min_part: MIN_PART,
+            reductions: Reductions::default(),
         }
     }
 }
@@ -143,6 +146,7 @@ pub struct ModelStockParams {
     pub work: WorkDtype,
     pub out: WorkDtype,
     pub filter_wise: bool,
+    pub reductions: Reductions,
 }
 
 impl From<ModelStockParams> for ModelStock {
@@ -151,6 +155,7 @@ impl From<ModelStockParams> for ModelStock {
             work: p.work,
             out: p.out,
             filter_wise: p.filter_wise,
+            reductions: p.reductions,
         }
     }
 }
@@ -480,6 +485,7 @@ pub fn plan(
                 work,
                 out,
                 filter_wise: config.filter_wise.for_tensor(name, false),
+                reductions: opts.reductions,
             };
             (
                 out.st_dtype(),

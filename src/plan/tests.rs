@@ -145,6 +145,7 @@ fn tasks_cover_each_file_contiguously() {
         out_shard_size: 60_000,
         task_size: 40_000,
         min_part: 1,
+        ..PlanOptions::default()
     };
     let p = plan(&config(""), &three(LLAMA), opts).unwrap();
     for (fi, f) in p.files.iter().enumerate() {
@@ -368,7 +369,7 @@ mod properties {
         ) {
             let t = borrowed(&tensors);
             let models = three(&t);
-            let opts = PlanOptions { out_shard_size: shard, task_size: task, min_part };
+            let opts = PlanOptions { out_shard_size: shard, task_size: task, min_part, ..PlanOptions::default() };
             let p = plan(&config(""), &models, opts).unwrap();
             let sizes: Vec<u64> = models.iter().flat_map(|m| m.files.iter().map(|f| f.size)).collect();
             prop_assert_eq!(p.check(&opts, |i| sizes[i]), Ok(()));
@@ -411,6 +412,7 @@ fn check_catches_broken_plans() {
         out_shard_size: 40_000,
         task_size: 1,
         min_part: 0,
+        ..PlanOptions::default()
     };
     let good = plan(&config(""), &models, opts).unwrap();
     let size = |_| models[0].files[0].size;
