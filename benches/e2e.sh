@@ -7,7 +7,8 @@
 # base + 3 fine-tunes, bfloat16, hidden 2048, 8 layers, intermediate 5632, vocab 32000
 # (about 1 GB each). Then, with the inputs in the page cache, prints the time to read them
 # (cat > /dev/null), the time to write a file of the output's size, and for each of RUNS
-# merges its wall time, input GB/s and peak RSS, and the ratio to read + write.
+# merges its wall time, input GB/s and peak RSS, and the ratio to read + write; the same
+# merges again with float16 as the working dtype (`dtype: float16`), side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/mergefleet-bench}
@@ -32,10 +33,14 @@ rm -f "$DIR/zero.bin"
 floor=$(calc "$read_s + $write_s")
 echo "input $(calc "$in_bytes/1e9") GB, output $(calc "$out_bytes/1e9") GB, $(nproc) cores"
 echo "read inputs (warm cache): $read_s s   write output: $write_s s   floor (read + write): $floor s"
-for i in $(seq "$RUNS"); do
-  sync
-  line=$("$BIN" merge "$DIR/model_stock.yml" "$OUT" -q --overwrite)
-  wall=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s .*/\1/')
-  rss=$(echo "$line" | sed -E 's/.*peak RSS (.*)$/\1/')
-  echo "merge run $i: $wall s, $(calc "$in_bytes/$wall/1e9") GB/s of input, peak RSS $rss, $(calc "$wall/$floor")x the floor"
+sed 's/^dtype: .*/dtype: float16/' "$DIR/model_stock.yml" > "$DIR/model_stock_f16.yml"
+for cfg in model_stock.yml model_stock_f16.yml; do
+  dtype=$(sed -n 's/^dtype: //p' "$DIR/$cfg")
+  for i in $(seq "$RUNS"); do
+    sync
+    line=$("$BIN" merge "$DIR/$cfg" "$OUT" -q --overwrite)
+    wall=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s .*/\1/')
+    rss=$(echo "$line" | sed -E 's/.*peak RSS (.*)$/\1/')
+    echo "$dtype merge run $i: $wall s, $(calc "$in_bytes/$wall/1e9") GB/s of input, peak RSS $rss, $(calc "$wall/$floor")x the floor"
+  done
 done

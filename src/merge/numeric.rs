@@ -8,7 +8,6 @@
 
 #[cfg(test)]
 use half::bf16;
-use half::f16;
 use safetensors::Dtype;
 
 /// Rounding of an `f32` (or `f64`) result to a working dtype, kept in an `f32`.
@@ -47,7 +46,7 @@ impl Round for F16 {
     const DTYPE: Dtype = Dtype::F16;
     #[inline(always)]
     fn round(x: f32) -> f32 {
-        f16::from_f32(x).to_f32()
+        f16_round(x)
     }
     fn round_f64(x: f64) -> f32 {
         // half's f64 conversion goes through f32 and can round twice.
@@ -83,6 +82,67 @@ fn to_f32_round_to_odd(x: f64) -> f32 {
     t
 }
 
+/// The float16 value nearest `x` (ties to even), as an f32: IEEE's conversion, written with
+/// bit operations that vectorize (the `half` crate's portable conversion does not, and
+/// made float16 merges several times slower than bfloat16).
+#[inline(always)]
+pub fn f16_round(x: f32) -> f32 {
+    let a = x.abs();
+    let bits = x.to_bits();
+    // Normal range: keep 10 fraction bits, round to nearest even.
+    let normal = f32::from_bits((bits + 0xFFF + ((bits >> 13) & 1)) & !0x1FFF);
+    // Below the smallest normal (2^-14), float16 steps by 2^-24: adding 0.5 (whose f32 ulp
+    // is 2^-24) rounds to that step, ties to even.
+    let sub = ((a + 0.5) - 0.5).copysign(x);
+    let r = if a < 6.103_515_6e-5 { sub } else { normal };
+    let r = if r.abs() > 65504.0 {
+        f32::INFINITY.copysign(x)
+    } else {
+        r
+    };
+    if x.is_nan() {
+        x
+    } else {
+        r
+    }
+}
+
+/// A float16 bit pattern as f32 (exact).
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7FFF;
+    // Re-bias the exponent by multiplying by 2^112 (exact, subnormals included).
+    let v = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
+    let v = if em >= 0x7C00 {
+        // infinity, or a NaN made quiet (as the hardware conversion does)
+        let quiet = if em > 0x7C00 { 0x0040_0000 } else { 0 };
+        f32::from_bits((em << 13) | 0x7F80_0000 | quiet)
+    } else {
+        v
+    };
+    f32::from_bits(v.to_bits() | sign)
+}
+
+/// The float16 bits of `x` (rounded to nearest even).
+#[inline(always)]
+pub fn f16_bits(x: f32) -> u16 {
+    let r = f16_round(x);
+    let bits = r.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let a = r.abs();
+    let mag = if r.is_nan() {
+        0x7E00
+    } else if a >= 6.103_515_6e-5 {
+        // normal (infinity included: its exponent maps to 0x1F)
+        ((bits & 0x7FFF_FFFF).wrapping_sub(112 << 23) >> 13).min(0x7C00) as u16
+    } else {
+        (a * 16_777_216.0) as u16
+    };
+    sign | mag
+}
+
 /// Decode `out.len()` elements of a little-endian float tensor starting at element `start`,
 /// rounding each to the working dtype `R` (torch's `.to(dtype)`).
 #[inline(always)]
@@ -107,7 +167,7 @@ pub fn decode<R: Round>(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f32
         Dtype::F16 => {
             let src = &bytes[start * 2..(start + n) * 2];
             for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *o = R::round(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32());
+                *o = R::round(f16_to_f32(u16::from_le_bytes([c[0], c[1]])));
             }
         }
         Dtype::F32 => {
@@ -146,7 +206,7 @@ pub fn encode(values: &[f32], dtype: Dtype, out: &mut [u8]) {
         }
         Dtype::F16 => {
             for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
-                o.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
+                o.copy_from_slice(&f16_bits(*v).to_le_bytes());
             }
         }
         Dtype::F32 => {
@@ -161,6 +221,59 @@ pub fn encode(values: &[f32], dtype: Dtype, out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
+
+    #[test]
+    fn f16_conversions_match_half() {
+        let check = |x: f32| {
+            let want = f16::from_f32(x);
+            let got = f16_round(x);
+            if x.is_nan() {
+                assert!(got.is_nan());
+                return;
+            }
+            assert_eq!(
+                got.to_bits(),
+                want.to_f32().to_bits(),
+                "round {x:e} ({:#x})",
+                x.to_bits()
+            );
+            assert_eq!(f16_bits(x), want.to_bits(), "bits {x:e}");
+        };
+        // Every float16 value and every midpoint between neighbours, then random floats.
+        for h in 0..=u16::MAX {
+            let v = f16::from_bits(h);
+            assert_eq!(f16_to_f32(h).to_bits(), v.to_f32().to_bits(), "{h:#x}");
+            check(v.to_f32());
+            let next = f16::from_bits(h.wrapping_add(1)).to_f32();
+            if v.is_finite() && next.is_finite() && (h & 0x7FFF) != 0x7BFF {
+                let mid = (v.to_f32() as f64 + next as f64) / 2.0;
+                check(mid as f32);
+                check(f32::from_bits((mid as f32).to_bits() + 1));
+                check(f32::from_bits((mid as f32).to_bits().wrapping_sub(1)));
+            }
+        }
+        let mut s = 0x9E37_79B9u32;
+        for _ in 0..2_000_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            check(f32::from_bits(s));
+        }
+        for x in [
+            65504.0f32,
+            65519.99,
+            65520.0,
+            1e9,
+            f32::INFINITY,
+            5.96e-8,
+            2.98e-8,
+            2.99e-8,
+        ] {
+            check(x);
+            check(-x);
+        }
+    }
 
     #[test]
     fn bf16_round_matches_half() {
