@@ -564,10 +564,21 @@ fn feed_torch<R: Round>(
         };
         rayon::join(
             || {
-                norms
-                    .par_iter_mut()
-                    .enumerate()
-                    .for_each(|(q, a)| feed(q, &mut |x| simd::feed_norm(a, x)))
+                if matches!(norms.first(), Some(torch::NormSum::Sequential { .. })) {
+                    // float16: all norms in one thread, their chains interleaved.
+                    for p in 0..pieces {
+                        let m = MICRO.min(c - p * MICRO);
+                        let xs: Vec<&[f32]> = (0..n)
+                            .map(|q| &scratch[(p * streams + q) * MICRO..][..m])
+                            .collect();
+                        torch::feed_norms(norms, &xs);
+                    }
+                } else {
+                    norms
+                        .par_iter_mut()
+                        .enumerate()
+                        .for_each(|(q, a)| feed(q, &mut |x| simd::feed_norm(a, x)))
+                }
             },
             || {
                 dots.par_iter_mut()

@@ -115,6 +115,51 @@ impl NormSum {
     }
 }
 
+/// Feed several norms their next values (`xs[q]` to `norms[q]`, all the same length). The
+/// sequential (float16) ones advance together, element by element, so their independent
+/// chains of dependent adds overlap in one thread instead of each waiting on its own.
+pub fn feed_norms(norms: &mut [NormSum], xs: &[&[f32]]) {
+    let sequential: Option<Vec<f32>> = norms
+        .iter()
+        .map(|n| match n {
+            NormSum::Sequential { s } => Some(*s),
+            NormSum::Fast { .. } => None,
+        })
+        .collect();
+    let Some(mut s) = sequential else {
+        for (n, x) in norms.iter_mut().zip(xs) {
+            n.feed(x);
+        }
+        return;
+    };
+    for (sc, xc) in s.chunks_mut(4).zip(xs.chunks(4)) {
+        match sc.len() {
+            4 => chains::<4>(sc, xc),
+            3 => chains::<3>(sc, xc),
+            2 => chains::<2>(sc, xc),
+            _ => chains::<1>(sc, xc),
+        }
+    }
+    for (n, v) in norms.iter_mut().zip(s) {
+        *n = NormSum::Sequential { s: v };
+    }
+}
+
+/// `K` sequential sums of squares advanced together (the same adds, in each one's order).
+#[inline(always)]
+fn chains<const K: usize>(s: &mut [f32], xs: &[&[f32]]) {
+    let mut acc = [0f32; K];
+    acc.copy_from_slice(&s[..K]);
+    let len = xs[0].len();
+    for k in 0..len {
+        for q in 0..K {
+            let v = xs[q][k];
+            acc[q] += v * v;
+        }
+    }
+    s[..K].copy_from_slice(&acc);
+}
+
 fn lanes_sum(acc: &[f32; LANES]) -> f32 {
     let mut s = acc[0];
     for a in &acc[1..] {
