@@ -52,21 +52,25 @@ impl Job {
     /// destroy a user's model (an `--overwrite` of the base's own folder removed its
     /// weights before reading them). Checked before anything is written.
     pub fn check_output(&self, out: &Location) -> Result<(), SinkError> {
+        let (out_store, out_path) = out.identity();
         for (m, reference) in self.models.iter().zip(self.config.all_models()) {
-            if out.overlaps(&m.location) {
-                let how = if out.same_place(&m.location) {
-                    "is"
-                } else if out.identity().1.len() < m.location.identity().1.len() {
-                    "contains"
-                } else {
-                    "lies inside"
-                };
-                return Err(SinkError::OverlapsInput {
-                    output: out.display.clone(),
-                    how,
-                    input: reference.0.clone(),
-                });
-            }
+            let (store, path) = m.location.identity();
+            let how = if store != out_store {
+                continue;
+            } else if path == out_path {
+                "is"
+            } else if path.starts_with(&out_path) {
+                "contains"
+            } else if out_path.starts_with(&path) {
+                "lies inside"
+            } else {
+                continue;
+            };
+            return Err(SinkError::OverlapsInput {
+                output: out.display.clone(),
+                how,
+                input: reference.0.clone(),
+            });
         }
         Ok(())
     }
@@ -127,14 +131,15 @@ impl Job {
 /// symlink and its target) would merge a model with itself.
 fn refuse_duplicates(config: &MergeConfig, locations: &[Location]) -> Result<(), ConfigError> {
     let names: Vec<&str> = config.all_models().map(|m| m.0.as_str()).collect();
-    for (j, b) in locations.iter().enumerate() {
-        if let Some(i) = locations[..j].iter().position(|a| a.same_place(b)) {
+    let ids: Vec<_> = locations.iter().map(Location::identity).collect();
+    for (j, id) in ids.iter().enumerate() {
+        if let Some(i) = ids[..j].iter().position(|a| a == id) {
             let first = if i == 0 { "base_model" } else { "models" };
             return Err(ConfigError::Key {
                 key: "models".into(),
                 message: format!(
                     "model `{}` is listed twice: `{}` ({first}) is the same model ({}). List each model once",
-                    names[j], names[i], b.display
+                    names[j], names[i], locations[j].display
                 ),
             });
         }

@@ -128,10 +128,9 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
         tracing::warn!("{w}");
     }
     let (listener, tls) = bind(&opts).await?;
-    if Journal::load(&location).await?.is_none() {
-        // Resuming, the output holds a journal and no checkpoint yet; else check it now.
-        Sink::check(&location, opts.overwrite).await?;
-    }
+    // The bucket and credentials now; an existing checkpoint is refused once the output is
+    // ours and its journal read (a resumed merge has one, and no checkpoint yet).
+    Sink::check(&location, true).await?;
     let holder = Holder::this_process("coordinator", Some(opts.listen.to_string()));
     let lock = OutputLock::acquire(&location, &holder).await?;
     let prepared = prepare(&job, &location, &output, &opts).await;

@@ -353,80 +353,34 @@ pub fn row_len(shape: &[usize]) -> usize {
 mod simd {
     use super::*;
 
-    pub fn stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stats {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { stats_avx2::<R>(inputs, start, len) };
-        }
-        super::stats_range::<R>(inputs, start, len)
+    /// A dispatcher that runs its body compiled with AVX2, FMA and F16C when the CPU has
+    /// them, else compiled for the baseline target.
+    macro_rules! twice {
+        ($name:ident $(<$g:ident: $b:path>)? ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:expr) => {
+            pub fn $name $(<$g: $b>)? ($($arg: $ty),*) $(-> $ret)? {
+                #[cfg(target_arch = "x86_64")]
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn fast $(<$g: $b>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $body
+                }
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    // SAFETY: the CPU supports every feature `fast` is compiled with.
+                    return unsafe { fast $(::<$g>)? ($($arg),*) };
+                }
+                $body
+            }
+        };
     }
 
-    pub fn apply_range<R: Round>(
-        inputs: &[InputView],
-        start: usize,
-        len: usize,
-        t: f32,
-        od: Dtype,
-        out: &mut [u8],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: as above.
-            return unsafe { apply_avx2::<R>(inputs, start, len, t, od, out) };
-        }
-        super::apply_range::<R>(inputs, start, len, t, od, out)
-    }
-
-    pub fn torch_values<R: Round>(inputs: &[InputView], at: usize, m: usize, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: as above.
-            return unsafe { torch_values_avx2::<R>(inputs, at, m, out) };
-        }
-        super::torch_values::<R>(inputs, at, m, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn torch_values_avx2<R: Round>(
-        inputs: &[InputView],
-        at: usize,
-        m: usize,
-        out: &mut [f32],
-    ) {
-        super::torch_values::<R>(inputs, at, m, out)
-    }
-
-    pub fn feed_norm(a: &mut torch::NormSum, x: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: as above.
-            return unsafe { feed_norm_avx2(a, x) };
-        }
-        a.feed(x)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn feed_norm_avx2(a: &mut torch::NormSum, x: &[f32]) {
-        a.feed(x)
-    }
-
-    pub fn feed_sum(a: &mut torch::CascadeSum, x: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: as above.
-            return unsafe { feed_sum_avx2(a, x) };
-        }
-        a.feed(x)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn feed_sum_avx2(a: &mut torch::CascadeSum, x: &[f32]) {
-        a.feed(x)
-    }
+    twice!(stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stats
+        => super::stats_range::<R>(inputs, start, len));
+    twice!(apply_range<R: Round>(inputs: &[InputView], start: usize, len: usize, t: f32, od: Dtype, out: &mut [u8])
+        => super::apply_range::<R>(inputs, start, len, t, od, out));
+    twice!(torch_values<R: Round>(inputs: &[InputView], at: usize, m: usize, out: &mut [f32])
+        => super::torch_values::<R>(inputs, at, m, out));
+    twice!(feed_norm(a: &mut torch::NormSum, x: &[f32]) => a.feed(x));
+    twice!(feed_sum(a: &mut torch::CascadeSum, x: &[f32]) => a.feed(x));
 
     /// Every feature the fast functions are compiled with (f16c too: a CPU may have AVX2
     /// without it, for example under some hypervisors).
@@ -435,25 +389,6 @@ mod simd {
         std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c")
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn stats_avx2<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stats {
-        super::stats_range::<R>(inputs, start, len)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn apply_avx2<R: Round>(
-        inputs: &[InputView],
-        start: usize,
-        len: usize,
-        t: f32,
-        od: Dtype,
-        out: &mut [u8],
-    ) {
-        super::apply_range::<R>(inputs, start, len, t, od, out)
     }
 }
 

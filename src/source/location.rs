@@ -72,18 +72,6 @@ impl Location {
         };
         (self.store_id.clone(), segments)
     }
-
-    /// True when one location is, contains, or lies inside the other.
-    pub fn overlaps(&self, other: &Location) -> bool {
-        let (sa, a) = self.identity();
-        let (sb, b) = other.identity();
-        sa == sb && (a.starts_with(&b) || b.starts_with(&a))
-    }
-
-    /// True when both name the same place.
-    pub fn same_place(&self, other: &Location) -> bool {
-        self.identity() == other.identity()
-    }
 }
 
 /// `path` with symlinks resolved in its longest existing ancestor.
