@@ -8,7 +8,7 @@ use serde_json::json;
 use mergefleet::args::{Cli, Command};
 use mergefleet::embedded::{merge, MergeOptions};
 use mergefleet::job::Job;
-use mergefleet::source::Stores;
+use mergefleet::store::Stores;
 use mergefleet::units::{default_memory_limit, fmt_bytes, peak_rss, task_budget};
 
 fn read_config(path: &PathBuf) -> anyhow::Result<String> {

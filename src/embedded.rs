@@ -11,7 +11,7 @@ use crate::plan::PlanOptions;
 use crate::shutdown::shutdown_signal;
 use crate::sink::lock::{Holder, OutputLock};
 use crate::sink::Sink;
-use crate::source::Stores;
+use crate::store::Stores;
 
 /// Options of `mergefleet merge`.
 #[derive(Debug, Clone)]

@@ -8,6 +8,7 @@ use crate::config::ConfigError;
 use crate::plan::PlanError;
 use crate::sink::SinkError;
 use crate::source::SourceError;
+use crate::store::StoreError;
 
 /// Everything that can go wrong in a merge.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,15 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The coordinator's resume journal cannot be parsed.
+    #[error("{url}: the resume journal is unreadable ({source}); start over with --restart")]
+    Journal {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
@@ -50,6 +60,8 @@ impl Error {
         match self {
             Error::Config(_) | Error::Plan(_) | Error::Usage(_) => true,
             Error::Source(e) => e.is_invalid_input(),
+            Error::Store(e) => e.is_invalid_input(),
+            Error::Journal { .. } => true,
             Error::Sink(e) => e.is_invalid_input(),
             Error::Interrupted
             | Error::OutputLost(_)

@@ -13,9 +13,8 @@ use crate::config::{ConfigError, MergeConfig};
 use crate::error::Result;
 use crate::plan::{plan, MergePlan, PlanOptions};
 use crate::sink::{Sink, SinkError, INDEX_NAME};
-use crate::source::{
-    head_size, open_model, read_small, Location, ModelSource, SourceError, Stores,
-};
+use crate::source::{open_model, ModelSource, SourceError};
+use crate::store::{head_size, read_small, Location, Stores};
 
 /// A planned merge.
 pub struct Job {

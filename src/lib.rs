@@ -23,6 +23,7 @@ pub mod security;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod store;
 pub mod synth;
 pub mod units;
 pub mod wire;

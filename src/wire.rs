@@ -190,7 +190,8 @@ mod tests {
     use super::*;
     use crate::config::MergeConfig;
     use crate::plan::{plan, PlanOptions};
-    use crate::source::{ModelSource, SourceFile, Stores, TensorLoc};
+    use crate::source::{ModelSource, SourceFile, TensorLoc};
+    use crate::store::Stores;
 
     #[test]
     fn round_trip_keeps_the_task() {

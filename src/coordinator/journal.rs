@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::MergeConfig;
 use crate::plan::MergePlan;
 use crate::sink::SinkError;
-use crate::source::{head_size, read_small, Location, SourceError};
+use crate::store::{head_size, read_small, Location};
 
 pub const JOURNAL_NAME: &str = ".mergefleet-journal.json";
 
@@ -64,7 +64,7 @@ impl Journal {
     }
 
     /// The journal in `location`, if any.
-    pub async fn load(location: &Location) -> Result<Option<Journal>, SourceError> {
+    pub async fn load(location: &Location) -> Result<Option<Journal>, crate::Error> {
         let url = location.child_display(JOURNAL_NAME);
         let path = location.child(JOURNAL_NAME);
         if head_size(location.store.as_ref(), &path, &url)
@@ -76,12 +76,7 @@ impl Journal {
         let raw = read_small(location.store.as_ref(), &path, &url).await?;
         serde_json::from_slice(&raw)
             .map(Some)
-            .map_err(|e| SourceError::Invalid {
-                file: url,
-                message: format!(
-                    "the resume journal is unreadable ({e}); start over with --restart"
-                ),
-            })
+            .map_err(|source| crate::Error::Journal { url, source })
     }
 
     /// Save (atomically: a temp file renamed locally, one PUT on object stores).
@@ -131,7 +126,7 @@ mod tests {
     #[tokio::test]
     async fn save_load_remove_locally() {
         let dir = tempfile::tempdir().unwrap();
-        let loc = crate::source::Stores::new()
+        let loc = crate::store::Stores::new()
             .resolve(dir.path().to_str().unwrap())
             .unwrap();
         assert!(Journal::load(&loc).await.unwrap().is_none());

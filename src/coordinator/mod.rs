@@ -26,7 +26,7 @@ use crate::security::CheckToken;
 use crate::shutdown::shutdown_signal;
 use crate::sink::lock::{Holder, OutputLock};
 use crate::sink::{Sink, ABORT_DEADLINE};
-use crate::source::{Location, Stores};
+use crate::store::{Location, Stores};
 use crate::units::fmt_bytes;
 use crate::wire::{pb, MAX_MESSAGE};
 use journal::{fingerprint, Journal};

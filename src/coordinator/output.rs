@@ -14,7 +14,7 @@ use object_store::ObjectStoreExt;
 use super::journal::Journal;
 use crate::plan::{split_parts, MergePlan, Task};
 use crate::sink::{tmp_name, SinkError, ABORT_DEADLINE};
-use crate::source::Location;
+use crate::store::Location;
 use crate::wire::pb;
 
 pub enum ClusterOutput {

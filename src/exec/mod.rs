@@ -27,7 +27,7 @@ use crate::merge::{row_len, InputView, ModelStock, BLOCK};
 use crate::plan::{InputFile, InputSlice, MergePlan, Op, Task, TensorJob};
 use crate::sink::Sink;
 use crate::source::header::dtype_size;
-use crate::source::{read_ranges, SourceError, Stores};
+use crate::store::{read_ranges, StoreError, Stores};
 use buffers::BufferPool;
 pub use progress::Progress;
 
@@ -110,12 +110,10 @@ impl InputFiles {
 /// [`Bytes`] is dropped, so resident memory stays bounded by the tasks in flight.
 /// Like any mmap reader, this assumes input files are not modified during the merge.
 fn read_local(path: &std::path::Path, url: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
-    let io = |e: std::io::Error| {
-        Error::Source(SourceError::Invalid {
-            file: url.to_string(),
-            message: format!(
-                "read failed: {e} (was the file changed or truncated during the merge?)"
-            ),
+    let io = |source: std::io::Error| {
+        Error::Store(StoreError::Local {
+            url: url.to_string(),
+            source,
         })
     };
     let file = std::fs::File::open(path).map_err(io)?;

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::source::{SourceFile, Stores, TensorLoc};
+use crate::source::{SourceFile, TensorLoc};
+use crate::store::Stores;
 
 fn model(name: &str, tensors: &[(&str, Dtype, &[usize])]) -> ModelSource {
     let location = Stores::new().resolve(&format!("/models/{name}")).unwrap();

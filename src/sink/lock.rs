@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::SinkError;
-use crate::source::Location;
+use crate::store::Location;
 
 pub const LOCK_NAME: &str = ".mergefleet.lock";
 /// An object-store lock not renewed for this long belongs to a process that is gone.

@@ -23,7 +23,7 @@ use object_store::WriteMultipart;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::checkpoint;
-use crate::source::{head_size, read_small, Location, SourceError};
+use crate::store::{head_size, read_small, Location, StoreError};
 
 /// Where an output could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +62,7 @@ pub enum SinkError {
         source: object_store::Error,
     },
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Read(#[from] StoreError),
 }
 
 impl SinkError {
@@ -86,7 +86,7 @@ impl SinkError {
                     | object_store::Error::PermissionDenied { .. }
                     | object_store::Error::Unauthenticated { .. }
             ),
-            SinkError::Source(e) => e.is_invalid_input(),
+            SinkError::Read(e) => e.is_invalid_input(),
         }
     }
 }

@@ -1,14 +1,12 @@
-//! Reading models: locations, safetensors headers, shard indexes and byte ranges.
+//! Reading models: safetensors headers and shard indexes, into a [`ModelSource`].
 //!
 //! A model is opened from its headers alone (HEAD + one ranged GET per file, more only for
 //! huge headers); weights are fetched later, per task, by byte range. Everything that can
 //! be wrong with a checkpoint is reported here with the file's URL and the tensor's name.
 
 pub mod header;
-pub mod location;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Range;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -16,54 +14,29 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use safetensors::Dtype;
 
+use crate::store::{head_size, read_small, store_err, Location, StoreError, Stores};
 pub use header::TensorEntry;
-pub use location::{Location, Stores};
 
 /// A model or store that cannot be read, with its URL and what to do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SourceError {
-    #[error("bad location `{location}`: {message}")]
-    BadLocation { location: String, message: String },
     #[error("{location}: {message}")]
     NotFound { location: String, message: String },
     #[error("{location}: {message}")]
     Unsupported { location: String, message: String },
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
-    #[error("{url}: {source}")]
-    Store {
-        url: String,
-        #[source]
-        source: object_store::Error,
-        /// True while reading headers and metadata (the user's input is at fault: wrong
-        /// credentials, missing bucket, unreachable endpoint); false while moving weights.
-        input: bool,
-    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl SourceError {
     pub fn is_invalid_input(&self) -> bool {
         match self {
-            SourceError::Store { input, source, .. } => {
-                *input
-                    || matches!(
-                        source,
-                        object_store::Error::NotFound { .. }
-                            | object_store::Error::PermissionDenied { .. }
-                            | object_store::Error::Unauthenticated { .. }
-                    )
-            }
+            SourceError::Store(e) => e.is_invalid_input(),
             _ => true,
         }
-    }
-}
-
-fn store_err(url: &str, input: bool) -> impl FnOnce(object_store::Error) -> SourceError + '_ {
-    move |source| SourceError::Store {
-        url: url.to_string(),
-        source,
-        input,
     }
 }
 
@@ -101,56 +74,6 @@ const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
 /// First read of a file: the length prefix and, for nearly all models, the whole header.
 const FIRST_READ: u64 = 1 << 18;
-
-/// Size of an object, or None when it does not exist.
-pub async fn head_size(
-    store: &dyn ObjectStore,
-    path: &Path,
-    url: &str,
-) -> Result<Option<u64>, SourceError> {
-    match store.head(path).await {
-        Ok(m) => Ok(Some(m.size)),
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(store_err(url, true)(e)),
-    }
-}
-
-/// Read a whole (small) object: index files, config.json, tokenizer files.
-pub async fn read_small(
-    store: &dyn ObjectStore,
-    path: &Path,
-    url: &str,
-) -> Result<Bytes, SourceError> {
-    let r = store.get(path).await.map_err(store_err(url, true))?;
-    r.bytes().await.map_err(store_err(url, true))
-}
-
-/// Fetch byte ranges of one file (coalesced and concurrent, by object_store).
-pub async fn read_ranges(
-    store: &dyn ObjectStore,
-    path: &Path,
-    url: &str,
-    ranges: &[Range<u64>],
-) -> Result<Vec<Bytes>, SourceError> {
-    let out = store
-        .get_ranges(path, ranges)
-        .await
-        .map_err(store_err(url, false))?;
-    for (r, b) in ranges.iter().zip(&out) {
-        if b.len() as u64 != r.end - r.start {
-            return Err(SourceError::Invalid {
-                file: url.into(),
-                message: format!(
-                    "asked for bytes {}..{} but got {}: the file changed or was truncated during the merge",
-                    r.start,
-                    r.end,
-                    b.len()
-                ),
-            });
-        }
-    }
-    Ok(out)
-}
 
 /// Read and check the header of one safetensors file.
 pub async fn read_header(

@@ -25,7 +25,7 @@ use crate::exec::buffers::BufferPool;
 use crate::exec::{run_task, Chunk, InputFiles, Progress};
 use crate::security::AddToken;
 use crate::shutdown::shutdown_signal;
-use crate::source::Stores;
+use crate::store::Stores;
 use crate::wire::{pb, task_from_wire, MAX_MESSAGE, PROTOCOL_VERSION};
 
 type Client = pb::coordinator_client::CoordinatorClient<

@@ -5,7 +5,7 @@
 
 use mergefleet::job::Job;
 use mergefleet::plan::PlanOptions;
-use mergefleet::source::Stores;
+use mergefleet::store::Stores;
 use mergefleet::wire::{pb, task_to_wire, MAX_MESSAGE};
 use prost::Message;
 

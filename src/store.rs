@@ -1,10 +1,12 @@
-//! Where bytes live: local paths and object-store URLs, resolved to a store + path.
+//! Where bytes live: local paths and object-store URLs, resolved to a store + path, and the
+//! few plain reads every layer needs (sizes, small files, byte ranges).
 //!
 //! Every read and write in mergefleet goes through object_store, so local disk, S3, GCS,
 //! Azure and HTTP behave alike. Credentials and endpoints come from the standard variables
 //! each object_store builder reads (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, `AWS_REGION`,
 //! `AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, ...). Stores
-//! are cached per bucket so models in one bucket share a connection pool.
+//! are cached per bucket so models in one bucket share a connection pool. Reading models
+//! ([`crate::source`]) and writing checkpoints ([`crate::sink`]) both stand on this module.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,9 +17,69 @@ use object_store::local::LocalFileSystem;
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreScheme, RetryConfig};
+use std::ops::Range;
+
+use bytes::Bytes;
+use object_store::ObjectStoreExt;
 use url::Url;
 
-use super::SourceError;
+/// A location that cannot be resolved or read, with its URL.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("bad location `{location}`: {message}")]
+    BadLocation { location: String, message: String },
+    #[error("{url}: {source}")]
+    Read {
+        url: String,
+        #[source]
+        source: object_store::Error,
+        /// True while reading headers and metadata (the user's input is at fault: wrong
+        /// credentials, missing bucket, unreachable endpoint); false while moving weights.
+        input: bool,
+    },
+    #[error("{url}: read failed: {source} (was the file changed or truncated during the merge?)")]
+    Local {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{url}: asked for bytes {start}..{end} but got {got}: the file changed or was truncated during the merge")]
+    Truncated {
+        url: String,
+        start: u64,
+        end: u64,
+        got: usize,
+    },
+}
+
+impl StoreError {
+    pub fn is_invalid_input(&self) -> bool {
+        match self {
+            StoreError::Read { input, source, .. } => {
+                *input
+                    || matches!(
+                        source,
+                        object_store::Error::NotFound { .. }
+                            | object_store::Error::PermissionDenied { .. }
+                            | object_store::Error::Unauthenticated { .. }
+                    )
+            }
+            StoreError::BadLocation { .. }
+            | StoreError::Local { .. }
+            | StoreError::Truncated { .. } => true,
+        }
+    }
+}
+
+/// Wrap an object_store error with the URL read; `input` as in [`StoreError::Read`].
+pub fn store_err(url: &str, input: bool) -> impl FnOnce(object_store::Error) -> StoreError + '_ {
+    move |source| StoreError::Read {
+        url: url.to_string(),
+        source,
+        input,
+    }
+}
 
 /// A store plus the path of a "directory" (prefix) in it.
 #[derive(Clone)]
@@ -99,6 +161,53 @@ type StorePair = (
     String,
 );
 
+/// Size of an object, or None when it does not exist.
+pub async fn head_size(
+    store: &dyn ObjectStore,
+    path: &Path,
+    url: &str,
+) -> Result<Option<u64>, StoreError> {
+    match store.head(path).await {
+        Ok(m) => Ok(Some(m.size)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(store_err(url, true)(e)),
+    }
+}
+
+/// Read a whole (small) object: index files, config.json, tokenizer files.
+pub async fn read_small(
+    store: &dyn ObjectStore,
+    path: &Path,
+    url: &str,
+) -> Result<Bytes, StoreError> {
+    let r = store.get(path).await.map_err(store_err(url, true))?;
+    r.bytes().await.map_err(store_err(url, true))
+}
+
+/// Fetch byte ranges of one file (coalesced and concurrent, by object_store).
+pub async fn read_ranges(
+    store: &dyn ObjectStore,
+    path: &Path,
+    url: &str,
+    ranges: &[Range<u64>],
+) -> Result<Vec<Bytes>, StoreError> {
+    let out = store
+        .get_ranges(path, ranges)
+        .await
+        .map_err(store_err(url, false))?;
+    for (r, b) in ranges.iter().zip(&out) {
+        if b.len() as u64 != r.end - r.start {
+            return Err(StoreError::Truncated {
+                url: url.into(),
+                start: r.start,
+                end: r.end,
+                got: b.len(),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Builds and caches stores.
 #[derive(Default)]
 pub struct Stores {
@@ -132,21 +241,21 @@ impl Stores {
 
     /// Resolve a model reference or output location: a URL (`s3://`, `gs://`, `az://`,
     /// `abfs://`, `http(s)://`, `file://`) or a local path relative to the working directory.
-    pub fn resolve(&self, spec: &str) -> Result<Location, SourceError> {
+    pub fn resolve(&self, spec: &str) -> Result<Location, StoreError> {
         if spec.contains("://") {
-            let url = Url::parse(spec).map_err(|e| SourceError::BadLocation {
+            let url = Url::parse(spec).map_err(|e| StoreError::BadLocation {
                 location: spec.into(),
                 message: e.to_string(),
             })?;
             if url.scheme() == "file" {
-                let path = url.to_file_path().map_err(|_| SourceError::BadLocation {
+                let path = url.to_file_path().map_err(|_| StoreError::BadLocation {
                     location: spec.into(),
                     message: "not an absolute file path".into(),
                 })?;
                 return self.local(path);
             }
             let (scheme, path) =
-                ObjectStoreScheme::parse(&url).map_err(|e| SourceError::BadLocation {
+                ObjectStoreScheme::parse(&url).map_err(|e| StoreError::BadLocation {
                     location: spec.into(),
                     message: format!(
                         "{e}; supported: s3://, gs://, az://, abfs://, http(s)://, file:// and local paths"
@@ -168,7 +277,7 @@ impl Stores {
                 p
             } else {
                 std::env::current_dir()
-                    .map_err(|e| SourceError::BadLocation {
+                    .map_err(|e| StoreError::BadLocation {
                         location: spec.into(),
                         message: format!("cannot read the working directory: {e}"),
                     })?
@@ -178,9 +287,9 @@ impl Stores {
         }
     }
 
-    fn local(&self, path: PathBuf) -> Result<Location, SourceError> {
+    fn local(&self, path: PathBuf) -> Result<Location, StoreError> {
         let path = normalize(&path);
-        let prefix = Path::from_absolute_path(&path).map_err(|e| SourceError::BadLocation {
+        let prefix = Path::from_absolute_path(&path).map_err(|e| StoreError::BadLocation {
             location: path.display().to_string(),
             message: e.to_string(),
         })?;
@@ -208,12 +317,12 @@ impl Stores {
         scheme: &ObjectStoreScheme,
         url: &Url,
         spec: &str,
-    ) -> Result<StorePair, SourceError> {
+    ) -> Result<StorePair, StoreError> {
         let mut cache = self.cache.lock().expect("store cache");
         if let Some(hit) = cache.get(key) {
             return Ok(hit.clone());
         }
-        let bad = |e: object_store::Error| SourceError::BadLocation {
+        let bad = |e: object_store::Error| StoreError::BadLocation {
             location: spec.into(),
             message: format!("cannot configure the store: {e}"),
         };
@@ -263,7 +372,7 @@ impl Stores {
                 (s, None, base.to_string())
             }
             other => {
-                return Err(SourceError::BadLocation {
+                return Err(StoreError::BadLocation {
                     location: spec.into(),
                     message: format!("the {other:?} scheme is not supported"),
                 })
