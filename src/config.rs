@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde_yaml::Value;
 
-use crate::merge::WorkDtype;
+use crate::dtype::WorkDtype;
 
 /// A config that cannot be merged, with the key or form at fault.
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,7 @@ pub mod args;
 pub mod checkpoint;
 pub mod config;
 pub mod coordinator;
+pub mod dtype;
 pub mod embedded;
 pub mod error;
 pub mod exec;

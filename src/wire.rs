@@ -6,7 +6,8 @@
 
 use safetensors::Dtype;
 
-use crate::merge::{Reductions, WorkDtype};
+use crate::dtype::{self, WorkDtype};
+use crate::merge::Reductions;
 use crate::plan::{InputFile, InputSlice, MergePlan, ModelStockParams, Op, Task, TensorJob};
 
 #[allow(clippy::all, missing_docs)]
@@ -26,16 +27,8 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 #[error("malformed task from the coordinator: {0}")]
 pub struct WireError(pub String);
 
-fn dtype_name(d: Dtype) -> String {
-    serde_json::to_value(d)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{d:?}"))
-}
-
 fn parse_dtype(s: &str) -> Result<Dtype, WireError> {
-    serde_json::from_value(serde_json::Value::String(s.into()))
-        .map_err(|_| WireError(format!("unknown dtype `{s}`")))
+    dtype::parse(s).ok_or_else(|| WireError(format!("unknown dtype `{s}`")))
 }
 
 fn parse_work(s: &str) -> Result<WorkDtype, WireError> {
@@ -53,7 +46,7 @@ pub fn task_to_wire(plan: &MergePlan, id: usize, attempt: u32, output: pb::Outpu
         url: inputs[s.file].url.clone(),
         start: s.range.start,
         end: s.range.end,
-        dtype: dtype_name(s.dtype),
+        dtype: dtype::name(s.dtype),
     };
     pb::Task {
         task_id: task.id as u64,
@@ -80,7 +73,7 @@ pub fn task_to_wire(plan: &MergePlan, id: usize, attempt: u32, output: pb::Outpu
                 pb::TensorJob {
                     name: j.name.clone(),
                     shape: j.shape.iter().map(|&d| d as u64).collect(),
-                    dtype: dtype_name(j.dtype),
+                    dtype: dtype::name(j.dtype),
                     out_start: j.out.start,
                     out_end: j.out.end,
                     kernel,

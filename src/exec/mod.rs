@@ -22,11 +22,11 @@ use object_store::ObjectStore;
 use rayon::prelude::*;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::dtype;
 use crate::error::{Error, Result};
 use crate::merge::{row_len, InputView, ModelStock, BLOCK};
 use crate::plan::{InputFile, InputSlice, MergePlan, Op, Task, TensorJob};
 use crate::sink::Sink;
-use crate::source::header::dtype_size;
 use crate::store::{read_ranges, StoreError, Stores};
 use buffers::BufferPool;
 pub use progress::Progress;
@@ -299,10 +299,10 @@ async fn stream_tensor(
     tx: &mpsc::Sender<Chunk>,
 ) -> Result<()> {
     let slices = input_ranges(job);
-    let out_size = dtype_size(job.dtype).expect("whole-byte dtype") as u64;
+    let out_size = dtype::size(job.dtype).expect("whole-byte dtype") as u64;
     let sizes: Vec<u64> = slices
         .iter()
-        .map(|s| dtype_size(s.dtype).expect("whole-byte") as u64)
+        .map(|s| dtype::size(s.dtype).expect("whole-byte") as u64)
         .collect();
     let (unit, per_elem) = window_unit(job);
     let numel = job.numel();
@@ -406,9 +406,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 fn window_unit(job: &TensorJob) -> (usize, u64) {
     let per_elem = input_ranges(job)
         .iter()
-        .map(|s| dtype_size(s.dtype).expect("whole-byte dtype") as u64)
+        .map(|s| dtype::size(s.dtype).expect("whole-byte dtype") as u64)
         .sum::<u64>()
-        + dtype_size(job.dtype).expect("whole-byte dtype") as u64;
+        + dtype::size(job.dtype).expect("whole-byte dtype") as u64;
     let unit = match &job.op {
         Op::Merge { kernel, .. } if kernel.filter_wise => row_len(&job.shape).max(1),
         _ => BLOCK,

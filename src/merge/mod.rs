@@ -19,71 +19,12 @@ use safetensors::Dtype;
 
 use numeric::{decode, encode, Bf16, Round, F16, F32};
 
+pub use crate::dtype::WorkDtype;
+
 /// Elements per block: the unit of parallel work and of statistics.
 pub const BLOCK: usize = 1 << 16;
 /// Elements decoded at a time inside a block (stays in L1/L2).
 const MICRO: usize = 512;
-
-/// A dtype model_stock can compute in (mergekit's `dtype` / `out_dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WorkDtype {
-    BF16,
-    F16,
-    F32,
-    /// mergekit keeps float64 inputs in float64 when no `dtype` is given.
-    F64,
-}
-
-impl WorkDtype {
-    /// Parse mergekit's names: `bfloat16`, `float16`, `float32`, optionally `torch.`-prefixed.
-    pub fn from_name(s: &str) -> Option<Self> {
-        match s.trim().strip_prefix("torch.").unwrap_or(s.trim()) {
-            "bfloat16" => Some(Self::BF16),
-            "float16" | "half" => Some(Self::F16),
-            "float32" | "float" => Some(Self::F32),
-            "float64" | "double" => Some(Self::F64),
-            _ => None,
-        }
-    }
-    /// The name torch (and `config.json`) uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::BF16 => "bfloat16",
-            Self::F16 => "float16",
-            Self::F32 => "float32",
-            Self::F64 => "float64",
-        }
-    }
-    pub fn st_dtype(self) -> Dtype {
-        match self {
-            Self::BF16 => Dtype::BF16,
-            Self::F16 => Dtype::F16,
-            Self::F32 => Dtype::F32,
-            Self::F64 => Dtype::F64,
-        }
-    }
-    pub fn from_st(d: Dtype) -> Option<Self> {
-        match d {
-            Dtype::BF16 => Some(Self::BF16),
-            Dtype::F16 => Some(Self::F16),
-            Dtype::F32 => Some(Self::F32),
-            Dtype::F64 => Some(Self::F64),
-            _ => None,
-        }
-    }
-    pub fn size(self) -> usize {
-        match self {
-            Self::BF16 | Self::F16 => 2,
-            Self::F32 => 4,
-            Self::F64 => 8,
-        }
-    }
-}
-
-/// True for dtypes model_stock merges; other tensors are copied from the base.
-pub fn is_float(d: Dtype) -> bool {
-    matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64)
-}
 
 /// One input tensor (or a window of it): raw little-endian bytes and their dtype.
 #[derive(Clone, Copy)]

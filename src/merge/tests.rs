@@ -349,10 +349,7 @@ fn result_does_not_depend_on_thread_count() {
 }
 
 #[test]
-fn dtype_names() {
-    assert_eq!(WorkDtype::from_name("torch.float16"), Some(WorkDtype::F16));
-    assert_eq!(WorkDtype::from_name("bfloat16").unwrap().name(), "bfloat16");
-    assert_eq!(WorkDtype::from_name("int8"), None);
+fn row_lengths() {
     assert_eq!(row_len(&[4, 5, 6]), 6);
     assert_eq!(row_len(&[7]), 7);
     assert_eq!(row_len(&[]), 1);

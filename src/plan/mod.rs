@@ -13,8 +13,8 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
 use crate::config::MergeConfig;
-use crate::merge::{is_float, ModelStock, Reductions, WorkDtype};
-use crate::source::header::dtype_size;
+use crate::dtype::{self, is_float, is_low_precision_float, WorkDtype};
+use crate::merge::{ModelStock, Reductions};
 use crate::source::ModelSource;
 
 /// A merge that cannot be planned, naming the tensor and model at fault.
@@ -51,20 +51,6 @@ pub enum PlanError {
 const VOCAB_HINT: &str =
     ": the vocabularies differ. mergekit refuses this too; align the vocabularies \
 (mergekit's `tokenizer` config resizes embeddings) before merging";
-
-fn is_low_precision_float(d: Dtype) -> bool {
-    matches!(
-        d,
-        Dtype::F8_E4M3
-            | Dtype::F8_E5M2
-            | Dtype::F8_E8M0
-            | Dtype::F8_E4M3FNUZ
-            | Dtype::F8_E5M2FNUZ
-            | Dtype::F4
-            | Dtype::F6_E2M3
-            | Dtype::F6_E3M2
-    )
-}
 
 /// Sizes that shape the plan.
 #[derive(Debug, Clone, Copy)]
@@ -514,7 +500,7 @@ pub fn plan(
 }
 
 fn tensor_bytes(j: &TensorJob) -> u64 {
-    j.numel() as u64 * dtype_size(j.dtype).expect("whole-byte dtype") as u64
+    j.numel() as u64 * dtype::size(j.dtype).expect("whole-byte dtype") as u64
 }
 
 /// Shard the tensors (already in lexicographic order) into files and tasks.

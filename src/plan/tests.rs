@@ -11,7 +11,7 @@ fn model(name: &str, tensors: &[(&str, Dtype, &[usize])]) -> ModelSource {
     let mut map = BTreeMap::new();
     let mut off = 64u64;
     for (t, d, shape) in tensors {
-        let n: usize = shape.iter().product::<usize>() * dtype_size(*d).unwrap();
+        let n: usize = shape.iter().product::<usize>() * dtype::size(*d).unwrap();
         map.insert(
             t.to_string(),
             TensorLoc {

@@ -54,12 +54,6 @@ pub struct TensorEntry {
     pub end: u64,
 }
 
-/// The byte size of one element, if the dtype has whole-byte elements.
-pub fn dtype_size(d: Dtype) -> Option<usize> {
-    let bits = d.bitsize();
-    bits.is_multiple_of(8).then_some(bits / 8)
-}
-
 /// Check the 8-byte prefix against the file size; returns the header's JSON length.
 pub fn header_len(prefix: [u8; 8], file_size: u64) -> Result<u64, String> {
     let n = u64::from_le_bytes(prefix);
@@ -222,7 +216,7 @@ fn parse_entry(name: &str, e: Option<&RawEntry>, data_start: u64) -> Result<Tens
     let dtype_v = o.dtype.as_ref().ok_or_else(|| err("no `dtype`".into()))?;
     let dtype: Dtype = serde_json::from_value(dtype_v.clone())
         .map_err(|_| err(format!("unknown dtype {dtype_v}")))?;
-    let size = dtype_size(dtype)
+    let size = crate::dtype::size(dtype)
         .ok_or_else(|| err(format!("sub-byte dtype {dtype:?} is not supported")))?;
     let shape: Vec<usize> = match &o.shape {
         Some(v @ Value::Array(a)) => a
