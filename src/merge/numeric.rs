@@ -6,8 +6,6 @@
 //! once. We keep every working value as an `f32` that is exactly representable in the working
 //! dtype, and call [`Round::round`] after each operation, so results match torch bit for bit.
 
-#[cfg(test)]
-use half::bf16;
 use safetensors::Dtype;
 
 pub use crate::dtype::{bf16_round, f16_bits, f16_round, f16_to_f32, to_f32_round_to_odd};
