@@ -17,6 +17,7 @@ pub mod dtype;
 pub mod embedded;
 pub mod error;
 pub mod exec;
+pub mod header;
 pub mod job;
 pub mod merge;
 pub mod plan;

@@ -12,7 +12,7 @@ use std::path::Path;
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 
-use crate::plan::header_bytes;
+use crate::header::write_header;
 
 /// The dimensions of a LLaMA-style model.
 #[derive(Debug, Clone, Copy)]
@@ -142,7 +142,7 @@ pub fn write_model(
                 )
             })
             .collect();
-        let header = header_bytes(infos).map_err(std::io::Error::other)?;
+        let header = write_header(infos).map_err(std::io::Error::other)?;
         let mut w = BufWriter::with_capacity(1 << 20, File::create(dir.join(&name))?);
         w.write_all(&header)?;
         let mut buf = Vec::new();
@@ -322,7 +322,7 @@ pub fn write_sparse_model(
                 (t.0.clone(), info)
             })
             .collect();
-        let header = header_bytes(infos).map_err(std::io::Error::other)?;
+        let header = write_header(infos).map_err(std::io::Error::other)?;
         let f = File::create(dir.join(&name))?;
         (&f).write_all(&header)?;
         f.set_len((header.len() + off) as u64)?;

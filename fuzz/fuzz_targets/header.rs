@@ -3,7 +3,7 @@
 //! bytes fall outside the file.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mergefleet::source::header::{header_len, parse_header};
+use mergefleet::header::{header_len, parse_header};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 16 {

@@ -6,10 +6,9 @@
 //! is cut into tasks. A [`Task`] is self-contained so it can run anywhere (this process, or a
 //! worker on another machine).
 
-use std::collections::HashMap;
 use std::ops::Range;
 
-use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 
 use crate::config::MergeConfig;
@@ -559,7 +558,7 @@ fn layout(
             ));
             off += b;
         }
-        let header = header_bytes(infos)?;
+        let header = crate::header::write_header(infos).map_err(PlanError::Layout)?;
         let data_start = header.len() as u64;
         let first_task = tasks.len();
         let mut pos = 0u64;
@@ -625,19 +624,6 @@ fn layout(
         out_dtype,
         warnings,
     })
-}
-
-/// The exact header bytes the safetensors library writes for these tensors: 8-byte length,
-/// JSON with `{"format":"pt"}` metadata, padded with spaces to a multiple of 8.
-pub fn header_bytes(infos: Vec<(String, TensorInfo)>) -> Result<Vec<u8>, PlanError> {
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let md = Metadata::new(Some(meta), infos).map_err(|e| PlanError::Layout(format!("{e:?}")))?;
-    let mut json = serde_json::to_vec(&md).map_err(|e| PlanError::Layout(e.to_string()))?;
-    json.resize(json.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + json.len());
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    Ok(out)
 }
 
 #[cfg(test)]

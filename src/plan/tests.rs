@@ -336,7 +336,7 @@ mod properties {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::source::header::parse_header;
+    use crate::header::parse_header;
 
     /// A random tensor set: unique names, float or integer dtypes, small shapes.
     fn tensor_set() -> impl Strategy<Value = Vec<(String, Dtype, Vec<usize>)>> {
@@ -388,7 +388,7 @@ mod properties {
                     (n.clone(), TensorInfo { dtype: *d, shape: s.clone(), data_offsets: (off - len, off) })
                 })
                 .collect();
-            let header = header_bytes(infos.clone()).unwrap();
+            let header = crate::header::write_header(infos.clone()).unwrap();
             let size = (header.len() + off) as u64;
             let (parsed, meta) = parse_header(&header[8..], size).unwrap();
             prop_assert_eq!(meta.get("format").map(String::as_str), Some("pt"));

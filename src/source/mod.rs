@@ -4,8 +4,6 @@
 //! huge headers); weights are fetched later, per task, by byte range. Everything that can
 //! be wrong with a checkpoint is reported here with the file's URL and the tensor's name.
 
-pub mod header;
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
@@ -14,8 +12,9 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use safetensors::Dtype;
 
+use crate::header;
+pub use crate::header::TensorEntry;
 use crate::store::{head_size, read_small, store_err, Location, StoreError, Stores};
-pub use header::TensorEntry;
 
 /// A model or store that cannot be read, with its URL and what to do.
 #[derive(Debug, thiserror::Error)]

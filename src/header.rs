@@ -1,11 +1,14 @@
-//! Defensive parsing of safetensors headers (pure: bytes in, entries out).
+//! The safetensors header format, both ways (pure: bytes in, entries out, and back).
 //!
-//! Checkpoints come from strangers. A header is trusted only after: its length is capped and
+//! Writing produces the exact bytes the safetensors library writes, so our files equal
+//! mergekit's. Parsing is defensive: checkpoints come from strangers. A header is trusted only after: its length is capped and
 //! inside the file, it is a JSON object, every dtype is known, every shape times the dtype
 //! size equals the byte length (checked arithmetic), offsets are contiguous from 0 with no gap
 //! or overlap, and the data ends exactly at the end of the file. Errors name the tensor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use safetensors::tensor::{Metadata, TensorInfo};
 
 use safetensors::Dtype;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -266,6 +269,19 @@ fn parse_entry(name: &str, e: Option<&RawEntry>, data_start: u64) -> Result<Tens
         start,
         end,
     })
+}
+
+/// The exact header bytes the safetensors library writes for these tensors: 8-byte length,
+/// JSON with `{"format":"pt"}` metadata, padded with spaces to a multiple of 8.
+pub fn write_header(infos: Vec<(String, TensorInfo)>) -> Result<Vec<u8>, String> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let md = Metadata::new(Some(meta), infos).map_err(|e| format!("{e:?}"))?;
+    let mut json = serde_json::to_vec(&md).map_err(|e| e.to_string())?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
 }
 
 #[cfg(test)]
