@@ -1,6 +1,6 @@
 //! Planner tests on synthetic headers: layout, tied embeddings, refusals, tasks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::*;
 use crate::source::{SourceFile, TensorLoc};
