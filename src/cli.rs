@@ -8,12 +8,17 @@ use serde_json::json;
 use mergefleet::args::{Cli, Command};
 use mergefleet::embedded::{merge, MergeOptions};
 use mergefleet::job::Job;
+use mergefleet::memory::{default_memory_limit, peak_rss, task_budget};
 use mergefleet::store::Stores;
-use mergefleet::units::{default_memory_limit, fmt_bytes, peak_rss, task_budget};
+use mergefleet::units::fmt_bytes;
 
 fn read_config(path: &PathBuf) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).map_err(|e| {
-        mergefleet::Error::Usage(format!("cannot read the config {}: {e}", path.display())).into()
+    std::fs::read_to_string(path).map_err(|source| {
+        mergefleet::Error::ReadFile {
+            path: format!("the config {}", path.display()),
+            source,
+        }
+        .into()
     })
 }
 
@@ -149,7 +154,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 fn print_plan(job: &Job, as_json: bool) {
     let p = &job.plan;
     let largest = p.largest_tensor();
-    let need = largest.map(mergefleet::exec::min_memory).unwrap_or(0);
+    let need = largest
+        .map(mergefleet::plan::TensorJob::min_memory)
+        .unwrap_or(0);
     let one_pass = largest.map(|t| t.working_set()).unwrap_or(0);
     if as_json {
         let files: Vec<_> = p
@@ -251,7 +258,7 @@ fn cli_threads(n: Option<usize>) -> usize {
     n.unwrap_or(cores).clamp(1, cores)
 }
 
-fn print_status(s: &mergefleet::wire::pb::StatusResponse, as_json: bool) {
+fn print_status(s: &mergefleet::wire::StatusReport, as_json: bool) {
     let rate = s.bytes_done as f64 / s.elapsed_s.max(1e-9);
     let eta = if rate > 0.0 {
         (s.bytes_total.saturating_sub(s.bytes_done)) as f64 / rate
@@ -262,7 +269,7 @@ fn print_status(s: &mergefleet::wire::pb::StatusResponse, as_json: bool) {
         let workers: Vec<_> = s
             .workers
             .iter()
-            .map(|w| json!({"id": w.worker_id, "name": w.name, "last_heartbeat_s_ago": w.last_heartbeat_s_ago, "task": w.task_id, "tasks_done": w.tasks_done}))
+            .map(|w| json!({"id": w.worker.0, "name": w.name, "last_heartbeat_s_ago": w.last_heartbeat_s_ago, "task": w.task.map_or(-1, |t| t.0 as i64), "tasks_done": w.tasks_done}))
             .collect();
         let v = json!({
             "state": s.state, "output": s.output,
@@ -289,14 +296,13 @@ fn print_status(s: &mergefleet::wire::pb::StatusResponse, as_json: bool) {
     );
     println!("workers: {}", s.workers.len());
     for w in &s.workers {
-        let task = if w.task_id < 0 {
-            "idle".to_string()
-        } else {
-            format!("task {}", w.task_id)
+        let task = match w.task {
+            None => "idle".to_string(),
+            Some(t) => format!("task {t}"),
         };
         println!(
             "  {:<24} id {:<20} last heartbeat {:>5.1} s ago  {:<10} {} done",
-            w.name, w.worker_id, w.last_heartbeat_s_ago, task, w.tasks_done
+            w.name, w.worker, w.last_heartbeat_s_ago, task, w.tasks_done
         );
     }
 }

@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::exec::buffers::BufferPool;
-use crate::exec::{min_memory, run_plan, InputFiles, Progress};
+use crate::exec::{run_plan, InputFiles, Progress};
 use crate::job::Job;
+use crate::memory;
 use crate::plan::PlanOptions;
 use crate::shutdown::shutdown_signal;
 use crate::sink::lock::{Holder, OutputLock};
@@ -50,7 +51,7 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
         tracing::warn!("{w}");
     }
     if let Some(big) = job.plan.largest_tensor() {
-        let need = min_memory(big);
+        let need = big.min_memory();
         if need > opts.memory_limit {
             return Err(Error::Usage(format!(
                 "--memory-limit {} is too small: tensor `{}` needs at least {need} bytes even when streamed",
@@ -58,9 +59,9 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
             )));
         }
     }
-    let budget = pipeline_budget(&job.plan, opts);
+    let budget = memory::pipeline_budget(&job.plan, opts.memory_limit, opts.plan.task_size);
     // Idle output buffers kept for reuse: a few tasks' worth.
-    let pool = BufferPool::new((budget / 4) as usize);
+    let pool = BufferPool::new(memory::idle_buffers(budget));
     let inputs = Arc::new(InputFiles::resolve(&stores, &job.plan.inputs, pool)?);
     Sink::check(&location, opts.overwrite).await?;
     // Every check is done: take the output, then touch it.
@@ -112,17 +113,4 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
         seconds: started.elapsed().as_secs_f64(),
         warnings,
     })
-}
-
-/// Memory for tasks in flight: the largest task plus two ordinary ones keeps reads, compute
-/// and writes overlapping; more would only raise the footprint. Never above the limit.
-pub fn pipeline_budget(plan: &crate::plan::MergePlan, opts: &MergeOptions) -> u64 {
-    let largest = plan
-        .tasks
-        .iter()
-        .map(|t| t.working_set())
-        .max()
-        .unwrap_or(0);
-    let typical = opts.plan.task_size + opts.plan.task_size / 2;
-    opts.memory_limit.min(largest + 2 * typical)
 }

@@ -1,8 +1,11 @@
-//! The library's public error type.
+//! The library's public error type, and the one place that classifies errors.
 //!
-//! Each layer has its own small error enum (config, source, plan, sink); they fold into
-//! [`Error`] here so callers can ask one question: is this the user's input (exit code 2)
-//! or something else (exit code 1)? Messages always name the file, tensor or key involved.
+//! Each layer has its own small error enum (config, store, source, plan, sink, wire); they
+//! fold into [`Error`] here, keeping their sources. Three questions are answered here, from
+//! the type alone (never by parsing messages), and unit-tested: the exit code (2 when the
+//! user's input is at fault), whether another attempt of a task may succeed, and whether a
+//! failed attempt counts toward `--max-attempts`. Messages always name the file, tensor, key
+//! or worker involved.
 
 use crate::config::ConfigError;
 use crate::plan::PlanError;
@@ -31,8 +34,32 @@ pub enum Error {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// A command-line argument or option the user must change.
     #[error("invalid argument: {0}")]
     Usage(String),
+    /// A file named on the command line (config, certificate, key) cannot be read.
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A port to serve on cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC transport refused its settings (TLS certificate or key, endpoint).
+    #[error("{what}: {source}")]
+    Transport {
+        what: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error(transparent)]
+    Endpoint(#[from] crate::wire::client::BadEndpoint),
     #[error("the merge was interrupted")]
     Interrupted,
     /// Another process took the output over (it judged this one's lock stale).
@@ -50,22 +77,42 @@ pub enum Error {
     JobFailed(String),
     #[error(transparent)]
     Wire(#[from] crate::wire::WireError),
+    /// A background task panicked.
+    #[error("{what} panicked: {source}")]
+    Panicked {
+        what: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl Error {
-    /// True when the user's config or input data is at fault (CLI exit code 2).
+    /// A background task that panicked (or was cancelled) while doing `what`.
+    pub fn panicked(what: impl Into<String>) -> impl FnOnce(tokio::task::JoinError) -> Error {
+        let what = what.into();
+        move |source| Error::Panicked { what, source }
+    }
+
+    /// True when the user's config, arguments or input data are at fault (exit code 2).
     pub fn is_invalid_input(&self) -> bool {
         match self {
-            Error::Config(_) | Error::Plan(_) | Error::Usage(_) => true,
+            Error::Config(_)
+            | Error::Plan(_)
+            | Error::Usage(_)
+            | Error::ReadFile { .. }
+            | Error::Listen { .. }
+            | Error::Transport { .. }
+            | Error::Endpoint(_)
+            | Error::Journal { .. } => true,
             Error::Source(e) => e.is_invalid_input(),
             Error::Store(e) => e.is_invalid_input(),
-            Error::Journal { .. } => true,
             Error::Sink(e) => e.is_invalid_input(),
             Error::Interrupted
             | Error::OutputLost(_)
             | Error::Internal(_)
+            | Error::Panicked { .. }
             | Error::Cluster(_)
             | Error::Unreachable(_)
             | Error::JobFailed(_)
@@ -83,9 +130,9 @@ impl Error {
         }
     }
 
-    /// Whether another attempt of the same task may succeed (decided here, in one place;
-    /// the coordinator never parses messages). A bad config or plan, a malformed task or a
-    /// memory limit too small for a tensor fail the same way every time.
+    /// Whether another attempt of the same task may succeed. A bad config or plan, a
+    /// malformed task or a memory limit too small for a tensor fail the same way every time;
+    /// storage hiccups, a lost lease or a stopped worker need not.
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
@@ -97,6 +144,137 @@ impl Error {
                 | Error::JobFailed(_)
         )
     }
+
+    /// Whether a task attempt that ended with this error counts toward `--max-attempts`. A
+    /// worker stopped under its task (SIGTERM: preemption, scale-down, a rolling update) is
+    /// not the task's fault, so its attempts are free.
+    pub fn counts_toward_attempts(&self) -> bool {
+        !matches!(self, Error::Interrupted)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: std::io::ErrorKind) -> std::io::Error {
+        std::io::Error::new(kind, "x")
+    }
+
+    #[test]
+    fn classification() {
+        let store = |e: object_store::Error, input| {
+            Error::Store(StoreError::Read {
+                url: "s3://b/m".into(),
+                source: e,
+                input,
+            })
+        };
+        let generic = || object_store::Error::Generic {
+            store: "S3",
+            source: "connection reset".into(),
+        };
+        let not_found = || object_store::Error::NotFound {
+            path: "m".into(),
+            source: "gone".into(),
+        };
+        // (error, exit code, retryable, counts toward --max-attempts)
+        let table: Vec<(Error, u8, bool, bool)> = vec![
+            (Error::Usage("--threads 0".into()), 2, false, true),
+            (
+                Error::Config(ConfigError::Key {
+                    key: "models".into(),
+                    message: "empty".into(),
+                }),
+                2,
+                false,
+                true,
+            ),
+            (Error::Plan(PlanError::Empty("b".into())), 2, false, true),
+            (
+                Error::Sink(SinkError::Unsupported {
+                    url: "http://x".into(),
+                    message: "no multipart".into(),
+                }),
+                2,
+                true,
+                true,
+            ),
+            (
+                Error::Sink(SinkError::Io {
+                    path: "/out".into(),
+                    source: io(std::io::ErrorKind::StorageFull),
+                }),
+                2,
+                true,
+                true,
+            ),
+            (
+                Error::Sink(SinkError::Io {
+                    path: "/out".into(),
+                    source: io(std::io::ErrorKind::Interrupted),
+                }),
+                1,
+                true,
+                true,
+            ),
+            // Reading headers: the user's input (credentials, bucket); moving weights: not.
+            (store(generic(), true), 2, true, true),
+            (store(generic(), false), 1, true, true),
+            (store(not_found(), false), 2, true, true),
+            (
+                Error::ReadFile {
+                    path: "cert.pem".into(),
+                    source: io(std::io::ErrorKind::NotFound),
+                },
+                2,
+                true,
+                true,
+            ),
+            (
+                Error::Listen {
+                    addr: "0.0.0.0:7300".into(),
+                    source: io(std::io::ErrorKind::AddrInUse),
+                },
+                2,
+                true,
+                true,
+            ),
+            (
+                Error::Wire(crate::wire::WireError("shape".into())),
+                1,
+                false,
+                true,
+            ),
+            (Error::Interrupted, 1, true, false),
+            (Error::OutputLost("/out".into()), 1, true, true),
+            (Error::Cluster("task 3 failed".into()), 1, false, true),
+            (Error::Unreachable("lost".into()), 1, true, true),
+            (Error::JobFailed("task 3 failed".into()), 3, false, true),
+            (Error::Internal("bug".into()), 1, true, true),
+        ];
+        for (e, exit, retry, counts) in table {
+            assert_eq!(
+                (e.exit_code(), e.is_retryable(), e.counts_toward_attempts()),
+                (exit, retry, counts),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sources_are_kept() {
+        let e = Error::ReadFile {
+            path: "key.pem".into(),
+            source: io(std::io::ErrorKind::PermissionDenied),
+        };
+        let source = std::error::Error::source(&e).expect("a source");
+        assert_eq!(
+            source.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+            Some(std::io::ErrorKind::PermissionDenied)
+        );
+        assert!(e.to_string().contains("key.pem"));
+    }
+}

@@ -19,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod header;
 pub mod job;
+pub mod memory;
 pub mod merge;
 pub mod plan;
 pub mod security;

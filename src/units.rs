@@ -95,69 +95,9 @@ pub fn fmt_unix_time(secs: u64) -> String {
     )
 }
 
-/// Memory this process may use by default: half of physical memory, or of the cgroup
-/// limit when that is smaller (containers).
-pub fn default_memory_limit() -> u64 {
-    let physical = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(8 << 30);
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(u64::MAX);
-    physical.min(cgroup) / 2
-}
-
-/// Of a whole-process memory limit (say a container's), what a worker's tasks may use: all
-/// but a reserve for the runtime, connections and allocator slack (1/8, at most 1 GiB).
-pub fn task_budget(limit: u64) -> u64 {
-    limit - (limit / 8).min(1 << 30)
-}
-
-/// The least whole-process limit whose [`task_budget`] is at least `budget`.
-pub fn limit_for_task_budget(budget: u64) -> u64 {
-    // task_budget never decreases as the limit grows, and gives at most 1 GiB away.
-    let (mut lo, mut hi) = (budget, budget.saturating_add(1 << 30));
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if task_budget(mid) >= budget {
-            hi = mid;
-        } else {
-            lo = mid + 1;
-        }
-    }
-    lo
-}
-
-/// This process's peak resident memory (VmHWM), when the OS tells it.
-pub fn peak_rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = s
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn task_budget_keeps_a_reserve() {
-        assert_eq!(task_budget(8 << 20), 7 << 20);
-        assert_eq!(task_budget(16 << 30), 15 << 30);
-        assert_eq!(task_budget(0), 0);
-    }
 
     #[test]
     fn sizes() {
@@ -189,16 +129,7 @@ mod tests {
         assert_eq!(fmt_bytes(999), "999 B");
         assert_eq!(fmt_bytes(1_500_000), "1.50 MB");
         assert_eq!(fmt_unix_time(0), "1970-01-01 00:00:00 UTC");
-        for b in [0, 1, 7, 1 << 20, 7 << 30, 100 << 30] {
-            let l = limit_for_task_budget(b);
-            assert!(
-                task_budget(l) >= b && (l == 0 || task_budget(l - 1) < b),
-                "{b} -> {l}"
-            );
-        }
         assert_eq!(fmt_unix_time(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(fmt_unix_time(1_795_999_999), "2026-11-30 00:53:19 UTC");
-        assert!(default_memory_limit() > 0);
-        assert!(peak_rss().unwrap() > 0);
     }
 }

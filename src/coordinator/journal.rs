@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::MergeConfig;
 use crate::plan::MergePlan;
+use crate::sink::cluster::{ClusterOutput, Prepared, Target};
 use crate::sink::SinkError;
 use crate::store::{head_size, read_small, Location};
 
@@ -105,6 +106,64 @@ impl Journal {
                     source,
                 }),
         }
+    }
+
+    /// Create (or reuse) every output file not yet complete, recording new uploads and
+    /// forgetting finished tasks of files that had to be created anew.
+    pub async fn prepare_files(
+        &mut self,
+        output: &ClusterOutput,
+        plan: &MergePlan,
+    ) -> Result<(), SinkError> {
+        for f in &plan.files {
+            if self.completed_files.contains(&f.name) {
+                continue;
+            }
+            let upload = self.uploads.get(&f.name).map(String::as_str);
+            match output.prepare(&f.name, f.size, upload).await? {
+                Prepared::Kept => {}
+                Prepared::Created => {
+                    for t in f.tasks.clone() {
+                        self.done.remove(&t);
+                    }
+                }
+                Prepared::Upload(id) => {
+                    self.uploads.insert(f.name.clone(), id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where task `id` of `plan` writes.
+    pub fn target(&self, output: &ClusterOutput, plan: &MergePlan, id: usize) -> Target {
+        let name = &plan.files[plan.tasks[id].file].name;
+        let upload = self.uploads.get(name).map_or("", String::as_str);
+        let (first_part, part_size) = plan.parts_of(id);
+        output.target(name, upload, first_part, part_size)
+    }
+
+    /// Give the output up: remove the partial files of `plan` and abort every upload this
+    /// journal names (whatever plan made it: `--restart` after a layout change aborts the
+    /// old plan's uploads). Returns the uploads that may still be open.
+    pub async fn abort_open(
+        &self,
+        output: &ClusterOutput,
+        plan: &MergePlan,
+    ) -> Vec<(String, String)> {
+        let open: Vec<&str> = plan
+            .files
+            .iter()
+            .map(|f| f.name.as_str())
+            .filter(|n| !self.completed_files.contains(*n))
+            .collect();
+        let uploads = self
+            .uploads
+            .iter()
+            .filter(|(name, _)| !self.completed_files.contains(*name))
+            .map(|(name, id)| (name.clone(), id.clone()))
+            .collect();
+        output.abort(&open, uploads).await
     }
 
     pub async fn remove(location: &Location) {

@@ -6,7 +6,6 @@
 //! the output location, so a restarted coordinator resumes without redoing finished work.
 
 pub mod journal;
-pub mod output;
 pub mod service;
 pub mod state;
 
@@ -16,22 +15,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, Notify};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Identity;
 
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::plan::{MergePlan, PlanOptions};
-use crate::security::CheckToken;
 use crate::shutdown::shutdown_signal;
+use crate::sink::cluster::ClusterOutput;
 use crate::sink::lock::{Holder, OutputLock};
 use crate::sink::{Sink, ABORT_DEADLINE};
 use crate::store::{Location, Stores};
 use crate::units::fmt_bytes;
-use crate::wire::{pb, MAX_MESSAGE};
+use crate::wire::TaskId;
 use journal::{fingerprint, Journal};
-use output::ClusterOutput;
-use state::{ClusterState, Phase, Reported, TaskNeeds, TaskStatus};
+use state::{ClusterState, Phase, Reported, TaskNeeds};
 
 /// Options of `mergefleet coordinator`.
 #[derive(Debug, Clone)]
@@ -163,12 +160,17 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
 async fn bind(opts: &CoordinatorOptions) -> Result<(tokio::net::TcpListener, Option<Identity>)> {
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
-        .map_err(|e| Error::Usage(format!("cannot listen on {}: {e}", opts.listen)))?;
+        .map_err(|source| Error::Listen {
+            addr: opts.listen.to_string(),
+            source,
+        })?;
     let tls = match &opts.tls {
         Some((cert, key)) => {
             let read = |p: &PathBuf| {
-                std::fs::read(p)
-                    .map_err(|e| Error::Usage(format!("cannot read {}: {e}", p.display())))
+                std::fs::read(p).map_err(|source| Error::ReadFile {
+                    path: p.display().to_string(),
+                    source,
+                })
             };
             Some(Identity::from_pem(read(cert)?, read(key)?))
         }
@@ -202,7 +204,7 @@ async fn prepare(
                 )));
             }
             tracing::info!("--restart: discarding the journal in {}", location.display);
-            output.abort(&job.plan, &old).await;
+            old.abort_open(output, &job.plan).await;
             Journal::remove(location).await;
             Journal::new(fp)
         }
@@ -215,7 +217,7 @@ async fn prepare(
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    output.prepare(&job.plan, &mut journal).await?;
+    journal.prepare_files(output, &job.plan).await?;
     journal.save(location).await?;
     Ok((journal, sink, warnings))
 }
@@ -249,7 +251,7 @@ async fn serve(
     );
     let resumed = journal.done.len();
     for (task, parts) in &journal.done {
-        state.restore_done(*task, parts.clone());
+        state.restore_done(TaskId(*task), parts.clone());
     }
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
@@ -267,33 +269,12 @@ async fn serve(
         shared: shared.clone(),
         events: events_tx,
     };
-    let coordinator = pb::coordinator_server::CoordinatorServer::new(svc)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::coordinator_server::CoordinatorServer<service::Service>>()
-        .await;
-    let mut builder = Server::builder();
-    if let Some(identity) = tls {
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(identity))
-            .map_err(|e| Error::Usage(format!("bad TLS certificate or key: {e}")))?;
-    }
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = builder
-        .add_service(health_svc)
-        .add_service(InterceptedService::new(
-            coordinator,
-            CheckToken(opts.token.clone()),
-        ))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
-    let server = tokio::spawn(server);
+    let server = crate::wire::server::spawn(Arc::new(svc), listener, tls, opts.token.clone())
+        .await
+        .map_err(|source| Error::Transport {
+            what: "bad TLS certificate or key".into(),
+            source,
+        })?;
     tracing::info!(
         "coordinator listening on {}: {} tasks ({} already done), {} files, {} to write",
         opts.listen,
@@ -324,8 +305,7 @@ async fn serve(
     if !matches!(outcome, Err(Error::Interrupted | Error::OutputLost(_))) {
         linger(&shared, opts.linger).await;
     }
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    server.stop(Duration::from_secs(5)).await;
     let commit_seconds = outcome.map(|_| commit_seconds)?;
     Ok((shared, resumed, commit_seconds))
 }
@@ -335,7 +315,7 @@ async fn serve(
 /// again (same config: resume; `--restart`: abort them) can clean up.
 async fn give_up(shared: &Shared, location: &Location) {
     let journal = shared.journal.lock().expect("journal").clone();
-    let left = shared.output.abort(&shared.plan, &journal).await;
+    let left = journal.abort_open(&shared.output, &shared.plan).await;
     if left.is_empty() {
         if tokio::time::timeout(ABORT_DEADLINE, Journal::remove(location))
             .await
@@ -362,10 +342,7 @@ async fn give_up(shared: &Shared, location: &Location) {
 async fn linger(shared: &Shared, max: Duration) {
     let until = Instant::now() + max;
     while Instant::now() < until {
-        let waiting = {
-            let st = shared.state.lock().expect("state");
-            st.workers.values().filter(|w| !w.told).count()
-        };
+        let waiting = shared.state.lock().expect("state").untold_workers();
         if waiting == 0 {
             // Give the last answers time to leave.
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -398,7 +375,7 @@ async fn main_loop(
         complete_file_if_done(shared, f).await?;
     }
     loop {
-        let phase = shared.state.lock().expect("state").phase.clone();
+        let phase = shared.state.lock().expect("state").phase().clone();
         match phase {
             Phase::Failed(m) => return Err(Error::Cluster(m)),
             Phase::Committing => {
@@ -406,12 +383,12 @@ async fn main_loop(
                 for f in 0..plan.files.len() {
                     complete_file_if_done(shared, f).await?;
                 }
-                if shared.state.lock().expect("state").phase != Phase::Committing {
+                if *shared.state.lock().expect("state").phase() != Phase::Committing {
                     continue; // a file's upload was lost and its tasks are queued again
                 }
                 job.commit(sink).await?;
                 Journal::remove(location_journal).await;
-                shared.state.lock().expect("state").phase = Phase::Done;
+                shared.state.lock().expect("state").mark_committed();
                 shared.changed.notify_waiters();
                 let s = last_report.elapsed().as_secs_f64();
                 tracing::info!(
@@ -432,12 +409,11 @@ async fn main_loop(
                 }
                 for ev in batch.into_iter().flatten() {
                     if let Reported::Finished(task) = ev {
-                        let parts = match &shared.state.lock().expect("state").tasks[task].status {
-                            TaskStatus::Done { parts } => parts.clone(),
-                            _ => continue,
+                        let Some(parts) = shared.state.lock().expect("state").parts(task).map(<[_]>::to_vec) else {
+                            continue;
                         };
-                        shared.journal.lock().expect("journal").done.insert(task, parts);
-                        complete_file_if_done(shared, plan.tasks[task].file).await?;
+                        shared.journal.lock().expect("journal").done.insert(task.0, parts);
+                        complete_file_if_done(shared, plan.tasks[task.0].file).await?;
                         unsaved = true;
                     }
                 }
@@ -445,7 +421,7 @@ async fn main_loop(
             _ = tick.tick() => {
                 let expired = shared.state.lock().expect("state").tick(Instant::now());
                 for t in &expired {
-                    tracing::warn!("{}: lease expired (worker lost or stalled); the task goes back to the queue", describe(plan, *t));
+                    tracing::warn!("{}: lease expired (worker lost or stalled); the task goes back to the queue", describe(plan, t.0));
                 }
                 if !expired.is_empty() {
                     shared.changed.notify_waiters();
@@ -489,12 +465,12 @@ fn log_progress(shared: &Shared) {
     };
     tracing::info!(
         "progress: {done}/{} tasks done, {running} running, {pending} pending; {} of {} written ({}/s, ETA {:.0} s); {} worker(s)",
-        st.tasks.len(),
+        st.task_count(),
         fmt_bytes(bytes),
         fmt_bytes(total),
         fmt_bytes(rate as u64),
         eta,
-        st.workers.len()
+        st.workers().count()
     );
 }
 
@@ -506,9 +482,9 @@ async fn complete_file_if_done(shared: &Shared, f: usize) -> Result<()> {
         let st = shared.state.lock().expect("state");
         let mut parts = Vec::new();
         for t in file.tasks.clone() {
-            match &st.tasks[t].status {
-                TaskStatus::Done { parts: p } => parts.extend(p.iter().cloned()),
-                _ => return Ok(()),
+            match st.parts(TaskId(t)) {
+                Some(p) => parts.extend(p.iter().cloned()),
+                None => return Ok(()),
             }
         }
         parts
@@ -519,11 +495,16 @@ async fn complete_file_if_done(shared: &Shared, f: usize) -> Result<()> {
     }
     if !shared
         .output
-        .complete(&file.name, file.size, parts, &journal)
+        .complete(
+            &file.name,
+            file.size,
+            parts,
+            journal.uploads.get(&file.name).map_or("", String::as_str),
+        )
         .await?
     {
         // The upload is gone: start it again and redo the file's tasks.
-        let id = shared.output.restart_upload(&file.name).await?;
+        let id = shared.output.new_upload(&file.name).await?;
         {
             let mut j = shared.journal.lock().expect("journal");
             j.uploads.insert(file.name.clone(), id);

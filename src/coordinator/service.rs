@@ -1,16 +1,19 @@
-//! The coordinator's gRPC service: a thin shell that turns RPCs into calls on the state
-//! machine and tells the coordinator's main loop what happened.
+//! The coordinator's side of the gRPC contract, in domain terms: turns calls into steps of
+//! the state machine and tells the coordinator's main loop what happened.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use super::state::{Lease, Outcome, Phase, Reported};
 use super::Shared;
 use crate::units::fmt_bytes;
-use crate::wire::{pb, task_to_wire, PROTOCOL_VERSION};
+use crate::wire::{
+    task_to_wire, Attempt, CoordinatorApi, Heartbeat, Hello, LeaseAnswer, OutgoingTask, Report,
+    StatusReport, TaskId, TaskOutcome, Welcome, WorkerId, WorkerStatus, PROTOCOL_VERSION,
+};
 
 /// Longest a lease call waits for a task.
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -20,13 +23,8 @@ pub struct Service {
     pub events: mpsc::UnboundedSender<Reported>,
 }
 
-#[tonic::async_trait]
-impl pb::coordinator_server::Coordinator for Service {
-    async fn register(
-        &self,
-        req: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let r = req.into_inner();
+impl CoordinatorApi for Service {
+    fn register(&self, r: Hello) -> Result<Welcome, Status> {
         if r.protocol_version != PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "worker `{}` speaks protocol version {} but this coordinator speaks {}: run the same mergefleet version everywhere",
@@ -44,26 +42,26 @@ impl pb::coordinator_server::Coordinator for Service {
                     fmt_bytes(r.memory_limit),
                     st.describe(task),
                     fmt_bytes(need),
-                    fmt_bytes(crate::units::limit_for_task_budget(need))
+                    fmt_bytes(crate::memory::limit_for_task_budget(need))
                 )));
             }
         }
         let id = st.register(&r.name, r.memory_limit, r.threads, Instant::now());
-        let lease = st.lease_timeout;
-        tracing::info!(worker = id, name = %r.name, memory = r.memory_limit, threads = r.threads, "worker registered");
-        Ok(Response::new(pb::RegisterResponse {
-            worker_id: id,
-            heartbeat_interval_ms: (lease / 4).as_millis() as u64,
-            lease_timeout_ms: lease.as_millis() as u64,
-        }))
+        let lease = st.lease_timeout();
+        tracing::info!(worker = %id, name = %r.name, memory = r.memory_limit, threads = r.threads, "worker registered");
+        Ok(Welcome {
+            worker: id,
+            heartbeat_interval: lease / 4,
+            lease_timeout: lease,
+        })
     }
 
     async fn lease(
         &self,
-        req: Request<pb::LeaseRequest>,
-    ) -> Result<Response<pb::LeaseResponse>, Status> {
-        let r = req.into_inner();
-        let deadline = Instant::now() + Duration::from_millis(r.wait_ms).min(MAX_WAIT);
+        worker: WorkerId,
+        wait: Duration,
+    ) -> Result<LeaseAnswer<OutgoingTask>, Status> {
+        let deadline = Instant::now() + wait.min(MAX_WAIT);
         loop {
             // Register interest before looking, so a change between the look and the wait
             // is not missed.
@@ -73,21 +71,13 @@ impl pb::coordinator_server::Coordinator for Service {
                 .state
                 .lock()
                 .expect("state")
-                .lease(r.worker_id, Instant::now());
-            use pb::lease_response::Outcome as O;
-            let outcome = match decision {
+                .lease(worker, Instant::now());
+            return Ok(match decision {
                 Lease::Task { task, attempt } => {
-                    let plan = &self.shared.plan;
-                    let t = &plan.tasks[task];
-                    let target = {
-                        let journal = self.shared.journal.lock().expect("journal");
-                        self.shared.output.target(plan, t, &journal)
-                    };
-                    tracing::info!(task, attempt, worker = r.worker_id, file = %plan.files[t.file].name, "task leased");
-                    O::Task(task_to_wire(plan, task, attempt, target))
+                    LeaseAnswer::Task(self.outgoing(task, attempt, worker))
                 }
-                Lease::Done => O::Done(pb::Empty {}),
-                Lease::Failed(m) => O::Failed(m),
+                Lease::Done => LeaseAnswer::Done,
+                Lease::Failed(m) => LeaseAnswer::Failed(m),
                 Lease::UnknownWorker => {
                     return Err(Status::not_found(
                         "unknown worker (the coordinator restarted or forgot it): register again",
@@ -96,111 +86,105 @@ impl pb::coordinator_server::Coordinator for Service {
                 Lease::Wait => {
                     let now = Instant::now();
                     if now >= deadline {
-                        O::Wait(pb::Empty {})
+                        LeaseAnswer::Wait
                     } else {
                         let _ = tokio::time::timeout(deadline - now, notified).await;
                         continue;
                     }
                 }
-            };
-            return Ok(Response::new(pb::LeaseResponse {
-                outcome: Some(outcome),
-            }));
+            });
         }
     }
 
-    async fn heartbeat(
-        &self,
-        req: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let r = req.into_inner();
+    fn heartbeat(&self, b: Heartbeat) -> bool {
         let mut st = self.shared.state.lock().expect("state");
-        let keep_going = st.heartbeat(r.worker_id, r.task_id as usize, r.attempt, Instant::now());
-        Ok(Response::new(pb::HeartbeatResponse { keep_going }))
+        st.heartbeat(b.worker, b.task, b.attempt, Instant::now())
     }
 
-    async fn report(
-        &self,
-        req: Request<pb::ReportRequest>,
-    ) -> Result<Response<pb::ReportResponse>, Status> {
-        let r = req.into_inner();
+    fn report(&self, r: Report) -> Result<(), Status> {
         let outcome = match r.outcome {
-            Some(pb::report_request::Outcome::Success(s)) => Outcome::Success {
-                parts: s
-                    .parts
-                    .into_iter()
-                    .map(|p| (p.part, p.content_id))
-                    .collect(),
+            TaskOutcome::Success { parts } => Outcome::Success {
+                parts: parts.into_iter().map(|p| (p.part, p.content_id)).collect(),
             },
-            Some(pb::report_request::Outcome::Failure(f)) if f.preempted => {
-                Outcome::Preempted { message: f.message }
-            }
-            Some(pb::report_request::Outcome::Failure(f)) => Outcome::Failure {
-                message: f.message,
-                retryable: f.retryable,
-            },
-            None => return Err(Status::invalid_argument("a report needs an outcome")),
+            TaskOutcome::Failure {
+                message,
+                preempted: true,
+                ..
+            } => Outcome::Preempted { message },
+            TaskOutcome::Failure {
+                message, retryable, ..
+            } => Outcome::Failure { message, retryable },
         };
         let reported = self.shared.state.lock().expect("state").report(
-            r.worker_id,
-            r.task_id as usize,
+            r.worker,
+            r.task,
             r.attempt,
             outcome,
             Instant::now(),
         );
         match &reported {
             Reported::Stale => tracing::info!(
-                task = r.task_id,
-                attempt = r.attempt,
-                worker = r.worker_id,
+                task = %r.task,
+                attempt = %r.attempt,
+                worker = %r.worker,
                 "ignoring a stale report"
             ),
             Reported::Retrying(t) => tracing::warn!(
-                task = t,
-                attempt = r.attempt,
+                task = %t,
+                attempt = %r.attempt,
                 "task failed; it will be retried"
             ),
             _ => {}
         }
         let _ = self.events.send(reported);
         self.shared.changed.notify_waiters();
-        Ok(Response::new(pb::ReportResponse {}))
+        Ok(())
     }
 
-    async fn status(
-        &self,
-        _req: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
+    fn status(&self) -> StatusReport {
         let st = self.shared.state.lock().expect("state");
         let (done, running, pending) = st.counts();
         let now = Instant::now();
-        let state = match &st.phase {
+        let state = match st.phase() {
             Phase::Running => "running".to_string(),
             Phase::Committing => "committing".to_string(),
             Phase::Done => "done".to_string(),
             Phase::Failed(m) => format!("failed: {m}"),
         };
-        Ok(Response::new(pb::StatusResponse {
+        StatusReport {
             state,
-            tasks_total: st.tasks.len() as u64,
+            output: self.shared.output_display.clone(),
+            tasks_total: st.task_count() as u64,
             tasks_done: done as u64,
             tasks_running: running as u64,
             tasks_pending: pending as u64,
             bytes_total: self.shared.plan.bytes_written(),
             bytes_done: st.bytes_done(),
             elapsed_s: self.shared.started.elapsed().as_secs_f64(),
-            output: self.shared.output_display.clone(),
             workers: st
-                .workers
-                .iter()
-                .map(|(id, w)| pb::WorkerStatus {
-                    worker_id: *id,
+                .workers()
+                .map(|(id, w)| WorkerStatus {
+                    worker: id,
                     name: w.name.clone(),
                     last_heartbeat_s_ago: now.duration_since(w.last_seen).as_secs_f64(),
-                    task_id: w.tasks.first().map(|(t, _)| *t as i64).unwrap_or(-1),
+                    task: w.tasks.first().map(|(t, _)| *t),
                     tasks_done: w.tasks_done,
                 })
                 .collect(),
-        }))
+        }
+    }
+}
+
+impl Service {
+    /// Task `task`'s lease for `worker`, encoded with where its bytes go.
+    fn outgoing(&self, task: TaskId, attempt: Attempt, worker: WorkerId) -> OutgoingTask {
+        let plan = &self.shared.plan;
+        let target = {
+            let journal = self.shared.journal.lock().expect("journal");
+            journal.target(&self.shared.output, plan, task.0)
+        };
+        let file = &plan.files[plan.tasks[task.0].file].name;
+        tracing::info!(task = %task, attempt = %attempt, worker = %worker, file = %file, "task leased");
+        task_to_wire(plan, task, attempt, &target)
     }
 }

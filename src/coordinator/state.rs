@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::wire::{Attempt, TaskId, WorkerId};
+
 /// What one task needs from a worker.
 #[derive(Debug, Clone, Copy)]
 pub struct TaskNeeds {
@@ -22,12 +24,7 @@ impl TaskNeeds {
     pub fn of(t: &crate::plan::Task) -> Self {
         TaskNeeds {
             working_set: t.working_set(),
-            min_memory: t
-                .tensors
-                .iter()
-                .map(crate::exec::min_memory)
-                .max()
-                .unwrap_or(0),
+            min_memory: t.min_memory(),
             bytes: t.out.end - t.out.start,
         }
     }
@@ -37,8 +34,8 @@ impl TaskNeeds {
 pub enum TaskStatus {
     Pending,
     Leased {
-        worker: u64,
-        attempt: u32,
+        worker: WorkerId,
+        attempt: Attempt,
         deadline: Instant,
     },
     /// Finished; multipart part ids in part order (empty for file outputs).
@@ -48,15 +45,15 @@ pub enum TaskStatus {
 }
 
 #[derive(Debug, Clone)]
-pub struct TaskSlot {
-    pub status: TaskStatus,
+struct TaskSlot {
+    status: TaskStatus,
     /// Attempts handed out so far; the next lease gets this number.
-    pub attempts: u32,
+    attempts: u32,
     /// Attempts ended by their worker's shutdown (preemption): not the task's fault, so
     /// they do not count toward --max-attempts.
-    pub preempted: u32,
-    pub errors: Vec<String>,
-    pub needs: TaskNeeds,
+    preempted: u32,
+    errors: Vec<String>,
+    needs: TaskNeeds,
 }
 
 #[derive(Debug, Clone)]
@@ -66,7 +63,7 @@ pub struct WorkerSlot {
     pub threads: u32,
     pub last_seen: Instant,
     /// Tasks this worker runs now, with the memory reserved for each.
-    pub tasks: Vec<(usize, u64)>,
+    pub tasks: Vec<(TaskId, u64)>,
     pub tasks_done: u64,
     /// Has been answered "done" or "failed": it knows how the merge ended.
     pub told: bool,
@@ -76,7 +73,7 @@ impl WorkerSlot {
     pub fn in_use(&self) -> u64 {
         self.tasks.iter().map(|(_, m)| m).sum()
     }
-    fn release(&mut self, task: usize) {
+    fn release(&mut self, task: TaskId) {
         self.tasks.retain(|(t, _)| *t != task);
     }
 }
@@ -93,7 +90,7 @@ pub enum Phase {
 /// The answer to a lease request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lease {
-    Task { task: usize, attempt: u32 },
+    Task { task: TaskId, attempt: Attempt },
     Wait,
     Done,
     Failed(String),
@@ -121,18 +118,20 @@ pub enum Outcome {
 pub enum Reported {
     /// From an old attempt or an unknown worker: dropped.
     Stale,
-    Finished(usize),
-    Retrying(usize),
+    Finished(TaskId),
+    Retrying(TaskId),
     JobFailed(String),
 }
 
+/// Tasks and workers of one coordinator run. Fields are private: the phase changes only
+/// through the calls below, so its rules (and their tests) live here.
 pub struct ClusterState {
-    pub tasks: Vec<TaskSlot>,
-    pub workers: BTreeMap<u64, WorkerSlot>,
+    tasks: Vec<TaskSlot>,
+    workers: BTreeMap<WorkerId, WorkerSlot>,
     next_worker: u64,
-    pub max_attempts: u32,
-    pub lease_timeout: Duration,
-    pub phase: Phase,
+    max_attempts: u32,
+    lease_timeout: Duration,
+    phase: Phase,
     /// How to name a task in messages (file and tensors).
     describe: Box<dyn Fn(usize) -> String + Send + Sync>,
 }
@@ -168,8 +167,8 @@ impl ClusterState {
     }
 
     /// Mark a task finished before any worker runs (resumed from the journal).
-    pub fn restore_done(&mut self, task: usize, parts: Vec<(u32, String)>) {
-        if let Some(t) = self.tasks.get_mut(task) {
+    pub fn restore_done(&mut self, task: TaskId, parts: Vec<(u32, String)>) {
+        if let Some(t) = self.tasks.get_mut(task.0) {
             t.status = TaskStatus::Done { parts };
         }
         self.check_all_done();
@@ -189,8 +188,8 @@ impl ClusterState {
         }
     }
 
-    pub fn register(&mut self, name: &str, memory: u64, threads: u32, now: Instant) -> u64 {
-        let id = self.next_worker;
+    pub fn register(&mut self, name: &str, memory: u64, threads: u32, now: Instant) -> WorkerId {
+        let id = WorkerId(self.next_worker);
         self.next_worker += 1;
         self.workers.insert(
             id,
@@ -221,7 +220,7 @@ impl ClusterState {
         t.min_memory <= memory && t.working_set > biggest
     }
 
-    pub fn lease(&mut self, worker: u64, now: Instant) -> Lease {
+    pub fn lease(&mut self, worker: WorkerId, now: Instant) -> Lease {
         let ended = matches!(self.phase, Phase::Done | Phase::Failed(_));
         if let Some(w) = self.workers.get_mut(&worker) {
             w.last_seen = now;
@@ -257,16 +256,19 @@ impl ClusterState {
         let t = &mut self.tasks[i];
         let reserve = t.needs.working_set.min(memory);
         t.attempts += 1;
-        let attempt = t.attempts;
+        let attempt = Attempt(t.attempts);
         t.status = TaskStatus::Leased {
             worker,
             attempt,
             deadline: now + self.lease_timeout,
         };
         let w = self.workers.get_mut(&worker).expect("worker checked above");
-        w.tasks.push((i, reserve));
+        w.tasks.push((TaskId(i), reserve));
         w.last_seen = now;
-        Lease::Task { task: i, attempt }
+        Lease::Task {
+            task: TaskId(i),
+            attempt,
+        }
     }
 
     fn max_worker_memory(&self) -> u64 {
@@ -274,13 +276,19 @@ impl ClusterState {
     }
 
     /// Renew a lease. False when the lease is no longer this worker's (stop the task).
-    pub fn heartbeat(&mut self, worker: u64, task: usize, attempt: u32, now: Instant) -> bool {
+    pub fn heartbeat(
+        &mut self,
+        worker: WorkerId,
+        task: TaskId,
+        attempt: Attempt,
+        now: Instant,
+    ) -> bool {
         let Some(w) = self.workers.get_mut(&worker) else {
             return false;
         };
         w.last_seen = now;
         let timeout = self.lease_timeout;
-        match self.tasks.get_mut(task).map(|t| &mut t.status) {
+        match self.tasks.get_mut(task.0).map(|t| &mut t.status) {
             Some(TaskStatus::Leased {
                 worker: lw,
                 attempt: la,
@@ -294,7 +302,7 @@ impl ClusterState {
     }
 
     /// A worker says it is alive (between tasks).
-    pub fn touch(&mut self, worker: u64, now: Instant) -> bool {
+    pub fn touch(&mut self, worker: WorkerId, now: Instant) -> bool {
         match self.workers.get_mut(&worker) {
             Some(w) => {
                 w.last_seen = now;
@@ -306,16 +314,16 @@ impl ClusterState {
 
     pub fn report(
         &mut self,
-        worker: u64,
-        task: usize,
-        attempt: u32,
+        worker: WorkerId,
+        task: TaskId,
+        attempt: Attempt,
         outcome: Outcome,
         _now: Instant,
     ) -> Reported {
         if !self.workers.contains_key(&worker) || self.phase != Phase::Running {
             return Reported::Stale;
         }
-        let Some(slot) = self.tasks.get_mut(task) else {
+        let Some(slot) = self.tasks.get_mut(task.0) else {
             return Reported::Stale;
         };
         match &slot.status {
@@ -359,8 +367,8 @@ impl ClusterState {
         }
     }
 
-    fn after_failure(&mut self, task: usize, retryable: bool) -> Reported {
-        let slot = &self.tasks[task];
+    fn after_failure(&mut self, task: TaskId, retryable: bool) -> Reported {
+        let slot = &self.tasks[task.0];
         let failures = slot.attempts - slot.preempted;
         if !retryable || failures >= self.max_attempts {
             let why = if retryable {
@@ -380,7 +388,7 @@ impl ClusterState {
                 .collect();
             let msg = format!(
                 "{} {why}; last errors: {}",
-                (self.describe)(task),
+                (self.describe)(task.0),
                 last.join(" | ")
             );
             self.phase = Phase::Failed(msg.clone());
@@ -392,7 +400,7 @@ impl ClusterState {
 
     /// Expire overdue leases (the task goes back with the next attempt number) and forget
     /// workers silent for three lease timeouts. Returns the tasks put back.
-    pub fn tick(&mut self, now: Instant) -> Vec<usize> {
+    pub fn tick(&mut self, now: Instant) -> Vec<TaskId> {
         let mut expired = Vec::new();
         for i in 0..self.tasks.len() {
             if let TaskStatus::Leased {
@@ -410,10 +418,10 @@ impl ClusterState {
                     self.tasks[i].errors.push(format!("attempt {attempt} on worker {name}: lease expired (worker lost or stalled)"));
                     self.tasks[i].status = TaskStatus::Pending;
                     if let Some(w) = self.workers.get_mut(&worker) {
-                        w.release(i);
+                        w.release(TaskId(i));
                     }
-                    expired.push(i);
-                    if let Reported::JobFailed(_) = self.after_failure(i, true) {
+                    expired.push(TaskId(i));
+                    if let Reported::JobFailed(_) = self.after_failure(TaskId(i), true) {
                         break;
                     }
                 }
@@ -456,18 +464,18 @@ impl ClusterState {
 
     /// The unfinished task that needs the most memory even when streamed, and that memory:
     /// a worker with less could never run it.
-    pub fn most_memory_needed(&self) -> Option<(usize, u64)> {
+    pub fn most_memory_needed(&self) -> Option<(TaskId, u64)> {
         self.tasks
             .iter()
             .enumerate()
             .filter(|(_, t)| !matches!(t.status, TaskStatus::Done { .. }))
-            .map(|(i, t)| (i, t.needs.min_memory))
+            .map(|(i, t)| (TaskId(i), t.needs.min_memory))
             .max_by_key(|&(i, m)| (m, std::cmp::Reverse(i)))
     }
 
     /// How to name a task in messages.
-    pub fn describe(&self, task: usize) -> String {
-        (self.describe)(task)
+    pub fn describe(&self, task: TaskId) -> String {
+        (self.describe)(task.0)
     }
 
     pub fn bytes_done(&self) -> u64 {
@@ -478,17 +486,57 @@ impl ClusterState {
             .sum()
     }
 
-    pub fn is_done(&self, task: usize) -> bool {
-        matches!(
-            self.tasks.get(task).map(|t| &t.status),
-            Some(TaskStatus::Done { .. })
-        )
+    pub fn is_done(&self, task: TaskId) -> bool {
+        self.parts(task).is_some()
+    }
+
+    /// The part ids of a finished task (empty for file outputs); None if not finished.
+    pub fn parts(&self, task: TaskId) -> Option<&[(u32, String)]> {
+        match self.tasks.get(task.0).map(|t| &t.status) {
+            Some(TaskStatus::Done { parts }) => Some(parts),
+            _ => None,
+        }
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// The checkpoint is committed (from [`Phase::Committing`]).
+    pub fn mark_committed(&mut self) {
+        if self.phase == Phase::Committing {
+            self.phase = Phase::Done;
+        }
+    }
+
+    pub fn lease_timeout(&self) -> Duration {
+        self.lease_timeout
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = (WorkerId, &WorkerSlot)> {
+        self.workers.iter().map(|(id, w)| (*id, w))
+    }
+
+    /// Registered workers not yet told how the merge ended.
+    pub fn untold_workers(&self) -> usize {
+        self.workers.values().filter(|w| !w.told).count()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn t(i: usize) -> TaskId {
+        TaskId(i)
+    }
+    fn at(n: u32) -> Attempt {
+        Attempt(n)
+    }
 
     fn needs(ws: u64) -> TaskNeeds {
         TaskNeeds {
@@ -525,21 +573,27 @@ mod tests {
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 0,
-                attempt: 1
+                task: t(0),
+                attempt: at(1)
             }
         );
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 1,
-                attempt: 1
+                task: t(1),
+                attempt: at(1)
             }
         );
         assert_eq!(s.lease(w, now), Lease::Wait);
-        assert_eq!(s.report(w, 0, 1, ok(), now), Reported::Finished(0));
+        assert_eq!(
+            s.report(w, t(0), at(1), ok(), now),
+            Reported::Finished(t(0))
+        );
         assert_eq!(s.phase, Phase::Running);
-        assert_eq!(s.report(w, 1, 1, ok(), now), Reported::Finished(1));
+        assert_eq!(
+            s.report(w, t(1), at(1), ok(), now),
+            Reported::Finished(t(1))
+        );
         assert_eq!(s.phase, Phase::Committing);
         assert_eq!(s.lease(w, now), Lease::Wait);
         assert!(!s.workers[&w].told);
@@ -562,33 +616,33 @@ mod tests {
         assert_eq!(
             s.lease(a, now),
             Lease::Task {
-                task: 0,
-                attempt: 1
+                task: t(0),
+                attempt: at(1)
             }
         );
         assert_eq!(s.lease(b, now), Lease::Wait);
         // a's heartbeats keep it alive...
-        assert!(s.heartbeat(a, 0, 1, now + Duration::from_secs(8)));
+        assert!(s.heartbeat(a, t(0), at(1), now + Duration::from_secs(8)));
         assert!(s.tick(now + Duration::from_secs(15)).is_empty());
         // ...until they stop: the lease expires and b gets attempt 2.
-        assert_eq!(s.tick(now + Duration::from_secs(19)), vec![0]);
+        assert_eq!(s.tick(now + Duration::from_secs(19)), vec![t(0)]);
         assert_eq!(
             s.lease(b, now + Duration::from_secs(19)),
             Lease::Task {
-                task: 0,
-                attempt: 2
+                task: t(0),
+                attempt: at(2)
             }
         );
         // a comes back (SIGCONT): its heartbeat is refused, its report is stale.
-        assert!(!s.heartbeat(a, 0, 1, now + Duration::from_secs(20)));
+        assert!(!s.heartbeat(a, t(0), at(1), now + Duration::from_secs(20)));
         assert_eq!(
-            s.report(a, 0, 1, ok(), now + Duration::from_secs(20)),
+            s.report(a, t(0), at(1), ok(), now + Duration::from_secs(20)),
             Reported::Stale
         );
-        assert!(!s.is_done(0));
+        assert!(!s.is_done(t(0)));
         assert_eq!(
-            s.report(b, 0, 2, ok(), now + Duration::from_secs(21)),
-            Reported::Finished(0)
+            s.report(b, t(0), at(2), ok(), now + Duration::from_secs(21)),
+            Reported::Finished(t(0))
         );
         assert!(s.tasks[0].errors[0].contains("lease expired"));
     }
@@ -597,7 +651,7 @@ mod tests {
     fn unknown_worker_is_ignored() {
         let now = Instant::now();
         let mut s = state(1);
-        assert_eq!(s.lease(42, now), Lease::UnknownWorker);
+        assert_eq!(s.lease(WorkerId(42), now), Lease::UnknownWorker);
         // A worker of a previous coordinator run has an id this run never gave out.
         let mut next_run = ClusterState::new(
             1000,
@@ -606,10 +660,16 @@ mod tests {
             Duration::from_secs(1),
             Box::new(|i| i.to_string()),
         );
-        assert_eq!(next_run.register("w", 10, 1, now), 1000);
-        assert_eq!(next_run.report(1, 0, 1, ok(), now), Reported::Stale);
-        assert_eq!(s.report(42, 0, 1, ok(), now), Reported::Stale);
-        assert!(!s.heartbeat(42, 0, 1, now));
+        assert_eq!(next_run.register("w", 10, 1, now), WorkerId(1000));
+        assert_eq!(
+            next_run.report(WorkerId(1), t(0), at(1), ok(), now),
+            Reported::Stale
+        );
+        assert_eq!(
+            s.report(WorkerId(42), t(0), at(1), ok(), now),
+            Reported::Stale
+        );
+        assert!(!s.heartbeat(WorkerId(42), t(0), at(1), now));
     }
 
     #[test]
@@ -619,50 +679,62 @@ mod tests {
         let w = s.register("w", 1000, 1, now);
         // Five preemptions with --max-attempts 3: still running, attempts numbered on.
         for attempt in 1..=5 {
-            assert_eq!(s.lease(w, now), Lease::Task { task: 0, attempt });
+            assert_eq!(
+                s.lease(w, now),
+                Lease::Task {
+                    task: t(0),
+                    attempt: at(attempt)
+                }
+            );
             let r = s.report(
                 w,
-                0,
-                attempt,
+                t(0),
+                at(attempt),
                 Outcome::Preempted {
                     message: "SIGTERM".into(),
                 },
                 now,
             );
-            assert_eq!(r, Reported::Retrying(0));
+            assert_eq!(r, Reported::Retrying(t(0)));
         }
         // A stale report of a preempted attempt is still dropped.
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 0,
-                attempt: 6
+                task: t(0),
+                attempt: at(6)
             }
         );
-        assert_eq!(s.report(w, 0, 5, ok(), now), Reported::Stale);
+        assert_eq!(s.report(w, t(0), at(5), ok(), now), Reported::Stale);
         // Real failures still count: three of them fail the job.
         let fail = |m: &str| Outcome::Failure {
             message: m.into(),
             retryable: true,
         };
-        assert_eq!(s.report(w, 0, 6, fail("a"), now), Reported::Retrying(0));
+        assert_eq!(
+            s.report(w, t(0), at(6), fail("a"), now),
+            Reported::Retrying(t(0))
+        );
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 0,
-                attempt: 7
+                task: t(0),
+                attempt: at(7)
             }
         );
-        assert_eq!(s.report(w, 0, 7, fail("b"), now), Reported::Retrying(0));
+        assert_eq!(
+            s.report(w, t(0), at(7), fail("b"), now),
+            Reported::Retrying(t(0))
+        );
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 0,
-                attempt: 8
+                task: t(0),
+                attempt: at(8)
             }
         );
         assert!(matches!(
-            s.report(w, 0, 8, fail("c"), now),
+            s.report(w, t(0), at(8), fail("c"), now),
             Reported::JobFailed(m) if m.contains("failed 3 times")
         ));
     }
@@ -671,7 +743,7 @@ mod tests {
     fn unfinished_task_needing_most_memory() {
         let now = Instant::now();
         let mut s = with_tasks(vec![needs(100), needs(5), needs(300)]);
-        assert_eq!(s.most_memory_needed(), Some((0, 10)));
+        assert_eq!(s.most_memory_needed(), Some((t(0), 10)));
         let w = s.register("w", 1000, 1, now);
         for _ in 0..3 {
             let Lease::Task { task, attempt } = s.lease(w, now) else {
@@ -688,30 +760,36 @@ mod tests {
         let mut s = state(1);
         let w = s.register("w", 1000, 1, now);
         for attempt in 1..=2 {
-            assert_eq!(s.lease(w, now), Lease::Task { task: 0, attempt });
+            assert_eq!(
+                s.lease(w, now),
+                Lease::Task {
+                    task: t(0),
+                    attempt: at(attempt)
+                }
+            );
             let r = s.report(
                 w,
-                0,
-                attempt,
+                t(0),
+                at(attempt),
                 Outcome::Failure {
                     message: format!("upload failed {attempt}"),
                     retryable: true,
                 },
                 now,
             );
-            assert_eq!(r, Reported::Retrying(0));
+            assert_eq!(r, Reported::Retrying(t(0)));
         }
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 0,
-                attempt: 3
+                task: t(0),
+                attempt: at(3)
             }
         );
         let r = s.report(
             w,
-            0,
-            3,
+            t(0),
+            at(3),
             Outcome::Failure {
                 message: "upload failed 3".into(),
                 retryable: true,
@@ -736,8 +814,8 @@ mod tests {
         s.lease(w, now);
         let r = s.report(
             w,
-            0,
-            1,
+            t(0),
+            at(1),
             Outcome::Failure {
                 message: "bad".into(),
                 retryable: false,
@@ -779,16 +857,16 @@ mod tests {
         assert_eq!(
             s.lease(small, now),
             Lease::Task {
-                task: 1,
-                attempt: 1
+                task: t(1),
+                attempt: at(1)
             }
         );
         assert_eq!(s.lease(small, now), Lease::Wait);
         assert_eq!(
             s.lease(big, now),
             Lease::Task {
-                task: 0,
-                attempt: 1
+                task: t(0),
+                attempt: at(1)
             }
         );
         // Without a big worker, the small one streams it.
@@ -801,8 +879,8 @@ mod tests {
         assert_eq!(
             s2.lease(small, now),
             Lease::Task {
-                task: 0,
-                attempt: 1
+                task: t(0),
+                attempt: at(1)
             }
         );
         // Nobody can run a task below its minimum.
@@ -819,19 +897,19 @@ mod tests {
     fn resumed_tasks_are_not_leased_again() {
         let now = Instant::now();
         let mut s = state(3);
-        s.restore_done(0, vec![(0, "etag0".into())]);
-        s.restore_done(2, vec![]);
+        s.restore_done(t(0), vec![(0, "etag0".into())]);
+        s.restore_done(t(2), vec![]);
         let w = s.register("w", 1000, 1, now);
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 1,
-                attempt: 1
+                task: t(1),
+                attempt: at(1)
             }
         );
         assert_eq!(s.lease(w, now), Lease::Wait);
         assert_eq!(s.counts(), (2, 1, 0));
-        s.report(w, 1, 1, ok(), now);
+        s.report(w, t(1), at(1), ok(), now);
         assert_eq!(s.phase, Phase::Committing);
     }
 
@@ -843,15 +921,15 @@ mod tests {
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 0,
-                attempt: 1
+                task: t(0),
+                attempt: at(1)
             }
         );
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 1,
-                attempt: 1
+                task: t(1),
+                attempt: at(1)
             }
         );
         assert_eq!(
@@ -859,12 +937,12 @@ mod tests {
             Lease::Wait,
             "a third task would exceed 250 bytes"
         );
-        s.report(w, 0, 1, ok(), now);
+        s.report(w, t(0), at(1), ok(), now);
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 2,
-                attempt: 1
+                task: t(2),
+                attempt: at(1)
             }
         );
         assert_eq!(s.workers[&w].in_use(), 200);
@@ -875,9 +953,9 @@ mod tests {
         let now = Instant::now();
         let mut s = state(2);
         let w = s.register("w", 1000, 1, now);
-        for t in 0..2 {
+        for i in 0..2 {
             s.lease(w, now);
-            s.report(w, t, 1, ok(), now);
+            s.report(w, t(i), at(1), ok(), now);
         }
         assert_eq!(s.phase, Phase::Committing);
         s.redo(0..2);
@@ -885,8 +963,8 @@ mod tests {
         assert_eq!(
             s.lease(w, now),
             Lease::Task {
-                task: 0,
-                attempt: 2
+                task: t(0),
+                attempt: at(2)
             }
         );
     }

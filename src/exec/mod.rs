@@ -24,8 +24,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::dtype;
 use crate::error::{Error, Result};
-use crate::merge::{row_len, InputView, ModelStock, BLOCK};
-use crate::plan::{InputFile, InputSlice, MergePlan, Op, Task, TensorJob};
+use crate::merge::{row_len, InputView, ModelStock};
+use crate::plan::{InputFile, MergePlan, Op, Task, TensorJob};
 use crate::sink::Sink;
 use crate::store::{read_ranges, StoreError, Stores};
 use buffers::BufferPool;
@@ -216,13 +216,6 @@ async fn send(
     .map_err(|_| Error::Interrupted)
 }
 
-fn input_ranges(job: &TensorJob) -> Vec<&InputSlice> {
-    match &job.op {
-        Op::Merge { inputs, .. } => inputs.iter().collect(),
-        Op::Copy { input } => vec![input],
-    }
-}
-
 /// Fetch all inputs of a task, then merge its tensors in parallel into one buffer.
 async fn run_in_memory(
     task: &Task,
@@ -233,7 +226,7 @@ async fn run_in_memory(
     let wanted: Vec<(usize, Range<u64>)> = task
         .tensors
         .iter()
-        .flat_map(input_ranges)
+        .flat_map(TensorJob::inputs)
         .map(|s| (s.file, s.range.clone()))
         .collect();
     let fetched = inputs.fetch(&wanted, progress).await?;
@@ -257,7 +250,7 @@ async fn run_in_memory(
             let (mine, r) = r.split_at_mut((job.out.end - job.out.start) as usize);
             rest = r;
             pos = job.out.end;
-            let n = input_ranges(job).len();
+            let n = job.inputs().len();
             slices.push((job, mine, &fetched[k..k + n]));
             k += n;
         }
@@ -298,13 +291,13 @@ async fn stream_tensor(
     progress: &Progress,
     tx: &mpsc::Sender<Chunk>,
 ) -> Result<()> {
-    let slices = input_ranges(job);
+    let slices = job.inputs();
     let out_size = dtype::size(job.dtype).expect("whole-byte dtype") as u64;
     let sizes: Vec<u64> = slices
         .iter()
         .map(|s| dtype::size(s.dtype).expect("whole-byte") as u64)
         .collect();
-    let (unit, per_elem) = window_unit(job);
+    let (unit, per_elem) = job.window_unit();
     let numel = job.numel();
     let (fw, kernel) = match &job.op {
         Op::Merge { kernel, .. } => (kernel.filter_wise, Some(ModelStock::from(*kernel))),
@@ -316,7 +309,7 @@ async fn stream_tensor(
         return Err(Error::Usage(format!(
             "--memory-limit is too small for tensor `{}`: it needs at least {} bytes",
             job.name,
-            min_memory(job)
+            job.min_memory()
         )));
     }
     let windows: Vec<Range<usize>> = (0..numel)
@@ -398,28 +391,7 @@ fn views<'a>(bytes: &'a [Bytes], dtypes: &[safetensors::Dtype]) -> Vec<InputView
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::Internal(format!("merge task panicked: {e}")))
-}
-
-/// The streaming granularity of a tensor (elements: a block, or a filter_wise row) and the
-/// bytes one element costs (every input plus the output).
-fn window_unit(job: &TensorJob) -> (usize, u64) {
-    let per_elem = input_ranges(job)
-        .iter()
-        .map(|s| dtype::size(s.dtype).expect("whole-byte dtype") as u64)
-        .sum::<u64>()
-        + dtype::size(job.dtype).expect("whole-byte dtype") as u64;
-    let unit = match &job.op {
-        Op::Merge { kernel, .. } if kernel.filter_wise => row_len(&job.shape).max(1),
-        _ => BLOCK,
-    };
-    (unit, per_elem)
-}
-
-/// The least memory that can merge `job`: all of it, or two windows when streamed.
-pub fn min_memory(job: &TensorJob) -> u64 {
-    let (unit, per_elem) = window_unit(job);
-    job.working_set().min(2 * unit as u64 * per_elem)
+        .map_err(Error::panicked("a merge computation"))
 }
 
 /// Memory is counted in units of this many bytes (semaphores count in u32).
@@ -507,7 +479,7 @@ pub async fn run_plan(
             }
             handle
                 .await
-                .map_err(|e| Error::Internal(format!("task {id} panicked: {e}")))??;
+                .map_err(Error::panicked(format!("task {id}")))??;
             if written != task.out.end {
                 return Err(Error::Internal(format!(
                     "task {id} wrote {} bytes of {}, expected {}",

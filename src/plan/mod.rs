@@ -13,7 +13,7 @@ use safetensors::Dtype;
 
 use crate::config::MergeConfig;
 use crate::dtype::{self, is_float, is_low_precision_float, WorkDtype};
-use crate::merge::{ModelStock, Reductions};
+use crate::merge::{row_len, ModelStock, Reductions, BLOCK};
 use crate::source::ModelSource;
 
 /// A merge that cannot be planned, naming the tensor and model at fault.
@@ -171,6 +171,29 @@ impl TensorJob {
     pub fn working_set(&self) -> u64 {
         self.input_bytes() + (self.out.end - self.out.start)
     }
+    /// The input slices, base first.
+    pub fn inputs(&self) -> Vec<&InputSlice> {
+        match &self.op {
+            Op::Merge { inputs, .. } => inputs.iter().collect(),
+            Op::Copy { input } => vec![input],
+        }
+    }
+    /// The streaming granularity of this tensor (elements: a block, or a filter_wise row)
+    /// and the bytes one element costs (every input plus the output).
+    pub fn window_unit(&self) -> (usize, u64) {
+        let size = |d| dtype::size(d).expect("whole-byte dtype") as u64;
+        let per_elem = self.inputs().iter().map(|s| size(s.dtype)).sum::<u64>() + size(self.dtype);
+        let unit = match &self.op {
+            Op::Merge { kernel, .. } if kernel.filter_wise => row_len(&self.shape).max(1),
+            _ => BLOCK,
+        };
+        (unit, per_elem)
+    }
+    /// The least memory that can merge this tensor: all of it, or two windows when streamed.
+    pub fn min_memory(&self) -> u64 {
+        let (unit, per_elem) = self.window_unit();
+        self.working_set().min(2 * unit as u64 * per_elem)
+    }
 }
 
 /// One output file.
@@ -204,6 +227,14 @@ impl Task {
     pub fn working_set(&self) -> u64 {
         self.tensors.iter().map(TensorJob::working_set).sum()
     }
+    /// The least memory that can run this task (streaming its largest tensor).
+    pub fn min_memory(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(TensorJob::min_memory)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// The whole merge, decided before any weight is read.
@@ -222,6 +253,18 @@ pub struct MergePlan {
 }
 
 impl MergePlan {
+    /// Task `id`'s share of its file's multipart upload: its first part number (0-based)
+    /// and its part size.
+    pub fn parts_of(&self, id: usize) -> (u32, u64) {
+        let task = &self.tasks[id];
+        let start = self.files[task.file].tasks.start;
+        let first: u32 = self.tasks[start..id]
+            .iter()
+            .map(|t| split_parts(t.out.end - t.out.start).0)
+            .sum();
+        (first, split_parts(task.out.end - task.out.start).1)
+    }
+
     pub fn tensor_count(&self) -> usize {
         self.tasks.iter().map(|t| t.tensors.len()).sum()
     }

@@ -10,6 +10,7 @@
 //! other file of the old checkpoint. Before any of this, [`lock`] makes the caller the
 //! output's only owner.
 
+pub mod cluster;
 pub mod lock;
 
 use std::collections::HashMap;
@@ -61,6 +62,9 @@ pub enum SinkError {
         #[source]
         source: object_store::Error,
     },
+    /// A writer's bookkeeping went wrong (a bug, not the user's input).
+    #[error("{url}: {message}")]
+    Incomplete { url: String, message: String },
     #[error(transparent)]
     Read(#[from] StoreError),
 }
@@ -87,6 +91,7 @@ impl SinkError {
                     | object_store::Error::Unauthenticated { .. }
             ),
             SinkError::Read(e) => e.is_invalid_input(),
+            SinkError::Incomplete { .. } => false,
         }
     }
 }

@@ -5,9 +5,9 @@
 
 use mergefleet::job::Job;
 use mergefleet::plan::PlanOptions;
+use mergefleet::sink::cluster::Target;
 use mergefleet::store::Stores;
-use mergefleet::wire::{pb, task_to_wire, MAX_MESSAGE};
-use prost::Message;
+use mergefleet::wire::{task_to_wire, Attempt, TaskId, MAX_MESSAGE};
 
 use crate::util::*;
 
@@ -41,16 +41,14 @@ fn plan_671b_class_layout() {
     plan.check(&opts, |i| sizes[i]).unwrap();
 
     // Every message the coordinator would send, to an S3 multipart target.
-    let output = pb::Output {
-        target: Some(pb::output::Target::Multipart(pb::Multipart {
-            url: "s3://a-bucket-name/some/long/prefix/model-00001-of-00275.safetensors".into(),
-            upload_id: "x".repeat(128),
-            first_part: 1,
-            part_size: 5 << 20,
-        })),
+    let output = Target::Parts {
+        url: "s3://a-bucket-name/some/long/prefix/model-00001-of-00275.safetensors".into(),
+        upload_id: "x".repeat(128),
+        first_part: 1,
+        part_size: 5 << 20,
     };
     let lens: Vec<usize> = (0..plan.tasks.len())
-        .map(|t| task_to_wire(plan, t, 1, output.clone()).encoded_len())
+        .map(|t| task_to_wire(plan, TaskId(t), Attempt(1), &output).encoded_len())
         .collect();
     let max = *lens.iter().max().unwrap();
     let mean = lens.iter().sum::<usize>() / lens.len();

@@ -1,0 +1,392 @@
+//! Output data files in cluster mode: owned by the coordinator ([`ClusterOutput`]) and
+//! filled by workers ([`RangeWriter`]), each task writing to the [`Target`] it is given.
+//!
+//! On a shared filesystem the coordinator preallocates each file under its temporary name
+//! and workers write their byte ranges in place; on S3/GCS/Azure it creates one multipart
+//! upload per file and workers upload their parts. Either way the coordinator alone makes a
+//! file visible (rename, or complete the upload) once all its tasks are done.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::{ObjectStoreExt, PutPayload};
+
+use super::{tmp_name, SinkError, ABORT_DEADLINE};
+use crate::store::{Location, Stores};
+
+/// Where one task's bytes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A byte range of a preallocated file on a filesystem every worker mounts.
+    File { path: String },
+    /// Parts of a multipart upload, numbered from `first_part` (0-based), `part_size`
+    /// bytes each but the task's last.
+    Parts {
+        url: String,
+        upload_id: String,
+        first_part: u32,
+        part_size: u64,
+    },
+}
+
+/// How [`ClusterOutput::prepare`] left one file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Prepared {
+    /// The file (or its upload) was there already: work journaled for it stands.
+    Kept,
+    /// A new local file: none of its tasks is done, whatever a journal says.
+    Created,
+    /// A new multipart upload, with its id.
+    Upload(String),
+}
+
+pub enum ClusterOutput {
+    Local {
+        dir: PathBuf,
+    },
+    Multipart {
+        location: Location,
+        store: Arc<dyn MultipartStore>,
+    },
+}
+
+impl ClusterOutput {
+    pub fn for_location(location: &Location) -> Result<Self, SinkError> {
+        match (&location.local_dir, &location.multipart) {
+            (Some(dir), _) => Ok(ClusterOutput::Local { dir: dir.clone() }),
+            (None, Some(store)) => Ok(ClusterOutput::Multipart { location: location.clone(), store: store.clone() }),
+            (None, None) => Err(SinkError::Unsupported {
+                url: location.display.clone(),
+                message: "cluster mode writes to a shared filesystem path or to S3, GCS or Azure (multipart uploads); this store has neither".into(),
+            }),
+        }
+    }
+
+    /// Create (or, resuming, reuse) the output file `name` of `size` bytes; `upload` is
+    /// the multipart upload a journal already holds for it.
+    pub async fn prepare(
+        &self,
+        name: &str,
+        size: u64,
+        upload: Option<&str>,
+    ) -> Result<Prepared, SinkError> {
+        match self {
+            ClusterOutput::Local { dir } => {
+                // Never truncate a partial file: a worker of the previous run may still
+                // be writing its range. Reuse it; tasks not in the journal run again.
+                let path = dir.join(tmp_name(name));
+                if std::fs::metadata(&path).is_ok_and(|m| m.len() == size) {
+                    return Ok(Prepared::Kept);
+                }
+                let io = |source| SinkError::Io {
+                    path: path.display().to_string(),
+                    source,
+                };
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(io)?;
+                file.set_len(size).map_err(io)?;
+                Ok(Prepared::Created)
+            }
+            ClusterOutput::Multipart { .. } if upload.is_some() => Ok(Prepared::Kept),
+            ClusterOutput::Multipart { .. } => Ok(Prepared::Upload(self.new_upload(name).await?)),
+        }
+    }
+
+    /// Where a task of file `name` writes: `upload_id` is the file's upload, `first_part`
+    /// and `part_size` the task's share of it (see [`crate::plan::MergePlan::parts_of`]).
+    pub fn target(&self, name: &str, upload_id: &str, first_part: u32, part_size: u64) -> Target {
+        match self {
+            ClusterOutput::Local { dir } => Target::File {
+                path: dir.join(tmp_name(name)).display().to_string(),
+            },
+            ClusterOutput::Multipart { location, .. } => Target::Parts {
+                url: location.child_display(name),
+                upload_id: upload_id.to_string(),
+                first_part,
+                part_size,
+            },
+        }
+    }
+
+    /// Make a file whose tasks are all done visible under its name. `Ok(false)` when its
+    /// multipart upload is gone (aborted by a bucket lifecycle rule, or lost by a store that
+    /// crashed while completing it) and the object is not there: the file must be redone.
+    pub async fn complete(
+        &self,
+        name: &str,
+        size: u64,
+        mut parts: Vec<(u32, String)>,
+        upload_id: &str,
+    ) -> Result<bool, SinkError> {
+        match self {
+            ClusterOutput::Local { dir } => {
+                let to = dir.join(name);
+                std::fs::rename(dir.join(tmp_name(name)), &to).map_err(|source| SinkError::Io {
+                    path: to.display().to_string(),
+                    source,
+                })?;
+                Ok(true)
+            }
+            ClusterOutput::Multipart { location, store } => {
+                parts.sort_by_key(|(n, _)| *n);
+                let ids = parts
+                    .into_iter()
+                    .map(|(_, content_id)| PartId { content_id })
+                    .collect();
+                let path = location.child(name);
+                match store
+                    .complete_multipart(&path, &upload_id.to_string(), ids)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    // Completing is not idempotent everywhere: when an earlier try went
+                    // through but its answer was lost, the upload id is gone and the object
+                    // is there, whole.
+                    Err(source) => match location.store.head(&path).await {
+                        Ok(meta) if meta.size == size => {
+                            tracing::info!(
+                                "{} was already complete (an earlier answer was lost)",
+                                location.child_display(name)
+                            );
+                            Ok(true)
+                        }
+                        Err(object_store::Error::NotFound { .. }) | Ok(_)
+                            if matches!(
+                                source,
+                                object_store::Error::NotFound { .. }
+                                    | object_store::Error::PermissionDenied { .. }
+                                    | object_store::Error::Precondition { .. }
+                            ) =>
+                        {
+                            tracing::warn!(
+                                "the upload of {} is gone ({source}); its tasks will be redone",
+                                location.child_display(name)
+                            );
+                            Ok(false)
+                        }
+                        _ => Err(SinkError::Store {
+                            url: location.child_display(name),
+                            source,
+                        }),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Start a multipart upload of `name` (anew, when its old one is lost); returns its id.
+    pub async fn new_upload(&self, name: &str) -> Result<String, SinkError> {
+        match self {
+            ClusterOutput::Multipart { location, store } => store
+                .create_multipart(&location.child(name))
+                .await
+                .map_err(|source| SinkError::Store {
+                    url: location.child_display(name),
+                    source,
+                }),
+            ClusterOutput::Local { .. } => Err(SinkError::Unsupported {
+                url: name.into(),
+                message: "local outputs have no uploads".into(),
+            }),
+        }
+    }
+
+    /// Give up: remove the partial files `open` and abort `uploads` (file name, upload id),
+    /// concurrently and within [`ABORT_DEADLINE`]. Returns the uploads that may still be
+    /// open (to keep in the journal so a later run can clean them up).
+    pub async fn abort(
+        &self,
+        open: &[&str],
+        uploads: Vec<(String, String)>,
+    ) -> Vec<(String, String)> {
+        match self {
+            ClusterOutput::Local { dir } => {
+                for name in open {
+                    let _ = std::fs::remove_file(dir.join(tmp_name(name)));
+                }
+                Vec::new()
+            }
+            ClusterOutput::Multipart { location, store } => {
+                let aborts = uploads.iter().map(|(name, id)| async move {
+                    match store.abort_multipart(&location.child(name), id).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => None,
+                        Err(e) => {
+                            tracing::warn!(
+                                "could not abort the upload of {}: {e}",
+                                location.child_display(name)
+                            );
+                            Some((name.clone(), id.clone()))
+                        }
+                    }
+                });
+                match tokio::time::timeout(ABORT_DEADLINE, futures::future::join_all(aborts)).await
+                {
+                    Ok(left) => left.into_iter().flatten().collect(),
+                    Err(_) => uploads,
+                }
+            }
+        }
+    }
+}
+
+/// A worker's writer for one task's byte range: positioned writes into the shared file, or
+/// the task's multipart parts (uploaded as soon as each is full; a chunk that is exactly
+/// one part goes without a copy).
+pub enum RangeWriter {
+    File {
+        file: Arc<std::fs::File>,
+        path: String,
+    },
+    Parts(PartWriter),
+}
+
+pub struct PartWriter {
+    store: Arc<dyn MultipartStore>,
+    path: object_store::path::Path,
+    url: String,
+    upload_id: String,
+    next_part: u32,
+    part_size: u64,
+    /// Bytes of the task's range not yet uploaded.
+    remaining: u64,
+    buf: BytesMut,
+    done: Vec<(u32, String)>,
+}
+
+impl RangeWriter {
+    /// A writer for the `len` bytes a task sends to `target`.
+    pub fn open(target: Target, len: u64, stores: &Stores) -> Result<Self, SinkError> {
+        match target {
+            Target::File { path } => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| SinkError::Io {
+                        path: path.clone(),
+                        source: std::io::Error::new(
+                            e.kind(),
+                            format!("{e} (is the output volume mounted on this worker?)"),
+                        ),
+                    })?;
+                Ok(RangeWriter::File {
+                    file: Arc::new(file),
+                    path,
+                })
+            }
+            Target::Parts {
+                url,
+                upload_id,
+                first_part,
+                part_size,
+            } => {
+                let loc = stores.resolve(&url)?;
+                let store = loc
+                    .multipart
+                    .clone()
+                    .ok_or_else(|| SinkError::Unsupported {
+                        url: url.clone(),
+                        message: "this store has no multipart uploads".into(),
+                    })?;
+                Ok(RangeWriter::Parts(PartWriter {
+                    store,
+                    path: loc.prefix,
+                    url,
+                    upload_id,
+                    next_part: first_part,
+                    part_size: part_size.max(1),
+                    remaining: len,
+                    buf: BytesMut::new(),
+                    done: Vec::new(),
+                }))
+            }
+        }
+    }
+
+    /// Write `data` at absolute file `offset` (multipart: chunks must come in order).
+    pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), SinkError> {
+        match self {
+            RangeWriter::File { file, path } => {
+                let (file, path) = (file.clone(), path.clone());
+                let p = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    file.write_all_at(&data, offset)
+                        .map_err(|source| SinkError::Io { path, source })
+                })
+                .await
+                .map_err(|e| SinkError::Io {
+                    path: p,
+                    source: std::io::Error::other(format!("write task panicked: {e}")),
+                })?
+            }
+            RangeWriter::Parts(p) => p.push(data).await,
+        }
+    }
+
+    /// The uploaded parts (number, content id); empty for files.
+    pub fn finish(self) -> Result<Vec<(u32, String)>, SinkError> {
+        match self {
+            RangeWriter::File { .. } => Ok(Vec::new()),
+            RangeWriter::Parts(p) if p.remaining != 0 || !p.buf.is_empty() => {
+                Err(SinkError::Incomplete {
+                    url: p.url,
+                    message: format!("the task left {} bytes unwritten", p.remaining),
+                })
+            }
+            RangeWriter::Parts(p) => Ok(p.done),
+        }
+    }
+}
+
+impl PartWriter {
+    async fn push(&mut self, mut data: Bytes) -> Result<(), SinkError> {
+        while !data.is_empty() {
+            // The part being filled: `part_size`, or what is left for the last one.
+            let target = self.part_size.min(self.remaining) as usize;
+            if target == 0 {
+                return Err(SinkError::Incomplete {
+                    url: self.url.clone(),
+                    message: "a task wrote past its range".into(),
+                });
+            }
+            if self.buf.is_empty() && data.len() == target {
+                self.remaining -= target as u64;
+                return self.upload(data).await;
+            }
+            let take = (target - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data.split_to(take));
+            if self.buf.len() == target {
+                self.remaining -= target as u64;
+                let part = self.buf.split().freeze();
+                self.upload(part).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn upload(&mut self, part: Bytes) -> Result<(), SinkError> {
+        let n = self.next_part;
+        let id = self
+            .store
+            .put_part(
+                &self.path,
+                &self.upload_id,
+                n as usize,
+                PutPayload::from_bytes(part),
+            )
+            .await
+            .map_err(|source| SinkError::Store {
+                url: format!("{} (part {n})", self.url),
+                source,
+            })?;
+        self.done.push((n, id.content_id));
+        self.next_part += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,703 @@
+//! The gRPC contract (`proto/mergefleet/v1/cluster.proto`) and its conversion to domain types.
+//!
+//! prost types stop here. The coordinator implements [`CoordinatorApi`] in domain terms and
+//! [`server`] serves it; the worker talks through [`client::Client`]. A task travels as
+//! [`OutgoingTask`] and arrives as [`Received`], checked by [`task_from_wire`] so a malformed
+//! message is an error, never a panic. The planner, the executor, the kernel, the writers and
+//! the coordinator's state machine never see a protobuf type.
+
+pub mod client;
+pub mod server;
+
+use std::future::Future;
+use std::time::Duration;
+
+use safetensors::Dtype;
+use tonic::Status;
+
+use crate::dtype::{self, WorkDtype};
+use crate::merge::Reductions;
+use crate::plan::{InputFile, InputSlice, MergePlan, ModelStockParams, Op, Task, TensorJob};
+use crate::sink::cluster::Target;
+
+/// The generated protobuf types. Public for tests that speak raw gRPC; code outside this
+/// module uses the domain types below.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("mergefleet.v1");
+}
+
+/// Bumped on any incompatible change of the contract; checked at registration.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Largest gRPC message either side accepts (a task lists every input range of its
+/// tensors; 64 MiB is far above any real task).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// A wire message that does not describe a valid task.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed task from the coordinator: {0}")]
+pub struct WireError(pub String);
+
+/// A worker, as numbered by the coordinator that registered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerId(pub u64);
+
+/// A task: its index in the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId(pub usize);
+
+/// One lease of a task (1 for the first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Attempt(pub u32);
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A worker introducing itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub name: String,
+    /// Bytes the worker's tasks may use at once.
+    pub memory_limit: u64,
+    pub threads: u32,
+}
+
+/// The coordinator's answer to [`Hello`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Welcome {
+    pub worker: WorkerId,
+    pub heartbeat_interval: Duration,
+    pub lease_timeout: Duration,
+}
+
+/// The answer to a lease request. `T` is [`OutgoingTask`] on the coordinator and
+/// [`Received`] on the worker.
+#[derive(Debug)]
+pub enum LeaseAnswer<T> {
+    Task(T),
+    /// Nothing to do now: ask again.
+    Wait,
+    /// The merge is committed.
+    Done,
+    /// The merge failed, with the reason.
+    Failed(String),
+    /// On the worker: a task arrived that does not decode. Reported as a failure.
+    Malformed {
+        task: TaskId,
+        attempt: Attempt,
+        error: WireError,
+    },
+}
+
+/// A lease renewal: the worker is still on `task`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Heartbeat {
+    pub worker: WorkerId,
+    pub task: TaskId,
+    pub attempt: Attempt,
+    pub bytes_done: u64,
+}
+
+/// One uploaded part of a multipart output: its number and the store's id for it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartDone {
+    pub part: u32,
+    pub content_id: String,
+}
+
+/// How one attempt of a task ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskOutcome {
+    Success {
+        parts: Vec<PartDone>,
+    },
+    Failure {
+        message: String,
+        /// Another attempt may succeed.
+        retryable: bool,
+        /// The worker was stopped (SIGTERM), not the task at fault: does not count
+        /// toward `--max-attempts`.
+        preempted: bool,
+    },
+}
+
+/// A worker's report of one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub worker: WorkerId,
+    pub task: TaskId,
+    pub attempt: Attempt,
+    pub outcome: TaskOutcome,
+}
+
+/// What `mergefleet status` shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusReport {
+    /// `running`, `committing`, `done` or `failed: <why>`.
+    pub state: String,
+    pub output: String,
+    pub tasks_total: u64,
+    pub tasks_done: u64,
+    pub tasks_running: u64,
+    pub tasks_pending: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub elapsed_s: f64,
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One worker in a [`StatusReport`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerStatus {
+    pub worker: WorkerId,
+    pub name: String,
+    pub last_heartbeat_s_ago: f64,
+    /// The first task it runs, if any.
+    pub task: Option<TaskId>,
+    pub tasks_done: u64,
+}
+
+/// The coordinator's side of the contract, in domain terms. Errors are gRPC statuses:
+/// `failed_precondition` refuses a worker for good, `not_found` means "register again".
+pub trait CoordinatorApi: Send + Sync + 'static {
+    fn register(&self, hello: Hello) -> Result<Welcome, Status>;
+    /// Wait up to `wait` for a task.
+    fn lease(
+        &self,
+        worker: WorkerId,
+        wait: Duration,
+    ) -> impl Future<Output = Result<LeaseAnswer<OutgoingTask>, Status>> + Send;
+    /// False: stop the task (its lease is gone).
+    fn heartbeat(&self, beat: Heartbeat) -> bool;
+    fn report(&self, report: Report) -> Result<(), Status>;
+    fn status(&self) -> StatusReport;
+}
+
+/// A task encoded for the wire (opaque outside this module).
+#[derive(Debug, Clone)]
+pub struct OutgoingTask(pb::Task);
+
+impl OutgoingTask {
+    /// Encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        prost::Message::encoded_len(&self.0)
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<Dtype, WireError> {
+    dtype::parse(s).ok_or_else(|| WireError(format!("unknown dtype `{s}`")))
+}
+
+fn parse_work(s: &str) -> Result<WorkDtype, WireError> {
+    WorkDtype::from_name(s).ok_or_else(|| WireError(format!("unknown working dtype `{s}`")))
+}
+
+fn target_to_wire(target: &Target) -> pb::Output {
+    let target = match target {
+        Target::File { path } => pb::output::Target::LocalPath(path.clone()),
+        Target::Parts {
+            url,
+            upload_id,
+            first_part,
+            part_size,
+        } => pb::output::Target::Multipart(pb::Multipart {
+            url: url.clone(),
+            upload_id: upload_id.clone(),
+            first_part: *first_part,
+            part_size: *part_size,
+        }),
+    };
+    pb::Output {
+        target: Some(target),
+    }
+}
+
+fn target_from_wire(o: Option<&pb::Output>) -> Result<Target, WireError> {
+    match o.and_then(|o| o.target.as_ref()) {
+        None => Err(WireError("a task without an output".into())),
+        Some(pb::output::Target::LocalPath(p)) if p.is_empty() => {
+            Err(WireError("an empty output path".into()))
+        }
+        Some(pb::output::Target::LocalPath(p)) => Ok(Target::File { path: p.clone() }),
+        Some(pb::output::Target::Multipart(m)) => {
+            if m.url.is_empty() || m.upload_id.is_empty() || m.part_size == 0 {
+                return Err(WireError(format!(
+                    "multipart output `{}` without an upload id or a part size",
+                    m.url
+                )));
+            }
+            Ok(Target::Parts {
+                url: m.url.clone(),
+                upload_id: m.upload_id.clone(),
+                first_part: m.first_part,
+                part_size: m.part_size,
+            })
+        }
+    }
+}
+
+/// Task `id` of `plan` as sent to a worker, for its `attempt`, writing to `target`. The
+/// output file's header rides with the file's first task.
+pub fn task_to_wire(
+    plan: &MergePlan,
+    id: TaskId,
+    attempt: Attempt,
+    target: &Target,
+) -> OutgoingTask {
+    let task = &plan.tasks[id.0];
+    let file = &plan.files[task.file];
+    let header = (task.out.start == 0).then_some(file.header.as_slice());
+    let inputs = &plan.inputs;
+    let slice = |s: &InputSlice| pb::InputRange {
+        url: inputs[s.file].url.clone(),
+        start: s.range.start,
+        end: s.range.end,
+        dtype: dtype::name(s.dtype),
+    };
+    OutgoingTask(pb::Task {
+        task_id: task.id as u64,
+        attempt: attempt.0,
+        out_start: task.out.start,
+        out_end: task.out.end,
+        header: header.map(<[u8]>::to_vec).unwrap_or_default(),
+        tensors: task
+            .tensors
+            .iter()
+            .map(|j| {
+                let (kernel, inputs) = match &j.op {
+                    Op::Merge { kernel, inputs } => (
+                        Some(pb::KernelParams {
+                            work_dtype: kernel.work.name().into(),
+                            out_dtype: kernel.out.name().into(),
+                            filter_wise: kernel.filter_wise,
+                            reductions: kernel.reductions.name().into(),
+                        }),
+                        inputs.iter().map(slice).collect(),
+                    ),
+                    Op::Copy { input } => (None, vec![slice(input)]),
+                };
+                pb::TensorJob {
+                    name: j.name.clone(),
+                    shape: j.shape.iter().map(|&d| d as u64).collect(),
+                    dtype: dtype::name(j.dtype),
+                    out_start: j.out.start,
+                    out_end: j.out.end,
+                    kernel,
+                    inputs,
+                }
+            })
+            .collect(),
+        output: Some(target_to_wire(target)),
+        file_name: file.name.clone(),
+    })
+}
+
+/// A task as a worker receives it, checked.
+#[derive(Debug)]
+pub struct Received {
+    pub task: Task,
+    pub attempt: Attempt,
+    /// The input files the task's slices index.
+    pub inputs: Vec<InputFile>,
+    /// The file header, when the task starts its file.
+    pub header: Option<Vec<u8>>,
+    /// The output file's name (for logs).
+    pub file_name: String,
+    /// Where the task's bytes go.
+    pub target: Target,
+}
+
+impl Received {
+    pub fn id(&self) -> TaskId {
+        TaskId(self.task.id)
+    }
+}
+
+/// Bytes of `shape` elements of `dtype`, if the dtype has whole-byte elements and the
+/// product does not overflow.
+fn byte_len(shape: &[usize], d: Dtype) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(dtype::size(d)? as u64, |n, &x| n.checked_mul(x as u64))
+}
+
+/// A wire task back as a plan task, with the input files its slices index. Everything the
+/// executor relies on is checked here (sizes agree with shapes and dtypes, ranges lie in the
+/// task's range, a merge has a base and two fine-tunes), so a malformed message from a
+/// buggy or foreign peer is an error naming the tensor, not a panic later.
+pub fn task_from_wire(t: &pb::Task) -> Result<Received, WireError> {
+    let task_range = t.out_start..t.out_end;
+    if task_range.end < task_range.start {
+        return Err(WireError(format!(
+            "task {}: output range {}..{}",
+            t.task_id, t.out_start, t.out_end
+        )));
+    }
+    let header = (!t.header.is_empty()).then(|| t.header.clone());
+    if let Some(h) = &header {
+        if t.out_start != 0 || h.len() as u64 > t.out_end {
+            return Err(WireError(format!(
+                "task {}: a {}-byte header for a range starting at {}",
+                t.task_id,
+                h.len(),
+                t.out_start
+            )));
+        }
+    }
+    let mut files: Vec<InputFile> = Vec::new();
+    let mut tensors = Vec::with_capacity(t.tensors.len());
+    for j in &t.tensors {
+        tensors.push(tensor_from_wire(j, &task_range, &mut files)?);
+    }
+    let task = Task {
+        id: usize::try_from(t.task_id).map_err(|_| WireError(format!("task id {}", t.task_id)))?,
+        file: 0,
+        out: task_range,
+        tensors,
+    };
+    Ok(Received {
+        task,
+        attempt: Attempt(t.attempt),
+        inputs: files,
+        header,
+        file_name: t.file_name.clone(),
+        target: target_from_wire(t.output.as_ref())?,
+    })
+}
+
+fn tensor_from_wire(
+    j: &pb::TensorJob,
+    task_range: &std::ops::Range<u64>,
+    files: &mut Vec<InputFile>,
+) -> Result<TensorJob, WireError> {
+    let bad = |m: String| WireError(format!("tensor `{}`: {m}", j.name));
+    let shape: Vec<usize> = j
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| bad(format!("dimension {d}"))))
+        .collect::<Result<_, _>>()?;
+    let dtype = parse_dtype(&j.dtype).map_err(|e| bad(e.0))?;
+    let out = j.out_start..j.out_end;
+    if out.end < out.start || out.start < task_range.start || out.end > task_range.end {
+        return Err(bad(format!(
+            "output range {}..{} outside the task's {}..{}",
+            out.start, out.end, task_range.start, task_range.end
+        )));
+    }
+    if byte_len(&shape, dtype) != Some(out.end - out.start) {
+        return Err(bad(format!(
+            "{} output bytes for shape {shape:?} of {}",
+            out.end - out.start,
+            j.dtype
+        )));
+    }
+    let mut slices = Vec::with_capacity(j.inputs.len());
+    for r in &j.inputs {
+        let input_dtype = parse_dtype(&r.dtype).map_err(|e| bad(e.0))?;
+        if r.end < r.start || byte_len(&shape, input_dtype) != Some(r.end - r.start) {
+            return Err(bad(format!(
+                "input range {}..{} of {} does not hold shape {shape:?} of {}",
+                r.start, r.end, r.url, r.dtype
+            )));
+        }
+        let file = match files.iter().position(|f| f.url == r.url) {
+            Some(i) => i,
+            None => {
+                files.push(InputFile {
+                    model: 0,
+                    url: r.url.clone(),
+                });
+                files.len() - 1
+            }
+        };
+        slices.push(InputSlice {
+            file,
+            range: r.start..r.end,
+            dtype: input_dtype,
+        });
+    }
+    let op = match &j.kernel {
+        Some(k) => {
+            if slices.len() < 3 {
+                return Err(bad("model_stock needs a base and two fine-tunes".into()));
+            }
+            let kernel = ModelStockParams {
+                work: parse_work(&k.work_dtype).map_err(|e| bad(e.0))?,
+                out: parse_work(&k.out_dtype).map_err(|e| bad(e.0))?,
+                filter_wise: k.filter_wise,
+                reductions: Reductions::from_name(&k.reductions)
+                    .ok_or_else(|| bad(format!("unknown reduction order `{}`", k.reductions)))?,
+            };
+            if kernel.out.st_dtype() != dtype || slices.iter().any(|s| !dtype::is_float(s.dtype)) {
+                return Err(bad(format!(
+                    "a merge into {} of inputs that are not all floats, or written as {}",
+                    kernel.out.name(),
+                    j.dtype
+                )));
+            }
+            Op::Merge {
+                kernel,
+                inputs: slices,
+            }
+        }
+        None => match <[InputSlice; 1]>::try_from(slices) {
+            Ok([input]) if input.dtype == dtype => Op::Copy { input },
+            _ => return Err(bad("a copy needs exactly one input of its own dtype".into())),
+        },
+    };
+    Ok(TensorJob {
+        name: j.name.clone(),
+        shape,
+        dtype,
+        out,
+        op,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MergeConfig;
+    use crate::plan::{plan, PlanOptions};
+    use crate::source::{ModelSource, SourceFile, TensorLoc};
+    use crate::store::Stores;
+
+    #[test]
+    fn round_trip_keeps_the_task() {
+        let stores = Stores::new();
+        let model = |name: &str| {
+            let location = stores.resolve(&format!("/m/{name}")).unwrap();
+            let mut tensors = std::collections::BTreeMap::new();
+            tensors.insert(
+                "a".into(),
+                TensorLoc {
+                    file: 0,
+                    dtype: Dtype::BF16,
+                    shape: vec![2, 3],
+                    start: 8,
+                    end: 20,
+                },
+            );
+            tensors.insert(
+                "ids".into(),
+                TensorLoc {
+                    file: 0,
+                    dtype: Dtype::I64,
+                    shape: vec![2],
+                    start: 20,
+                    end: 36,
+                },
+            );
+            ModelSource {
+                reference: name.into(),
+                files: vec![SourceFile {
+                    path: location.child("model.safetensors"),
+                    url: location.child_display("model.safetensors"),
+                    size: 36,
+                }],
+                location,
+                tensors,
+            }
+        };
+        let cfg = MergeConfig::from_yaml(
+            "models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\n",
+        )
+        .unwrap();
+        let p = plan(
+            &cfg,
+            &[model("base"), model("a"), model("b")],
+            PlanOptions::default(),
+        )
+        .unwrap();
+        let t = &p.tasks[0];
+        let target = Target::Parts {
+            url: "s3://b/out/model.safetensors".into(),
+            upload_id: "up-1".into(),
+            first_part: 0,
+            part_size: 5 << 20,
+        };
+        let w = task_to_wire(&p, TaskId(0), Attempt(3), &target).0;
+        assert_eq!(w.file_name, p.files[0].name);
+        let Received {
+            task: back,
+            inputs: files,
+            header,
+            attempt,
+            target: back_target,
+            ..
+        } = task_from_wire(&w).unwrap();
+        assert_eq!((attempt, back_target), (Attempt(3), target));
+        assert_eq!(header.as_deref(), Some(&p.files[0].header[..]));
+        assert_eq!(back.out, t.out);
+        assert_eq!(back.tensors.len(), t.tensors.len());
+        for (a, b) in back.tensors.iter().zip(&t.tensors) {
+            assert_eq!(
+                (&a.name, &a.shape, a.dtype, &a.out),
+                (&b.name, &b.shape, b.dtype, &b.out)
+            );
+            match (&a.op, &b.op) {
+                (
+                    Op::Merge {
+                        kernel: ka,
+                        inputs: ia,
+                    },
+                    Op::Merge {
+                        kernel: kb,
+                        inputs: ib,
+                    },
+                ) => {
+                    assert_eq!(ka, kb);
+                    for (x, y) in ia.iter().zip(ib) {
+                        assert_eq!(files[x.file].url, p.inputs[y.file].url);
+                        assert_eq!((&x.range, x.dtype), (&y.range, y.dtype));
+                    }
+                }
+                (Op::Copy { input: x }, Op::Copy { input: y }) => {
+                    assert_eq!(files[x.file].url, p.inputs[y.file].url)
+                }
+                _ => panic!("op changed"),
+            }
+        }
+        malformed_tasks_are_refused(&w);
+    }
+
+    /// Each way of breaking a valid wire task is an error naming what is wrong.
+    fn malformed_tasks_are_refused(good: &pb::Task) {
+        type Break = fn(&mut pb::Task);
+        let merged = good
+            .tensors
+            .iter()
+            .position(|j| j.kernel.is_some())
+            .expect("a merged tensor");
+        let copied = good
+            .tensors
+            .iter()
+            .position(|j| j.kernel.is_none())
+            .expect("a copied tensor");
+        let cases: Vec<(&str, Break, &str)> = vec![
+            ("unknown dtype", |t| t.tensors[0].dtype = "Q9".into(), "Q9"),
+            ("no output", |t| t.output = None, "without an output"),
+            (
+                "empty local path",
+                |t| {
+                    t.output = Some(pb::Output {
+                        target: Some(pb::output::Target::LocalPath(String::new())),
+                    })
+                },
+                "empty output path",
+            ),
+            (
+                "multipart without an upload id",
+                |t| {
+                    if let Some(pb::output::Target::Multipart(m)) =
+                        t.output.as_mut().and_then(|o| o.target.as_mut())
+                    {
+                        m.upload_id.clear();
+                    }
+                },
+                "upload id",
+            ),
+            (
+                "task range backwards",
+                |t| std::mem::swap(&mut t.out_start, &mut t.out_end),
+                "output range",
+            ),
+            (
+                "header not at the start",
+                |t| {
+                    t.out_start += 8;
+                    t.tensors.clear();
+                },
+                "header",
+            ),
+            (
+                "tensor outside the task",
+                |t| {
+                    let j = &mut t.tensors[0];
+                    j.out_start += t.out_end;
+                    j.out_end += t.out_end;
+                },
+                "outside the task",
+            ),
+            (
+                "shape disagrees with bytes",
+                |t| t.tensors[0].shape.push(2),
+                "output bytes for shape",
+            ),
+            (
+                "input range too short",
+                |t| t.tensors[0].inputs[0].end -= 1,
+                "does not hold shape",
+            ),
+            (
+                "input range backwards",
+                |t| {
+                    let r = &mut t.tensors[0].inputs[0];
+                    std::mem::swap(&mut r.start, &mut r.end);
+                },
+                "input range",
+            ),
+            (
+                "huge dimension",
+                |t| t.tensors[0].shape = vec![u64::MAX / 2, 4],
+                "shape",
+            ),
+        ];
+        for (what, f, words) in cases {
+            let mut bad = good.clone();
+            f(&mut bad);
+            let err = task_from_wire(&bad).expect_err(what).to_string();
+            assert!(err.contains(words), "{what}: {err}");
+        }
+        // A merge with one fine-tune, a merge written in another dtype, a copy with two
+        // inputs or of another dtype.
+        let mut bad = good.clone();
+        bad.tensors[merged].inputs.truncate(2);
+        assert!(task_from_wire(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("two fine-tunes"));
+        let mut bad = good.clone();
+        bad.tensors[merged].kernel.as_mut().unwrap().out_dtype = "float16".into();
+        assert!(task_from_wire(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("written as"));
+        let mut bad = good.clone();
+        bad.tensors[merged].kernel.as_mut().unwrap().reductions = "fast".into();
+        assert!(task_from_wire(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("fast"));
+        let mut bad = good.clone();
+        let extra = bad.tensors[copied].inputs[0].clone();
+        bad.tensors[copied].inputs.push(extra);
+        assert!(task_from_wire(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one input"));
+        let mut bad = good.clone();
+        bad.tensors[copied].inputs.clear();
+        assert!(task_from_wire(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one input"));
+        // The good task still decodes (the cases above broke copies).
+        assert!(task_from_wire(good).is_ok());
+    }
+}
