@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use serde_yaml::Value;
+use serde_yaml::{Mapping, Value};
 
 use crate::dtype::WorkDtype;
 
@@ -111,147 +111,17 @@ impl MergeConfig {
             ));
         };
         let mut warnings = Vec::new();
-        let mut unknown = Vec::new();
-        for (k, _) in &map {
-            let key = yaml_key(k);
-            if let Some((_, hint)) = UNSUPPORTED_KEYS.iter().find(|(u, _)| *u == key) {
-                return Err(ConfigError::Unsupported {
-                    key,
-                    hint: (*hint).into(),
-                });
-            }
-            if !TOP_KEYS.contains(&key.as_str()) {
-                unknown.push(key);
-            }
-        }
-        if !unknown.is_empty() {
-            warnings.push(format!(
-                "ignoring unknown config key(s): {}",
-                unknown.join(", ")
-            ));
-        }
-
-        match map.get("merge_method") {
-            None => return Err(key_err("merge_method", "missing; set it to `model_stock`")),
-            Some(Value::String(m)) if m == "model_stock" => {}
-            Some(Value::String(m)) => {
-                return Err(ConfigError::Unsupported {
-                    key: "merge_method".into(),
-                    hint: format!("`{m}` is not implemented; only `model_stock` is"),
-                })
-            }
-            Some(_) => return Err(key_err("merge_method", "must be a string (`model_stock`)")),
-        }
-
-        let base_model = match map.get("base_model") {
-            None | Some(Value::Null) => {
-                return Err(key_err(
-                    "base_model",
-                    "missing; model_stock needs the base model the fine-tunes started from",
-                ))
-            }
-            Some(v) => model_ref(v, "base_model")?,
-        };
-
-        let Some(Value::Sequence(entries)) = map.get("models") else {
-            return Err(key_err(
-                "models",
-                "missing or not a list; write `models: [{model: PATH_OR_URL}, ...]`",
-            ));
-        };
-        let mut models: Vec<ModelRef> = Vec::new();
-        let mut ignored_params = Vec::new();
-        let mut base_listed = false;
-        for (i, entry) in entries.iter().enumerate() {
-            let key = format!("models[{i}]");
-            let (m, params) = match entry {
-                Value::Mapping(e) => {
-                    for (k, _) in e {
-                        let k = yaml_key(k);
-                        if k != "model" && k != "parameters" {
-                            warnings.push(format!("ignoring unknown key `{key}.{k}`"));
-                        }
-                    }
-                    let m = e.get("model").ok_or_else(|| {
-                        key_err(&key, "has no `model`; write `- model: PATH_OR_URL`")
-                    })?;
-                    (model_ref(m, &format!("{key}.model"))?, e.get("parameters"))
-                }
-                Value::String(_) => (model_ref(entry, &key)?, None),
-                _ => return Err(key_err(&key, "must be `{model: PATH_OR_URL}`")),
-            };
-            if let Some(Value::Mapping(p)) = params {
-                for (k, _) in p {
-                    ignored_params.push(format!("{key}.parameters.{}", yaml_key(k)));
-                }
-            } else if let Some(p) = params {
-                if !p.is_null() {
-                    return Err(key_err(format!("{key}.parameters"), "must be a mapping"));
-                }
-            }
-            if same_model(&m, &base_model) {
-                base_listed = true;
-                continue;
-            }
-            if models.iter().any(|x| same_model(x, &m)) {
-                return Err(key_err(
-                    &key,
-                    format!(
-                        "model `{m}` is listed twice; mergekit would silently merge one model \
-                         fewer than written. Remove the duplicate"
-                    ),
-                ));
-            }
-            models.push(m);
-        }
-        if base_listed {
-            warnings.push(format!(
-                "the base model `{base_model}` is also listed under `models`; it is used as the base only"
-            ));
-        }
-        if models.len() < 2 {
-            return Err(key_err(
-                "models",
-                format!(
-                    "model_stock needs at least two models besides the base, found {}",
-                    models.len()
-                ),
-            ));
-        }
-        if !ignored_params.is_empty() {
-            warnings.push(format!(
-                "model_stock ignores per-model parameters: {}",
-                ignored_params.join(", ")
-            ));
-        }
-
-        let mut filter_wise = PerTensor::Scalar(false);
-        match map.get("parameters") {
-            None | Some(Value::Null) => {}
-            Some(Value::Mapping(p)) => {
-                for (k, v) in p {
-                    let k = yaml_key(k);
-                    if k == "filter_wise" {
-                        filter_wise = per_tensor_bool(v, "parameters.filter_wise")?;
-                    } else {
-                        warnings.push(format!(
-                            "model_stock ignores the parameter `parameters.{k}` (its only parameter is `filter_wise`)"
-                        ));
-                    }
-                }
-            }
-            Some(_) => return Err(key_err("parameters", "must be a mapping")),
-        }
-
-        let dtype = opt_dtype(map.get("dtype"), "dtype")?;
-        let out_dtype = opt_dtype(map.get("out_dtype"), "out_dtype")?;
-
+        check_top_keys(&map, &mut warnings)?;
+        check_method(&map)?;
+        let base_model = base_model(&map)?;
+        let models = fine_tunes(&map, &base_model, &mut warnings)?;
+        let filter_wise = method_parameters(&map, &mut warnings)?;
         Ok(MergeConfig {
             base_model,
             models,
             filter_wise,
-            dtype,
-            out_dtype,
+            dtype: opt_dtype(map.get("dtype"), "dtype")?,
+            out_dtype: opt_dtype(map.get("out_dtype"), "out_dtype")?,
             warnings,
             source_yaml: text.to_string(),
         })
@@ -425,6 +295,172 @@ fn bool_value(v: &Value, key: &str) -> Result<bool, ConfigError> {
         )),
         _ => Err(key_err(key, "must be true or false (or 1 / 0)")),
     }
+}
+
+/// Refuse keys we know and do not implement; warn about keys we do not know.
+fn check_top_keys(map: &Mapping, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
+    let mut unknown = Vec::new();
+    for (k, _) in map {
+        let key = yaml_key(k);
+        if let Some((_, hint)) = UNSUPPORTED_KEYS.iter().find(|(u, _)| *u == key) {
+            return Err(ConfigError::Unsupported {
+                key,
+                hint: (*hint).into(),
+            });
+        }
+        if !TOP_KEYS.contains(&key.as_str()) {
+            unknown.push(key);
+        }
+    }
+    if !unknown.is_empty() {
+        warnings.push(format!(
+            "ignoring unknown config key(s): {}",
+            unknown.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// `merge_method` must be `model_stock`.
+fn check_method(map: &Mapping) -> Result<(), ConfigError> {
+    match map.get("merge_method") {
+        None => Err(key_err("merge_method", "missing; set it to `model_stock`")),
+        Some(Value::String(m)) if m == "model_stock" => Ok(()),
+        Some(Value::String(m)) => Err(ConfigError::Unsupported {
+            key: "merge_method".into(),
+            hint: format!("`{m}` is not implemented; only `model_stock` is"),
+        }),
+        Some(_) => Err(key_err("merge_method", "must be a string (`model_stock`)")),
+    }
+}
+
+/// The required `base_model`.
+fn base_model(map: &Mapping) -> Result<ModelRef, ConfigError> {
+    match map.get("base_model") {
+        None | Some(Value::Null) => Err(key_err(
+            "base_model",
+            "missing; model_stock needs the base model the fine-tunes started from",
+        )),
+        Some(v) => model_ref(v, "base_model"),
+    }
+}
+
+/// The fine-tunes under `models`, in order: the base skipped (with a warning), duplicates
+/// refused, at least two, per-model parameters ignored (with a warning).
+fn fine_tunes(
+    map: &Mapping,
+    base_model: &ModelRef,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<ModelRef>, ConfigError> {
+    let Some(Value::Sequence(entries)) = map.get("models") else {
+        return Err(key_err(
+            "models",
+            "missing or not a list; write `models: [{model: PATH_OR_URL}, ...]`",
+        ));
+    };
+    let mut models: Vec<ModelRef> = Vec::new();
+    let mut ignored_params = Vec::new();
+    let mut base_listed = false;
+    for (i, entry) in entries.iter().enumerate() {
+        let key = format!("models[{i}]");
+        let m = model_entry(entry, &key, warnings, &mut ignored_params)?;
+        if same_model(&m, base_model) {
+            base_listed = true;
+            continue;
+        }
+        if models.iter().any(|x| same_model(x, &m)) {
+            return Err(key_err(
+                &key,
+                format!(
+                    "model `{m}` is listed twice; mergekit would silently merge one model \
+                     fewer than written. Remove the duplicate"
+                ),
+            ));
+        }
+        models.push(m);
+    }
+    if base_listed {
+        warnings.push(format!(
+            "the base model `{base_model}` is also listed under `models`; it is used as the base only"
+        ));
+    }
+    if models.len() < 2 {
+        return Err(key_err(
+            "models",
+            format!(
+                "model_stock needs at least two models besides the base, found {}",
+                models.len()
+            ),
+        ));
+    }
+    if !ignored_params.is_empty() {
+        warnings.push(format!(
+            "model_stock ignores per-model parameters: {}",
+            ignored_params.join(", ")
+        ));
+    }
+    Ok(models)
+}
+
+/// One entry of `models`: `{model: REF, parameters: {...}}` or a bare `REF`. Unknown keys
+/// and per-model parameters (model_stock has none) are noted, not refused.
+fn model_entry(
+    entry: &Value,
+    key: &str,
+    warnings: &mut Vec<String>,
+    ignored_params: &mut Vec<String>,
+) -> Result<ModelRef, ConfigError> {
+    let (m, params) = match entry {
+        Value::Mapping(e) => {
+            for (k, _) in e {
+                let k = yaml_key(k);
+                if k != "model" && k != "parameters" {
+                    warnings.push(format!("ignoring unknown key `{key}.{k}`"));
+                }
+            }
+            let m = e
+                .get("model")
+                .ok_or_else(|| key_err(key, "has no `model`; write `- model: PATH_OR_URL`"))?;
+            (model_ref(m, &format!("{key}.model"))?, e.get("parameters"))
+        }
+        Value::String(_) => (model_ref(entry, key)?, None),
+        _ => return Err(key_err(key, "must be `{model: PATH_OR_URL}`")),
+    };
+    if let Some(Value::Mapping(p)) = params {
+        for (k, _) in p {
+            ignored_params.push(format!("{key}.parameters.{}", yaml_key(k)));
+        }
+    } else if let Some(p) = params {
+        if !p.is_null() {
+            return Err(key_err(format!("{key}.parameters"), "must be a mapping"));
+        }
+    }
+    Ok(m)
+}
+
+/// The method's `parameters`: `filter_wise`, and warnings for anything else.
+fn method_parameters(
+    map: &Mapping,
+    warnings: &mut Vec<String>,
+) -> Result<PerTensor<bool>, ConfigError> {
+    let mut filter_wise = PerTensor::Scalar(false);
+    match map.get("parameters") {
+        None | Some(Value::Null) => {}
+        Some(Value::Mapping(p)) => {
+            for (k, v) in p {
+                let k = yaml_key(k);
+                if k == "filter_wise" {
+                    filter_wise = per_tensor_bool(v, "parameters.filter_wise")?;
+                } else {
+                    warnings.push(format!(
+                        "model_stock ignores the parameter `parameters.{k}` (its only parameter is `filter_wise`)"
+                    ));
+                }
+            }
+        }
+        Some(_) => return Err(key_err("parameters", "must be a mapping")),
+    }
+    Ok(filter_wise)
 }
 
 fn opt_dtype(v: Option<&Value>, key: &str) -> Result<Option<WorkDtype>, ConfigError> {

@@ -407,6 +407,25 @@ pub fn plan(
     if base.tensors.is_empty() {
         return Err(PlanError::Empty(base.reference.clone()));
     }
+    let (inputs, file_ids) = input_files(models);
+    let mut jobs: Vec<TensorJob> = Vec::new();
+    let mut out_dtype = None;
+    for name in tensor_names(models) {
+        let (slices, shape, base_dtype) = input_slices(name, models, &file_ids)?;
+        let job = tensor_job(name, slices, shape, base_dtype, config, opts)?;
+        if let Op::Merge { kernel, .. } = &job.op {
+            out_dtype.get_or_insert(kernel.out);
+        }
+        jobs.push(job);
+    }
+    layout(jobs, inputs, out_dtype, config.warnings.clone(), opts)
+}
+
+const LM_HEAD: &str = "lm_head.weight";
+const EMBED: &str = "model.embed_tokens.weight";
+
+/// Every input file, numbered across models, and for each model its files' numbers.
+fn input_files(models: &[ModelSource]) -> (Vec<InputFile>, Vec<Vec<usize>>) {
     let mut inputs = Vec::new();
     let mut file_ids: Vec<Vec<usize>> = Vec::new();
     for (mi, m) in models.iter().enumerate() {
@@ -423,122 +442,138 @@ pub fn plan(
                 .collect(),
         );
     }
+    (inputs, file_ids)
+}
 
-    // The tensor set: the base's, plus lm_head when any model has one (tied embeddings).
+/// The tensor set, sorted: the base's, plus lm_head when any model has one (tied
+/// embeddings).
+fn tensor_names(models: &[ModelSource]) -> Vec<&str> {
+    let base = &models[0];
     let mut names: Vec<&str> = base.tensors.keys().map(String::as_str).collect();
-    const LM_HEAD: &str = "lm_head.weight";
-    const EMBED: &str = "model.embed_tokens.weight";
     if !base.tensors.contains_key(LM_HEAD) && models.iter().any(|m| m.tensors.contains_key(LM_HEAD))
     {
         names.push(LM_HEAD);
         names.sort_unstable();
     }
+    names
+}
 
-    let mut jobs: Vec<TensorJob> = Vec::with_capacity(names.len());
-    let mut out_dtype = None;
-    for name in names {
-        let mut slices = Vec::with_capacity(models.len());
-        let mut base_meta: Option<(&[usize], Dtype)> = None;
-        for (mi, m) in models.iter().enumerate() {
-            let tied = name == LM_HEAD && !m.tensors.contains_key(LM_HEAD);
-            let t = m
-                .tensors
-                .get(if tied { EMBED } else { name })
-                .ok_or_else(|| PlanError::MissingTensor {
-                    tensor: name.to_string(),
-                    model: m.reference.clone(),
-                })?;
-            match base_meta {
-                None => base_meta = Some((&t.shape, t.dtype)),
-                Some((shape, bdt)) => {
-                    if t.shape != shape {
-                        return Err(PlanError::ShapeMismatch {
-                            tensor: name.to_string(),
-                            model: m.reference.clone(),
-                            via: if tied {
-                                " (its model.embed_tokens.weight, standing in for the missing lm_head)"
-                            } else {
-                                ""
-                            },
-                            shape: t.shape.clone(),
-                            base_shape: shape.to_vec(),
-                            hint: if name.contains("embed") || name.contains("lm_head") {
-                                VOCAB_HINT
-                            } else {
-                                ""
-                            },
-                        });
-                    }
-                    if is_float(bdt) != is_float(t.dtype) {
-                        return Err(PlanError::DtypeMismatch {
-                            tensor: name.to_string(),
-                            model: m.reference.clone(),
-                            dtype: t.dtype,
-                            base_dtype: bdt,
-                        });
-                    }
+/// Tensor `name` in every model (base first), checked to agree with the base in shape and
+/// in being a float; with the base's shape and dtype. A model without lm_head lends its
+/// embedding (tied weights).
+fn input_slices<'a>(
+    name: &str,
+    models: &'a [ModelSource],
+    file_ids: &[Vec<usize>],
+) -> Result<(Vec<InputSlice>, &'a [usize], Dtype), PlanError> {
+    let mut slices = Vec::with_capacity(models.len());
+    let mut base_meta: Option<(&[usize], Dtype)> = None;
+    for (mi, m) in models.iter().enumerate() {
+        let tied = name == LM_HEAD && !m.tensors.contains_key(LM_HEAD);
+        let t = m
+            .tensors
+            .get(if tied { EMBED } else { name })
+            .ok_or_else(|| PlanError::MissingTensor {
+                tensor: name.to_string(),
+                model: m.reference.clone(),
+            })?;
+        match base_meta {
+            None => base_meta = Some((&t.shape, t.dtype)),
+            Some((shape, bdt)) => {
+                if t.shape != shape {
+                    return Err(PlanError::ShapeMismatch {
+                        tensor: name.to_string(),
+                        model: m.reference.clone(),
+                        via: if tied {
+                            " (its model.embed_tokens.weight, standing in for the missing lm_head)"
+                        } else {
+                            ""
+                        },
+                        shape: t.shape.clone(),
+                        base_shape: shape.to_vec(),
+                        hint: if name.contains("embed") || name.contains("lm_head") {
+                            VOCAB_HINT
+                        } else {
+                            ""
+                        },
+                    });
+                }
+                if is_float(bdt) != is_float(t.dtype) {
+                    return Err(PlanError::DtypeMismatch {
+                        tensor: name.to_string(),
+                        model: m.reference.clone(),
+                        dtype: t.dtype,
+                        base_dtype: bdt,
+                    });
                 }
             }
-            slices.push(InputSlice {
-                file: file_ids[mi][t.file],
-                range: t.start..t.end,
-                dtype: t.dtype,
-            });
         }
-        let (shape, bdt) = base_meta.expect("at least one model");
-        // Low-precision floats are weights, not integers to copy; merging them needs their
-        // block scales, which model_stock here does not apply. Refuse rather than copy
-        // the base's bytes and call it a merge.
-        if let Some(d) = slices
-            .iter()
-            .map(|s| s.dtype)
-            .find(|d| is_low_precision_float(*d))
-        {
-            return Err(PlanError::LowPrecision {
-                tensor: name.to_string(),
-                dtype: d,
-            });
-        }
-        let (dtype, op) = if is_float(bdt) {
-            let first = slices[0].dtype;
-            let work = config
-                .dtype
-                .unwrap_or_else(|| match WorkDtype::from_st(first) {
-                    Some(w) if slices.iter().all(|s| s.dtype == first) => w,
-                    _ => WorkDtype::F32,
-                });
-            let out = config.out_dtype.unwrap_or(work);
-            out_dtype.get_or_insert(out);
-            let kernel = ModelStockParams {
-                work,
-                out,
-                filter_wise: config.filter_wise.for_tensor(name, false),
-                reductions: opts.reductions,
-            };
-            (
-                out.st_dtype(),
-                Op::Merge {
-                    kernel,
-                    inputs: slices,
-                },
-            )
-        } else {
-            (
-                bdt,
-                Op::Copy {
-                    input: slices.swap_remove(0),
-                },
-            )
-        };
-        jobs.push(TensorJob {
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            dtype,
-            out: 0..0,
-            op,
+        slices.push(InputSlice {
+            file: file_ids[mi][t.file],
+            range: t.start..t.end,
+            dtype: t.dtype,
         });
     }
-    layout(jobs, inputs, out_dtype, config.warnings.clone(), opts)
+    let (shape, dtype) = base_meta.expect("at least one model");
+    Ok((slices, shape, dtype))
+}
+
+/// What to do with one tensor: merge floats in the working dtype (the config's, else the
+/// inputs' common dtype, else float32), copy anything else from the base.
+fn tensor_job(
+    name: &str,
+    mut slices: Vec<InputSlice>,
+    shape: &[usize],
+    base_dtype: Dtype,
+    config: &MergeConfig,
+    opts: PlanOptions,
+) -> Result<TensorJob, PlanError> {
+    // Low-precision floats are weights, not integers to copy; merging them needs their
+    // block scales, which model_stock here does not apply. Refuse rather than copy
+    // the base's bytes and call it a merge.
+    if let Some(d) = slices
+        .iter()
+        .map(|s| s.dtype)
+        .find(|d| is_low_precision_float(*d))
+    {
+        return Err(PlanError::LowPrecision {
+            tensor: name.to_string(),
+            dtype: d,
+        });
+    }
+    let (dtype, op) = if is_float(base_dtype) {
+        let first = slices[0].dtype;
+        let work = config
+            .dtype
+            .unwrap_or_else(|| match WorkDtype::from_st(first) {
+                Some(w) if slices.iter().all(|s| s.dtype == first) => w,
+                _ => WorkDtype::F32,
+            });
+        let out = config.out_dtype.unwrap_or(work);
+        let kernel = ModelStockParams {
+            work,
+            out,
+            filter_wise: config.filter_wise.for_tensor(name, false),
+            reductions: opts.reductions,
+        };
+        (
+            out.st_dtype(),
+            Op::Merge {
+                kernel,
+                inputs: slices,
+            },
+        )
+    } else {
+        let input = slices.swap_remove(0);
+        (base_dtype, Op::Copy { input })
+    };
+    Ok(TensorJob {
+        name: name.to_string(),
+        shape: shape.to_vec(),
+        dtype,
+        out: 0..0,
+        op,
+    })
 }
 
 fn tensor_bytes(j: &TensorJob) -> u64 {
@@ -553,103 +588,28 @@ fn layout(
     warnings: Vec<String>,
     opts: PlanOptions,
 ) -> Result<MergePlan, PlanError> {
-    // Greedy sharding, as mergekit's TensorWriter: start a new file when this tensor would
-    // push a non-empty file past the limit.
-    let mut groups: Vec<Vec<TensorJob>> = Vec::new();
-    let mut cur = 0u64;
     let total_size: u64 = jobs.iter().map(tensor_bytes).sum();
-    for j in jobs {
-        let b = tensor_bytes(&j);
-        match groups.last_mut() {
-            Some(g) if cur + b <= opts.out_shard_size => {
-                g.push(j);
-                cur += b;
-            }
-            _ => {
-                groups.push(vec![j]);
-                cur = b;
-            }
-        }
-    }
+    let groups = shard(jobs, opts.out_shard_size);
     let k = groups.len();
-    let name_of = |i: usize| {
-        if k == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, k)
-        }
-    };
-
     let mut files = Vec::with_capacity(k);
     let mut tasks: Vec<Task> = Vec::new();
     let mut weight_map = Vec::new();
     for (fi, mut group) in groups.into_iter().enumerate() {
-        let name = name_of(fi);
+        let name = if k == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", fi + 1, k)
+        };
         // safetensors' order inside a file: by dtype, widest first, then by name.
         group.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
-        let mut off = 0u64;
-        let mut infos = Vec::with_capacity(group.len());
-        for j in &group {
-            let b = tensor_bytes(j);
-            infos.push((
-                j.name.clone(),
-                TensorInfo {
-                    dtype: j.dtype,
-                    shape: j.shape.clone(),
-                    data_offsets: (off as usize, (off + b) as usize),
-                },
-            ));
-            off += b;
-        }
-        let header = crate::header::write_header(infos).map_err(PlanError::Layout)?;
+        let header = file_header(&group)?;
         let data_start = header.len() as u64;
+        weight_map.extend(group.iter().map(|j| (j.name.clone(), name.clone())));
         let first_task = tasks.len();
-        let mut pos = 0u64;
-        let mut cur_task: Option<Task> = None;
-        for mut j in group {
-            let b = tensor_bytes(&j);
-            j.out = data_start + pos..data_start + pos + b;
-            pos += b;
-            weight_map.push((j.name.clone(), name.clone()));
-            let fits = cur_task.as_ref().is_some_and(|t| {
-                t.input_bytes() + j.input_bytes() <= opts.task_size
-                    || t.out.end - t.out.start < opts.min_part
-            });
-            if !fits {
-                if let Some(t) = cur_task.take() {
-                    tasks.push(t);
-                }
-                let start = if tasks.len() == first_task {
-                    0
-                } else {
-                    j.out.start
-                };
-                cur_task = Some(Task {
-                    id: 0,
-                    file: fi,
-                    out: start..start,
-                    tensors: Vec::new(),
-                });
-            }
-            let t = cur_task.as_mut().expect("task open");
-            t.out.end = j.out.end;
-            t.tensors.push(j);
-        }
-        if let Some(t) = cur_task.take() {
-            tasks.push(t);
-        }
-        if tasks.len() == first_task {
-            // A file of empty tensors still needs its header written.
-            tasks.push(Task {
-                id: 0,
-                file: fi,
-                out: 0..data_start,
-                tensors: Vec::new(),
-            });
-        }
+        let data = cut_tasks(group, fi, data_start, opts, &mut tasks);
         files.push(OutputFile {
             name,
-            size: data_start + pos,
+            size: data_start + data,
             header,
             tasks: first_task..tasks.len(),
         });
@@ -667,6 +627,98 @@ fn layout(
         out_dtype,
         warnings,
     })
+}
+
+/// Greedy sharding, as mergekit's TensorWriter: start a new file when this tensor would
+/// push a non-empty file past `limit`.
+fn shard(jobs: Vec<TensorJob>, limit: u64) -> Vec<Vec<TensorJob>> {
+    let mut groups: Vec<Vec<TensorJob>> = Vec::new();
+    let mut cur = 0u64;
+    for j in jobs {
+        let b = tensor_bytes(&j);
+        match groups.last_mut() {
+            Some(g) if cur + b <= limit => {
+                g.push(j);
+                cur += b;
+            }
+            _ => {
+                groups.push(vec![j]);
+                cur = b;
+            }
+        }
+    }
+    groups
+}
+
+/// The header of a file holding `group`, in order.
+fn file_header(group: &[TensorJob]) -> Result<Vec<u8>, PlanError> {
+    let mut off = 0u64;
+    let mut infos = Vec::with_capacity(group.len());
+    for j in group {
+        let b = tensor_bytes(j);
+        infos.push((
+            j.name.clone(),
+            TensorInfo {
+                dtype: j.dtype,
+                shape: j.shape.clone(),
+                data_offsets: (off as usize, (off + b) as usize),
+            },
+        ));
+        off += b;
+    }
+    crate::header::write_header(infos).map_err(PlanError::Layout)
+}
+
+/// Place `group`'s tensors after the header of file `file` and cut them into tasks of about
+/// `opts.task_size` input bytes (at least `opts.min_part` output bytes, a multipart part's
+/// minimum), appended to `tasks`. The file's first task starts at 0 and writes the header;
+/// a file of empty tensors still gets one task for it. Returns the bytes of data.
+fn cut_tasks(
+    group: Vec<TensorJob>,
+    file: usize,
+    data_start: u64,
+    opts: PlanOptions,
+    tasks: &mut Vec<Task>,
+) -> u64 {
+    let first_task = tasks.len();
+    let mut pos = 0u64;
+    let mut cur_task: Option<Task> = None;
+    for mut j in group {
+        let b = tensor_bytes(&j);
+        j.out = data_start + pos..data_start + pos + b;
+        pos += b;
+        let fits = cur_task.as_ref().is_some_and(|t| {
+            t.input_bytes() + j.input_bytes() <= opts.task_size
+                || t.out.end - t.out.start < opts.min_part
+        });
+        if !fits {
+            tasks.extend(cur_task.take());
+            let start = if tasks.len() == first_task {
+                0
+            } else {
+                j.out.start
+            };
+            cur_task = Some(Task {
+                id: 0,
+                file,
+                out: start..start,
+                tensors: Vec::new(),
+            });
+        }
+        let t = cur_task.as_mut().expect("task open");
+        t.out.end = j.out.end;
+        t.tensors.push(j);
+    }
+    tasks.extend(cur_task.take());
+    if tasks.len() == first_task {
+        tasks.push(Task {
+            id: 0,
+            file,
+            out: 0..data_start,
+            tensors: Vec::new(),
+        });
+    }
+    pos
 }
 
 #[cfg(test)]

@@ -160,6 +160,30 @@ pub fn parse_index(json: &[u8], url: &str) -> Result<BTreeMap<String, String>, S
 /// `model.safetensors`.
 pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, SourceError> {
     let location = stores.resolve(spec)?;
+    check_local_dir(&location, spec)?;
+    let index_url = location.child_display(INDEX);
+    let (names, weight_map) = list_files(&location, &index_url).await?;
+    let headers = read_headers(
+        &location,
+        &names,
+        weight_map.is_some().then_some(&index_url),
+    )
+    .await?;
+    let (files, mut tensors) = collect_tensors(headers)?;
+    if let Some(map) = weight_map {
+        check_index(&map, &names, &files, &mut tensors, &index_url)?;
+    }
+    Ok(ModelSource {
+        reference: spec.to_string(),
+        location,
+        files,
+        tensors,
+    })
+}
+
+/// A local model must be a directory; say what to do when it is not (a file, a typo, a
+/// Hugging Face hub id).
+fn check_local_dir(location: &Location, spec: &str) -> Result<(), SourceError> {
     if let Some(dir) = &location.local_dir {
         if !dir.is_dir() {
             let looks_like_hub_id = !spec.starts_with(['/', '.', '~'])
@@ -178,45 +202,57 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
             });
         }
     }
-    let store = location.store.clone();
-    let index_url = location.child_display(INDEX);
-    let (names, weight_map) =
-        match head_size(store.as_ref(), &location.child(INDEX), &index_url).await? {
-            Some(_) => {
-                let json = read_small(store.as_ref(), &location.child(INDEX), &index_url).await?;
-                let map = parse_index(&json, &index_url)?;
-                let files: BTreeSet<String> = map.values().cloned().collect();
-                (files.into_iter().collect::<Vec<_>>(), Some(map))
-            }
-            None => {
-                let single = location.child(SINGLE);
-                if head_size(store.as_ref(), &single, &location.child_display(SINGLE))
-                    .await?
-                    .is_none()
-                {
-                    return Err(missing_model(&location).await);
-                }
-                (vec![SINGLE.to_string()], None)
-            }
-        };
+    Ok(())
+}
 
-    // Headers of all files, concurrently.
-    let headers: Vec<(SourceFile, Vec<TensorEntry>)> = futures::stream::iter(names.iter())
+/// The model's safetensors files, from its index (with the index's weight map) or the
+/// single `model.safetensors`.
+async fn list_files(
+    location: &Location,
+    index_url: &str,
+) -> Result<(Vec<String>, Option<BTreeMap<String, String>>), SourceError> {
+    let store = location.store.clone();
+    match head_size(store.as_ref(), &location.child(INDEX), index_url).await? {
+        Some(_) => {
+            let json = read_small(store.as_ref(), &location.child(INDEX), index_url).await?;
+            let map = parse_index(&json, index_url)?;
+            let files: BTreeSet<String> = map.values().cloned().collect();
+            Ok((files.into_iter().collect::<Vec<_>>(), Some(map)))
+        }
+        None => {
+            let single = location.child(SINGLE);
+            if head_size(store.as_ref(), &single, &location.child_display(SINGLE))
+                .await?
+                .is_none()
+            {
+                return Err(missing_model(location).await);
+            }
+            Ok((vec![SINGLE.to_string()], None))
+        }
+    }
+}
+
+/// Every file's size and parsed header, 16 files at a time. `index_url` names the index
+/// that listed them, if any (for the message when one is missing).
+async fn read_headers(
+    location: &Location,
+    names: &[String],
+    index_url: Option<&String>,
+) -> Result<Vec<(SourceFile, Vec<TensorEntry>)>, SourceError> {
+    let store = location.store.clone();
+    futures::stream::iter(names.iter())
         .map(|name| {
             let store = store.clone();
             let path = location.child(name);
             let url = location.child_display(name);
-            let index_url = index_url.clone();
-            let has_index = weight_map.is_some();
             async move {
                 let size = head_size(store.as_ref(), &path, &url)
                     .await?
                     .ok_or_else(|| SourceError::NotFound {
                         location: url.clone(),
-                        message: if has_index {
-                            format!("listed in {index_url} but missing")
-                        } else {
-                            "missing".into()
+                        message: match index_url {
+                            Some(index_url) => format!("listed in {index_url} but missing"),
+                            None => "missing".into(),
                         },
                     })?;
                 let (entries, _) = read_header(store.as_ref(), &path, &url, size).await?;
@@ -225,8 +261,14 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
         })
         .buffered(16)
         .try_collect()
-        .await?;
+        .await
+}
 
+/// The tensors of all files by name; a tensor in two files is refused.
+#[allow(clippy::type_complexity)]
+fn collect_tensors(
+    headers: Vec<(SourceFile, Vec<TensorEntry>)>,
+) -> Result<(Vec<SourceFile>, BTreeMap<String, TensorLoc>), SourceError> {
     let mut files = Vec::with_capacity(headers.len());
     let mut tensors: BTreeMap<String, TensorLoc> = BTreeMap::new();
     for (fi, (file, entries)) in headers.into_iter().enumerate() {
@@ -254,44 +296,49 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
         }
         files.push(file);
     }
-    if let Some(map) = weight_map {
-        let file_index: std::collections::HashMap<&str, usize> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.as_str(), i))
-            .collect();
-        for (name, fname) in &map {
-            let fi = file_index[fname.as_str()];
-            match tensors.get(name) {
-                Some(t) if t.file == fi => {}
-                Some(t) => {
-                    return Err(SourceError::Invalid {
-                        file: index_url.clone(),
-                        message: format!(
-                            "tensor `{name}` is mapped to {fname} but stored in {}",
-                            files[t.file].url
-                        ),
-                    })
-                }
-                None => {
-                    return Err(SourceError::Invalid {
-                        file: index_url.clone(),
-                        message: format!(
-                            "tensor `{name}` is mapped to {fname}, whose header does not have it"
-                        ),
-                    })
-                }
+    Ok((files, tensors))
+}
+
+/// The index must agree with the headers: every tensor it maps is in the file it names.
+/// Tensors present in a shard but absent from the index are dropped, as transformers does.
+fn check_index(
+    map: &BTreeMap<String, String>,
+    names: &[String],
+    files: &[SourceFile],
+    tensors: &mut BTreeMap<String, TensorLoc>,
+    index_url: &str,
+) -> Result<(), SourceError> {
+    let file_index: std::collections::HashMap<&str, usize> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    for (name, fname) in map {
+        let fi = file_index[fname.as_str()];
+        match tensors.get(name) {
+            Some(t) if t.file == fi => {}
+            Some(t) => {
+                return Err(SourceError::Invalid {
+                    file: index_url.to_string(),
+                    message: format!(
+                        "tensor `{name}` is mapped to {fname} but stored in {}",
+                        files[t.file].url
+                    ),
+                })
+            }
+            None => {
+                return Err(SourceError::Invalid {
+                    file: index_url.to_string(),
+                    message: format!(
+                        "tensor `{name}` is mapped to {fname}, whose header does not have it"
+                    ),
+                })
             }
         }
-        // Tensors present in a shard but absent from the index are ignored, as transformers does.
-        tensors.retain(|name, _| map.contains_key(name));
     }
-    Ok(ModelSource {
-        reference: spec.to_string(),
-        location,
-        files,
-        tensors,
-    })
+    // Tensors present in a shard but absent from the index are ignored, as transformers does.
+    tensors.retain(|name, _| map.contains_key(name));
+    Ok(())
 }
 
 fn files_url(files: &[SourceFile], i: usize) -> &str {
