@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use mergefleet::args::{Cli, Command};
+use mergefleet::args::{Cli, Command, CoordinatorArgs, MergeArgs, WorkerArgs};
 use mergefleet::embedded::{merge, MergeOptions};
 use mergefleet::job::Job;
 use mergefleet::memory::{default_memory_limit, peak_rss, task_budget};
@@ -41,95 +41,9 @@ pub fn threads(args: &Command) -> usize {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Merge(a) => {
-            let yaml = read_config(&a.config)?;
-            let threads = cli_threads(a.threads);
-            let opts = MergeOptions {
-                plan: a.shard.options(),
-                memory_limit: a.memory_limit.unwrap_or_else(default_memory_limit),
-                depth: threads + 2,
-                copy_tokenizer: !a.no_copy_tokenizer,
-                model_card: !a.no_model_card,
-                overwrite: a.overwrite,
-                quiet: a.quiet,
-            };
-            let s = merge(&yaml, &a.out, &opts).await?;
-            for w in &s.warnings {
-                eprintln!("warning: {w}");
-            }
-            println!(
-                "merged {} tensors into {} file(s) at {}: read {}, wrote {} in {:.2} s ({:.2} GB/s of input), peak RSS {}",
-                s.tensors,
-                s.files,
-                s.output,
-                fmt_bytes(s.bytes_read),
-                fmt_bytes(s.bytes_written),
-                s.seconds,
-                s.bytes_read as f64 / s.seconds / 1e9,
-                peak_rss().map(fmt_bytes).unwrap_or_else(|| "unknown".into())
-            );
-            Ok(())
-        }
-        Command::Coordinator(a) => {
-            let yaml = read_config(&a.config)?;
-            let token = mergefleet::security::load_token(a.token_file.as_deref())
-                .map_err(mergefleet::Error::Usage)?;
-            let opts = mergefleet::coordinator::CoordinatorOptions {
-                listen: a.listen,
-                token,
-                insecure: a.insecure,
-                tls: a.tls_cert.zip(a.tls_key),
-                plan: a.shard.options(),
-                max_attempts: a.max_attempts,
-                lease_timeout: a.lease_timeout,
-                restart: a.restart,
-                overwrite: a.overwrite,
-                copy_tokenizer: !a.no_copy_tokenizer,
-                model_card: !a.no_model_card,
-                linger: a.linger,
-            };
-            let s = mergefleet::coordinator::run(&yaml, &a.out, opts).await?;
-            for w in &s.warnings {
-                eprintln!("warning: {w}");
-            }
-            println!(
-                "committed {} tensors ({} tasks, {} resumed from the journal) at {}: wrote {} in {:.2} s; {:.3} s from the last task to the commit",
-                s.tensors,
-                s.tasks,
-                s.resumed,
-                s.output,
-                fmt_bytes(s.bytes_written),
-                s.seconds,
-                s.commit_seconds
-            );
-            Ok(())
-        }
-        Command::Worker(a) => {
-            let token = a.connect.token()?;
-            let name = a.name.clone().unwrap_or_else(|| {
-                std::fs::read_to_string("/etc/hostname")
-                    .map(|s| s.trim().to_string())
-                    .ok()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| format!("worker-{}", std::process::id()))
-            });
-            let opts = mergefleet::worker::WorkerOptions {
-                coordinator: a.connect.coordinator,
-                token,
-                tls_ca: a.connect.tls_ca,
-                memory_limit: a
-                    .memory_limit
-                    .map(task_budget)
-                    .unwrap_or_else(default_memory_limit),
-                threads: cli_threads(a.threads) as u32,
-                name,
-                retry_for: a.retry_for,
-                health_listen: a.health_listen,
-            };
-            let s = mergefleet::worker::run(opts, a.tasks_in_flight).await?;
-            println!("worker finished: {} task(s) ran here", s.tasks_done);
-            Ok(())
-        }
+        Command::Merge(a) => run_merge(a).await,
+        Command::Coordinator(a) => run_coordinator(a).await,
+        Command::Worker(a) => run_worker(a).await,
         Command::Status(a) => {
             let c = &a.connect;
             let s = mergefleet::worker::status(
@@ -149,6 +63,98 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
+    let yaml = read_config(&a.config)?;
+    let threads = cli_threads(a.threads);
+    let opts = MergeOptions {
+        plan: a.shard.options(),
+        memory_limit: a.memory_limit.unwrap_or_else(default_memory_limit),
+        depth: threads + 2,
+        copy_tokenizer: !a.no_copy_tokenizer,
+        model_card: !a.no_model_card,
+        overwrite: a.overwrite,
+        quiet: a.quiet,
+    };
+    let s = merge(&yaml, &a.out, &opts).await?;
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "merged {} tensors into {} file(s) at {}: read {}, wrote {} in {:.2} s ({:.2} GB/s of input), peak RSS {}",
+        s.tensors,
+        s.files,
+        s.output,
+        fmt_bytes(s.bytes_read),
+        fmt_bytes(s.bytes_written),
+        s.seconds,
+        s.bytes_read as f64 / s.seconds / 1e9,
+        peak_rss().map(fmt_bytes).unwrap_or_else(|| "unknown".into())
+    );
+    Ok(())
+}
+
+async fn run_coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let yaml = read_config(&a.config)?;
+    let token = mergefleet::security::load_token(a.token_file.as_deref())
+        .map_err(mergefleet::Error::Usage)?;
+    let opts = mergefleet::coordinator::CoordinatorOptions {
+        listen: a.listen,
+        token,
+        insecure: a.insecure,
+        tls: a.tls_cert.zip(a.tls_key),
+        plan: a.shard.options(),
+        max_attempts: a.max_attempts,
+        lease_timeout: a.lease_timeout,
+        restart: a.restart,
+        overwrite: a.overwrite,
+        copy_tokenizer: !a.no_copy_tokenizer,
+        model_card: !a.no_model_card,
+        linger: a.linger,
+    };
+    let s = mergefleet::coordinator::run(&yaml, &a.out, opts).await?;
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "committed {} tensors ({} tasks, {} resumed from the journal) at {}: wrote {} in {:.2} s; {:.3} s from the last task to the commit",
+        s.tensors,
+        s.tasks,
+        s.resumed,
+        s.output,
+        fmt_bytes(s.bytes_written),
+        s.seconds,
+        s.commit_seconds
+    );
+    Ok(())
+}
+
+async fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
+    let token = a.connect.token()?;
+    let name = a.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+    });
+    let opts = mergefleet::worker::WorkerOptions {
+        coordinator: a.connect.coordinator,
+        token,
+        tls_ca: a.connect.tls_ca,
+        memory_limit: a
+            .memory_limit
+            .map(task_budget)
+            .unwrap_or_else(default_memory_limit),
+        threads: cli_threads(a.threads) as u32,
+        name,
+        retry_for: a.retry_for,
+        health_listen: a.health_listen,
+    };
+    let s = mergefleet::worker::run(opts, a.tasks_in_flight).await?;
+    println!("worker finished: {} task(s) ran here", s.tasks_done);
+    Ok(())
 }
 
 fn print_plan(job: &Job, as_json: bool) {

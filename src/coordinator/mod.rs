@@ -378,26 +378,10 @@ async fn main_loop(
         let phase = shared.state.lock().expect("state").phase().clone();
         match phase {
             Phase::Failed(m) => return Err(Error::Cluster(m)),
-            Phase::Committing => {
-                let last_report = Instant::now();
-                for f in 0..plan.files.len() {
-                    complete_file_if_done(shared, f).await?;
-                }
-                if *shared.state.lock().expect("state").phase() != Phase::Committing {
-                    continue; // a file's upload was lost and its tasks are queued again
-                }
-                job.commit(sink).await?;
-                Journal::remove(location_journal).await;
-                shared.state.lock().expect("state").mark_committed();
-                shared.changed.notify_waiters();
-                let s = last_report.elapsed().as_secs_f64();
-                tracing::info!(
-                    "committed {} ({} files)",
-                    shared.output_display,
-                    plan.files.len()
-                );
-                return Ok(s);
-            }
+            Phase::Committing => match commit(shared, job, sink, location_journal).await? {
+                Some(seconds) => return Ok(seconds),
+                None => continue, // a file's upload was lost and its tasks are queued again
+            },
             Phase::Done => return Ok(0.0),
             Phase::Running => {}
         }
@@ -409,11 +393,7 @@ async fn main_loop(
                 }
                 for ev in batch.into_iter().flatten() {
                     if let Reported::Finished(task) = ev {
-                        let Some(parts) = shared.state.lock().expect("state").parts(task).map(<[_]>::to_vec) else {
-                            continue;
-                        };
-                        shared.journal.lock().expect("journal").done.insert(task.0, parts);
-                        complete_file_if_done(shared, plan.tasks[task.0].file).await?;
+                        finished(shared, task).await?;
                         unsaved = true;
                     }
                 }
@@ -449,6 +429,54 @@ async fn main_loop(
             last_save = Instant::now();
         }
     }
+}
+
+/// Every task is done: complete the files not yet complete, then commit the checkpoint.
+/// Returns the seconds this took, or None when a file's upload was lost and its tasks are
+/// queued again.
+async fn commit(
+    shared: &Shared,
+    job: &Job,
+    sink: &Sink,
+    location_journal: &Location,
+) -> Result<Option<f64>> {
+    let last_report = Instant::now();
+    for f in 0..shared.plan.files.len() {
+        complete_file_if_done(shared, f).await?;
+    }
+    if *shared.state.lock().expect("state").phase() != Phase::Committing {
+        return Ok(None);
+    }
+    job.commit(sink).await?;
+    Journal::remove(location_journal).await;
+    shared.state.lock().expect("state").mark_committed();
+    shared.changed.notify_waiters();
+    tracing::info!(
+        "committed {} ({} files)",
+        shared.output_display,
+        shared.plan.files.len()
+    );
+    Ok(Some(last_report.elapsed().as_secs_f64()))
+}
+
+/// A task finished: journal it and complete its file if that was the file's last task.
+async fn finished(shared: &Shared, task: TaskId) -> Result<()> {
+    let Some(parts) = shared
+        .state
+        .lock()
+        .expect("state")
+        .parts(task)
+        .map(<[_]>::to_vec)
+    else {
+        return Ok(());
+    };
+    shared
+        .journal
+        .lock()
+        .expect("journal")
+        .done
+        .insert(task.0, parts);
+    complete_file_if_done(shared, shared.plan.tasks[task.0].file).await
 }
 
 fn log_progress(shared: &Shared) {
