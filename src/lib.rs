@@ -2,9 +2,12 @@
 //! spread over a fleet of workers.
 //!
 //! The data flow, and the module of each step:
-//! config ([`config`]) -> headers ([`source`]) -> plan, pure ([`plan`]) -> tasks executed by
-//! [`exec`] (fetch ranges -> [`merge`] kernel -> [`sink`]) -> small files and commit ([`job`],
-//! [`checkpoint`]). [`embedded`] runs it all in one process.
+//! config ([`config`]) -> headers ([`source`], over [`store`]) -> plan, pure ([`plan`]) ->
+//! tasks executed by [`exec`] (fetch ranges -> [`merge`] kernel -> [`sink`]) -> small files
+//! and commit ([`job`], [`checkpoint`]). Three modes run it: [`embedded`] in one process, or
+//! a [`coordinator`] handing tasks over the gRPC contract ([`wire`]) to [`worker`]s. Below
+//! them all: dtypes ([`dtype`]), the safetensors header ([`header`]), memory ([`memory`]) and
+//! errors ([`error`]).
 
 // Errors carry the names and shapes users need; they are built once, on a cold path.
 #![allow(clippy::result_large_err)]

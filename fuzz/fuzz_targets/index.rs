@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(map) = mergefleet::source::parse_index(data, "fuzz://model") {
+    if let Ok(map) = mergefleet::checkpoint::parse_index(data) {
         for file in map.values() {
             assert!(
                 !file.contains(['/', '\\']) && file != "." && file != ".." && !file.is_empty(),

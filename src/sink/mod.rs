@@ -402,7 +402,7 @@ async fn remove_old_checkpoint(location: &Location, marker: &str) -> Result<(), 
     if marker == INDEX_NAME {
         let url = location.child_display(INDEX_NAME);
         let json = read_small(store, &location.child(INDEX_NAME), &url).await?;
-        if let Ok(map) = crate::source::parse_index(&json, &url) {
+        if let Ok(map) = checkpoint::parse_index(&json) {
             old.extend(map.into_values().filter(|f| is_plain_name(f)));
         }
     }

@@ -115,47 +115,6 @@ pub async fn read_header(
         .map_err(invalid)
 }
 
-/// Parse `model.safetensors.index.json`: tensor name -> file name (pure).
-pub fn parse_index(json: &[u8], url: &str) -> Result<BTreeMap<String, String>, SourceError> {
-    let invalid = |message: String| SourceError::Invalid {
-        file: url.to_string(),
-        message,
-    };
-    // Only `weight_map` is read, straight into strings (no JSON tree: a 671B index lists
-    // ~91,000 tensors). When that fails, the slow path says what is wrong.
-    #[derive(serde::Deserialize)]
-    struct Typed {
-        weight_map: BTreeMap<String, String>,
-    }
-    let map = match serde_json::from_slice::<Typed>(json) {
-        Ok(t) => t.weight_map,
-        Err(_) => {
-            let v: serde_json::Value = serde_json::from_slice(json)
-                .map_err(|e| invalid(format!("not valid JSON: {e}")))?;
-            let m = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| invalid("no `weight_map` object".into()))?;
-            let (k, _) = m
-                .iter()
-                .find(|(_, f)| !f.is_string())
-                .ok_or_else(|| invalid("malformed".into()))?;
-            return Err(invalid(format!("weight_map[`{k}`] is not a file name")));
-        }
-    };
-    for (k, f) in &map {
-        if f.is_empty() || f.contains('/') || f.contains('\\') || f == "." || f == ".." {
-            return Err(invalid(format!(
-                "weight_map[`{k}`] = `{f}` is not a plain file name in the model directory"
-            )));
-        }
-    }
-    if map.is_empty() {
-        return Err(invalid("the weight_map is empty".into()));
-    }
-    Ok(map)
-}
-
 /// Open a model from its headers: `model.safetensors.index.json` + shards, or a single
 /// `model.safetensors`.
 pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, SourceError> {
@@ -215,7 +174,11 @@ async fn list_files(
     match head_size(store.as_ref(), &location.child(INDEX), index_url).await? {
         Some(_) => {
             let json = read_small(store.as_ref(), &location.child(INDEX), index_url).await?;
-            let map = parse_index(&json, index_url)?;
+            let map =
+                crate::checkpoint::parse_index(&json).map_err(|message| SourceError::Invalid {
+                    file: index_url.to_string(),
+                    message,
+                })?;
             let files: BTreeSet<String> = map.values().cloned().collect();
             Ok((files.into_iter().collect::<Vec<_>>(), Some(map)))
         }
@@ -362,30 +325,5 @@ async fn missing_model(location: &Location) -> SourceError {
     SourceError::NotFound {
         location: location.display.clone(),
         message: format!("no {SINGLE} or {INDEX} here: not a safetensors model directory"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn index_parsing() {
-        let m = parse_index(
-            br#"{"metadata":{"total_size":8},"weight_map":{"a":"m-1.safetensors","b":"m-2.safetensors"}}"#,
-            "u",
-        )
-        .unwrap();
-        assert_eq!(m["b"], "m-2.safetensors");
-        for (bad, want) in [
-            ("{", "not valid JSON"),
-            ("{}", "weight_map"),
-            (r#"{"weight_map":{}}"#, "empty"),
-            (r#"{"weight_map":{"a":1}}"#, "`a`"),
-            (r#"{"weight_map":{"a":"../x"}}"#, "plain file name"),
-        ] {
-            let e = parse_index(bad.as_bytes(), "idx").unwrap_err().to_string();
-            assert!(e.contains(want) && e.starts_with("idx:"), "{bad}: {e}");
-        }
     }
 }

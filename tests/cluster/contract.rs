@@ -28,7 +28,7 @@ fn a_second_coordinator_on_a_held_output_is_refused_and_touches_nothing() {
         ],
         &[],
     );
-    assert_eq!(second.status.code(), Some(2), "{}", text(&second));
+    assert_exit(&second, 2);
     let t = text(&second);
     assert!(
         t.contains("coordinator (pid") && t.contains(&format!("127.0.0.1:{}", c.port)),
@@ -40,7 +40,7 @@ fn a_second_coordinator_on_a_held_output_is_refused_and_touches_nothing() {
         &["merge", "basic_bf16/config.yml", o, "--overwrite"],
         &[],
     );
-    assert_eq!(m.status.code(), Some(2), "{}", text(&m));
+    assert_exit(&m, 2);
     assert_eq!(
         std::fs::read_dir(&out).unwrap().count(),
         before,
@@ -61,7 +61,7 @@ fn a_second_coordinator_on_a_held_output_is_refused_and_touches_nothing() {
         ],
         &[],
     );
-    assert_eq!(o2.status.code(), Some(2), "{}", text(&o2));
+    assert_exit(&o2, 2);
     assert!(
         !fresh.exists(),
         "a coordinator that could not listen created its output"
@@ -104,7 +104,7 @@ fn a_second_coordinator_on_a_held_s3_output_is_refused() {
         ],
         &s3.env(),
     );
-    assert_eq!(second.status.code(), Some(2), "{}", text(&second));
+    assert_exit(&second, 2);
     assert!(
         text(&second).contains("is being written by a mergefleet coordinator"),
         "{}",
@@ -152,14 +152,14 @@ fn workers_and_status_fail_fast_and_clearly_at_the_wrong_address() {
     }
     let started = Instant::now();
     let o = run(&["worker", "--coordinator", &url, "--retry-for", "5m"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     assert!(
         text(&o).contains("not a mergefleet coordinator"),
         "{}",
         text(&o)
     );
     let o = run(&["status", "--coordinator", &url]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "took {:?}",
@@ -172,7 +172,7 @@ fn workers_and_status_fail_fast_and_clearly_at_the_wrong_address() {
     let url = format!("http://{}", silent.local_addr().unwrap());
     let started = Instant::now();
     let o = run(&["worker", "--coordinator", &url, "--retry-for", "3s"]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_exit(&o, 1);
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "worker took {:?}",
@@ -180,7 +180,7 @@ fn workers_and_status_fail_fast_and_clearly_at_the_wrong_address() {
     );
     let started = Instant::now();
     let o = run(&["status", "--coordinator", &url]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_exit(&o, 1);
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "status took {:?}",
@@ -189,7 +189,7 @@ fn workers_and_status_fail_fast_and_clearly_at_the_wrong_address() {
     // Nobody there (a finished merge): no claim that a merge failed.
     drop(silent);
     let o = run(&["status", "--coordinator", &url]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_exit(&o, 1);
     assert!(!text(&o).contains("merge failed"), "{}", text(&o));
     assert!(
         text(&o).contains("cannot reach the coordinator"),
@@ -218,7 +218,7 @@ fn coordinator_command_line_edges() {
     std::fs::write(d.path().join("token"), "s3cret-passwörd-0123456789\n").unwrap();
     let tf = d.path().join("token").display().to_string();
     let o = run_coord(&["--token-file", &tf], &[]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     assert!(text(&o).contains("ASCII"), "{}", text(&o));
     // An output no cluster can write (an HTTP store): a user error.
     let listen = format!("127.0.0.1:{}", free_port());
@@ -234,7 +234,7 @@ fn coordinator_command_line_edges() {
         ],
         &[],
     );
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     assert!(text(&o).contains("cluster mode writes to"), "{}", text(&o));
     // MERGEFLEET_TOKEN set but empty, with --insecure, means no token: it starts.
     let c = Cluster::new(

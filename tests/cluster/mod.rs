@@ -456,7 +456,7 @@ fn wrong_token_and_wrong_protocol_are_refused() {
         &["worker", "--coordinator", &url, "--name", "intruder"],
         &[("MERGEFLEET_TOKEN".into(), "wrong-token".into())],
     );
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     assert!(
         text(&o).contains("refused") && text(&o).contains("token"),
         "{}",
@@ -516,7 +516,7 @@ fn wrong_token_and_wrong_protocol_are_refused() {
     assert!(serving(&url));
     // `status` needs the token...
     let o = run_in(&fixtures(), &["status", "--coordinator", &url], &[]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     // ...and with it shows the job.
     let o = run_in(
         &fixtures(),
@@ -554,10 +554,10 @@ fn coordinator_needs_a_token_or_insecure() {
         run_in(&fixtures(), &args, env)
     };
     let o = coordinator("127.0.0.1:0", &[], &[]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     assert!(text(&o).contains("without a token"), "{}", text(&o));
     let o = coordinator("0.0.0.0:0", &["--insecure"], &[]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     assert!(text(&o).contains("plaintext"), "{}", text(&o));
     // A guessable token (or a deployment's placeholder) is refused too, without echoing it.
     let o = coordinator(
@@ -565,7 +565,7 @@ fn coordinator_needs_a_token_or_insecure() {
         &[],
         &[("MERGEFLEET_TOKEN".into(), "replace-me".into())],
     );
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     assert!(text(&o).contains("too short"), "{}", text(&o));
     assert!(!text(&o).contains("replace-me"), "{}", text(&o));
     assert!(!out.exists(), "nothing may be written");
@@ -651,7 +651,7 @@ fn tls_with_a_self_signed_certificate() {
         ],
         &[],
     );
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
     assert!(text(&o).contains("--tls-ca"), "{}", text(&o));
     // With it, the merge runs over TLS.
     let o = run_in(

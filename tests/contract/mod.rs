@@ -48,7 +48,7 @@ fn write_config(dir: &Path, base: &str, models: &[&str], extra: &str) -> std::pa
 
 #[track_caller]
 fn assert_refused(o: &std::process::Output, words: &[&str]) {
-    assert_eq!(o.status.code(), Some(2), "{}", text(o));
+    assert_exit(o, 2);
     for w in words {
         assert!(text(o).contains(w), "missing {w:?} in: {}", text(o));
     }
@@ -148,9 +148,9 @@ fn one_model_in_two_spellings_is_refused() {
 #[test]
 fn a_second_merge_on_a_held_output_is_refused() {
     let d = tmp();
-    let cfg = crate::slow_set(d.path());
+    let cfg = crate::interrupted::slow_set(d.path());
     let out = d.path().join("out");
-    let mut first = crate::start_and_wait_for_first_shard(&cfg, &out);
+    let mut first = crate::interrupted::start_and_wait_for_first_shard(&cfg, &out);
     let o = run(&[
         "merge",
         cfg.to_str().unwrap(),
@@ -359,14 +359,14 @@ fn absurd_thread_counts_are_capped_or_refused() {
         text(&o)
     );
     let o = run(&["merge", "examples/model_stock.yml", "x", "--threads", "0"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert_exit(&o, 2);
 }
 
 #[test]
 fn an_s3_outage_of_40_s_mid_merge_is_survived() {
     let mut s3 = S3Server::start();
     let models = s3.bucket("models");
-    let cfg = crate::slow_set(&models.join("set"));
+    let cfg = crate::interrupted::slow_set(&models.join("set"));
     let text_cfg = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace(&format!("{}/", models.display()), "s3://models/");

@@ -54,6 +54,15 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// Assert the command exited with `code` (2: the user's input; 1: anything else), printing
+/// its output otherwise; returns that output for further checks.
+#[track_caller]
+pub fn assert_exit(o: &Output, code: i32) -> String {
+    let t = text(o);
+    assert_eq!(o.status.code(), Some(code), "{t}");
+    t
+}
+
 #[track_caller]
 pub fn assert_ok(o: &Output) {
     assert!(o.status.success(), "mergefleet failed: {}", text(o));
