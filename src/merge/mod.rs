@@ -17,7 +17,7 @@ mod wide;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use numeric::{decode, encode, Bf16, Round, F16, F32};
+use numeric::{decode, encode_with, map_round, Bf16, Round, F16, F32};
 
 pub use crate::dtype::WorkDtype;
 
@@ -297,29 +297,43 @@ mod simd {
     /// A dispatcher that runs its body compiled with AVX2, FMA and F16C when the CPU has
     /// them, else compiled for the baseline target.
     macro_rules! twice {
-        ($name:ident $(<$g:ident: $b:path>)? ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:expr) => {
-            pub fn $name $(<$g: $b>)? ($($arg: $ty),*) $(-> $ret)? {
+        // A kernel function generic over the rounding: the fast build uses `R::Fast` (the
+        // CPU's float16 conversions).
+        (generic $name:ident ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+            pub fn $name<R: Round>($($arg: $ty),*) $(-> $ret)? {
                 #[cfg(target_arch = "x86_64")]
                 #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn fast $(<$g: $b>)? ($($arg: $ty),*) $(-> $ret)? {
+                unsafe fn fast<R: Round>($($arg: $ty),*) $(-> $ret)? {
+                    super::$name::<R::Fast>($($arg),*)
+                }
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    // SAFETY: the CPU supports every feature `fast` is compiled with.
+                    return unsafe { fast::<R>($($arg),*) };
+                }
+                super::$name::<R>($($arg),*)
+            }
+        };
+        ($name:ident ($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $body:expr) => {
+            pub fn $name($($arg: $ty),*) $(-> $ret)? {
+                #[cfg(target_arch = "x86_64")]
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
                     $body
                 }
                 #[cfg(target_arch = "x86_64")]
                 if has_avx2() {
                     // SAFETY: the CPU supports every feature `fast` is compiled with.
-                    return unsafe { fast $(::<$g>)? ($($arg),*) };
+                    return unsafe { fast($($arg),*) };
                 }
                 $body
             }
         };
     }
 
-    twice!(stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stats
-        => super::stats_range::<R>(inputs, start, len));
-    twice!(apply_range<R: Round>(inputs: &[InputView], start: usize, len: usize, t: f32, od: Dtype, out: &mut [u8])
-        => super::apply_range::<R>(inputs, start, len, t, od, out));
-    twice!(torch_values<R: Round>(inputs: &[InputView], at: usize, m: usize, out: &mut [f32])
-        => super::torch_values::<R>(inputs, at, m, out));
+    twice!(generic stats_range(inputs: &[InputView], start: usize, len: usize) -> Stats);
+    twice!(generic apply_range(inputs: &[InputView], start: usize, len: usize, t: f32, od: Dtype, out: &mut [u8]));
+    twice!(generic torch_values(inputs: &[InputView], at: usize, m: usize, out: &mut [f32]));
     twice!(feed_norm(a: &mut torch::NormSum, x: &[f32]) => a.feed(x));
     twice!(feed_sum(a: &mut torch::CascadeSum, x: &[f32]) => a.feed(x));
 
@@ -347,9 +361,7 @@ fn stats_range<R: Round>(inputs: &[InputView], start: usize, len: usize) -> Stat
         for (i, di) in d.iter_mut().enumerate() {
             let inp = &inputs[i + 1];
             decode::<R>(inp.bytes, inp.dtype, start + off, &mut w[..m]);
-            for k in 0..m {
-                di[k] = R::round(w[k] - w0[k]);
-            }
+            map_round::<R>(&mut di[..m], |k| w[k] - w0[k]);
         }
         let mut p = n;
         for i in 0..n {
@@ -386,21 +398,24 @@ fn sum_sq(a: &[f32]) -> f64 {
     s
 }
 
-/// sum of products each rounded to the working dtype (torch: `(a * b).sum()`).
+/// sum of products each rounded to the working dtype (torch: `(a * b).sum()`), in f64
+/// lanes. `a` and `b` hold at most [`MICRO`] values.
 #[inline(always)]
 fn sum_rounded_products<R: Round>(a: &[f32], b: &[f32]) -> f64 {
+    let mut p = [0f32; MICRO];
+    let p = &mut p[..a.len().min(b.len())];
+    map_round::<R>(p, |k| a[k] * b[k]);
     let mut acc = [0f64; LANES];
-    let ca = a.chunks_exact(LANES);
-    let cb = b.chunks_exact(LANES);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
+    let chunks = p.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
         for l in 0..LANES {
-            acc[l] += R::round(x[l] * y[l]) as f64;
+            acc[l] += c[l] as f64;
         }
     }
     let mut s: f64 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += R::round(x * y) as f64;
+    for v in rest {
+        s += *v as f64;
     }
     s
 }
@@ -477,8 +492,15 @@ fn torch_values<R: Round>(inputs: &[InputView], at: usize, m: usize, out: &mut [
         let d = &mut out[i * MICRO..i * MICRO + m];
         let inp = &inputs[i + 1];
         decode::<R>(inp.bytes, inp.dtype, at, d);
-        for (o, z) in d.iter_mut().zip(&w0[..m]) {
-            *o = R::round(*o - z);
+        if R::SLICES {
+            for (o, z) in d.iter_mut().zip(&w0[..m]) {
+                *o -= z;
+            }
+            R::round_slice(d);
+        } else {
+            for (o, z) in d.iter_mut().zip(&w0[..m]) {
+                *o = R::round(*o - z);
+            }
         }
     }
     let mut q = n;
@@ -489,9 +511,7 @@ fn torch_values<R: Round>(inputs: &[InputView], at: usize, m: usize, out: &mut [
                 &head[i * MICRO..i * MICRO + m],
                 &head[j * MICRO..j * MICRO + m],
             );
-            for k in 0..m {
-                tail[k] = R::round(a[k] * b[k]);
-            }
+            map_round::<R>(&mut tail[..m], |k| a[k] * b[k]);
             q += 1;
         }
     }
@@ -598,15 +618,40 @@ fn apply_range<R: Round>(
         decode::<R>(inputs[1].bytes, inputs[1].dtype, start + off, &mut s[..m]);
         for inp in &inputs[2..] {
             decode::<R>(inp.bytes, inp.dtype, start + off, &mut w[..m]);
-            for k in 0..m {
-                s[k] = R::round(s[k] + w[k]);
+            if R::SLICES {
+                for k in 0..m {
+                    s[k] += w[k];
+                }
+                R::round_slice(&mut s[..m]);
+            } else {
+                for k in 0..m {
+                    s[k] = R::round(s[k] + w[k]);
+                }
             }
         }
-        for k in 0..m {
-            let avg = R::round(s[k] / nf);
-            s[k] = R::round(R::round(t * avg) + R::round(one_minus_t * w0[k]));
+        if R::SLICES {
+            // avg = s / n; out = t * avg + (1 - t) * w0, each step rounded.
+            for v in &mut s[..m] {
+                *v /= nf;
+            }
+            R::round_slice(&mut s[..m]);
+            for k in 0..m {
+                s[k] *= t;
+                w[k] = one_minus_t * w0[k];
+            }
+            R::round_slice(&mut s[..m]);
+            R::round_slice(&mut w[..m]);
+            for k in 0..m {
+                s[k] += w[k];
+            }
+            R::round_slice(&mut s[..m]);
+        } else {
+            for k in 0..m {
+                let avg = R::round(s[k] / nf);
+                s[k] = R::round(R::round(t * avg) + R::round(one_minus_t * w0[k]));
+            }
         }
-        encode(&s[..m], out_dtype, &mut out[off * osz..(off + m) * osz]);
+        encode_with::<R>(&s[..m], out_dtype, &mut out[off * osz..(off + m) * osz]);
         off += m;
     }
 }
