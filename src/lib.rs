@@ -20,6 +20,7 @@ pub mod dtype;
 pub mod embedded;
 pub mod error;
 pub mod exec;
+pub mod fp8;
 pub mod header;
 pub mod job;
 pub mod memory;

@@ -226,8 +226,7 @@ async fn run_in_memory(
     let wanted: Vec<(usize, Range<u64>)> = task
         .tensors
         .iter()
-        .flat_map(TensorJob::inputs)
-        .map(|s| (s.file, s.range.clone()))
+        .flat_map(|j| tensor_ranges(j, 0..j.numel()))
         .collect();
     let fetched = inputs.fetch(&wanted, progress).await?;
     let pool = inputs.pool.clone();
@@ -250,13 +249,13 @@ async fn run_in_memory(
             let (mine, r) = r.split_at_mut((job.out.end - job.out.start) as usize);
             rest = r;
             pos = job.out.end;
-            let n = job.inputs().len();
+            let n = tensor_ranges(job, 0..0).len();
             slices.push((job, mine, &fetched[k..k + n]));
             k += n;
         }
         slices
             .into_par_iter()
-            .for_each(|(job, out, bytes)| compute(job, bytes, out));
+            .for_each(|(job, out, bytes)| compute(job, bytes, out, &pool));
         pool.freeze(out)
     })
     .await?;
@@ -266,21 +265,58 @@ async fn run_in_memory(
     Ok(out)
 }
 
-fn compute(job: &TensorJob, bytes: &[Bytes], out: &mut [u8]) {
+fn compute(job: &TensorJob, bytes: &[Bytes], out: &mut [u8], pool: &Arc<BufferPool>) {
     match &job.op {
         Op::Copy { .. } => out.copy_from_slice(&bytes[0]),
-        Op::Merge { kernel, inputs } => {
-            let views: Vec<InputView> = inputs
-                .iter()
-                .zip(bytes)
-                .map(|(s, b)| InputView {
-                    bytes: b,
-                    dtype: s.dtype,
-                })
-                .collect();
-            ModelStock::from(*kernel).merge(&job.shape, &views, out);
+        Op::Merge { kernel, .. } => {
+            let values = kernel_inputs(job, bytes, 0, pool);
+            ModelStock::from(*kernel).merge(&job.shape, &views(&values), out);
         }
     }
+}
+
+/// The byte ranges tensor `job` reads for its elements `elems`, in order: each input's
+/// range, followed by the whole of its scales when it is a block-FP8 weight.
+fn tensor_ranges(job: &TensorJob, elems: Range<usize>) -> Vec<(usize, Range<u64>)> {
+    let mut out = Vec::new();
+    for s in job.inputs() {
+        let size = dtype::size(s.dtype).expect("whole-byte dtype") as u64;
+        out.push((
+            s.file,
+            s.range.start + elems.start as u64 * size..s.range.start + elems.end as u64 * size,
+        ));
+        if let Some(sc) = &s.scale {
+            out.push((sc.file, sc.range.clone()));
+        }
+    }
+    out
+}
+
+/// What the kernel reads, from bytes fetched as [`tensor_ranges`] orders them, for the
+/// elements from `start` on: each input's bytes and dtype, block-FP8 weights dequantized to
+/// bfloat16 on the way (DeepSeek's formula; see [`crate::fp8`]).
+fn kernel_inputs(
+    job: &TensorJob,
+    fetched: &[Bytes],
+    start: usize,
+    pool: &Arc<BufferPool>,
+) -> Vec<(Bytes, safetensors::Dtype)> {
+    let mut out = Vec::new();
+    let mut k = 0;
+    for s in job.inputs() {
+        let q = &fetched[k];
+        k += 1;
+        match &s.scale {
+            None => out.push((q.clone(), s.dtype)),
+            Some(sc) => {
+                let mut buf = pool.get(2 * q.len());
+                sc.blocks.dequantize(q, &fetched[k], start, &mut buf);
+                k += 1;
+                out.push((pool.freeze(buf), safetensors::Dtype::BF16));
+            }
+        }
+    }
+    out
 }
 
 /// A tensor whose inputs and output exceed the budget: windows of whole blocks (or rows).
@@ -293,10 +329,6 @@ async fn stream_tensor(
 ) -> Result<()> {
     let slices = job.inputs();
     let out_size = dtype::size(job.dtype).expect("whole-byte dtype") as u64;
-    let sizes: Vec<u64> = slices
-        .iter()
-        .map(|s| dtype::size(s.dtype).expect("whole-byte") as u64)
-        .collect();
     let (unit, per_elem) = job.window_unit();
     let numel = job.numel();
     let (fw, kernel) = match &job.op {
@@ -304,7 +336,7 @@ async fn stream_tensor(
         Op::Copy { .. } => (false, None),
     };
     // Half the budget for the window being computed, the rest for the chunk being written.
-    let window = (budget / 2 / per_elem) as usize / unit * unit;
+    let window = (budget.saturating_sub(job.scale_bytes()) / 2 / per_elem) as usize / unit * unit;
     if window == 0 {
         return Err(Error::Usage(format!(
             "--memory-limit is too small for tensor `{}`: it needs at least {} bytes",
@@ -317,16 +349,7 @@ async fn stream_tensor(
         .map(|s| s..(s + window).min(numel))
         .collect();
     let fetch_window = |w: &Range<usize>| {
-        let wanted: Vec<(usize, Range<u64>)> = slices
-            .iter()
-            .zip(&sizes)
-            .map(|(s, sz)| {
-                (
-                    s.file,
-                    s.range.start + w.start as u64 * sz..s.range.start + w.end as u64 * sz,
-                )
-            })
-            .collect();
+        let wanted = tensor_ranges(job, w.clone());
         async move { inputs.fetch(&wanted, progress).await }
     };
     let t = match (&kernel, fw) {
@@ -335,11 +358,11 @@ async fn stream_tensor(
             let mut acc = k.begin_stats(slices.len() - 1, numel);
             for w in &windows {
                 let bytes = fetch_window(w).await?;
+                let values = kernel_inputs(job, &bytes, w.start, &inputs.pool);
                 let k = *k;
-                let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
                 let len = w.len();
                 acc = blocking(move || {
-                    k.feed_stats(&mut acc, &views(&bytes, &dtypes), 0, len);
+                    k.feed_stats(&mut acc, &views(&values), 0, len);
                     acc
                 })
                 .await?;
@@ -351,15 +374,15 @@ async fn stream_tensor(
     // Pass 2 (or the only pass): output window by window.
     for w in &windows {
         let bytes = fetch_window(w).await?;
-        let dtypes: Vec<_> = slices.iter().map(|s| s.dtype).collect();
+        let values = kernel_inputs(job, &bytes, w.start, &inputs.pool);
         let (start, len) = (w.start, w.len());
         let shape = job.shape.clone();
         let pool = inputs.pool.clone();
         let data = blocking(move || {
             let mut out = pool.get(len * out_size as usize);
-            let views = views(&bytes, &dtypes);
+            let views = views(&values);
             match (kernel, t) {
-                (None, _) => out.copy_from_slice(&bytes[0]),
+                (None, _) => out.copy_from_slice(&values[0].0),
                 (Some(k), Some(t)) => k.apply(&views, 0, len, t, &mut out),
                 (Some(k), None) => {
                     let row = row_len(&shape).max(1);
@@ -375,11 +398,10 @@ async fn stream_tensor(
     Ok(())
 }
 
-/// Input views over fetched bytes.
-fn views<'a>(bytes: &'a [Bytes], dtypes: &[safetensors::Dtype]) -> Vec<InputView<'a>> {
-    bytes
+/// Input views over the kernel's inputs.
+fn views(values: &[(Bytes, safetensors::Dtype)]) -> Vec<InputView<'_>> {
+    values
         .iter()
-        .zip(dtypes)
         .map(|(b, d)| InputView {
             bytes: b,
             dtype: *d,

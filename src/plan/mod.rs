@@ -13,6 +13,7 @@ use safetensors::Dtype;
 
 use crate::config::MergeConfig;
 use crate::dtype::{self, is_float, is_low_precision_float, WorkDtype};
+use crate::fp8::{Blocks, SCALE_SUFFIX};
 use crate::merge::{row_len, ModelStock, Reductions, BLOCK};
 use crate::source::ModelSource;
 
@@ -39,8 +40,15 @@ pub enum PlanError {
         dtype: Dtype,
         base_dtype: Dtype,
     },
-    #[error("tensor `{tensor}` is {dtype:?}: FP8/FP4 checkpoints are not merged yet; convert the models to bfloat16 first (e.g. DeepSeek's fp8_cast_bf16.py)")]
+    #[error("tensor `{tensor}` is {dtype:?}: mergefleet reads block-FP8 (F8_E4M3 with `_scale_inv` scales, `quant_method: fp8` in config.json) but not this format; convert the models to bfloat16 first")]
     LowPrecision { tensor: String, dtype: Dtype },
+    /// A block-FP8 weight whose scales are missing or do not fit it.
+    #[error("FP8 tensor `{tensor}` of `{model}`: {message}")]
+    Fp8 {
+        tensor: String,
+        model: String,
+        message: String,
+    },
     #[error("the base model `{0}` has no tensors")]
     Empty(String),
     #[error("{0}")]
@@ -102,6 +110,17 @@ pub struct InputSlice {
     pub file: usize,
     pub range: Range<u64>,
     pub dtype: Dtype,
+    /// For a block-FP8 weight: its scales, read with it and applied on read.
+    pub scale: Option<ScaleSlice>,
+}
+
+/// The float32 block scales of an FP8 input (`<name>_scale_inv`, possibly in another file
+/// of the model than the weight), and the weight's block layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleSlice {
+    pub file: usize,
+    pub range: Range<u64>,
+    pub blocks: Blocks,
 }
 
 impl InputSlice {
@@ -110,6 +129,18 @@ impl InputSlice {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// The dtype the kernel sees: bfloat16 for a dequantized FP8 weight, else the stored one.
+    pub fn value_dtype(&self) -> Dtype {
+        if self.scale.is_some() {
+            Dtype::BF16
+        } else {
+            self.dtype
+        }
+    }
+    /// Bytes read for this input: the tensor and its scales.
+    pub fn read_bytes(&self) -> u64 {
+        self.len() + self.scale.as_ref().map_or(0, |s| s.range.end - s.range.start)
     }
 }
 
@@ -162,14 +193,17 @@ impl TensorJob {
     }
     /// Bytes read for this tensor.
     pub fn input_bytes(&self) -> u64 {
-        match &self.op {
-            Op::Merge { inputs, .. } => inputs.iter().map(InputSlice::len).sum(),
-            Op::Copy { input } => input.len(),
-        }
+        self.inputs().iter().map(|s| s.read_bytes()).sum()
     }
-    /// Memory to merge this tensor in one pass: all inputs plus the output.
+    /// Bytes of bfloat16 values dequantized from FP8 inputs (held while merging).
+    pub fn dequantized_bytes(&self) -> u64 {
+        let fp8 = self.inputs().iter().filter(|s| s.scale.is_some()).count();
+        (fp8 * 2 * self.numel()) as u64
+    }
+    /// Memory to merge this tensor in one pass: all inputs, their dequantized values, and
+    /// the output.
     pub fn working_set(&self) -> u64 {
-        self.input_bytes() + (self.out.end - self.out.start)
+        self.input_bytes() + self.dequantized_bytes() + (self.out.end - self.out.start)
     }
     /// The input slices, base first.
     pub fn inputs(&self) -> Vec<&InputSlice> {
@@ -182,17 +216,27 @@ impl TensorJob {
     /// and the bytes one element costs (every input plus the output).
     pub fn window_unit(&self) -> (usize, u64) {
         let size = |d| dtype::size(d).expect("whole-byte dtype") as u64;
-        let per_elem = self.inputs().iter().map(|s| size(s.dtype)).sum::<u64>() + size(self.dtype);
+        let per_input = |s: &&InputSlice| size(s.dtype) + if s.scale.is_some() { 2 } else { 0 };
+        let per_elem = self.inputs().iter().map(per_input).sum::<u64>() + size(self.dtype);
         let unit = match &self.op {
             Op::Merge { kernel, .. } if kernel.filter_wise => row_len(&self.shape).max(1),
             _ => BLOCK,
         };
         (unit, per_elem)
     }
+    /// Bytes of the FP8 inputs' scale tensors (read whole for every window).
+    pub fn scale_bytes(&self) -> u64 {
+        self.inputs()
+            .iter()
+            .filter_map(|s| s.scale.as_ref())
+            .map(|s| s.range.end - s.range.start)
+            .sum()
+    }
     /// The least memory that can merge this tensor: all of it, or two windows when streamed.
     pub fn min_memory(&self) -> u64 {
         let (unit, per_elem) = self.window_unit();
-        self.working_set().min(2 * unit as u64 * per_elem)
+        self.working_set()
+            .min(2 * unit as u64 * per_elem + self.scale_bytes())
     }
 }
 
@@ -445,11 +489,22 @@ fn input_files(models: &[ModelSource]) -> (Vec<InputFile>, Vec<Vec<usize>>) {
     (inputs, file_ids)
 }
 
-/// The tensor set, sorted: the base's, plus lm_head when any model has one (tied
-/// embeddings).
+/// The tensor set, sorted: the base's (without the scales of its FP8 weights, applied on
+/// read), plus lm_head when any model has one (tied embeddings).
 fn tensor_names(models: &[ModelSource]) -> Vec<&str> {
     let base = &models[0];
-    let mut names: Vec<&str> = base.tensors.keys().map(String::as_str).collect();
+    let is_scale = |name: &str| {
+        name.strip_suffix(SCALE_SUFFIX).is_some_and(|w| {
+            base.fp8_block.is_some()
+                && base.tensors.get(w).is_some_and(|t| t.dtype == Dtype::F8_E4M3)
+        })
+    };
+    let mut names: Vec<&str> = base
+        .tensors
+        .keys()
+        .map(String::as_str)
+        .filter(|n| !is_scale(n))
+        .collect();
     if !base.tensors.contains_key(LM_HEAD) && models.iter().any(|m| m.tensors.contains_key(LM_HEAD))
     {
         names.push(LM_HEAD);
@@ -477,8 +532,11 @@ fn input_slices<'a>(
                 tensor: name.to_string(),
                 model: m.reference.clone(),
             })?;
+        let scale = fp8_scale(name, m, t, &file_ids[mi])?;
+        // What the merge sees: an FP8 weight is bfloat16 once dequantized.
+        let value_dtype = if scale.is_some() { Dtype::BF16 } else { t.dtype };
         match base_meta {
-            None => base_meta = Some((&t.shape, t.dtype)),
+            None => base_meta = Some((&t.shape, value_dtype)),
             Some((shape, bdt)) => {
                 if t.shape != shape {
                     return Err(PlanError::ShapeMismatch {
@@ -498,7 +556,7 @@ fn input_slices<'a>(
                         },
                     });
                 }
-                if is_float(bdt) != is_float(t.dtype) {
+                if is_float(bdt) != is_float(value_dtype) {
                     return Err(PlanError::DtypeMismatch {
                         tensor: name.to_string(),
                         model: m.reference.clone(),
@@ -512,10 +570,61 @@ fn input_slices<'a>(
             file: file_ids[mi][t.file],
             range: t.start..t.end,
             dtype: t.dtype,
+            scale,
         });
     }
     let (shape, dtype) = base_meta.expect("at least one model");
     Ok((slices, shape, dtype))
+}
+
+/// The scales of tensor `t` (named `name`) of model `m` when it is a block-FP8 weight:
+/// F8_E4M3, in a checkpoint whose config says `quant_method: fp8`, with a float32
+/// `<name>_scale_inv` of shape `[ceil(rows / block), ceil(cols / block)]` in any of the
+/// model's files. Anything else FP8 is refused here, naming the tensor.
+fn fp8_scale(
+    name: &str,
+    m: &ModelSource,
+    t: &crate::source::TensorLoc,
+    file_ids: &[usize],
+) -> Result<Option<ScaleSlice>, PlanError> {
+    if t.dtype != Dtype::F8_E4M3 {
+        return Ok(None);
+    }
+    let bad = |message: String| PlanError::Fp8 {
+        tensor: name.to_string(),
+        model: m.reference.clone(),
+        message,
+    };
+    let Some(block) = m.fp8_block else {
+        return Err(bad(
+            "the model's config.json has no `quantization_config` with `quant_method: fp8`, so the block size of its scales is unknown".into(),
+        ));
+    };
+    let &[rows, cols] = t.shape.as_slice() else {
+        return Err(bad(format!(
+            "shape {:?}: block FP8 weights are matrices",
+            t.shape
+        )));
+    };
+    let blocks = Blocks { rows, cols, block };
+    let scale_name = format!("{name}{SCALE_SUFFIX}");
+    let Some(s) = m.tensors.get(&scale_name) else {
+        return Err(bad(format!(
+            "its scales `{scale_name}` are missing (a block-FP8 weight needs them to be read)"
+        )));
+    };
+    let want = blocks.scale_shape();
+    if s.dtype != Dtype::F32 || s.shape != want {
+        return Err(bad(format!(
+            "its scales `{scale_name}` are {:?} {:?}, but {block:?} blocks of a {rows}x{cols} matrix need F32 {want:?}",
+            s.dtype, s.shape
+        )));
+    }
+    Ok(Some(ScaleSlice {
+        file: file_ids[s.file],
+        range: s.start..s.end,
+        blocks,
+    }))
 }
 
 /// What to do with one tensor: merge floats in the working dtype (the config's, else the
@@ -533,6 +642,7 @@ fn tensor_job(
     // the base's bytes and call it a merge.
     if let Some(d) = slices
         .iter()
+        .filter(|s| s.scale.is_none())
         .map(|s| s.dtype)
         .find(|d| is_low_precision_float(*d))
     {
@@ -542,11 +652,11 @@ fn tensor_job(
         });
     }
     let (dtype, op) = if is_float(base_dtype) {
-        let first = slices[0].dtype;
+        let first = slices[0].value_dtype();
         let work = config
             .dtype
             .unwrap_or_else(|| match WorkDtype::from_st(first) {
-                Some(w) if slices.iter().all(|s| s.dtype == first) => w,
+                Some(w) if slices.iter().all(|s| s.value_dtype() == first) => w,
                 _ => WorkDtype::F32,
             });
         let out = config.out_dtype.unwrap_or(work);

@@ -33,6 +33,7 @@ fn model(name: &str, tensors: &[(&str, Dtype, &[usize])]) -> ModelSource {
         }],
         location,
         tensors: map,
+        fp8_block: None,
     }
 }
 

@@ -67,6 +67,9 @@ pub struct ModelSource {
     pub location: Location,
     pub files: Vec<SourceFile>,
     pub tensors: BTreeMap<String, TensorLoc>,
+    /// Rows and columns per scale block when the checkpoint is block-FP8 (its
+    /// `config.json` has `quantization_config.quant_method: fp8`).
+    pub fp8_block: Option<[usize; 2]>,
 }
 
 const INDEX: &str = "model.safetensors.index.json";
@@ -132,12 +135,64 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
     if let Some(map) = weight_map {
         check_index(&map, &names, &files, &mut tensors, &index_url)?;
     }
+    let fp8_block = quantization(&location).await?;
     Ok(ModelSource {
         reference: spec.to_string(),
         location,
         files,
         tensors,
+        fp8_block,
     })
+}
+
+/// The model's quantization, from `quantization_config` in its `config.json` (absent:
+/// none). Block FP8 gives its block size; every other method is refused, naming it: its
+/// tensors are not weights model_stock can merge as they are.
+async fn quantization(location: &Location) -> Result<Option<[usize; 2]>, SourceError> {
+    let url = location.child_display("config.json");
+    let path = location.child("config.json");
+    if head_size(location.store.as_ref(), &path, &url).await?.is_none() {
+        return Ok(None);
+    }
+    let raw = read_small(location.store.as_ref(), &path, &url).await?;
+    parse_quantization(&raw).map_err(|message| SourceError::Unsupported {
+        location: url,
+        message,
+    })
+}
+
+/// [`quantization`]'s pure part.
+fn parse_quantization(config_json: &[u8]) -> Result<Option<[usize; 2]>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(config_json).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Some(q) = v.get("quantization_config").filter(|q| !q.is_null()) else {
+        return Ok(None);
+    };
+    let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+    if method != "fp8" {
+        return Err(format!(
+            "quantization_config.quant_method is `{method}`: mergefleet reads block FP8 (`fp8`) \
+             only; dequantize the model to bfloat16 first"
+        ));
+    }
+    if let Some(fmt) = q.get("fmt").and_then(|f| f.as_str()) {
+        if fmt != "e4m3" {
+            return Err(format!(
+                "quantization_config.fmt is `{fmt}`: only e4m3 (F8_E4M3) block FP8 is implemented"
+            ));
+        }
+    }
+    match q.get("weight_block_size") {
+        None | Some(serde_json::Value::Null) => Ok(Some(crate::fp8::DEFAULT_BLOCK)),
+        Some(b) => match b.as_array().map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>()) {
+            Some(a) if a.len() == 2 && a.iter().all(|x| x.is_some_and(|x| x > 0)) => {
+                Ok(Some([a[0].unwrap_or(1) as usize, a[1].unwrap_or(1) as usize]))
+            }
+            _ => Err(format!(
+                "quantization_config.weight_block_size is {b}: expected two positive integers"
+            )),
+        },
+    }
 }
 
 /// A local model must be a directory; say what to do when it is not (a file, a typo, a
@@ -325,5 +380,39 @@ async fn missing_model(location: &Location) -> SourceError {
     SourceError::NotFound {
         location: location.display.clone(),
         message: format!("no {SINGLE} or {INDEX} here: not a safetensors model directory"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantization_configs() {
+        let q = |s: &str| parse_quantization(s.as_bytes());
+        assert_eq!(q("{}"), Ok(None));
+        assert_eq!(q(r#"{"quantization_config": null}"#), Ok(None));
+        assert_eq!(
+            q(r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 64]}}"#),
+            Ok(Some([128, 64]))
+        );
+        assert_eq!(
+            q(r#"{"quantization_config": {"quant_method": "fp8"}}"#),
+            Ok(Some([128, 128]))
+        );
+        for (bad, words) in [
+            (r#"{"quantization_config": {"quant_method": "gptq"}}"#, "`gptq`"),
+            (r#"{"quantization_config": {"quant_method": "awq"}}"#, "`awq`"),
+            (r#"{"quantization_config": {"quant_method": "bitsandbytes"}}"#, "`bitsandbytes`"),
+            (r#"{"quantization_config": {"quant_method": "compressed-tensors"}}"#, "compressed-tensors"),
+            (r#"{"quantization_config": {"quant_method": "mxfp4"}}"#, "`mxfp4`"),
+            (r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}"#, "e5m2"),
+            (r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}"#, "weight_block_size"),
+            (r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 128]}}"#, "weight_block_size"),
+            ("{", "not valid JSON"),
+        ] {
+            let e = q(bad).unwrap_err();
+            assert!(e.contains(words), "{bad}: {e}");
+        }
     }
 }

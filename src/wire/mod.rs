@@ -17,7 +17,10 @@ use tonic::Status;
 
 use crate::dtype::{self, WorkDtype};
 use crate::merge::Reductions;
-use crate::plan::{InputFile, InputSlice, MergePlan, ModelStockParams, Op, Task, TensorJob};
+use crate::fp8::Blocks;
+use crate::plan::{
+    InputFile, InputSlice, MergePlan, ModelStockParams, Op, ScaleSlice, Task, TensorJob,
+};
 use crate::sink::cluster::Target;
 
 /// The generated protobuf types. Public for tests that speak raw gRPC; code outside this
@@ -28,7 +31,7 @@ pub mod pb {
 }
 
 /// Bumped on any incompatible change of the contract; checked at registration.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest gRPC message either side accepts (a task lists every input range of its
 /// tensors; 64 MiB is far above any real task).
@@ -268,6 +271,13 @@ pub fn task_to_wire(
         start: s.range.start,
         end: s.range.end,
         dtype: dtype::name(s.dtype),
+        scales: s.scale.as_ref().map(|sc| pb::Scales {
+            url: inputs[sc.file].url.clone(),
+            start: sc.range.start,
+            end: sc.range.end,
+            block_rows: sc.blocks.block[0] as u64,
+            block_cols: sc.blocks.block[1] as u64,
+        }),
     };
     OutgoingTask(pb::Task {
         task_id: task.id as u64,
@@ -409,26 +419,21 @@ fn tensor_from_wire(
     let mut slices = Vec::with_capacity(j.inputs.len());
     for r in &j.inputs {
         let input_dtype = parse_dtype(&r.dtype).map_err(|e| bad(e.0))?;
+        let scale = match &r.scales {
+            None => None,
+            Some(sc) => Some(scales_from_wire(sc, &shape, input_dtype, files).map_err(bad)?),
+        };
         if r.end < r.start || byte_len(&shape, input_dtype) != Some(r.end - r.start) {
             return Err(bad(format!(
                 "input range {}..{} of {} does not hold shape {shape:?} of {}",
                 r.start, r.end, r.url, r.dtype
             )));
         }
-        let file = match files.iter().position(|f| f.url == r.url) {
-            Some(i) => i,
-            None => {
-                files.push(InputFile {
-                    model: 0,
-                    url: r.url.clone(),
-                });
-                files.len() - 1
-            }
-        };
         slices.push(InputSlice {
-            file,
+            file: file_index(files, &r.url),
             range: r.start..r.end,
             dtype: input_dtype,
+            scale,
         });
     }
     let op = match &j.kernel {
@@ -443,7 +448,9 @@ fn tensor_from_wire(
                 reductions: Reductions::from_name(&k.reductions)
                     .ok_or_else(|| bad(format!("unknown reduction order `{}`", k.reductions)))?,
             };
-            if kernel.out.st_dtype() != dtype || slices.iter().any(|s| !dtype::is_float(s.dtype)) {
+            if kernel.out.st_dtype() != dtype
+                || slices.iter().any(|s| !dtype::is_float(s.value_dtype()))
+            {
                 return Err(bad(format!(
                     "a merge into {} of inputs that are not all floats, or written as {}",
                     kernel.out.name(),
@@ -456,7 +463,7 @@ fn tensor_from_wire(
             }
         }
         None => match <[InputSlice; 1]>::try_from(slices) {
-            Ok([input]) if input.dtype == dtype => Op::Copy { input },
+            Ok([input]) if input.dtype == dtype && input.scale.is_none() => Op::Copy { input },
             _ => return Err(bad("a copy needs exactly one input of its own dtype".into())),
         },
     };
@@ -466,6 +473,52 @@ fn tensor_from_wire(
         dtype,
         out,
         op,
+    })
+}
+
+/// The index of the input file `url` in `files`, added when new.
+fn file_index(files: &mut Vec<InputFile>, url: &str) -> usize {
+    match files.iter().position(|f| f.url == url) {
+        Some(i) => i,
+        None => {
+            files.push(InputFile {
+                model: 0,
+                url: url.to_string(),
+            });
+            files.len() - 1
+        }
+    }
+}
+
+/// An FP8 input's scales, checked against the weight they scale.
+fn scales_from_wire(
+    sc: &pb::Scales,
+    shape: &[usize],
+    input_dtype: Dtype,
+    files: &mut Vec<InputFile>,
+) -> Result<ScaleSlice, String> {
+    let &[rows, cols] = shape else {
+        return Err(format!("scales for shape {shape:?}: FP8 weights are matrices"));
+    };
+    let block = [sc.block_rows as usize, sc.block_cols as usize];
+    let blocks = Blocks { rows, cols, block };
+    if input_dtype != Dtype::F8_E4M3
+        || block.contains(&0)
+        || sc.end < sc.start
+        || sc.end - sc.start != blocks.scale_bytes()
+    {
+        return Err(format!(
+            "scales {}..{} of {} with {block:?} blocks do not fit a {rows}x{cols} {} weight",
+            sc.start,
+            sc.end,
+            sc.url,
+            dtype::name(input_dtype)
+        ));
+    }
+    Ok(ScaleSlice {
+        file: file_index(files, &sc.url),
+        range: sc.start..sc.end,
+        blocks,
     })
 }
 
@@ -512,6 +565,7 @@ mod tests {
                 }],
                 location,
                 tensors,
+                fp8_block: None,
             }
         };
         let cfg = MergeConfig::from_yaml(
