@@ -98,6 +98,9 @@ pub fn config_json(base: &[u8], dtype: Option<&str>) -> Result<Vec<u8>, String> 
     let obj = v
         .as_object_mut()
         .ok_or_else(|| "config.json is not a JSON object".to_string())?;
+    // A block-FP8 base is written dequantized: a `quantization_config` left in (as DeepSeek's
+    // own converter leaves it) makes loaders treat the bfloat16 weights as FP8.
+    obj.remove("quantization_config");
     if let Some(d) = dtype {
         let mut set = false;
         for key in ["torch_dtype", "dtype"] {
@@ -138,6 +141,18 @@ using {base} as a base.\n\n\
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_json_drops_quantization() {
+        let base = br#"{"dtype": "bfloat16", "quantization_config": {"quant_method": "fp8"}, "hidden_size": 8}"#;
+        let out: Value =
+            serde_json::from_slice(&config_json(base, Some("float16")).unwrap()).unwrap();
+        assert!(out.get("quantization_config").is_none(), "{out}");
+        assert_eq!(
+            (out["dtype"].as_str(), out["hidden_size"].as_u64()),
+            (Some("float16"), Some(8))
+        );
+    }
 
     #[test]
     fn index_parsing() {

@@ -204,6 +204,7 @@ fn print_plan(job: &Job, as_json: bool) {
             "bytes_written": p.bytes_written(),
             "largest_tensor": largest.map(|t| json!({"name": t.name, "shape": t.shape, "one_pass_memory": one_pass})),
             "min_memory": need,
+            "fp8_inputs_dequantized": p.tasks.iter().flat_map(|t| &t.tensors).flat_map(|t| t.inputs()).filter(|s| s.scale.is_some()).count(),
             "warnings": p.warnings,
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -232,6 +233,18 @@ fn print_plan(job: &Job, as_json: bool) {
     }
     println!();
     println!("tensors:        {}", p.tensor_count());
+    let fp8 = p
+        .tasks
+        .iter()
+        .flat_map(|t| &t.tensors)
+        .flat_map(|t| t.inputs())
+        .filter(|s| s.scale.is_some())
+        .count();
+    if fp8 > 0 {
+        println!(
+            "FP8 inputs:     {fp8} block-FP8 weight(s) read with their scales and dequantized to bfloat16"
+        );
+    }
     println!("tasks:          {}", p.tasks.len());
     println!(
         "bytes to read:  {} ({} B)",

@@ -145,7 +145,7 @@ mod tests {
             .iter()
             .flat_map(|s| s.to_le_bytes())
             .collect();
-        let q = vec![0x38u8; 15]; // 1.0 everywhere
+        let q = [0x38u8; 15]; // 1.0 everywhere
         let want = [
             1., 1., 2., 2., 4., 1., 1., 2., 2., 4., 8., 8., 16., 16., 32.,
         ];

@@ -9,6 +9,8 @@ mod cluster;
 mod contract;
 /// Fidelity at real size: mergekit's SHA-256 of every output tensor of regenerated inputs.
 mod fidelity;
+/// Block-FP8 inputs: mergekit's bytes from the officially dequantized models; refusals.
+mod fp8;
 /// mergekit's golden outputs, bit for bit; what a checkpoint holds.
 mod golden;
 /// Kills and SIGTERM mid-merge leave nothing that looks complete.

@@ -140,7 +140,11 @@ impl InputSlice {
     }
     /// Bytes read for this input: the tensor and its scales.
     pub fn read_bytes(&self) -> u64 {
-        self.len() + self.scale.as_ref().map_or(0, |s| s.range.end - s.range.start)
+        self.len()
+            + self
+                .scale
+                .as_ref()
+                .map_or(0, |s| s.range.end - s.range.start)
     }
 }
 
@@ -496,7 +500,10 @@ fn tensor_names(models: &[ModelSource]) -> Vec<&str> {
     let is_scale = |name: &str| {
         name.strip_suffix(SCALE_SUFFIX).is_some_and(|w| {
             base.fp8_block.is_some()
-                && base.tensors.get(w).is_some_and(|t| t.dtype == Dtype::F8_E4M3)
+                && base
+                    .tensors
+                    .get(w)
+                    .is_some_and(|t| t.dtype == Dtype::F8_E4M3)
         })
     };
     let mut names: Vec<&str> = base
@@ -534,7 +541,11 @@ fn input_slices<'a>(
             })?;
         let scale = fp8_scale(name, m, t, &file_ids[mi])?;
         // What the merge sees: an FP8 weight is bfloat16 once dequantized.
-        let value_dtype = if scale.is_some() { Dtype::BF16 } else { t.dtype };
+        let value_dtype = if scale.is_some() {
+            Dtype::BF16
+        } else {
+            t.dtype
+        };
         match base_meta {
             None => base_meta = Some((&t.shape, value_dtype)),
             Some((shape, bdt)) => {

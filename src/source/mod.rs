@@ -151,7 +151,10 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
 async fn quantization(location: &Location) -> Result<Option<[usize; 2]>, SourceError> {
     let url = location.child_display("config.json");
     let path = location.child("config.json");
-    if head_size(location.store.as_ref(), &path, &url).await?.is_none() {
+    if head_size(location.store.as_ref(), &path, &url)
+        .await?
+        .is_none()
+    {
         return Ok(None);
     }
     let raw = read_small(location.store.as_ref(), &path, &url).await?;
@@ -184,10 +187,14 @@ fn parse_quantization(config_json: &[u8]) -> Result<Option<[usize; 2]>, String> 
     }
     match q.get("weight_block_size") {
         None | Some(serde_json::Value::Null) => Ok(Some(crate::fp8::DEFAULT_BLOCK)),
-        Some(b) => match b.as_array().map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>()) {
-            Some(a) if a.len() == 2 && a.iter().all(|x| x.is_some_and(|x| x > 0)) => {
-                Ok(Some([a[0].unwrap_or(1) as usize, a[1].unwrap_or(1) as usize]))
-            }
+        Some(b) => match b
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>())
+        {
+            Some(a) if a.len() == 2 && a.iter().all(|x| x.is_some_and(|x| x > 0)) => Ok(Some([
+                a[0].unwrap_or(1) as usize,
+                a[1].unwrap_or(1) as usize,
+            ])),
             _ => Err(format!(
                 "quantization_config.weight_block_size is {b}: expected two positive integers"
             )),
@@ -393,7 +400,9 @@ mod tests {
         assert_eq!(q("{}"), Ok(None));
         assert_eq!(q(r#"{"quantization_config": null}"#), Ok(None));
         assert_eq!(
-            q(r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 64]}}"#),
+            q(
+                r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 64]}}"#
+            ),
             Ok(Some([128, 64]))
         );
         assert_eq!(
@@ -401,14 +410,38 @@ mod tests {
             Ok(Some([128, 128]))
         );
         for (bad, words) in [
-            (r#"{"quantization_config": {"quant_method": "gptq"}}"#, "`gptq`"),
-            (r#"{"quantization_config": {"quant_method": "awq"}}"#, "`awq`"),
-            (r#"{"quantization_config": {"quant_method": "bitsandbytes"}}"#, "`bitsandbytes`"),
-            (r#"{"quantization_config": {"quant_method": "compressed-tensors"}}"#, "compressed-tensors"),
-            (r#"{"quantization_config": {"quant_method": "mxfp4"}}"#, "`mxfp4`"),
-            (r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}"#, "e5m2"),
-            (r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}"#, "weight_block_size"),
-            (r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 128]}}"#, "weight_block_size"),
+            (
+                r#"{"quantization_config": {"quant_method": "gptq"}}"#,
+                "`gptq`",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "awq"}}"#,
+                "`awq`",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "bitsandbytes"}}"#,
+                "`bitsandbytes`",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "compressed-tensors"}}"#,
+                "compressed-tensors",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "mxfp4"}}"#,
+                "`mxfp4`",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}"#,
+                "e5m2",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}"#,
+                "weight_block_size",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 128]}}"#,
+                "weight_block_size",
+            ),
             ("{", "not valid JSON"),
         ] {
             let e = q(bad).unwrap_err();

@@ -16,8 +16,8 @@ use safetensors::Dtype;
 use tonic::Status;
 
 use crate::dtype::{self, WorkDtype};
-use crate::merge::Reductions;
 use crate::fp8::Blocks;
+use crate::merge::Reductions;
 use crate::plan::{
     InputFile, InputSlice, MergePlan, ModelStockParams, Op, ScaleSlice, Task, TensorJob,
 };
@@ -498,7 +498,9 @@ fn scales_from_wire(
     files: &mut Vec<InputFile>,
 ) -> Result<ScaleSlice, String> {
     let &[rows, cols] = shape else {
-        return Err(format!("scales for shape {shape:?}: FP8 weights are matrices"));
+        return Err(format!(
+            "scales for shape {shape:?}: FP8 weights are matrices"
+        ));
     };
     let block = [sc.block_rows as usize, sc.block_cols as usize];
     let blocks = Blocks { rows, cols, block };
@@ -628,6 +630,74 @@ mod tests {
             }
         }
         malformed_tasks_are_refused(&w);
+    }
+
+    #[test]
+    fn fp8_scales_travel_and_are_checked() {
+        let stores = Stores::new();
+        // A 4 x 6 FP8 weight with 2 x 4 blocks: scales 2 x 2, in the model's second file.
+        let model = |name: &str| {
+            let location = stores.resolve(&format!("/m/{name}")).unwrap();
+            let mut tensors = std::collections::BTreeMap::new();
+            let loc = |file, dtype, shape: Vec<usize>, start, end| TensorLoc {
+                file,
+                dtype,
+                shape,
+                start,
+                end,
+            };
+            tensors.insert("w".into(), loc(0, Dtype::F8_E4M3, vec![4, 6], 8, 32));
+            tensors.insert("w_scale_inv".into(), loc(1, Dtype::F32, vec![2, 2], 8, 24));
+            let file = |n: &str, size| SourceFile {
+                path: location.child(n),
+                url: location.child_display(n),
+                size,
+            };
+            ModelSource {
+                reference: name.into(),
+                files: vec![file("a.safetensors", 32), file("b.safetensors", 24)],
+                location,
+                tensors,
+                fp8_block: Some([2, 4]),
+            }
+        };
+        let cfg = MergeConfig::from_yaml(
+            "models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\n",
+        )
+        .unwrap();
+        let p = plan(
+            &cfg,
+            &[model("base"), model("a"), model("b")],
+            PlanOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(p.tensor_count(), 1, "the scales are not an output tensor");
+        let target = Target::File {
+            path: "/o/x".into(),
+        };
+        let w = task_to_wire(&p, TaskId(0), Attempt(1), &target).0;
+        let back = task_from_wire(&w).unwrap();
+        let Op::Merge { inputs, .. } = &back.task.tensors[0].op else {
+            panic!("not a merge")
+        };
+        for s in inputs {
+            let sc = s.scale.as_ref().expect("scales");
+            assert_eq!((sc.range.clone(), sc.blocks.block), (8..24, [2, 4]));
+            assert!(back.inputs[sc.file].url.ends_with("b.safetensors"));
+            assert!(back.inputs[s.file].url.ends_with("a.safetensors"));
+        }
+        let mut bad = w.clone();
+        bad.tensors[0].inputs[1].scales.as_mut().unwrap().end -= 4;
+        assert!(task_from_wire(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("do not fit"));
+        let mut bad = w.clone();
+        bad.tensors[0].inputs[1].scales.as_mut().unwrap().block_rows = 0;
+        assert!(task_from_wire(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("do not fit"));
     }
 
     /// Each way of breaking a valid wire task is an error naming what is wrong.

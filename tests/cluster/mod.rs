@@ -163,6 +163,39 @@ fn cluster_local_to_local_equals_embedded() {
 }
 
 #[test]
+fn cluster_fp8_equals_mergekit() {
+    // Scales travel with their weights (layer 0's in another shard of the base), and each
+    // worker dequantizes what it reads.
+    let fixtures = crate::fp8::fp8_fixtures();
+    for case in ["all_fp8", "mixed"] {
+        let c = Cluster::new(&fixtures, vec![]);
+        let out = c.dir.path().join("out");
+        let mut coord = c.coordinator(
+            &format!("{case}.yml"),
+            out.to_str().unwrap(),
+            &["--task-size", "1"],
+            "coord.log",
+        );
+        let mut ws = c.workers(3, &[]);
+        assert_exit_ok(&mut coord, 60);
+        for w in &mut ws {
+            assert_exit_ok(w, 30);
+        }
+        let want = std::fs::read(
+            fixtures
+                .join("expected")
+                .join(case)
+                .join("model.safetensors"),
+        );
+        let got = std::fs::read(out.join("model.safetensors"));
+        assert!(
+            got.unwrap() == want.unwrap(),
+            "{case}: differs from mergekit"
+        );
+    }
+}
+
+#[test]
 fn cluster_s3_to_s3_equals_embedded() {
     let s3 = S3Server::start();
     let (models, c, cfg) = s3_cluster(&s3);
