@@ -6,6 +6,10 @@
 //! `bf16(f32(w) * f32(scale_inv[i / rows_per_block][j / cols_per_block]))`, one float32
 //! product rounded to nearest even. The merge then sees the bfloat16 checkpoint the official
 //! converter would have written, so its result is mergekit's on that checkpoint, bit for bit.
+//!
+//! Quantizing (`--quantize fp8`) is DeepGEMM's `per_block_cast_to_fp8`: per block (zero
+//! padding past the edges) `amax = max |x|` in float32, at least 1e-4;
+//! `q = e4m3fn(f32(x) * (448 / amax))` rounded to nearest even; `scale_inv = amax / 448`.
 
 use crate::dtype::bf16_round;
 
@@ -103,6 +107,83 @@ impl Blocks {
     }
 }
 
+/// The E4M3FN byte nearest `x`, ties to even, as torch 2.15 converts on CPU: magnitudes
+/// past the largest value (448), infinities included, saturate to it; NaN stays NaN (0x7F).
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    if a.is_nan() {
+        return sign | 0x7F;
+    }
+    if a >= 464.0 {
+        return sign | 0x7E;
+    }
+    if a < 2f32.powi(-6) {
+        // Subnormal steps of 2^-9 (8 of them reach the smallest normal, 0x08).
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let bits = a.to_bits();
+    let rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & !0xFFFFF;
+    let exp = (rounded >> 23) as i32 - 127 + 7;
+    let man = (rounded >> 20) & 7;
+    sign | ((exp as u32) << 3 | man) as u8
+}
+
+impl Blocks {
+    /// Quantize the elements of whole block rows, from block row `first_block_row` on:
+    /// `values` (row-major, `dtype` bytes: bfloat16, float16 or float32) into E4M3 bytes `q`
+    /// and their float32 scales (little endian), one per block, into `scales`.
+    pub fn quantize(
+        &self,
+        values: &[u8],
+        dtype: safetensors::Dtype,
+        first_block_row: usize,
+        q: &mut [u8],
+        scales: &mut [u8],
+    ) {
+        let size = dtype.bitsize() / 8;
+        let value = |k: usize| -> f32 {
+            let b = &values[k * size..(k + 1) * size];
+            match dtype {
+                safetensors::Dtype::BF16 => {
+                    f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
+                }
+                safetensors::Dtype::F16 => {
+                    crate::dtype::f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+                }
+                _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            }
+        };
+        let [br, bc] = self.block;
+        let [_, scols] = self.scale_shape();
+        let n = values.len() / size;
+        let rows = n / self.cols;
+        let mut mult = vec![0f32; scols];
+        for (i, r0) in (0..rows).step_by(br).enumerate() {
+            let r1 = (r0 + br).min(rows);
+            let mut amax = vec![0f32; scols];
+            for r in r0..r1 {
+                for c in 0..self.cols {
+                    let a = &mut amax[c / bc];
+                    *a = a.max(value(r * self.cols + c).abs());
+                }
+            }
+            for (j, a) in amax.iter().enumerate() {
+                let a = a.max(1e-4);
+                mult[j] = 448.0 / a;
+                let at = ((first_block_row + i) * scols + j) * 4;
+                scales[at..at + 4].copy_from_slice(&(a / 448.0).to_le_bytes());
+            }
+            for r in r0..r1 {
+                for c in 0..self.cols {
+                    let k = r * self.cols + c;
+                    q[k] = f32_to_e4m3(value(k) * mult[c / bc]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +253,129 @@ mod tests {
             u16::from_le_bytes(out),
             (bf16_round(s).to_bits() >> 16) as u16
         );
+    }
+
+    #[test]
+    fn e4m3_rounding_is_nearest_even() {
+        // Against the nearest of the finite values by brute force, for every E4M3 value,
+        // points between neighbours, and random floats.
+        let finite: Vec<(u8, f64)> = (0..=255u8)
+            .map(|b| (b, e4m3_to_f32(b) as f64))
+            .filter(|(_, v)| !v.is_nan())
+            .collect();
+        let want = |x: f32| -> u8 {
+            if x.is_nan() {
+                return if x.is_sign_negative() { 0xFF } else { 0x7F };
+            }
+            let x = x as f64;
+            let mut best = (f64::INFINITY, 0u8);
+            for &(b, v) in &finite {
+                if (b & 0x80 != 0) != x.is_sign_negative() {
+                    continue;
+                }
+                let d = (v - x).abs();
+                if d < best.0 || (d == best.0 && b & 1 == 0) {
+                    best = (d, b);
+                }
+            }
+            best.1
+        };
+        let mut xs: Vec<f32> = Vec::new();
+        for w in finite.windows(2) {
+            let (a, b) = (w[0].1, w[1].1);
+            xs.extend([
+                a as f32,
+                ((a + b) / 2.0) as f32,
+                (a * 0.75 + b * 0.25) as f32,
+            ]);
+        }
+        let mut s = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let x = f32::from_bits(s);
+            xs.push(x);
+            let scale = if s & 1 == 0 { 1.0 } else { 1e-3 };
+            xs.push(x.abs().min(500.0).copysign(x) * scale);
+        }
+        xs.extend([
+            0.0,
+            -0.0,
+            448.0,
+            463.9,
+            464.0,
+            464.1,
+            479.9,
+            480.0,
+            2f32.powi(-10),
+        ]);
+        for x in xs {
+            let (got, w) = (f32_to_e4m3(x), want(x));
+            let zero = x == 0.0 && got & 0x7F == 0 && w & 0x7F == 0;
+            assert!(got == w || zero, "{x:e}: got {got:#x}, want {w:#x}");
+        }
+    }
+
+    /// Bytes torch 2.15 gave for these floats (`x.to(torch.float8_e4m3fn)`).
+    #[test]
+    fn e4m3_matches_torch_on_its_edges() {
+        let cases = [
+            (470.0f32, 0x7E),
+            (464.0, 0x7E),
+            (479.9, 0x7E),
+            (480.0, 0x7E),
+            (1e6, 0x7E),
+            (f32::INFINITY, 0x7E),
+            (-f32::INFINITY, 0xFE),
+            (-470.0, 0xFE),
+            (448.0, 0x7E),
+            (1e-3, 0x01),
+            (2f32.powi(-10), 0x00),
+            (3.0 * 2f32.powi(-10), 0x02),
+            (f32::NAN, 0x7F),
+        ];
+        for (x, want) in cases {
+            assert_eq!(f32_to_e4m3(x), want, "{x:e}");
+        }
+    }
+
+    #[test]
+    fn quantize_round_trips_within_a_step() {
+        // 3 x 5 values in 2 x 2 blocks; dequantizing gives them back within the format.
+        let b = Blocks {
+            rows: 3,
+            cols: 5,
+            block: [2, 2],
+        };
+        let vals: Vec<f32> = (0..15).map(|k| (k as f32 - 7.0) * 0.37).collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut q = vec![0u8; 15];
+        let mut scales = vec![0u8; b.scale_bytes() as usize];
+        b.quantize(&bytes, safetensors::Dtype::F32, 0, &mut q, &mut scales);
+        let mut back = vec![0u8; 30];
+        b.dequantize(&q, &scales, 0, &mut back);
+        for (k, v) in vals.iter().enumerate() {
+            let h = u16::from_le_bytes([back[2 * k], back[2 * k + 1]]);
+            let got = f32::from_bits((h as u32) << 16);
+            assert!((got - v).abs() <= v.abs() / 8.0 + 1e-6, "{k}: {v} -> {got}");
+        }
+        // The largest magnitude of a block maps to +-448.
+        assert_eq!(e4m3_to_f32(q[0]).abs(), 448.0);
+        // An all-zero block gets the 1e-4 floor.
+        let z = Blocks {
+            rows: 1,
+            cols: 1,
+            block: [2, 2],
+        };
+        let mut s4 = [0u8; 4];
+        z.quantize(
+            &0f32.to_le_bytes(),
+            safetensors::Dtype::F32,
+            0,
+            &mut [0u8],
+            &mut s4,
+        );
+        assert_eq!(f32::from_le_bytes(s4), 1e-4f32 / 448.0);
     }
 }
