@@ -146,6 +146,10 @@ pub struct ShardArgs {
     /// bit for bit) or `exact` (correctly rounded).
     #[arg(long, default_value = "torch", value_parser = parse_reductions)]
     pub reductions: Reductions,
+    /// `fp8`: write every tensor that is block-FP8 in the base as FP8 again (F8_E4M3 with
+    /// `_scale_inv` scales, the base's block size), as the base was released.
+    #[arg(long, value_parser = ["fp8"])]
+    pub quantize: Option<String>,
 }
 
 fn parse_reductions(s: &str) -> Result<Reductions, String> {
@@ -158,6 +162,7 @@ impl ShardArgs {
             out_shard_size: self.out_shard_size,
             task_size: self.task_size,
             reductions: self.reductions,
+            quantize_fp8: self.quantize.is_some(),
             ..PlanOptions::default()
         }
     }

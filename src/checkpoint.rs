@@ -92,15 +92,18 @@ pub fn parse_index(json: &[u8]) -> Result<BTreeMap<String, String>, String> {
 
 /// The base model's `config.json` with the output dtype recorded.
 /// The error names no file: the caller knows which one it read.
-pub fn config_json(base: &[u8], dtype: Option<&str>) -> Result<Vec<u8>, String> {
+pub fn config_json(base: &[u8], dtype: Option<&str>, fp8: bool) -> Result<Vec<u8>, String> {
     let mut v: Value =
         serde_json::from_slice(base).map_err(|e| format!("config.json is not valid JSON: {e}"))?;
     let obj = v
         .as_object_mut()
         .ok_or_else(|| "config.json is not a JSON object".to_string())?;
-    // A block-FP8 base is written dequantized: a `quantization_config` left in (as DeepSeek's
-    // own converter leaves it) makes loaders treat the bfloat16 weights as FP8.
-    obj.remove("quantization_config");
+    // A block-FP8 base written dequantized must lose its `quantization_config`: left in (as
+    // DeepSeek's own converter leaves it) it makes loaders treat bfloat16 weights as FP8.
+    // Written as FP8 again (`fp8`), it keeps it.
+    if !fp8 {
+        obj.remove("quantization_config");
+    }
     if let Some(d) = dtype {
         let mut set = false;
         for key in ["torch_dtype", "dtype"] {
@@ -146,8 +149,10 @@ mod tests {
     fn config_json_drops_quantization() {
         let base = br#"{"dtype": "bfloat16", "quantization_config": {"quant_method": "fp8"}, "hidden_size": 8}"#;
         let out: Value =
-            serde_json::from_slice(&config_json(base, Some("float16")).unwrap()).unwrap();
+            serde_json::from_slice(&config_json(base, Some("float16"), false).unwrap()).unwrap();
         assert!(out.get("quantization_config").is_none(), "{out}");
+        let kept: Value = serde_json::from_slice(&config_json(base, None, true).unwrap()).unwrap();
+        assert_eq!(kept["quantization_config"]["quant_method"], "fp8");
         assert_eq!(
             (out["dtype"].as_str(), out["hidden_size"].as_u64()),
             (Some("float16"), Some(8))
@@ -175,18 +180,23 @@ mod tests {
 
     #[test]
     fn config_json_records_dtype() {
-        let out = config_json(br#"{"a":1,"torch_dtype":"float32"}"#, Some("bfloat16")).unwrap();
+        let out = config_json(
+            br#"{"a":1,"torch_dtype":"float32"}"#,
+            Some("bfloat16"),
+            false,
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["torch_dtype"], "bfloat16");
         assert_eq!(v["a"], 1);
-        let out = config_json(br#"{"dtype":"float32"}"#, Some("float16")).unwrap();
+        let out = config_json(br#"{"dtype":"float32"}"#, Some("float16"), false).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["dtype"], "float16");
         assert!(v.get("torch_dtype").is_none());
-        assert!(config_json(b"[", None)
+        assert!(config_json(b"[", None, false)
             .unwrap_err()
             .starts_with("config.json is not valid JSON"));
-        assert!(config_json(b"[1]", None).is_err());
+        assert!(config_json(b"[1]", None, false).is_err());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! Quantizing (`--quantize fp8`) is DeepGEMM's `per_block_cast_to_fp8`: per block (zero
 //! padding past the edges) `amax = max |x|` in float32, at least 1e-4;
 //! `q = e4m3fn(f32(x) * (448 / amax))` rounded to nearest even; `scale_inv = amax / 448`.
+//! As torch evaluates it: `448 / amax` is `amax.reciprocal() * 448` (two float32 roundings),
+//! and the conversion saturates at 448.
 
 use crate::dtype::bf16_round;
 
@@ -170,7 +172,8 @@ impl Blocks {
             }
             for (j, a) in amax.iter().enumerate() {
                 let a = a.max(1e-4);
-                mult[j] = 448.0 / a;
+                // torch evaluates `448.0 / amax` as `amax.reciprocal() * 448.0`: two roundings.
+                mult[j] = (1.0 / a) * 448.0;
                 let at = ((first_block_row + i) * scols + j) * 4;
                 scales[at..at + 4].copy_from_slice(&(a / 448.0).to_le_bytes());
             }

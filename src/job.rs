@@ -155,7 +155,12 @@ async fn output_config_json(base: &Location, plan: &MergePlan) -> Result<Option<
         return Ok(None);
     }
     let raw = read_small(store, &path, &url).await?;
-    let out = checkpoint::config_json(&raw, plan.out_dtype.map(|d| d.name()))
+    let fp8 = plan
+        .tasks
+        .iter()
+        .flat_map(|t| &t.tensors)
+        .any(|j| j.requant.is_some());
+    let out = checkpoint::config_json(&raw, plan.out_dtype.map(|d| d.name()), fp8)
         .map_err(|message| SourceError::Invalid { file: url, message })?;
     Ok(Some(Bytes::from(out)))
 }

@@ -208,16 +208,16 @@ pub fn write_set(
 
 /// The tensor layout of a DeepSeek-V3-class checkpoint (671B parameters): 61 layers (3 dense,
 /// 58 mixture-of-experts with 256 routed experts + 1 shared), multi-head latent attention,
-/// a multi-token-prediction layer, FP8-style `weight_scale_inv` companions for the big
-/// matrices; 91,991 tensors, names and shapes as the published checkpoint. Matrices are
-/// bfloat16 here (the planner works the same on any float dtype), scales float32.
+/// a multi-token-prediction layer; 91,991 tensors, names, shapes and dtypes as the published
+/// checkpoint: the big matrices block-FP8 (`F8_E4M3` with float32 `weight_scale_inv`
+/// companions, 128x128 blocks), the rest bfloat16.
 pub fn deepseek_v3_tensors() -> Vec<(String, Vec<usize>, Dtype)> {
     const H: usize = 7168;
     const VOCAB: usize = 129_280;
     let mut t: Vec<(String, Vec<usize>, Dtype)> = Vec::new();
     let matrix = |t: &mut Vec<_>, name: String, rows: usize, cols: usize| {
         let scales = vec![rows.div_ceil(128), cols.div_ceil(128)];
-        t.push((format!("{name}.weight"), vec![rows, cols], Dtype::BF16));
+        t.push((format!("{name}.weight"), vec![rows, cols], Dtype::F8_E4M3));
         t.push((format!("{name}.weight_scale_inv"), scales, Dtype::F32));
     };
     let vector = |t: &mut Vec<_>, name: String, n: usize| t.push((name, vec![n], Dtype::BF16));
@@ -337,6 +337,12 @@ pub fn write_sparse_model(
         "n_routed_experts": 256,
         "vocab_size": 129280,
         "torch_dtype": "bfloat16",
+        "quantization_config": {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        },
     });
     std::fs::write(dir.join("config.json"), config.to_string())
 }
@@ -359,4 +365,79 @@ pub fn write_sparse_deepseek_set(dir: &Path, fine_tunes: usize) -> std::io::Resu
         dir.join("base").display()
     ));
     std::fs::write(dir.join("model_stock.yml"), yaml)
+}
+
+/// Turn the bfloat16 model in `dir` into block FP8 as DeepSeek ships its checkpoints: every
+/// `*_proj.weight` matrix quantized (DeepGEMM's formula, [`crate::fp8`]) into `F8_E4M3`
+/// with its float32 `_scale_inv` right after it in the same file, `quantization_config` in
+/// `config.json`. Other tensors stay as they are.
+pub fn quantize_model(dir: &Path, block: [usize; 2]) -> std::io::Result<()> {
+    use crate::fp8::{Blocks, SCALE_SUFFIX};
+    let bad = |m: String| std::io::Error::other(m);
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|p| p.extension().is_some_and(|x| x == "safetensors"));
+    for path in files {
+        let raw = std::fs::read(&path)?;
+        let n = u64::from_le_bytes(raw[..8].try_into().map_err(|_| bad("short file".into()))?);
+        let (entries, _) =
+            crate::header::parse_header(&raw[8..8 + n as usize], raw.len() as u64).map_err(bad)?;
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let (mut infos, mut data) = (Vec::new(), Vec::new());
+        let mut push = |n: String, dtype, shape: Vec<usize>, bytes: &[u8]| {
+            infos.push((
+                n.clone(),
+                TensorInfo {
+                    dtype,
+                    shape,
+                    data_offsets: (data.len(), data.len() + bytes.len()),
+                },
+            ));
+            data.extend_from_slice(bytes);
+            weight_map.insert(n, serde_json::Value::String(name.clone()));
+        };
+        for e in entries {
+            let bytes = &raw[e.start as usize..e.end as usize];
+            match e.shape.as_slice() {
+                &[rows, cols] if e.name.ends_with("_proj.weight") && e.dtype == Dtype::BF16 => {
+                    let blocks = Blocks { rows, cols, block };
+                    let mut q = vec![0u8; rows * cols];
+                    let mut s = vec![0u8; blocks.scale_bytes() as usize];
+                    blocks.quantize(bytes, Dtype::BF16, 0, &mut q, &mut s);
+                    let scale_name = format!("{}{SCALE_SUFFIX}", e.name);
+                    push(e.name, Dtype::F8_E4M3, e.shape, &q);
+                    push(scale_name, Dtype::F32, blocks.scale_shape().to_vec(), &s);
+                }
+                _ => push(e.name, e.dtype, e.shape, bytes),
+            }
+        }
+        total += data.len();
+        let header = write_header(infos).map_err(bad)?;
+        let mut w = BufWriter::new(File::create(&path)?);
+        w.write_all(&header)?;
+        w.write_all(&data)?;
+        w.flush()?;
+    }
+    if dir.join("model.safetensors.index.json").exists() {
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())?;
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)
+            .map_err(|e| bad(e.to_string()))?;
+    config["quantization_config"] = serde_json::json!({
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": block,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())
 }

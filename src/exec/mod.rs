@@ -186,7 +186,7 @@ pub async fn run_task(
                 let one = Task {
                     id: task.id,
                     file: task.file,
-                    out: job.out.clone(),
+                    out: job.written(),
                     tensors: vec![job.clone()],
                 };
                 let data = run_in_memory(&one, None, &inputs, &progress).await?;
@@ -194,7 +194,7 @@ pub async fn run_task(
             } else {
                 stream_tensor(job, &inputs, budget, &progress, &tx).await?;
             }
-            pos = job.out.end;
+            pos = job.written().end;
         }
         drop(permit);
         Ok(())
@@ -246,9 +246,10 @@ async fn run_in_memory(
         for job in &task.tensors {
             let skip = (job.out.start - pos) as usize;
             let (_, r) = rest.split_at_mut(skip);
-            let (mine, r) = r.split_at_mut((job.out.end - job.out.start) as usize);
+            let written = job.written();
+            let (mine, r) = r.split_at_mut((written.end - written.start) as usize);
             rest = r;
-            pos = job.out.end;
+            pos = written.end;
             let n = tensor_ranges(job, 0..0).len();
             slices.push((job, mine, &fetched[k..k + n]));
             k += n;
@@ -270,7 +271,19 @@ fn compute(job: &TensorJob, bytes: &[Bytes], out: &mut [u8], pool: &Arc<BufferPo
         Op::Copy { .. } => out.copy_from_slice(&bytes[0]),
         Op::Merge { kernel, .. } => {
             let values = kernel_inputs(job, bytes, 0, pool);
-            ModelStock::from(*kernel).merge(&job.shape, &views(&values), out);
+            let k = ModelStock::from(*kernel);
+            match &job.requant {
+                None => k.merge(&job.shape, &views(&values), out),
+                Some(r) => {
+                    // Merge into the kernel's dtype, then quantize whole: weight, then scales.
+                    let mut merged = pool.get(job.numel() * kernel.out.size());
+                    k.merge(&job.shape, &views(&values), &mut merged);
+                    let (q, scales) = out.split_at_mut(job.numel());
+                    r.blocks
+                        .quantize(&merged, kernel.out.st_dtype(), 0, q, scales);
+                    drop(pool.freeze(merged));
+                }
+            }
         }
     }
 }
@@ -371,15 +384,23 @@ async fn stream_tensor(
         }
         _ => None,
     };
-    // Pass 2 (or the only pass): output window by window.
+    // Pass 2 (or the only pass): output window by window. Requantized scales (a row of
+    // blocks per window) follow the weight, in order, once every window is written.
+    let kernel_out = kernel.map_or(job.dtype, |k| k.out.st_dtype());
+    let mut scales = job
+        .requant
+        .as_ref()
+        .map(|r| vec![0u8; r.blocks.scale_bytes() as usize]);
     for w in &windows {
         let bytes = fetch_window(w).await?;
         let values = kernel_inputs(job, &bytes, w.start, &inputs.pool);
         let (start, len) = (w.start, w.len());
         let shape = job.shape.clone();
         let pool = inputs.pool.clone();
-        let data = blocking(move || {
-            let mut out = pool.get(len * out_size as usize);
+        let requant = job.requant.clone();
+        let (data, window_scales) = blocking(move || {
+            let size = dtype::size(kernel_out).expect("whole-byte dtype");
+            let mut out = pool.get(len * size);
             let views = views(&values);
             match (kernel, t) {
                 (None, _) => out.copy_from_slice(&values[0].0),
@@ -389,10 +410,28 @@ async fn stream_tensor(
                     k.merge_rows(row, start / row, numel / row, &views, &mut out)
                 }
             }
-            pool.freeze(out)
+            match requant {
+                None => (pool.freeze(out), None),
+                Some(r) => {
+                    let block_rows = (len / r.blocks.cols).div_ceil(r.blocks.block[0]);
+                    let mut s = vec![0u8; block_rows * r.blocks.scale_shape()[1] * 4];
+                    let mut q = pool.get(len);
+                    r.blocks.quantize(&out, kernel_out, 0, &mut q, &mut s);
+                    drop(pool.freeze(out));
+                    (pool.freeze(q), Some(s))
+                }
+            }
         })
         .await?;
+        if let (Some(all), Some(s), Some(r)) = (&mut scales, window_scales, &job.requant) {
+            let first = start / (r.blocks.block[0] * r.blocks.cols);
+            let at = first * r.blocks.scale_shape()[1] * 4;
+            all[at..at + s.len()].copy_from_slice(&s);
+        }
         send(tx, job.out.start + w.start as u64 * out_size, data, None).await?;
+    }
+    if let (Some(all), Some(r)) = (scales, &job.requant) {
+        send(tx, r.scales.start, Bytes::from(all), None).await?;
     }
     progress.tensors_done.fetch_add(1, Ordering::Relaxed);
     Ok(())

@@ -43,6 +43,8 @@ pub enum PlanError {
     #[error("tensor `{tensor}` is {dtype:?}: mergefleet reads block-FP8 (F8_E4M3 with `_scale_inv` scales, `quant_method: fp8` in config.json) but not this format; convert the models to bfloat16 first")]
     LowPrecision { tensor: String, dtype: Dtype },
     /// A block-FP8 weight whose scales are missing or do not fit it.
+    #[error("--quantize fp8: the base model `{0}` has no block-FP8 weights to write as FP8 again; drop --quantize to write {1}")]
+    NothingToQuantize(String, &'static str),
     #[error("FP8 tensor `{tensor}` of `{model}`: {message}")]
     Fp8 {
         tensor: String,
@@ -71,6 +73,9 @@ pub struct PlanOptions {
     pub min_part: u64,
     /// The order of model_stock's sums (`--reductions`).
     pub reductions: Reductions,
+    /// `--quantize fp8`: write every tensor that is block-FP8 in the base as FP8 again,
+    /// with its scales, in the base's block size.
+    pub quantize_fp8: bool,
 }
 
 impl Default for PlanOptions {
@@ -80,6 +85,7 @@ impl Default for PlanOptions {
             task_size: 64 << 20,
             min_part: MIN_PART,
             reductions: Reductions::default(),
+            quantize_fp8: false,
         }
     }
 }
@@ -189,6 +195,17 @@ pub struct TensorJob {
     /// Absolute byte range in its output file.
     pub out: Range<u64>,
     pub op: Op,
+    /// `--quantize fp8`: the merged values (the kernel's output dtype) are quantized into
+    /// `out` (F8_E4M3), their scales written right after it.
+    pub requant: Option<Requant>,
+}
+
+/// How a merged tensor is written as block FP8.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requant {
+    pub blocks: Blocks,
+    /// Absolute byte range of `<name>_scale_inv` (float32), right after the weight.
+    pub scales: Range<u64>,
 }
 
 impl TensorJob {
@@ -207,7 +224,22 @@ impl TensorJob {
     /// Memory to merge this tensor in one pass: all inputs, their dequantized values, and
     /// the output.
     pub fn working_set(&self) -> u64 {
-        self.input_bytes() + self.dequantized_bytes() + (self.out.end - self.out.start)
+        let written = self.written();
+        self.input_bytes()
+            + self.dequantized_bytes()
+            + self.requant_bytes()
+            + (written.end - written.start)
+    }
+    /// Every byte this tensor writes: the tensor, and its scales when requantized.
+    pub fn written(&self) -> Range<u64> {
+        self.out.start..self.requant.as_ref().map_or(self.out.end, |r| r.scales.end)
+    }
+    /// Bytes of the kernel's output held before requantizing (0 when not requantized).
+    pub fn requant_bytes(&self) -> u64 {
+        match (&self.requant, &self.op) {
+            (Some(_), Op::Merge { kernel, .. }) => (self.numel() * kernel.out.size()) as u64,
+            _ => 0,
+        }
     }
     /// The input slices, base first.
     pub fn inputs(&self) -> Vec<&InputSlice> {
@@ -221,11 +253,17 @@ impl TensorJob {
     pub fn window_unit(&self) -> (usize, u64) {
         let size = |d| dtype::size(d).expect("whole-byte dtype") as u64;
         let per_input = |s: &&InputSlice| size(s.dtype) + if s.scale.is_some() { 2 } else { 0 };
-        let per_elem = self.inputs().iter().map(per_input).sum::<u64>() + size(self.dtype);
-        let unit = match &self.op {
+        let mut per_elem = self.inputs().iter().map(per_input).sum::<u64>() + size(self.dtype);
+        let mut unit = match &self.op {
             Op::Merge { kernel, .. } if kernel.filter_wise => row_len(&self.shape).max(1),
             _ => BLOCK,
         };
+        if let (Some(r), Op::Merge { kernel, .. }) = (&self.requant, &self.op) {
+            // Quantizing needs whole rows of blocks.
+            per_elem += kernel.out.size() as u64;
+            let rows = r.blocks.block[0] * r.blocks.cols;
+            unit = unit / gcd(unit, rows) * rows;
+        }
         (unit, per_elem)
     }
     /// Bytes of the FP8 inputs' scale tensors (read whole for every window).
@@ -239,8 +277,20 @@ impl TensorJob {
     /// The least memory that can merge this tensor: all of it, or two windows when streamed.
     pub fn min_memory(&self) -> u64 {
         let (unit, per_elem) = self.window_unit();
+        let scales_out = self
+            .requant
+            .as_ref()
+            .map_or(0, |r| r.scales.end - r.scales.start);
         self.working_set()
-            .min(2 * unit as u64 * per_elem + self.scale_bytes())
+            .min(2 * unit as u64 * per_elem + self.scale_bytes() + scales_out)
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -374,7 +424,14 @@ impl MergePlan {
                 }
                 let mut pos = if at == 0 { f.header.len() as u64 } else { at };
                 for j in &t.tensors {
-                    if j.out.start != pos || j.out.end - j.out.start != bytes(&j.shape, j.dtype) {
+                    let scales_ok = j.requant.as_ref().is_none_or(|r| {
+                        r.scales.start == j.out.end
+                            && r.scales.end - r.scales.start == r.blocks.scale_bytes()
+                    });
+                    if j.out.start != pos
+                        || j.out.end - j.out.start != bytes(&j.shape, j.dtype)
+                        || !scales_ok
+                    {
                         return Err(format!(
                             "{}: output range {:?}, expected {} bytes from {pos}",
                             j.name,
@@ -382,10 +439,13 @@ impl MergePlan {
                             bytes(&j.shape, j.dtype)
                         ));
                     }
-                    pos = j.out.end;
-                    total += j.out.end - j.out.start;
-                    if names.insert(j.name.as_str(), f.name.as_str()).is_some() {
+                    pos = j.written().end;
+                    total += j.written().end - j.written().start;
+                    if names.insert(j.name.clone(), f.name.as_str()).is_some() {
                         return Err(format!("{} is in two tasks", j.name));
+                    }
+                    if j.requant.is_some() {
+                        names.insert(format!("{}{SCALE_SUFFIX}", j.name), f.name.as_str());
                     }
                     let inputs: Vec<&InputSlice> = match &j.op {
                         Op::Merge { inputs, .. } => inputs.iter().collect(),
@@ -433,10 +493,10 @@ impl MergePlan {
                 self.total_size
             ));
         }
-        let mapped: std::collections::HashMap<&str, &str> = self
+        let mapped: std::collections::HashMap<String, &str> = self
             .weight_map
             .iter()
-            .map(|(t, f)| (t.as_str(), f.as_str()))
+            .map(|(t, f)| (t.clone(), f.as_str()))
             .collect();
         if mapped != names || mapped.len() != self.weight_map.len() {
             return Err("the weight map does not list each tensor once, in its file".into());
@@ -465,6 +525,10 @@ pub fn plan(
             out_dtype.get_or_insert(kernel.out);
         }
         jobs.push(job);
+    }
+    if opts.quantize_fp8 && jobs.iter().all(|j| j.requant.is_none()) {
+        let out = out_dtype.map_or("the configured dtype", |d| d.name());
+        return Err(PlanError::NothingToQuantize(base.reference.clone(), out));
     }
     layout(jobs, inputs, out_dtype, config.warnings.clone(), opts)
 }
@@ -648,6 +712,7 @@ fn tensor_job(
     config: &MergeConfig,
     opts: PlanOptions,
 ) -> Result<TensorJob, PlanError> {
+    let slices_base_scale = slices[0].scale.as_ref().map(|s| s.blocks);
     // Low-precision floats are weights, not integers to copy; merging them needs their
     // block scales, which model_stock here does not apply. Refuse rather than copy
     // the base's bytes and call it a merge.
@@ -688,17 +753,32 @@ fn tensor_job(
         let input = slices.swap_remove(0);
         (base_dtype, Op::Copy { input })
     };
+    // --quantize fp8: what is FP8 in the base is written as FP8, in the base's blocks.
+    let requant = match (&op, slices_base_scale) {
+        (Op::Merge { .. }, Some(blocks)) if opts.quantize_fp8 => Some(Requant {
+            blocks,
+            scales: 0..0,
+        }),
+        _ => None,
+    };
     Ok(TensorJob {
         name: name.to_string(),
         shape: shape.to_vec(),
-        dtype,
+        dtype: if requant.is_some() {
+            Dtype::F8_E4M3
+        } else {
+            dtype
+        },
         out: 0..0,
         op,
+        requant,
     })
 }
 
+/// Bytes a tensor takes in its file: its data, and its scales when written as FP8.
 fn tensor_bytes(j: &TensorJob) -> u64 {
-    j.numel() as u64 * dtype::size(j.dtype).expect("whole-byte dtype") as u64
+    let scales = j.requant.as_ref().map_or(0, |r| r.blocks.scale_bytes());
+    j.numel() as u64 * dtype::size(j.dtype).expect("whole-byte dtype") as u64 + scales
 }
 
 /// Shard the tensors (already in lexicographic order) into files and tasks.
@@ -725,7 +805,12 @@ fn layout(
         group.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
         let header = file_header(&group)?;
         let data_start = header.len() as u64;
-        weight_map.extend(group.iter().map(|j| (j.name.clone(), name.clone())));
+        for j in &group {
+            weight_map.push((j.name.clone(), name.clone()));
+            if j.requant.is_some() {
+                weight_map.push((format!("{}{SCALE_SUFFIX}", j.name), name.clone()));
+            }
+        }
         let first_task = tasks.len();
         let data = cut_tasks(group, fi, data_start, opts, &mut tasks);
         files.push(OutputFile {
@@ -776,7 +861,7 @@ fn file_header(group: &[TensorJob]) -> Result<Vec<u8>, PlanError> {
     let mut off = 0u64;
     let mut infos = Vec::with_capacity(group.len());
     for j in group {
-        let b = tensor_bytes(j);
+        let b = j.numel() as u64 * dtype::size(j.dtype).expect("whole-byte dtype") as u64;
         infos.push((
             j.name.clone(),
             TensorInfo {
@@ -786,6 +871,19 @@ fn file_header(group: &[TensorJob]) -> Result<Vec<u8>, PlanError> {
             },
         ));
         off += b;
+        if let Some(r) = &j.requant {
+            // Each scale right after its weight, so one task writes both.
+            let s = r.blocks.scale_bytes();
+            infos.push((
+                format!("{}{SCALE_SUFFIX}", j.name),
+                TensorInfo {
+                    dtype: Dtype::F32,
+                    shape: r.blocks.scale_shape().to_vec(),
+                    data_offsets: (off as usize, (off + s) as usize),
+                },
+            ));
+            off += s;
+        }
     }
     crate::header::write_header(infos).map_err(PlanError::Layout)
 }
@@ -806,7 +904,15 @@ fn cut_tasks(
     let mut cur_task: Option<Task> = None;
     for mut j in group {
         let b = tensor_bytes(&j);
-        j.out = data_start + pos..data_start + pos + b;
+        let end = data_start + pos + b;
+        match &mut j.requant {
+            Some(r) => {
+                let scales = r.blocks.scale_bytes();
+                r.scales = end - scales..end;
+                j.out = data_start + pos..end - scales;
+            }
+            None => j.out = data_start + pos..end,
+        }
         pos += b;
         let fits = cur_task.as_ref().is_some_and(|t| {
             t.input_bytes() + j.input_bytes() <= opts.task_size
@@ -817,7 +923,7 @@ fn cut_tasks(
             let start = if tasks.len() == first_task {
                 0
             } else {
-                j.out.start
+                j.written().start
             };
             cur_task = Some(Task {
                 id: 0,
@@ -827,7 +933,7 @@ fn cut_tasks(
             });
         }
         let t = cur_task.as_mut().expect("task open");
-        t.out.end = j.out.end;
+        t.out.end = j.written().end;
         t.tensors.push(j);
     }
     tasks.extend(cur_task.take());

@@ -19,7 +19,7 @@ use crate::dtype::{self, WorkDtype};
 use crate::fp8::Blocks;
 use crate::merge::Reductions;
 use crate::plan::{
-    InputFile, InputSlice, MergePlan, ModelStockParams, Op, ScaleSlice, Task, TensorJob,
+    InputFile, InputSlice, MergePlan, ModelStockParams, Op, Requant, ScaleSlice, Task, TensorJob,
 };
 use crate::sink::cluster::Target;
 
@@ -309,6 +309,12 @@ pub fn task_to_wire(
                     out_end: j.out.end,
                     kernel,
                     inputs,
+                    requant: j.requant.as_ref().map(|r| pb::Requant {
+                        block_rows: r.blocks.block[0] as u64,
+                        block_cols: r.blocks.block[1] as u64,
+                        scales_start: r.scales.start,
+                        scales_end: r.scales.end,
+                    }),
                 }
             })
             .collect(),
@@ -448,9 +454,12 @@ fn tensor_from_wire(
                 reductions: Reductions::from_name(&k.reductions)
                     .ok_or_else(|| bad(format!("unknown reduction order `{}`", k.reductions)))?,
             };
-            if kernel.out.st_dtype() != dtype
-                || slices.iter().any(|s| !dtype::is_float(s.value_dtype()))
-            {
+            let written = if j.requant.is_some() {
+                Dtype::F8_E4M3
+            } else {
+                kernel.out.st_dtype()
+            };
+            if written != dtype || slices.iter().any(|s| !dtype::is_float(s.value_dtype())) {
                 return Err(bad(format!(
                     "a merge into {} of inputs that are not all floats, or written as {}",
                     kernel.out.name(),
@@ -467,12 +476,17 @@ fn tensor_from_wire(
             _ => return Err(bad("a copy needs exactly one input of its own dtype".into())),
         },
     };
+    let requant = match &j.requant {
+        None => None,
+        Some(r) => Some(requant_from_wire(r, &shape, dtype, &out, task_range, &op).map_err(bad)?),
+    };
     Ok(TensorJob {
         name: j.name.clone(),
         shape,
         dtype,
         out,
         op,
+        requant,
     })
 }
 
@@ -488,6 +502,43 @@ fn file_index(files: &mut Vec<InputFile>, url: &str) -> usize {
             files.len() - 1
         }
     }
+}
+
+/// How a merged tensor is written as FP8, checked: an F8_E4M3 matrix from a merge, its
+/// scales right after it and inside the task.
+fn requant_from_wire(
+    r: &pb::Requant,
+    shape: &[usize],
+    dtype: Dtype,
+    out: &std::ops::Range<u64>,
+    task_range: &std::ops::Range<u64>,
+    op: &Op,
+) -> Result<Requant, String> {
+    let &[rows, cols] = shape else {
+        return Err(format!(
+            "requantized shape {shape:?}: FP8 weights are matrices"
+        ));
+    };
+    let blocks = Blocks {
+        rows,
+        cols,
+        block: [r.block_rows as usize, r.block_cols as usize],
+    };
+    let scales = r.scales_start..r.scales_end;
+    if dtype != Dtype::F8_E4M3
+        || !matches!(op, Op::Merge { .. })
+        || blocks.block.contains(&0)
+        || scales.start != out.end
+        || scales.end < scales.start
+        || scales.end - scales.start != blocks.scale_bytes()
+        || scales.end > task_range.end
+    {
+        return Err(format!(
+            "requantized scales {}..{} with {:?} blocks do not follow a {rows}x{cols} FP8 merge ending at {}",
+            scales.start, scales.end, blocks.block, out.end
+        ));
+    }
+    Ok(Requant { blocks, scales })
 }
 
 /// An FP8 input's scales, checked against the weight they scale.

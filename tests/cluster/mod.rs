@@ -196,6 +196,36 @@ fn cluster_fp8_equals_mergekit() {
 }
 
 #[test]
+fn cluster_fp8_quantized_equals_embedded() {
+    // FP8 in, FP8 out (--quantize fp8), over 3 workers with small tasks: the bytes of
+    // embedded mode.
+    let c = Cluster::new(Path::new("/"), vec![]);
+    let cfg = crate::fp8::fp8_set(&c.dir.path().join("set"));
+    let out = c.dir.path().join("out");
+    let flags = [
+        "--quantize",
+        "fp8",
+        "--task-size",
+        "2M",
+        "--out-shard-size",
+        "8M",
+    ];
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &flags,
+        "coord.log",
+    );
+    let mut ws = c.workers(3, &[]);
+    assert_exit_ok(&mut coord, 120);
+    for w in &mut ws {
+        assert_exit_ok(w, 30);
+    }
+    let want = embedded(&cfg, Path::new("/"), &flags, &[]);
+    assert_same_checkpoint(&out, want.path());
+}
+
+#[test]
 fn cluster_s3_to_s3_equals_embedded() {
     let s3 = S3Server::start();
     let (models, c, cfg) = s3_cluster(&s3);

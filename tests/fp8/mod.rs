@@ -210,3 +210,136 @@ fn malformed_fp8_inputs_are_refused() {
         assert!(!looks_complete(&out), "{what}: a checkpoint was written");
     }
 }
+
+/// `--quantize fp8` into `out` with `extra` flags; every tensor equals the requantized
+/// golden (weights F8_E4M3, scales F32), and each scale sits in its weight's file.
+fn quantize_and_compare(case: &str, out: &Path, extra: &[&str]) {
+    let cfg = format!("{case}.yml");
+    let mut args = vec![
+        "merge",
+        &cfg,
+        out.to_str().unwrap(),
+        "-q",
+        "--quantize",
+        "fp8",
+    ];
+    args.extend_from_slice(extra);
+    assert_ok(&run_in(&fp8_fixtures(), &args, &[]));
+    let want = read_checkpoint(&fp8_fixtures().join("expected").join(format!("{case}_q")));
+    let got = read_checkpoint(out);
+    assert_eq!(got.len(), want.len(), "{case} {extra:?}: tensor count");
+    for (name, w) in &want {
+        assert!(
+            got.get(name) == Some(w),
+            "{case} {extra:?}: `{name}` differs"
+        );
+    }
+    if let Some(map) = weight_map(out) {
+        let map = map.as_object().unwrap();
+        for (name, file) in map {
+            if let Some(w) = name.strip_suffix("_scale_inv") {
+                assert_eq!(map.get(w), Some(file), "{name} is not in its weight's file");
+            }
+        }
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["quantization_config"]["quant_method"], "fp8", "{cfg}");
+}
+
+#[test]
+fn quantize_fp8_writes_mergekits_result_requantized() {
+    for case in ["all_fp8", "mixed"] {
+        let out = tmp();
+        quantize_and_compare(case, out.path(), &[]);
+        let one = tmp();
+        quantize_and_compare(case, one.path(), &["--threads", "1"]);
+        assert_same_checkpoint(out.path(), one.path());
+    }
+    // Several output files (scales beside their weights), and one tensor at a time under a
+    // small memory limit (windows: `fp8_streamed_equals_in_memory`): the same tensors.
+    let out = tmp();
+    quantize_and_compare("all_fp8", out.path(), &["--out-shard-size", "40K"]);
+    assert!(weight_map(out.path()).is_some(), "expected several files");
+    let small = tmp();
+    quantize_and_compare(
+        "all_fp8",
+        small.path(),
+        &["--memory-limit", "200K", "--task-size", "1"],
+    );
+}
+
+#[test]
+fn quantize_fp8_needs_an_fp8_base() {
+    let out = tmp();
+    let o = run_in(
+        &fixtures(),
+        &[
+            "merge",
+            "basic_bf16/config.yml",
+            out.path().to_str().unwrap(),
+            "--quantize",
+            "fp8",
+        ],
+        &[],
+    );
+    let t = assert_exit(&o, 2);
+    assert!(
+        t.contains("--quantize fp8") && t.contains("no block-FP8"),
+        "{t}"
+    );
+    assert!(!looks_complete(out.path()));
+}
+
+/// A block-FP8 set with matrices of up to 786,432 elements (several kernel blocks and
+/// 128-row block rows each): the synthetic LLaMA set quantized as DeepSeek ships models.
+pub fn fp8_set(dir: &Path) -> PathBuf {
+    let shape = mergefleet::synth::LlamaShape {
+        hidden: 512,
+        layers: 2,
+        intermediate: 1536,
+        vocab: 4096,
+        heads: 8,
+        kv_heads: 4,
+        lm_head: true,
+    };
+    mergefleet::synth::write_set(dir, &shape, 3, 2).unwrap();
+    for m in ["base", "ft1", "ft2", "ft3"] {
+        mergefleet::synth::quantize_model(&dir.join(m), [128, 128]).unwrap();
+    }
+    dir.join("model_stock.yml")
+}
+
+#[test]
+fn fp8_streamed_equals_in_memory() {
+    // Streamed windows (whole rows of 128-row blocks when requantizing) give the bytes of
+    // a merge done in one pass, for both outputs.
+    let d = tmp();
+    let cfg = fp8_set(d.path());
+    let cfg = cfg.to_str().unwrap();
+    for quantize in [&[][..], &["--quantize", "fp8"][..]] {
+        let merge = |extra: &[&str]| {
+            let out = tmp();
+            let mut args = vec!["merge", cfg, out.path().to_str().unwrap(), "-q"];
+            args.extend_from_slice(quantize);
+            args.extend_from_slice(extra);
+            assert_ok(&run(&args));
+            out
+        };
+        let whole = merge(&[]);
+        let streamed = merge(&["--memory-limit", "8M", "--task-size", "1"]);
+        assert_same_checkpoint(whole.path(), streamed.path());
+        let t = read_checkpoint(whole.path());
+        let up = &t["model.layers.0.mlp.up_proj.weight"];
+        let want = if quantize.is_empty() {
+            "BF16"
+        } else {
+            "F8_E4M3"
+        };
+        assert_eq!((up.0.as_str(), up.1.clone()), (want, vec![1536, 512]));
+        assert_eq!(
+            t.contains_key("model.layers.0.mlp.up_proj.weight_scale_inv"),
+            !quantize.is_empty()
+        );
+    }
+}

@@ -1,6 +1,7 @@
-//! A 671B-class merge plan (DeepSeek-V3 layout: 91,991 tensors in 163 files per model, as
-//! sparse files, so nothing real is stored): `mergefleet plan` handles it, the plan keeps
-//! its invariants, and every task message stays small. Time and memory are measured by
+//! A 671B-class merge plan (DeepSeek-V3 layout as released: 91,991 tensors, the big
+//! matrices block FP8 with their scales, in 163 files per model, as sparse files, so nothing
+//! real is stored): `mergefleet plan` handles it, with and without `--quantize fp8`, the
+//! plan keeps its invariants, and every task message stays small. Time and memory are measured by
 //! `benches/scale.sh`, not asserted here.
 
 use mergefleet::job::Job;
@@ -20,18 +21,34 @@ fn plan_671b_class_layout() {
     mergefleet::synth::write_sparse_deepseek_set(dir.path(), 2).unwrap();
     let cfg = dir.path().join("model_stock.yml");
 
-    // The command users run.
+    // The command users run: dequantized, the scales are read but not written.
+    let all = mergefleet::synth::deepseek_v3_tensors();
+    let scales = all.iter().filter(|t| t.0.ends_with("_scale_inv")).count();
     let o = run(&["plan", cfg.to_str().unwrap()]);
     assert_ok(&o);
-    assert!(text(&o).contains("tensors:        91991"), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains(&format!("tensors:        {}", all.len() - scales)),
+        "{t}"
+    );
+    assert!(
+        t.contains(&format!("FP8 inputs:     {}", 3 * scales)),
+        "{t}"
+    );
+    let o = run(&["plan", cfg.to_str().unwrap(), "--quantize", "fp8"]);
+    assert_ok(&o);
+    assert!(text(&o).contains(&format!("tensors:        {}", all.len() - scales)));
 
-    // The plan itself.
+    // The plan itself, written as FP8 again: every tensor of the release, scales included.
     let yaml = std::fs::read_to_string(&cfg).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let opts = PlanOptions::default();
+    let opts = PlanOptions {
+        quantize_fp8: true,
+        ..PlanOptions::default()
+    };
     let job = rt.block_on(Job::load(&yaml, &Stores::new(), opts)).unwrap();
     let plan = &job.plan;
-    assert_eq!(plan.tensor_count(), 91_991);
+    assert_eq!(plan.weight_map.len(), 91_991);
     assert_eq!(plan.inputs.len(), 3 * 163);
     let sizes: Vec<u64> = plan
         .inputs
