@@ -8,7 +8,9 @@
 # (about 1 GB each). Then, with the inputs in the page cache, prints the time to read them
 # (cat > /dev/null), the time to write a file of the output's size, and for each of RUNS
 # merges its wall time, input GB/s and peak RSS, and the ratio to read + write; the same
-# merges again with float16 as the working dtype (`dtype: float16`), side by side.
+# merges again with float16 as the working dtype (`dtype: float16`), side by side; then the
+# same set block-FP8 (DIR-fp8, written once) merged into bfloat16 and into FP8
+# (`--quantize fp8`), with their throughput per output element relative to bfloat16's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/mergefleet-bench}
@@ -42,5 +44,20 @@ for cfg in model_stock.yml model_stock_f16.yml; do
     wall=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s .*/\1/')
     rss=$(echo "$line" | sed -E 's/.*peak RSS (.*)$/\1/')
     echo "$dtype merge run $i: $wall s, $(calc "$in_bytes/$wall/1e9") GB/s of input, peak RSS $rss, $(calc "$wall/$floor")x the floor"
+  done
+done
+# Block FP8: the same models quantized (every *_proj.weight F8_E4M3 + 128x128 scales).
+FP8="$DIR-fp8"
+[ -f "$FP8/model_stock.yml" ] || target/release/examples/synth "$FP8" --fp8 >/dev/null
+cat "$FP8"/*/*.safetensors > /dev/null   # warm the page cache
+best() { sort -n | head -1; }
+bf16_best=$(for i in $(seq "$RUNS"); do "$BIN" merge "$DIR/model_stock.yml" "$OUT" -q --overwrite | sed -E 's/.* in ([0-9.]+) s .*/\1/'; done | best)
+for mode in "" "--quantize fp8"; do
+  for i in $(seq "$RUNS"); do
+    sync
+    # shellcheck disable=SC2086
+    line=$("$BIN" merge "$FP8/model_stock.yml" "$OUT" -q --overwrite $mode)
+    wall=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s .*/\1/')
+    echo "fp8 inputs ${mode:-(bfloat16 out)} run $i: $wall s, $(calc "$bf16_best/$wall")x bfloat16's throughput per output element (best bfloat16 run: $bf16_best s)"
   done
 done

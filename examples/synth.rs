@@ -2,7 +2,8 @@
 //!
 //! `cargo run --release --example synth -- DIR` writes the end-to-end benchmark set (bf16,
 //! hidden 2048, 8 layers, intermediate 5632, vocab 32000: about 1 GB per model).
-//! `--deepseek-sparse` writes a 671B-class layout instead, as sparse files (`benches/scale.sh`).
+//! `--deepseek-sparse` writes a 671B-class layout instead, as sparse files (`benches/scale.sh`);
+//! `--fp8` writes the set block-FP8, as DeepSeek ships its models (`benches/e2e.sh`).
 
 use std::path::PathBuf;
 
@@ -35,6 +36,10 @@ struct Args {
     /// Instead: a 671B-class DeepSeek-V3 layout (163 sparse files per model, headers only).
     #[arg(long)]
     deepseek_sparse: bool,
+    /// Write the models block-FP8, as DeepSeek ships them: every `*_proj.weight` F8_E4M3
+    /// with 128x128-block `_scale_inv` scales.
+    #[arg(long)]
+    fp8: bool,
 }
 
 fn main() -> std::io::Result<()> {
@@ -52,6 +57,13 @@ fn main() -> std::io::Result<()> {
         mergefleet::synth::write_sparse_deepseek_set(&a.dir, a.fine_tunes)?;
     } else {
         write_set(&a.dir, &shape, a.fine_tunes, a.shards)?;
+        if a.fp8 {
+            let models = std::iter::once("base".to_string())
+                .chain((1..=a.fine_tunes).map(|i| format!("ft{i}")));
+            for m in models {
+                mergefleet::synth::quantize_model(&a.dir.join(m), [128, 128])?;
+            }
+        }
     }
     println!("wrote {}", a.dir.join("model_stock.yml").display());
     Ok(())

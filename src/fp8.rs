@@ -100,9 +100,10 @@ impl Blocks {
             // One run: to the end of this row's block of columns.
             let run = (bc - col % bc).min(self.cols - col).min(q.len() - k);
             let s = scale(row / br * scols + col / bc);
-            for j in k..k + run {
-                let v = bf16_round(E4M3[q[j] as usize] * s);
-                out[2 * j..2 * j + 2].copy_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
+            let out_run = &mut out[2 * k..2 * (k + run)];
+            for (o, &b) in out_run.chunks_exact_mut(2).zip(&q[k..k + run]) {
+                let v = bf16_round(E4M3[b as usize] * s);
+                o.copy_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
             }
             k += run;
         }
@@ -111,24 +112,22 @@ impl Blocks {
 
 /// The E4M3FN byte nearest `x`, ties to even, as torch 2.15 converts on CPU: magnitudes
 /// past the largest value (448), infinities included, saturate to it; NaN stays NaN (0x7F).
+/// Branch-free, so loops over it vectorize.
+#[inline(always)]
 pub fn f32_to_e4m3(x: f32) -> u8 {
-    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
-    let a = x.abs();
-    if a.is_nan() {
-        return sign | 0x7F;
-    }
-    if a >= 464.0 {
-        return sign | 0x7E;
-    }
-    if a < 2f32.powi(-6) {
-        // Subnormal steps of 2^-9 (8 of them reach the smallest normal, 0x08).
-        return sign | (a * 512.0).round_ties_even() as u8;
-    }
-    let bits = a.to_bits();
-    let rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & !0xFFFFF;
-    let exp = (rounded >> 23) as i32 - 127 + 7;
-    let man = (rounded >> 20) & 7;
-    sign | ((exp as u32) << 3 | man) as u8
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let ab = bits & 0x7FFF_FFFF;
+    let a = f32::from_bits(ab);
+    // Normal: keep 3 mantissa bits (round to nearest even), re-bias the exponent (127 -> 7).
+    let r = ab.wrapping_add(0x7FFFF + ((ab >> 20) & 1)) & !0xFFFFF;
+    let normal = (r >> 20).wrapping_sub(120 << 3) as u8;
+    // Subnormal (below 2^-6): steps of 2^-9; adding 2^23 rounds to an integer, ties to even.
+    let sub = ((a * 512.0 + 8_388_608.0).to_bits() & 0xF) as u8;
+    let mag = if a < 0.015_625 { sub } else { normal };
+    let mag = if a >= 464.0 { 0x7E } else { mag };
+    let mag = if a.is_nan() { 0x7F } else { mag };
+    sign | mag
 }
 
 impl Blocks {
@@ -144,44 +143,57 @@ impl Blocks {
         scales: &mut [u8],
     ) {
         let size = dtype.bitsize() / 8;
-        let value = |k: usize| -> f32 {
-            let b = &values[k * size..(k + 1) * size];
-            match dtype {
-                safetensors::Dtype::BF16 => {
-                    f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
-                }
-                safetensors::Dtype::F16 => {
-                    crate::dtype::f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
-                }
-                _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            }
-        };
         let [br, bc] = self.block;
         let [_, scols] = self.scale_shape();
-        let n = values.len() / size;
-        let rows = n / self.cols;
+        let rows = values.len() / size / self.cols;
+        let mut vals = vec![0f32; br.min(rows.max(1)) * self.cols];
+        let mut amax = vec![0f32; scols];
         let mut mult = vec![0f32; scols];
         for (i, r0) in (0..rows).step_by(br).enumerate() {
-            let r1 = (r0 + br).min(rows);
-            let mut amax = vec![0f32; scols];
-            for r in r0..r1 {
-                for c in 0..self.cols {
-                    let a = &mut amax[c / bc];
-                    *a = a.max(value(r * self.cols + c).abs());
+            let n = ((r0 + br).min(rows) - r0) * self.cols;
+            let at = r0 * self.cols;
+            decode(&values[at * size..(at + n) * size], dtype, &mut vals[..n]);
+            amax.fill(0.0);
+            for row in vals[..n].chunks(self.cols) {
+                for (a, c) in amax.iter_mut().zip(row.chunks(bc)) {
+                    *a = c.iter().fold(*a, |m, v| m.max(v.abs()));
                 }
             }
             for (j, a) in amax.iter().enumerate() {
                 let a = a.max(1e-4);
-                // torch evaluates `448.0 / amax` as `amax.reciprocal() * 448.0`: two roundings.
+                // torch evaluates `448.0 / amax` as `amax.reciprocal() * 448.0`.
                 mult[j] = (1.0 / a) * 448.0;
-                let at = ((first_block_row + i) * scols + j) * 4;
-                scales[at..at + 4].copy_from_slice(&(a / 448.0).to_le_bytes());
+                let s = ((first_block_row + i) * scols + j) * 4;
+                scales[s..s + 4].copy_from_slice(&(a / 448.0).to_le_bytes());
             }
-            for r in r0..r1 {
-                for c in 0..self.cols {
-                    let k = r * self.cols + c;
-                    q[k] = f32_to_e4m3(value(k) * mult[c / bc]);
+            let out = &mut q[at..at + n];
+            for (row, qrow) in vals[..n].chunks(self.cols).zip(out.chunks_mut(self.cols)) {
+                for ((c, qc), m) in row.chunks(bc).zip(qrow.chunks_mut(bc)).zip(&mult) {
+                    for (v, o) in c.iter().zip(qc) {
+                        *o = f32_to_e4m3(v * m);
+                    }
                 }
+            }
+        }
+    }
+}
+
+/// Little-endian bfloat16, float16 or float32 values as f32 (exact).
+fn decode(bytes: &[u8], dtype: safetensors::Dtype, out: &mut [f32]) {
+    match dtype {
+        safetensors::Dtype::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        safetensors::Dtype::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = crate::dtype::f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
     }

@@ -371,10 +371,10 @@ async fn stream_tensor(
             let mut acc = k.begin_stats(slices.len() - 1, numel);
             for w in &windows {
                 let bytes = fetch_window(w).await?;
-                let values = kernel_inputs(job, &bytes, w.start, &inputs.pool);
-                let k = *k;
-                let len = w.len();
+                let (k, job, pool) = (*k, job.clone(), inputs.pool.clone());
+                let (start, len) = (w.start, w.len());
                 acc = blocking(move || {
+                    let values = kernel_inputs(&job, &bytes, start, &pool);
                     k.feed_stats(&mut acc, &views(&values), 0, len);
                     acc
                 })
@@ -393,12 +393,13 @@ async fn stream_tensor(
         .map(|r| vec![0u8; r.blocks.scale_bytes() as usize]);
     for w in &windows {
         let bytes = fetch_window(w).await?;
-        let values = kernel_inputs(job, &bytes, w.start, &inputs.pool);
         let (start, len) = (w.start, w.len());
-        let shape = job.shape.clone();
+        let job_here = job.clone();
         let pool = inputs.pool.clone();
-        let requant = job.requant.clone();
         let (data, window_scales) = blocking(move || {
+            let job = job_here;
+            let (shape, requant) = (&job.shape, job.requant.clone());
+            let values = kernel_inputs(&job, &bytes, start, &pool);
             let size = dtype::size(kernel_out).expect("whole-byte dtype");
             let mut out = pool.get(len * size);
             let views = views(&values);
@@ -406,7 +407,7 @@ async fn stream_tensor(
                 (None, _) => out.copy_from_slice(&values[0].0),
                 (Some(k), Some(t)) => k.apply(&views, 0, len, t, &mut out),
                 (Some(k), None) => {
-                    let row = row_len(&shape).max(1);
+                    let row = row_len(shape).max(1);
                     k.merge_rows(row, start / row, numel / row, &views, &mut out)
                 }
             }
