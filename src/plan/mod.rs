@@ -45,7 +45,7 @@ pub enum PlanError {
     /// A block-FP8 weight whose scales are missing or do not fit it.
     #[error("--quantize fp8: the base model `{0}` has no block-FP8 weights to write as FP8 again; drop --quantize to write {1}")]
     NothingToQuantize(String, &'static str),
-    #[error("FP8 tensor `{tensor}` of `{model}`: {message}")]
+    #[error("FP8 tensor `{tensor}` (F8_E4M3) of `{model}`: {message}")]
     Fp8 {
         tensor: String,
         model: String,
@@ -672,7 +672,7 @@ fn fp8_scale(
     };
     let Some(block) = m.fp8_block else {
         return Err(bad(
-            "the model's config.json has no `quantization_config` with `quant_method: fp8`, so the block size of its scales is unknown".into(),
+            "the model's config.json has no `quantization_config` with `quant_method: fp8`, so the block size of its scales is unknown: add the quantization_config the model was released with, or convert it to bfloat16 first".into(),
         ));
     };
     let &[rows, cols] = t.shape.as_slice() else {
