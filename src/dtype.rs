@@ -134,7 +134,7 @@ pub fn f16_round(x: f32) -> f32 {
     let a = x.abs();
     let bits = x.to_bits();
     // Normal range: keep 10 fraction bits, round to nearest even.
-    let normal = f32::from_bits((bits + 0xFFF + ((bits >> 13) & 1)) & !0x1FFF);
+    let normal = f32::from_bits(bits.wrapping_add(0xFFF + ((bits >> 13) & 1)) & !0x1FFF);
     // Below the smallest normal (2^-14), float16 steps by 2^-24: adding 0.5 (whose f32 ulp
     // is 2^-24) rounds to that step, ties to even.
     let sub = ((a + 0.5) - 0.5).copysign(x);

@@ -94,6 +94,9 @@ impl Blocks {
     fn dequantize_runs(&self, q: &[u8], scales: &[u8], start: usize, out: &mut [u8]) {
         let [_, scols] = self.scale_shape();
         let [br, bc] = self.block;
+        if self.cols == 0 || br == 0 || bc == 0 {
+            return;
+        }
         let scale = |i: usize| {
             let b = &scales[4 * i..4 * i + 4];
             f32::from_le_bytes([b[0], b[1], b[2], b[3]])
@@ -186,6 +189,9 @@ impl Blocks {
         let size = dtype.bitsize() / 8;
         let [br, bc] = self.block;
         let [_, scols] = self.scale_shape();
+        if self.cols == 0 || br == 0 || bc == 0 {
+            return;
+        }
         let rows = values.len() / size / self.cols;
         let mut vals = vec![0f32; br.min(rows.max(1)) * self.cols];
         let mut amax = vec![0f32; scols];
@@ -197,11 +203,20 @@ impl Blocks {
             amax.fill(0.0);
             for row in vals[..n].chunks(self.cols) {
                 for (a, c) in amax.iter_mut().zip(row.chunks(bc)) {
-                    *a = c.iter().fold(*a, |m, v| m.max(v.abs()));
+                    // torch's amax propagates NaN (f32::max would drop it).
+                    *a = c.iter().fold(*a, |m, v| {
+                        let x = v.abs();
+                        if m.is_nan() || x <= m {
+                            m
+                        } else {
+                            x
+                        }
+                    });
                 }
             }
             for (j, a) in amax.iter().enumerate() {
-                let a = a.max(1e-4);
+                // clamp(min=1e-4) keeps NaN, as torch's does.
+                let a = if a.is_nan() { *a } else { a.max(1e-4) };
                 // torch evaluates `448.0 / amax` as `amax.reciprocal() * 448.0`.
                 mult[j] = (1.0 / a) * 448.0;
                 let s = ((first_block_row + i) * scols + j) * 4;

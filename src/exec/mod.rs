@@ -349,7 +349,13 @@ async fn stream_tensor(
         Op::Copy { .. } => (false, None),
     };
     // Half the budget for the window being computed, the rest for the chunk being written.
-    let window = (budget.saturating_sub(job.scale_bytes()) / 2 / per_elem) as usize / unit * unit;
+    // The scales read (whole) and written (whole, when requantizing) stay for every window.
+    let scales_out = job
+        .requant
+        .as_ref()
+        .map_or(0, |r| r.scales.end - r.scales.start);
+    let fixed = job.scale_bytes() + scales_out;
+    let window = (budget.saturating_sub(fixed) / 2 / per_elem) as usize / unit * unit;
     if window == 0 {
         return Err(Error::Usage(format!(
             "--memory-limit is too small for tensor `{}`: it needs at least {} bytes",

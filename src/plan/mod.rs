@@ -603,7 +603,7 @@ fn input_slices<'a>(
                 tensor: name.to_string(),
                 model: m.reference.clone(),
             })?;
-        let scale = fp8_scale(name, m, t, &file_ids[mi])?;
+        let scale = fp8_scale(if tied { EMBED } else { name }, m, t, &file_ids[mi])?;
         // What the merge sees: an FP8 weight is bfloat16 once dequantized.
         let value_dtype = if scale.is_some() {
             Dtype::BF16
@@ -681,6 +681,9 @@ fn fp8_scale(
             t.shape
         )));
     };
+    if rows == 0 || cols == 0 {
+        return Err(bad(format!("shape {:?}: an empty FP8 matrix", t.shape)));
+    }
     let blocks = Blocks { rows, cols, block };
     let scale_name = format!("{name}{SCALE_SUFFIX}");
     let Some(s) = m.tensors.get(&scale_name) else {
@@ -755,10 +758,19 @@ fn tensor_job(
     };
     // --quantize fp8: what is FP8 in the base is written as FP8, in the base's blocks.
     let requant = match (&op, slices_base_scale) {
-        (Op::Merge { .. }, Some(blocks)) if opts.quantize_fp8 => Some(Requant {
-            blocks,
-            scales: 0..0,
-        }),
+        (Op::Merge { kernel, .. }, Some(blocks)) if opts.quantize_fp8 => {
+            if kernel.out == WorkDtype::F64 {
+                return Err(PlanError::Fp8 {
+                    tensor: name.to_string(),
+                    model: config.base_model.to_string(),
+                    message: "--quantize fp8 quantizes bfloat16, float16 or float32 values; set `dtype` (or `out_dtype`) to one of them".into(),
+                });
+            }
+            Some(Requant {
+                blocks,
+                scales: 0..0,
+            })
+        }
         _ => None,
     };
     Ok(TensorJob {

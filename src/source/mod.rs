@@ -191,12 +191,12 @@ fn parse_quantization(config_json: &[u8]) -> Result<Option<[usize; 2]>, String> 
             .as_array()
             .map(|a| a.iter().map(|x| x.as_u64()).collect::<Vec<_>>())
         {
-            Some(a) if a.len() == 2 && a.iter().all(|x| x.is_some_and(|x| x > 0)) => Ok(Some([
+            Some(a) if a.len() == 2 && a.iter().all(|x| x.is_some_and(|x| x > 0 && x <= 1 << 16)) => Ok(Some([
                 a[0].unwrap_or(1) as usize,
                 a[1].unwrap_or(1) as usize,
             ])),
             _ => Err(format!(
-                "quantization_config.weight_block_size is {b}: expected two positive integers"
+                "quantization_config.weight_block_size is {b}: expected two integers from 1 to 65536"
             )),
         },
     }

@@ -37,6 +37,9 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// tensors; 64 MiB is far above any real task).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// The largest block side a task may name (checkpoints use 128).
+const MAX_BLOCK: usize = 1 << 16;
+
 /// A wire message that does not describe a valid task.
 #[derive(Debug, thiserror::Error)]
 #[error("malformed task from the coordinator: {0}")]
@@ -377,8 +380,25 @@ pub fn task_from_wire(t: &pb::Task) -> Result<Received, WireError> {
     }
     let mut files: Vec<InputFile> = Vec::new();
     let mut tensors = Vec::with_capacity(t.tensors.len());
+    // The tensors must tile the task after its header, in order, with no gap or overlap:
+    // the executor writes them back to back.
+    let mut pos = t.out_start + header.as_ref().map_or(0, |h| h.len() as u64);
     for j in &t.tensors {
-        tensors.push(tensor_from_wire(j, &task_range, &mut files)?);
+        let job = tensor_from_wire(j, &task_range, &mut files)?;
+        if job.out.start != pos {
+            return Err(WireError(format!(
+                "tensor `{}` starts at {} where {pos} was expected: the tensors do not tile the task",
+                job.name, job.out.start
+            )));
+        }
+        pos = job.written().end;
+        tensors.push(job);
+    }
+    if pos != t.out_end {
+        return Err(WireError(format!(
+            "task {}: its tensors end at {pos}, the task at {}",
+            t.task_id, t.out_end
+        )));
     }
     let task = Task {
         id: usize::try_from(t.task_id).map_err(|_| WireError(format!("task id {}", t.task_id)))?,
@@ -525,9 +545,12 @@ fn requant_from_wire(
         block: [r.block_rows as usize, r.block_cols as usize],
     };
     let scales = r.scales_start..r.scales_end;
+    let out16or32 = matches!(op, Op::Merge { kernel, .. } if kernel.out != WorkDtype::F64);
     if dtype != Dtype::F8_E4M3
-        || !matches!(op, Op::Merge { .. })
-        || blocks.block.contains(&0)
+        || !out16or32
+        || blocks.block.iter().any(|&b| b == 0 || b > MAX_BLOCK)
+        || rows == 0
+        || cols == 0
         || scales.start != out.end
         || scales.end < scales.start
         || scales.end - scales.start != blocks.scale_bytes()
@@ -556,7 +579,9 @@ fn scales_from_wire(
     let block = [sc.block_rows as usize, sc.block_cols as usize];
     let blocks = Blocks { rows, cols, block };
     if input_dtype != Dtype::F8_E4M3
-        || block.contains(&0)
+        || block.iter().any(|&b| b == 0 || b > MAX_BLOCK)
+        || rows == 0
+        || cols == 0
         || sc.end < sc.start
         || sc.end - sc.start != blocks.scale_bytes()
     {
@@ -826,6 +851,16 @@ mod tests {
                     std::mem::swap(&mut r.start, &mut r.end);
                 },
                 "input range",
+            ),
+            (
+                "tensors out of order",
+                |t| t.tensors.swap(0, 1),
+                "do not tile",
+            ),
+            (
+                "a gap after the last tensor",
+                |t| t.out_end += 8,
+                "tensors end at",
             ),
             (
                 "huge dimension",

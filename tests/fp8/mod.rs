@@ -289,6 +289,25 @@ fn quantize_fp8_needs_an_fp8_base() {
         "{t}"
     );
     assert!(!looks_complete(out.path()));
+    // FP8 is quantized from 16- or 32-bit values, not float64.
+    let d = tmp();
+    let cfg = std::fs::read_to_string(fp8_fixtures().join("all_fp8.yml"))
+        .unwrap()
+        .replace("dtype: bfloat16", "dtype: float64")
+        .replace("models/", &format!("{}/models/", fp8_fixtures().display()));
+    let path = d.path().join("f64.yml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = d.path().join("out");
+    let args = [
+        "merge",
+        path.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--quantize",
+        "fp8",
+    ];
+    let t = assert_exit(&run(&args), 2);
+    assert!(t.contains("bfloat16, float16 or float32"), "{t}");
+    assert!(!looks_complete(&out));
 }
 
 /// A block-FP8 set with matrices of up to 786,432 elements (several kernel blocks and
