@@ -21,7 +21,7 @@ fn inputs(dtype: WorkDtype) -> Vec<Vec<u8>> {
                 })
                 .collect();
             let mut out = vec![0u8; numel * dtype.size()];
-            mergefleet::merge::numeric::encode(&vals, dtype.st_dtype(), &mut out);
+            mergefleet::merge::encode(&vals, dtype.st_dtype(), &mut out);
             out
         })
         .collect()

@@ -10,7 +10,7 @@
 //! combined in block order, so the result does not depend on the thread count, and a tensor
 //! too large for memory can be streamed in block-aligned windows with the same bits out.
 
-pub mod numeric;
+pub(crate) mod numeric;
 pub mod torch;
 mod wide;
 
@@ -20,6 +20,8 @@ use safetensors::Dtype;
 use numeric::{decode, encode_with, map_round, Bf16, Round, F16, F32};
 
 pub use crate::dtype::WorkDtype;
+/// Encode float values to a dtype's little-endian bytes (round to nearest even).
+pub use numeric::encode;
 
 /// Elements per block: the unit of parallel work and of statistics.
 pub const BLOCK: usize = 1 << 16;

@@ -2,10 +2,11 @@
 //! whatever the coordinator's state, so a liveness probe never kills a worker that is
 //! waiting for a restarting coordinator.
 
+use super::AbortOnDrop;
 use crate::error::{Error, Result};
 
 /// Serve gRPC health on `addr` until the returned guard is dropped.
-pub async fn serve(addr: std::net::SocketAddr) -> Result<AbortOnDrop> {
+pub async fn serve(addr: std::net::SocketAddr) -> Result<AbortOnDrop<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Listen {
@@ -21,13 +22,4 @@ pub async fn serve(addr: std::net::SocketAddr) -> Result<AbortOnDrop> {
             tracing::warn!("the health endpoint stopped: {e}");
         }
     })))
-}
-
-/// Stops a background task when dropped.
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -31,6 +31,16 @@ use crate::wire::{
 use backoff::{fatal_status, Backoff};
 use task::{Runner, TaskEnd};
 
+/// A spawned task, aborted when dropped (a dropped task or endpoint takes its work and
+/// memory with it).
+pub(crate) struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Options of `mergefleet worker`.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::AbortOnDrop;
 use crate::error::{Error, Result};
 use crate::exec::buffers::BufferPool;
 use crate::exec::{run_task, Chunk, InputFiles, Progress};
@@ -123,7 +124,9 @@ impl Runner<'_> {
         let len = r.task.out.end - r.task.out.start;
         let mut writer = RangeWriter::open(r.target, len, self.stores)?;
         let (tx, mut rx) = mpsc::channel::<Chunk>(2);
-        let producer = tokio::spawn(run_task(
+        // Aborted if this task is dropped (lease lost, worker stopping), so its memory goes
+        // with it instead of outliving the slot.
+        let mut producer = AbortOnDrop(tokio::spawn(run_task(
             Arc::new(r.task),
             r.header.map(Arc::new),
             inputs,
@@ -131,7 +134,7 @@ impl Runner<'_> {
             progress.clone(),
             tx,
             None,
-        ));
+        )));
         let written = async {
             while let Some(chunk) = rx.recv().await {
                 let n = chunk.data.len() as u64;
@@ -145,7 +148,9 @@ impl Runner<'_> {
         // A failed write stops the reading above; the producer then fails to send
         // (Interrupted), and the write's error is the one to report.
         drop(rx);
-        let produced = producer.await.map_err(Error::panicked("the task"))?;
+        let produced = (&mut producer.0)
+            .await
+            .map_err(Error::panicked("the task"))?;
         let written = match (produced, written) {
             (Err(Error::Interrupted), Err(w)) => Err(w),
             (Err(p), _) => Err(p),
