@@ -47,17 +47,21 @@ for cfg in model_stock.yml model_stock_f16.yml; do
   done
 done
 # Block FP8: the same models quantized (every *_proj.weight F8_E4M3 + 128x128 scales).
+# bfloat16, FP8 -> bfloat16 and FP8 -> FP8 runs interleave (this VM's speed drifts), and
+# the ratios compare medians: throughput per output element relative to bfloat16's.
 FP8="$DIR-fp8"
 [ -f "$FP8/model_stock.yml" ] || target/release/examples/synth "$FP8" --fp8 >/dev/null
 cat "$FP8"/*/*.safetensors > /dev/null   # warm the page cache
-best() { sort -n | head -1; }
-bf16_best=$(for i in $(seq "$RUNS"); do "$BIN" merge "$DIR/model_stock.yml" "$OUT" -q --overwrite | sed -E 's/.* in ([0-9.]+) s .*/\1/'; done | best)
-for mode in "" "--quantize fp8"; do
-  for i in $(seq "$RUNS"); do
-    sync
-    # shellcheck disable=SC2086
-    line=$("$BIN" merge "$FP8/model_stock.yml" "$OUT" -q --overwrite $mode)
-    wall=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s .*/\1/')
-    echo "fp8 inputs ${mode:-(bfloat16 out)} run $i: $wall s, $(calc "$bf16_best/$wall")x bfloat16's throughput per output element (best bfloat16 run: $bf16_best s)"
-  done
+wall_of() { "$BIN" merge "$@" "$OUT" -q --overwrite | sed -E 's/.* in ([0-9.]+) s .*/\1/'; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+: > "$DIR/bf16.t"; : > "$DIR/fp8.t"; : > "$DIR/fp8q.t"
+for i in $(seq "$RUNS"); do
+  sync; wall_of "$DIR/model_stock.yml" >> "$DIR/bf16.t"
+  sync; wall_of "$FP8/model_stock.yml" >> "$DIR/fp8.t"
+  sync; wall_of "$FP8/model_stock.yml" --quantize fp8 >> "$DIR/fp8q.t"
 done
+b=$(median < "$DIR/bf16.t"); f=$(median < "$DIR/fp8.t"); q=$(median < "$DIR/fp8q.t")
+echo "bfloat16 inputs:            runs $(paste -sd' ' "$DIR/bf16.t") s, median $b s"
+echo "fp8 inputs, bfloat16 out:   runs $(paste -sd' ' "$DIR/fp8.t") s, median $f s, $(calc "$b/$f")x bfloat16's throughput per output element"
+echo "fp8 inputs, --quantize fp8: runs $(paste -sd' ' "$DIR/fp8q.t") s, median $q s, $(calc "$b/$q")x"
+rm -f "$DIR/bf16.t" "$DIR/fp8.t" "$DIR/fp8q.t"

@@ -193,6 +193,20 @@ fn cluster_fp8_equals_mergekit() {
             "{case}: differs from mergekit"
         );
     }
+    // Written as FP8 again by 3 workers: mergekit's result requantized, tensor for tensor.
+    let c = Cluster::new(&fixtures, vec![]);
+    let out = c.dir.path().join("out");
+    let flags = ["--task-size", "1", "--quantize", "fp8"];
+    let mut coord = c.coordinator("all_fp8.yml", out.to_str().unwrap(), &flags, "coord.log");
+    let mut ws = c.workers(3, &[]);
+    assert_exit_ok(&mut coord, 60);
+    for w in &mut ws {
+        assert_exit_ok(w, 30);
+    }
+    assert!(
+        read_checkpoint(&out) == read_checkpoint(&fixtures.join("expected/all_fp8_q")),
+        "3 workers with --quantize fp8 differ from the requantized golden"
+    );
 }
 
 #[test]
