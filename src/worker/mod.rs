@@ -65,6 +65,8 @@ pub struct WorkerSummary {
 
 /// How long one lease call waits on the coordinator for a task.
 const LEASE_WAIT: Duration = Duration::from_secs(20);
+/// The longest a stopping worker tries to report its interrupted task.
+const STOP_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest `mergefleet status` waits for an answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -227,7 +229,10 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
         if *stopping.borrow() {
             return Err(Error::Interrupted);
         }
-        let me = ctx.registered().await?;
+        let me = tokio::select! {
+            r = ctx.registered() => r?,
+            _ = stopping.changed() => return Err(Error::Interrupted),
+        };
         let answer = tokio::select! {
             r = ctx.client.lease(me.worker, LEASE_WAIT) => r,
             _ = stopping.changed() => return Err(Error::Interrupted),
@@ -264,7 +269,10 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
                     continue;
                 };
                 if stopped {
-                    let _ = ctx.report(report(me.worker, task, attempt, outcome)).await;
+                    // Tell the coordinator if it answers soon; a stopping worker must not
+                    // outlive its grace period retrying.
+                    let report = ctx.report(report(me.worker, task, attempt, outcome));
+                    let _ = tokio::time::timeout(STOP_REPORT_TIMEOUT, report).await;
                     return Err(Error::Interrupted);
                 }
                 (task, attempt, outcome)
