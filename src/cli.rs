@@ -204,7 +204,7 @@ fn print_plan(job: &Job, as_json: bool) {
             "bytes_written": p.bytes_written(),
             "largest_tensor": largest.map(|t| json!({"name": t.name, "shape": t.shape, "one_pass_memory": one_pass})),
             "min_memory": need,
-            "fp8_inputs_dequantized": p.tasks.iter().flat_map(|t| &t.tensors).flat_map(|t| t.inputs()).filter(|s| s.scale.is_some()).count(),
+            "fp8_inputs_dequantized": p.fp8_inputs(),
             "warnings": p.warnings,
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -233,13 +233,7 @@ fn print_plan(job: &Job, as_json: bool) {
     }
     println!();
     println!("tensors:        {}", p.tensor_count());
-    let fp8 = p
-        .tasks
-        .iter()
-        .flat_map(|t| &t.tensors)
-        .flat_map(|t| t.inputs())
-        .filter(|s| s.scale.is_some())
-        .count();
+    let fp8 = p.fp8_inputs();
     if fp8 > 0 {
         println!(
             "FP8 inputs:     {fp8} block-FP8 weight(s) read with their scales and dequantized to bfloat16"

@@ -21,33 +21,6 @@ pub const SCALE_SUFFIX: &str = "_scale_inv";
 /// The block size when `quantization_config` gives none.
 pub const DEFAULT_BLOCK: [usize; 2] = [128, 128];
 
-/// An `F8_E4M3` (E4M3FN: bias 7, no infinities, 0x7F/0xFF are NaN) byte as f32 (exact).
-pub const fn e4m3_to_f32(b: u8) -> f32 {
-    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
-    let exp = ((b >> 3) & 0x0F) as i32;
-    let man = (b & 0x07) as f32;
-    if exp == 0x0F && (b & 0x07) == 0x07 {
-        return f32::NAN;
-    }
-    let mag = if exp == 0 {
-        // subnormal: man/8 * 2^-6
-        man / 8.0 / 64.0
-    } else {
-        let mut p = 1.0f32;
-        let mut e = exp - 7;
-        while e > 0 {
-            p *= 2.0;
-            e -= 1;
-        }
-        while e < 0 {
-            p /= 2.0;
-            e += 1;
-        }
-        (1.0 + man / 8.0) * p
-    };
-    sign * mag
-}
-
 /// The layout of one block-quantized matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Blocks {
@@ -138,7 +111,7 @@ fn bf16_bits(x: f32) -> u16 {
 /// An E4M3 byte's value, branch-free so loops over it vectorize: a normal number is its bits
 /// moved into a float32 and re-biased; a subnormal is its mantissa times 2^-9, converted from
 /// an integer (no subnormal float arithmetic); 0x7F/0xFF are NaN. The values of
-/// [`e4m3_to_f32`] (tested on all 256).
+/// the format's definition (tested on all 256 bytes).
 #[inline(always)]
 pub fn e4m3_value(b: u8) -> f32 {
     let b = b as u32;
@@ -199,7 +172,12 @@ impl Blocks {
         for (i, r0) in (0..rows).step_by(br).enumerate() {
             let n = ((r0 + br).min(rows) - r0) * self.cols;
             let at = r0 * self.cols;
-            decode(&values[at * size..(at + n) * size], dtype, &mut vals[..n]);
+            crate::merge::numeric::decode::<crate::merge::numeric::F32>(
+                values,
+                dtype,
+                at,
+                &mut vals[..n],
+            );
             amax.fill(0.0);
             for row in vals[..n].chunks(self.cols) {
                 for (a, c) in amax.iter_mut().zip(row.chunks(bc)) {
@@ -234,30 +212,36 @@ impl Blocks {
     }
 }
 
-/// Little-endian bfloat16, float16 or float32 values as f32 (exact).
-fn decode(bytes: &[u8], dtype: safetensors::Dtype, out: &mut [f32]) {
-    match dtype {
-        safetensors::Dtype::BF16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-            }
-        }
-        safetensors::Dtype::F16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = crate::dtype::f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
-            }
-        }
-        _ => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An `F8_E4M3` (E4M3FN: bias 7, no infinities, 0x7F/0xFF are NaN) byte as f32 (exact).
+    fn e4m3_to_f32(b: u8) -> f32 {
+        let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+        let exp = ((b >> 3) & 0x0F) as i32;
+        let man = (b & 0x07) as f32;
+        if exp == 0x0F && (b & 0x07) == 0x07 {
+            return f32::NAN;
+        }
+        let mag = if exp == 0 {
+            // subnormal: man/8 * 2^-6
+            man / 8.0 / 64.0
+        } else {
+            let mut p = 1.0f32;
+            let mut e = exp - 7;
+            while e > 0 {
+                p *= 2.0;
+                e -= 1;
+            }
+            while e < 0 {
+                p /= 2.0;
+                e += 1;
+            }
+            (1.0 + man / 8.0) * p
+        };
+        sign * mag
+    }
 
     #[test]
     fn branch_free_values_match() {

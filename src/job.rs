@@ -155,12 +155,7 @@ async fn output_config_json(base: &Location, plan: &MergePlan) -> Result<Option<
         return Ok(None);
     }
     let raw = read_small(store, &path, &url).await?;
-    let fp8 = plan
-        .tasks
-        .iter()
-        .flat_map(|t| &t.tensors)
-        .any(|j| j.requant.is_some());
-    let out = checkpoint::config_json(&raw, plan.out_dtype.map(|d| d.name()), fp8)
+    let out = checkpoint::config_json(&raw, plan.out_dtype.map(|d| d.name()), plan.writes_fp8())
         .map_err(|message| SourceError::Invalid { file: url, message })?;
     Ok(Some(Bytes::from(out)))
 }

@@ -351,6 +351,22 @@ pub struct MergePlan {
 }
 
 impl MergePlan {
+    /// How many block-FP8 inputs are read with their scales and dequantized.
+    pub fn fp8_inputs(&self) -> usize {
+        self.tasks
+            .iter()
+            .flat_map(|t| &t.tensors)
+            .flat_map(|j| j.inputs())
+            .filter(|s| s.scale.is_some())
+            .count()
+    }
+    /// Whether tensors are written as block FP8 (`--quantize fp8`).
+    pub fn writes_fp8(&self) -> bool {
+        self.tasks
+            .iter()
+            .flat_map(|t| &t.tensors)
+            .any(|j| j.requant.is_some())
+    }
     /// Task `id`'s share of its file's multipart upload: its first part number (0-based)
     /// and its part size.
     pub fn parts_of(&self, id: usize) -> (u32, u64) {
