@@ -117,6 +117,13 @@ async fn run_coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     for w in &s.warnings {
         eprintln!("warning: {w}");
     }
+    if s.already_committed {
+        println!(
+            "{} already holds this merge's committed checkpoint ({} tensors, {} tasks): nothing to do",
+            s.output, s.tensors, s.tasks
+        );
+        return Ok(());
+    }
     println!(
         "committed {} tensors ({} tasks, {} resumed from the journal) at {}: wrote {} in {:.2} s; {:.3} s from the last task to the commit",
         s.tensors,

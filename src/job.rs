@@ -117,6 +117,42 @@ impl Job {
     }
 
     /// The commit point of a sharded checkpoint (a single file commits itself).
+    /// Does `location` hold this job's committed checkpoint? Its `mergekit_config.yml` is
+    /// this config, its index (sharded outputs) is the one this plan writes, and every
+    /// output file has its planned size. A coordinator restarted by its Job after the
+    /// commit finds it there (the journal is gone by then) and has nothing left to do.
+    pub async fn is_committed_at(&self, location: &Location) -> Result<bool> {
+        let store = location.store.as_ref();
+        let same = |name: &'static str, want: Vec<u8>| async move {
+            let url = location.child_display(name);
+            let path = location.child(name);
+            Ok::<_, crate::Error>(match head_size(store, &path, &url).await? {
+                Some(n) if n == want.len() as u64 => read_small(store, &path, &url).await? == want,
+                _ => false,
+            })
+        };
+        if !same(
+            "mergekit_config.yml",
+            self.config.source_yaml.clone().into_bytes(),
+        )
+        .await?
+        {
+            return Ok(false);
+        }
+        if self.plan.files.len() > 1
+            && !same(INDEX_NAME, checkpoint::index_json(&self.plan)).await?
+        {
+            return Ok(false);
+        }
+        for f in &self.plan.files {
+            let url = location.child_display(&f.name);
+            if head_size(store, &location.child(&f.name), &url).await? != Some(f.size) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     pub async fn commit(&self, sink: &Sink) -> Result<()> {
         if self.plan.files.len() > 1 {
             sink.put(INDEX_NAME, Bytes::from(checkpoint::index_json(&self.plan)))

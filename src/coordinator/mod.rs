@@ -76,6 +76,9 @@ pub struct ClusterSummary {
     /// Time from the last task's report to the committed index.
     pub commit_seconds: f64,
     pub warnings: Vec<String>,
+    /// The output already held this merge's committed checkpoint (a coordinator restarted
+    /// after its commit): nothing was written.
+    pub already_committed: bool,
 }
 
 fn describe(plan: &MergePlan, i: usize) -> String {
@@ -131,20 +134,23 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
     let holder = Holder::this_process("coordinator", Some(opts.listen.to_string()));
     let lock = OutputLock::acquire(&location, &holder).await?;
     let prepared = prepare(&job, &location, &output, &opts).await;
-    let (journal, sink, warnings) = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            lock.release().await;
-            return Err(e);
+    let already_committed = matches!(prepared, Ok(Start::Committed));
+    let served = match prepared {
+        Ok(Start::Merge(journal, sink, warnings)) => {
+            serve(
+                &job, journal, warnings, output, &location, &sink, listener, tls, &lock, &opts,
+            )
+            .await
         }
+        Ok(Start::Committed) => {
+            serve_committed(&job, output, &location, listener, tls, &opts).await
+        }
+        Err(e) => Err(e),
     };
-    let served = serve(
-        &job, journal, warnings, output, &location, &sink, listener, tls, &lock, &opts,
-    )
-    .await;
     lock.release().await;
     let (shared, resumed, commit_seconds) = served?;
     Ok(ClusterSummary {
+        already_committed,
         output: location.display.clone(),
         tensors: shared.plan.tensor_count(),
         tasks: shared.plan.tasks.len(),
@@ -180,12 +186,21 @@ async fn bind(opts: &CoordinatorOptions) -> Result<(tokio::net::TcpListener, Opt
 }
 
 /// Resume or start over, then write the side files and prepare every output file.
+/// What the coordinator finds in its output before serving.
+#[allow(clippy::large_enum_variant)] // one value per run
+enum Start {
+    /// Merge, or resume: the journal, the opened output and the side files' warnings.
+    Merge(Journal, Sink, Vec<String>),
+    /// This merge's checkpoint is already committed there.
+    Committed,
+}
+
 async fn prepare(
     job: &Job,
     location: &Location,
     output: &ClusterOutput,
     opts: &CoordinatorOptions,
-) -> Result<(Journal, Sink, Vec<String>)> {
+) -> Result<Start> {
     let fp = fingerprint(&job.config, &job.plan);
     let mut journal = match Journal::load(location).await? {
         Some(old) if old.fingerprint == fp && !opts.restart => {
@@ -208,6 +223,13 @@ async fn prepare(
             Journal::remove(location).await;
             Journal::new(fp)
         }
+        None if !opts.overwrite && !opts.restart && job.is_committed_at(location).await? => {
+            tracing::info!(
+                "{} already holds this merge's committed checkpoint (restarted after the commit?): nothing to do",
+                location.display
+            );
+            return Ok(Start::Committed);
+        }
         None => Journal::new(fp),
     };
     let sink = Sink::open(location.clone(), opts.overwrite).await?;
@@ -219,7 +241,7 @@ async fn prepare(
     }
     journal.prepare_files(output, &job.plan).await?;
     journal.save(location).await?;
-    Ok((journal, sink, warnings))
+    Ok(Start::Merge(journal, sink, warnings))
 }
 
 /// Serve workers until the merge ends; on failure, give the output up cleanly.
@@ -236,45 +258,9 @@ async fn serve(
     lock: &OutputLock,
     opts: &CoordinatorOptions,
 ) -> Result<(Arc<Shared>, usize, f64)> {
-    let plan = Arc::new(job.plan.clone());
-    let describe_plan = Arc::clone(&plan);
-    let epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(1);
-    let mut state = ClusterState::new(
-        epoch,
-        plan.tasks.iter().map(TaskNeeds::of).collect(),
-        opts.max_attempts,
-        opts.lease_timeout,
-        Box::new(move |i| describe(&describe_plan, i)),
-    );
     let resumed = journal.done.len();
-    for (task, parts) in &journal.done {
-        state.restore_done(TaskId(*task), parts.clone());
-    }
-    let shared = Arc::new(Shared {
-        state: Mutex::new(state),
-        changed: Notify::new(),
-        plan,
-        output,
-        warnings,
-        journal: Mutex::new(journal),
-        started: Instant::now(),
-        output_display: location.display.clone(),
-    });
-
-    let (events_tx, events) = mpsc::unbounded_channel();
-    let svc = service::Service {
-        shared: shared.clone(),
-        events: events_tx,
-    };
-    let server = crate::wire::server::spawn(Arc::new(svc), listener, tls, opts.token.clone())
-        .await
-        .map_err(|source| Error::Transport {
-            what: "bad TLS certificate or key".into(),
-            source,
-        })?;
+    let shared = shared_state(job, journal, warnings, output, location, opts);
+    let (server, events) = start_server(&shared, listener, tls, opts).await?;
     tracing::info!(
         "coordinator listening on {}: {} tasks ({} already done), {} files, {} to write",
         opts.listen,
@@ -283,7 +269,6 @@ async fn serve(
         shared.plan.files.len(),
         fmt_bytes(shared.plan.bytes_written())
     );
-
     let outcome = tokio::select! {
         r = main_loop(&shared, job, sink, location, events) => r,
         _ = lock.lost() => Err(Error::OutputLost(location.display.clone())),
@@ -308,6 +293,92 @@ async fn serve(
     server.stop(Duration::from_secs(5)).await;
     let commit_seconds = outcome.map(|_| commit_seconds)?;
     Ok((shared, resumed, commit_seconds))
+}
+
+/// The state of one coordinator run: every task, those in `journal` already done.
+fn shared_state(
+    job: &Job,
+    journal: Journal,
+    warnings: Vec<String>,
+    output: ClusterOutput,
+    location: &Location,
+    opts: &CoordinatorOptions,
+) -> Arc<Shared> {
+    let plan = Arc::new(job.plan.clone());
+    let describe_plan = Arc::clone(&plan);
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1);
+    let mut state = ClusterState::new(
+        epoch,
+        plan.tasks.iter().map(TaskNeeds::of).collect(),
+        opts.max_attempts,
+        opts.lease_timeout,
+        Box::new(move |i| describe(&describe_plan, i)),
+    );
+    for (task, parts) in &journal.done {
+        state.restore_done(TaskId(*task), parts.clone());
+    }
+    Arc::new(Shared {
+        state: Mutex::new(state),
+        changed: Notify::new(),
+        plan,
+        output,
+        warnings,
+        journal: Mutex::new(journal),
+        started: Instant::now(),
+        output_display: location.display.clone(),
+    })
+}
+
+/// Serve the gRPC API over `shared`; the receiver gets what each report did.
+async fn start_server(
+    shared: &Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    tls: Option<Identity>,
+    opts: &CoordinatorOptions,
+) -> Result<(
+    crate::wire::server::Running,
+    mpsc::UnboundedReceiver<Reported>,
+)> {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let svc = service::Service {
+        shared: shared.clone(),
+        events: events_tx,
+    };
+    let server = crate::wire::server::spawn(Arc::new(svc), listener, tls, opts.token.clone())
+        .await
+        .map_err(|source| Error::Transport {
+            what: "bad TLS certificate or key".into(),
+            source,
+        })?;
+    Ok((server, events))
+}
+
+/// The checkpoint is already committed: answer "done" to the workers of this merge that
+/// still ask (they would otherwise retry an absent coordinator, then fail their pods).
+async fn serve_committed(
+    job: &Job,
+    output: ClusterOutput,
+    location: &Location,
+    listener: tokio::net::TcpListener,
+    tls: Option<Identity>,
+    opts: &CoordinatorOptions,
+) -> Result<(Arc<Shared>, usize, f64)> {
+    let mut journal = Journal::new(fingerprint(&job.config, &job.plan));
+    journal.done = (0..job.plan.tasks.len()).map(|t| (t, Vec::new())).collect();
+    let shared = shared_state(job, journal, Vec::new(), output, location, opts);
+    shared.state.lock().expect("state").mark_committed();
+    let (server, _events) = start_server(&shared, listener, tls, opts).await?;
+    tracing::info!(
+        "coordinator listening on {}: the merge is already committed; telling workers that still ask",
+        opts.listen
+    );
+    linger(&shared, opts.linger).await;
+    server.stop(Duration::from_secs(5)).await;
+    let tasks = shared.plan.tasks.len();
+    Ok((shared, tasks, 0.0))
 }
 
 /// A failed merge: abort the uploads concurrently under one deadline. The journal goes only
@@ -337,12 +408,16 @@ async fn give_up(shared: &Shared, location: &Location) {
     }
 }
 
-/// Keep answering until every registered worker has been told the outcome (one that
-/// registers during the linger too), or `max` passes.
+/// Keep answering until every worker that will still ask has been told the outcome (one
+/// that registers during the linger too), or `max` passes. Killed workers are not waited for.
 async fn linger(shared: &Shared, max: Duration) {
     let until = Instant::now() + max;
     while Instant::now() < until {
-        let waiting = shared.state.lock().expect("state").untold_workers();
+        let waiting = shared
+            .state
+            .lock()
+            .expect("state")
+            .workers_to_tell(Instant::now());
         if waiting == 0 {
             // Give the last answers time to leave.
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -62,6 +62,7 @@ impl CoordinatorApi for Service {
         wait: Duration,
     ) -> Result<LeaseAnswer<OutgoingTask>, Status> {
         let deadline = Instant::now() + wait.min(MAX_WAIT);
+        let _polling = Polling::start(&self.shared, worker);
         loop {
             // Register interest before looking, so a change between the look and the wait
             // is not missed.
@@ -171,6 +172,27 @@ impl CoordinatorApi for Service {
                     tasks_done: w.tasks_done,
                 })
                 .collect(),
+        }
+    }
+}
+
+/// Marks a worker as waiting in a lease call until dropped (answered, or the call cancelled).
+struct Polling<'a> {
+    shared: &'a Shared,
+    worker: WorkerId,
+}
+
+impl<'a> Polling<'a> {
+    fn start(shared: &'a Shared, worker: WorkerId) -> Self {
+        shared.state.lock().expect("state").polling(worker, true);
+        Polling { shared, worker }
+    }
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.polling(self.worker, false);
         }
     }
 }

@@ -3,8 +3,12 @@
 //! No network and no clock of its own: every call takes `now`, so tests drive it with
 //! virtual workers ("lose a worker", "expire a lease", "stale report") in microseconds. The
 //! gRPC service is a thin shell around it.
+//!
+//! Sized for 671B-class plans (~46,000 tasks, hundreds of workers): no call scans the task
+//! list. Pending tasks are kept in order (a lease takes the first that fits), the counts and
+//! bytes done are kept as tasks change state, and lease expiry looks only at leased tasks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::wire::{Attempt, TaskId, WorkerId};
@@ -67,6 +71,8 @@ pub struct WorkerSlot {
     pub tasks_done: u64,
     /// Has been answered "done" or "failed": it knows how the merge ended.
     pub told: bool,
+    /// Lease calls of this worker waiting for an answer now (long polls).
+    pub polling: u32,
 }
 
 impl WorkerSlot {
@@ -127,6 +133,15 @@ pub enum Reported {
 /// through the calls below, so its rules (and their tests) live here.
 pub struct ClusterState {
     tasks: Vec<TaskSlot>,
+    /// Indices of pending tasks, in task order.
+    pending: BTreeSet<usize>,
+    /// The same tasks by (working set, index): the smallest tells at once whether a worker
+    /// can take any of them whole.
+    pending_by_size: BTreeSet<(u64, usize)>,
+    done: usize,
+    bytes_done: u64,
+    /// When the "no worker has enough memory" warning was last given.
+    warned_stuck: Option<Instant>,
     workers: BTreeMap<WorkerId, WorkerSlot>,
     next_worker: u64,
     max_attempts: u32,
@@ -147,6 +162,15 @@ impl ClusterState {
         describe: Box<dyn Fn(usize) -> String + Send + Sync>,
     ) -> Self {
         ClusterState {
+            pending: (0..needs.len()).collect(),
+            pending_by_size: needs
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.working_set, i))
+                .collect(),
+            done: 0,
+            bytes_done: 0,
+            warned_stuck: None,
             tasks: needs
                 .into_iter()
                 .map(|needs| TaskSlot {
@@ -166,10 +190,40 @@ impl ClusterState {
         }
     }
 
+    /// Change a task's status, keeping the pending sets and the counts in step. Every
+    /// status change goes through here.
+    fn set_status(&mut self, i: usize, status: TaskStatus) {
+        let slot = &mut self.tasks[i];
+        let ws = slot.needs.working_set;
+        match slot.status {
+            TaskStatus::Pending => {
+                self.pending.remove(&i);
+                self.pending_by_size.remove(&(ws, i));
+            }
+            TaskStatus::Done { .. } => {
+                self.done -= 1;
+                self.bytes_done -= slot.needs.bytes;
+            }
+            TaskStatus::Leased { .. } => {}
+        }
+        match status {
+            TaskStatus::Pending => {
+                self.pending.insert(i);
+                self.pending_by_size.insert((ws, i));
+            }
+            TaskStatus::Done { .. } => {
+                self.done += 1;
+                self.bytes_done += slot.needs.bytes;
+            }
+            TaskStatus::Leased { .. } => {}
+        }
+        slot.status = status;
+    }
+
     /// Mark a task finished before any worker runs (resumed from the journal).
     pub fn restore_done(&mut self, task: TaskId, parts: Vec<(u32, String)>) {
-        if let Some(t) = self.tasks.get_mut(task.0) {
-            t.status = TaskStatus::Done { parts };
+        if task.0 < self.tasks.len() {
+            self.set_status(task.0, TaskStatus::Done { parts });
         }
         self.check_all_done();
     }
@@ -177,10 +231,11 @@ impl ClusterState {
     /// Put finished tasks back in the queue (their output was lost).
     pub fn redo(&mut self, tasks: std::ops::Range<usize>) {
         for t in tasks {
-            if let Some(slot) = self.tasks.get_mut(t) {
-                if matches!(slot.status, TaskStatus::Done { .. }) {
-                    slot.status = TaskStatus::Pending;
-                }
+            if matches!(
+                self.tasks.get(t).map(|s| &s.status),
+                Some(TaskStatus::Done { .. })
+            ) {
+                self.set_status(t, TaskStatus::Pending);
             }
         }
         if self.phase == Phase::Committing {
@@ -201,23 +256,21 @@ impl ClusterState {
                 tasks: Vec::new(),
                 tasks_done: 0,
                 told: false,
+                polling: 0,
             },
         );
         id
     }
 
     /// Can a worker with `memory` bytes, `in_use` of them reserved, take this task now?
-    fn fits(&self, t: &TaskNeeds, memory: u64, in_use: u64) -> bool {
+    /// `biggest` is the memory of the largest registered worker.
+    fn fits(t: &TaskNeeds, memory: u64, in_use: u64, biggest: u64) -> bool {
         if t.working_set <= memory.saturating_sub(in_use) {
             return true;
         }
-        if in_use > 0 {
-            return false;
-        }
         // Too big for this worker in one pass: stream it here only if no worker could
         // take it whole.
-        let biggest = self.workers.values().map(|w| w.memory).max().unwrap_or(0);
-        t.min_memory <= memory && t.working_set > biggest
+        in_use == 0 && t.min_memory <= memory && t.working_set > biggest
     }
 
     pub fn lease(&mut self, worker: WorkerId, now: Instant) -> Lease {
@@ -236,32 +289,33 @@ impl ClusterState {
             return Lease::UnknownWorker;
         };
         let (memory, in_use) = (w.memory, w.in_use());
-        let pick = (0..self.tasks.len()).find(|&i| {
-            self.tasks[i].status == TaskStatus::Pending
-                && self.fits(&self.tasks[i].needs, memory, in_use)
-        });
+        // The first pending task that fits. When even the smallest cannot be taken whole,
+        // only an idle worker looks further (streaming a task no worker can take whole).
+        let smallest = self.pending_by_size.first().map_or(u64::MAX, |&(ws, _)| ws);
+        let pick = if smallest <= memory.saturating_sub(in_use) || in_use == 0 {
+            let biggest = self.max_worker_memory();
+            self.pending
+                .iter()
+                .copied()
+                .find(|&i| Self::fits(&self.tasks[i].needs, memory, in_use, biggest))
+        } else {
+            None
+        };
         let Some(i) = pick else {
-            let stuck = self.tasks.iter().enumerate().find(|(_, t)| {
-                t.status == TaskStatus::Pending && t.needs.min_memory > self.max_worker_memory()
-            });
-            if let (Some((i, t)), 0) = (stuck, in_use) {
-                tracing::warn!(
-                    "{} needs at least {} bytes of memory; no registered worker has that much (give workers a larger --memory-limit)",
-                    (self.describe)(i),
-                    t.needs.min_memory
-                );
-            }
             return Lease::Wait;
         };
         let t = &mut self.tasks[i];
         let reserve = t.needs.working_set.min(memory);
         t.attempts += 1;
         let attempt = Attempt(t.attempts);
-        t.status = TaskStatus::Leased {
-            worker,
-            attempt,
-            deadline: now + self.lease_timeout,
-        };
+        self.set_status(
+            i,
+            TaskStatus::Leased {
+                worker,
+                attempt,
+                deadline: now + self.lease_timeout,
+            },
+        );
         let w = self.workers.get_mut(&worker).expect("worker checked above");
         w.tasks.push((TaskId(i), reserve));
         w.last_seen = now;
@@ -318,12 +372,16 @@ impl ClusterState {
         task: TaskId,
         attempt: Attempt,
         outcome: Outcome,
-        _now: Instant,
+        now: Instant,
     ) -> Reported {
-        if !self.workers.contains_key(&worker) || self.phase != Phase::Running {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return Reported::Stale;
+        };
+        w.last_seen = now;
+        if self.phase != Phase::Running {
             return Reported::Stale;
         }
-        let Some(slot) = self.tasks.get_mut(task.0) else {
+        let Some(slot) = self.tasks.get(task.0) else {
             return Reported::Stale;
         };
         match &slot.status {
@@ -339,7 +397,7 @@ impl ClusterState {
         }
         match outcome {
             Outcome::Success { parts } => {
-                slot.status = TaskStatus::Done { parts };
+                self.set_status(task.0, TaskStatus::Done { parts });
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.tasks_done += 1;
                 }
@@ -352,16 +410,18 @@ impl ClusterState {
                     .get(&worker)
                     .map(|w| w.name.clone())
                     .unwrap_or_default();
-                slot.errors
+                self.tasks[task.0]
+                    .errors
                     .push(format!("attempt {attempt} on worker {who}: {message}"));
-                slot.status = TaskStatus::Pending;
+                self.set_status(task.0, TaskStatus::Pending);
                 self.after_failure(task, retryable)
             }
             Outcome::Preempted { message } => {
+                let slot = &mut self.tasks[task.0];
                 slot.preempted += 1;
                 slot.errors
                     .push(format!("attempt {attempt} (not counted): {message}"));
-                slot.status = TaskStatus::Pending;
+                self.set_status(task.0, TaskStatus::Pending);
                 Reported::Retrying(task)
             }
         }
@@ -402,7 +462,14 @@ impl ClusterState {
     /// workers silent for three lease timeouts. Returns the tasks put back.
     pub fn tick(&mut self, now: Instant) -> Vec<TaskId> {
         let mut expired = Vec::new();
-        for i in 0..self.tasks.len() {
+        // Leased tasks are exactly those the workers hold.
+        let mut leased: Vec<usize> = self
+            .workers
+            .values()
+            .flat_map(|w| w.tasks.iter().map(|(t, _)| t.0))
+            .collect();
+        leased.sort_unstable();
+        for i in leased {
             if let TaskStatus::Leased {
                 worker,
                 attempt,
@@ -416,7 +483,7 @@ impl ClusterState {
                         .map(|w| w.name.clone())
                         .unwrap_or_default();
                     self.tasks[i].errors.push(format!("attempt {attempt} on worker {name}: lease expired (worker lost or stalled)"));
-                    self.tasks[i].status = TaskStatus::Pending;
+                    self.set_status(i, TaskStatus::Pending);
                     if let Some(w) = self.workers.get_mut(&worker) {
                         w.release(TaskId(i));
                     }
@@ -430,16 +497,38 @@ impl ClusterState {
         let forget = self.lease_timeout * 3;
         self.workers
             .retain(|_, w| !w.tasks.is_empty() || now.duration_since(w.last_seen) < forget);
+        self.warn_if_stuck(now);
         expired
     }
 
-    fn check_all_done(&mut self) {
-        if self.phase == Phase::Running
-            && self
-                .tasks
-                .iter()
-                .all(|t| matches!(t.status, TaskStatus::Done { .. }))
+    /// Every 30 s while some pending task needs more memory than every registered worker
+    /// has (workers are checked when they register, but a task put back may need more than
+    /// a worker that came later): say so, instead of waiting in silence.
+    fn warn_if_stuck(&mut self, now: Instant) {
+        if self.workers.is_empty()
+            || self
+                .warned_stuck
+                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(30))
         {
+            return;
+        }
+        let max = self.max_worker_memory();
+        let stuck = self
+            .pending
+            .iter()
+            .find(|&&i| self.tasks[i].needs.min_memory > max);
+        if let Some(&i) = stuck {
+            tracing::warn!(
+                "{} needs at least {} bytes of memory; no registered worker has that much (give workers a larger --memory-limit)",
+                (self.describe)(i),
+                self.tasks[i].needs.min_memory
+            );
+            self.warned_stuck = Some(now);
+        }
+    }
+
+    fn check_all_done(&mut self) {
+        if self.phase == Phase::Running && self.done == self.tasks.len() {
             self.phase = Phase::Committing;
         }
     }
@@ -450,16 +539,10 @@ impl ClusterState {
         }
     }
 
+    /// Tasks done, leased and pending.
     pub fn counts(&self) -> (usize, usize, usize) {
-        let mut c = (0, 0, 0);
-        for t in &self.tasks {
-            match t.status {
-                TaskStatus::Done { .. } => c.0 += 1,
-                TaskStatus::Leased { .. } => c.1 += 1,
-                TaskStatus::Pending => c.2 += 1,
-            }
-        }
-        c
+        let pending = self.pending.len();
+        (self.done, self.tasks.len() - self.done - pending, pending)
     }
 
     /// The unfinished task that needs the most memory even when streamed, and that memory:
@@ -479,11 +562,7 @@ impl ClusterState {
     }
 
     pub fn bytes_done(&self) -> u64 {
-        self.tasks
-            .iter()
-            .filter(|t| matches!(t.status, TaskStatus::Done { .. }))
-            .map(|t| t.needs.bytes)
-            .sum()
+        self.bytes_done
     }
 
     pub fn is_done(&self, task: TaskId) -> bool {
@@ -521,9 +600,26 @@ impl ClusterState {
         self.workers.iter().map(|(id, w)| (*id, w))
     }
 
-    /// Registered workers not yet told how the merge ended.
-    pub fn untold_workers(&self) -> usize {
-        self.workers.values().filter(|w| !w.told).count()
+    /// A lease call of `worker` starts or stops waiting (see [`Self::workers_to_tell`]).
+    pub fn polling(&mut self, worker: WorkerId, started: bool) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.polling = if started {
+                w.polling + 1
+            } else {
+                w.polling.saturating_sub(1)
+            };
+        }
+    }
+
+    /// Workers not yet told how the merge ended that will still ask: those in a long poll
+    /// now, and those heard from within a heartbeat interval (a live worker calls at least
+    /// that often). A killed worker is neither, so the end of a merge does not wait for it.
+    pub fn workers_to_tell(&self, now: Instant) -> usize {
+        let recent = self.lease_timeout / 4;
+        self.workers
+            .values()
+            .filter(|w| !w.told && (w.polling > 0 || now.duration_since(w.last_seen) < recent))
+            .count()
     }
 }
 
@@ -979,5 +1075,119 @@ mod tests {
         s.tick(now + Duration::from_secs(31));
         assert!(!s.workers.contains_key(&w));
         assert_eq!(s.lease(w, now), Lease::UnknownWorker);
+    }
+
+    /// The kept counts and pending sets equal a recount after any sequence of leases,
+    /// reports (success, failure, preemption, stale), expiries and redos.
+    #[test]
+    fn kept_counts_equal_a_recount() {
+        let mut rng = 0x9e3779b97f4a7c15u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let tasks: Vec<TaskNeeds> = (0..40)
+            .map(|i| TaskNeeds {
+                working_set: 50 + (i * 37 % 200),
+                min_memory: 20,
+                bytes: i + 1,
+            })
+            .collect();
+        let mut s = ClusterState::new(
+            1,
+            tasks,
+            1000,
+            Duration::from_secs(10),
+            Box::new(|i| i.to_string()),
+        );
+        let mut now = Instant::now();
+        let ws: Vec<WorkerId> = (0..4)
+            .map(|k| s.register(&format!("w{k}"), 100 + 60 * k, 1, now))
+            .collect();
+        for _ in 0..5000 {
+            let w = ws[next(4) as usize];
+            match next(10) {
+                0..=3 => {
+                    s.lease(w, now);
+                }
+                4..=7 => {
+                    let held = s.workers.get(&w).and_then(|x| x.tasks.first().copied());
+                    if let Some((task, _)) = held {
+                        let attempt = Attempt(s.tasks[task.0].attempts);
+                        let outcome = match next(4) {
+                            0 => Outcome::Failure {
+                                message: "x".into(),
+                                retryable: true,
+                            },
+                            1 => Outcome::Preempted {
+                                message: "x".into(),
+                            },
+                            _ => ok(),
+                        };
+                        s.report(w, task, attempt, outcome, now);
+                    }
+                }
+                8 => {
+                    now += Duration::from_secs(next(12));
+                    for &w in &ws {
+                        s.touch(w, now);
+                    }
+                    s.tick(now);
+                }
+                _ => {
+                    let a = next(40) as usize;
+                    s.redo(a..a + 3);
+                }
+            }
+            let recount =
+                |f: fn(&TaskStatus) -> bool| s.tasks.iter().filter(|t| f(&t.status)).count();
+            let done = recount(|t| matches!(t, TaskStatus::Done { .. }));
+            let leased = recount(|t| matches!(t, TaskStatus::Leased { .. }));
+            let pending = recount(|t| *t == TaskStatus::Pending);
+            assert_eq!(s.counts(), (done, leased, pending));
+            let bytes: u64 = s
+                .tasks
+                .iter()
+                .filter(|t| matches!(t.status, TaskStatus::Done { .. }))
+                .map(|t| t.needs.bytes)
+                .sum();
+            assert_eq!(s.bytes_done(), bytes);
+            let want: BTreeSet<usize> = (0..s.tasks.len())
+                .filter(|&i| s.tasks[i].status == TaskStatus::Pending)
+                .collect();
+            assert_eq!(s.pending, want);
+            assert_eq!(s.pending_by_size.len(), want.len());
+            if s.phase == Phase::Committing {
+                assert_eq!(done, s.tasks.len());
+                s.redo(0..1);
+            }
+        }
+    }
+
+    #[test]
+    fn the_end_waits_only_for_workers_that_will_ask_again() {
+        let now = Instant::now();
+        let mut s = state(1);
+        let polling = s.register("polling", 1000, 1, now);
+        let killed = s.register("killed", 1000, 1, now);
+        let recent = s.register("recent", 1000, 1, now);
+        assert_eq!(s.workers_to_tell(now), 3);
+        s.polling(polling, true);
+        let later = now + Duration::from_secs(9); // lease 10 s: heartbeat interval 2.5 s
+        s.touch(recent, later - Duration::from_secs(1));
+        assert_eq!(
+            s.workers_to_tell(later),
+            2,
+            "the killed worker is not waited for"
+        );
+        s.phase = Phase::Done;
+        assert_eq!(s.lease(polling, later), Lease::Done);
+        s.polling(polling, false);
+        assert_eq!(s.workers_to_tell(later), 1);
+        assert_eq!(s.lease(recent, later), Lease::Done);
+        assert_eq!(s.workers_to_tell(later), 0);
+        assert!(!s.workers[&killed].told);
     }
 }

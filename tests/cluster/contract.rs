@@ -1,6 +1,7 @@
 //! The contract in cluster mode: one coordinator per output, every check (and the port)
 //! before the output is touched, workers refused early and clearly, a failed merge that
-//! exits promptly with its store gone and keeps what a later run needs to clean up.
+//! exits promptly with its store gone and keeps what a later run needs to clean up; the end
+//! of a merge that waits for no dead worker, and a restart after the commit that finds it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -369,4 +370,95 @@ fn a_failed_merge_with_its_store_gone_exits_promptly_and_keeps_its_upload_ids() 
         v["uploads"].as_object().unwrap().len(),
         "{open:?}"
     );
+}
+
+/// After the commit the coordinator answers the workers that will ask again, not a worker
+/// killed in its long poll (it used to wait the whole --linger for it). Run again by its
+/// Job after the commit, it finds the committed checkpoint of the same merge and exits 0
+/// without touching it; another merge on that output is still refused.
+#[test]
+fn the_end_waits_for_no_killed_worker_and_a_restart_finds_the_commit() {
+    let d = tmp();
+    let cfg = mid_set(d.path());
+    let c = Cluster::new(d.path(), vec![]);
+    let out = c.dir.path().join("out");
+    let (cfg_s, out_s) = (cfg.to_str().unwrap(), out.to_str().unwrap());
+    let coordinator_args = ["--lease-timeout", "20s", "--linger", "600s"];
+    let mut coord = c.coordinator(cfg_s, out_s, &coordinator_args, "coord.log");
+    let delay = [(
+        "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
+        "4000".to_string(),
+    )];
+    // One task (the default layout of this small set): the busy worker holds it while the
+    // other waits in a long poll, and is killed there.
+    let mut busy = c.worker("busy", &[], &delay);
+    busy.wait_for("failpoint: holding the task", 60);
+    let mut idle = c.worker("idle", &[], &[]);
+    idle.wait_for("registered with", 30);
+    std::thread::sleep(Duration::from_millis(500));
+    idle.signal("-KILL");
+    coord.wait_for("committed", 60);
+    let committed = Instant::now();
+    assert_exit_ok(&mut coord, 60);
+    assert_exit_ok(&mut busy, 30);
+    assert!(
+        committed.elapsed() < Duration::from_secs(30),
+        "the coordinator waited {:?} after the commit",
+        committed.elapsed()
+    );
+    let want = embedded(&cfg, d.path(), &[], &[]);
+    assert_same_checkpoint(&out, want.path());
+
+    let snapshot = |dir: &Path| -> Vec<(String, std::time::SystemTime, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = e.metadata().unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    m.modified().unwrap(),
+                    m.len(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = snapshot(&out);
+    let mut again = c.coordinator(cfg_s, out_s, &[], "again.log");
+    assert_exit_ok(&mut again, 30);
+    assert!(
+        again
+            .log()
+            .contains("already holds this merge's committed checkpoint"),
+        "{}",
+        again.log()
+    );
+    assert_eq!(
+        snapshot(&out),
+        before,
+        "the committed checkpoint was touched"
+    );
+    assert_same_checkpoint(&out, want.path());
+
+    // A different merge (filter_wise) on the committed output: refused as before.
+    let other = d.path().join("other.yml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&other, format!("{text}parameters:\n  filter_wise: true\n")).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let refused = run_in(
+        d.path(),
+        &[
+            "coordinator",
+            other.to_str().unwrap(),
+            out_s,
+            "--listen",
+            &listen,
+            "--insecure",
+        ],
+        &[],
+    );
+    assert_exit(&refused, 2);
+    assert_eq!(snapshot(&out), before);
 }

@@ -36,9 +36,10 @@ impl Cluster {
             "--listen",
             &listen,
             "--insecure",
-            "--linger",
-            "10s",
         ];
+        if !extra.contains(&"--linger") {
+            args.extend(["--linger", "10s"]);
+        }
         args.extend_from_slice(extra);
         let mut p = Proc::spawn(&args, &self.cwd, &self.env, self.dir.path().join(log));
         p.wait_for("coordinator listening", 60);
