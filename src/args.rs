@@ -21,6 +21,16 @@ use crate::units::{parse_duration, parse_size};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines on stderr as text, or as one JSON object per line (for log aggregators:
+    /// time, level, message and fields such as task, worker and attempt as keys).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,6 +133,29 @@ pub struct WorkerArgs {
     /// Serve the gRPC health service on this address, for a liveness probe.
     #[arg(long)]
     pub health_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+/// How input bytes are read from object stores (see [`crate::store::ReadParts`]).
+#[derive(Args, Debug)]
+pub struct ReadArgs {
+    /// Object-store reads larger than this are split into parts of this size, fetched
+    /// concurrently (a store limits each connection's throughput).
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    pub read_part_size: u64,
+    /// Most object-store read requests in flight at once in this process.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub read_concurrency: u32,
+}
+
+impl ReadArgs {
+    pub fn parts(&self) -> crate::store::ReadParts {
+        crate::store::ReadParts {
+            part_size: self.read_part_size,
+            concurrency: self.read_concurrency as usize,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -191,6 +224,8 @@ pub struct MergeArgs {
     /// Replace a complete checkpoint already at OUT.
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,

@@ -66,6 +66,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
+    mergefleet::store::configure_reads(a.read.parts());
     let yaml = read_config(&a.config)?;
     let threads = cli_threads(a.threads);
     let opts = MergeOptions {
@@ -138,6 +139,7 @@ async fn run_coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 async fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
+    mergefleet::store::configure_reads(a.read.parts());
     let token = a.connect.token()?;
     let name = a.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")

@@ -80,9 +80,11 @@ impl Journal {
             .map_err(|source| crate::Error::Journal { url, source })
     }
 
-    /// Save (atomically: a temp file renamed locally, one PUT on object stores).
-    pub async fn save(&self, location: &Location) -> Result<(), SinkError> {
+    /// Save (atomically: a temp file renamed locally, one PUT on object stores). Returns
+    /// the bytes written.
+    pub async fn save(&self, location: &Location) -> Result<usize, SinkError> {
         let data = serde_json::to_vec(self).expect("journal serializes");
+        let len = data.len();
         match &location.local_dir {
             Some(dir) => {
                 let tmp = dir.join(format!("{JOURNAL_NAME}.tmp"));
@@ -91,7 +93,8 @@ impl Journal {
                     source,
                 };
                 std::fs::write(&tmp, &data).map_err(io)?;
-                std::fs::rename(&tmp, dir.join(JOURNAL_NAME)).map_err(io)
+                std::fs::rename(&tmp, dir.join(JOURNAL_NAME)).map_err(io)?;
+                Ok(len)
             }
             None => location
                 .store
@@ -100,7 +103,7 @@ impl Journal {
                     PutPayload::from_bytes(Bytes::from(data)),
                 )
                 .await
-                .map(|_| ())
+                .map(|_| len)
                 .map_err(|source| SinkError::Store {
                     url: location.child_display(JOURNAL_NAME),
                     source,

@@ -498,8 +498,15 @@ async fn main_loop(
         // At most one journal write per JOURNAL_EVERY: at 671B scale it lists ~46,000 tasks,
         // and a task finished after the last save is merely run again after a restart.
         if unsaved && last_save.elapsed() >= JOURNAL_EVERY {
+            let started = Instant::now();
             let j = shared.journal.lock().expect("journal").clone();
-            j.save(location_journal).await?;
+            let bytes = j.save(location_journal).await?;
+            tracing::debug!(
+                tasks = j.done.len(),
+                bytes,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "journal saved"
+            );
             unsaved = false;
             last_save = Instant::now();
         }

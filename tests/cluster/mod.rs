@@ -252,11 +252,22 @@ fn cluster_s3_to_s3_equals_embedded() {
         &args,
         "coord.log",
     );
-    let mut ws = c.workers(3, &[]);
+    // One worker reads in small parts, many at a time (inputs of several MiB per task).
+    let mut ws = c.workers(2, &[]);
+    ws.push(c.worker(
+        "w3",
+        &["--read-part-size", "256KiB", "--read-concurrency", "8"],
+        &[],
+    ));
     assert_exit_ok(&mut coord, 120);
     for w in &mut ws {
         assert_exit_ok(w, 30);
     }
+    assert!(
+        !ws[2].log().contains(" 0 task(s) ran here"),
+        "{}",
+        ws[2].log()
+    );
     let want = embedded(&models.join("mid/model_stock.yml"), &c.cwd, LAYOUT, &[]);
     let got = s3.root.path().join("merged/cluster");
     assert_same_checkpoint(&got, want.path());

@@ -43,6 +43,33 @@ fn s3_in_and_out_is_byte_identical_to_local() {
                 "{case}: {f} differs between S3 and local"
             );
         }
+        // Reads split into many small parts, fetched concurrently: the same bytes.
+        let parts_url = format!("s3://merged/{case}-parts/");
+        let o = run_in(
+            dir.path(),
+            &[
+                "merge",
+                "config.yml",
+                &parts_url,
+                "--out-shard-size",
+                &ss,
+                "-q",
+                "--read-part-size",
+                "1000",
+                "--read-concurrency",
+                "3",
+            ],
+            &s3.env(),
+        );
+        assert_ok(&o);
+        let split = s3.root.path().join("merged").join(format!("{case}-parts"));
+        for f in weight_files(local.path()) {
+            assert!(
+                std::fs::read(split.join(&f)).unwrap()
+                    == std::fs::read(local.path().join(&f)).unwrap(),
+                "{case}: {f} differs when read in parts"
+            );
+        }
         // The plan works from S3 headers alone.
         let p = run_in(
             dir.path(),
