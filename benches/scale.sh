@@ -9,12 +9,16 @@
 #   - `mergefleet plan`: wall time and peak RSS (RUNS times; targets: < 2 s, < 500 MB);
 #   - the coordinator: peak RSS once it has planned, prepared the 275 output files
 #     (sparse) and is serving, and its `status` answer;
-#   - the largest and mean task message (from the scale test, which asserts a bound).
+#   - the largest and mean task message (from the scale test, which asserts a bound);
+#   - the control plane under load (examples/fleet_load.rs): a real coordinator and WORKERS
+#     (default 256) simulated workers over gRPC on loopback that lease, heartbeat and report
+#     every task without moving data: completions per second, the coordinator's CPU seconds
+#     and peak RSS over the whole run, journal size and save times, last report to commit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/mergefleet-671b}
 RUNS=${2:-3}
-cargo build --release -q --bin mergefleet --example synth
+cargo build --release -q --bin mergefleet --example synth --example fleet_load
 BIN=target/release/mergefleet
 [ -f "$DIR/model_stock.yml" ] || target/release/examples/synth "$DIR" --deepseek-sparse --fine-tunes 2 >/dev/null
 echo "set: $(du -sh "$DIR" | cut -f1) on disk, $(du -sh --apparent-size "$DIR" | cut -f1) apparent"
@@ -42,3 +46,5 @@ echo "coordinator: serving after $(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }") s
 kill -TERM $PID; wait $PID || true
 
 cargo test -q --test tests -- scale::plan_671b_class_layout --nocapture 2>/dev/null | grep "task messages"
+
+target/release/examples/fleet_load "$BIN" "$DIR/model_stock.yml" "$DIR/load-out" --workers "${WORKERS:-256}"
