@@ -88,6 +88,9 @@ pub struct CoordinatorArgs {
     /// After the end, how long to keep answering so every worker learns the outcome.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub linger: std::time::Duration,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How a worker or `status` reaches the coordinator.
@@ -133,6 +136,9 @@ pub struct WorkerArgs {
     /// Serve the gRPC health service on this address, for a liveness probe.
     #[arg(long)]
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub read: ReadArgs,
 }

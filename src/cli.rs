@@ -113,6 +113,7 @@ async fn run_coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         copy_tokenizer: !a.no_copy_tokenizer,
         model_card: !a.no_model_card,
         linger: a.linger,
+        metrics_listen: a.metrics_listen,
     };
     let s = mergefleet::coordinator::run(&yaml, &a.out, opts).await?;
     for w in &s.warnings {
@@ -160,6 +161,7 @@ async fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
         name,
         retry_for: a.retry_for,
         health_listen: a.health_listen,
+        metrics_listen: a.metrics_listen,
     };
     let s = mergefleet::worker::run(opts, a.tasks_in_flight).await?;
     println!("worker finished: {} task(s) ran here", s.tasks_done);

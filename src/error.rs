@@ -133,6 +133,17 @@ impl Error {
     /// Whether another attempt of the same task may succeed. A bad config or plan, a
     /// malformed task or a memory limit too small for a tensor fail the same way every time;
     /// storage hiccups, a lost lease or a stopped worker need not.
+    /// An object store (reading inputs or writing the output) failed, after object_store's
+    /// own retries: counted by the workers' `store_errors` metric.
+    pub fn is_store(&self) -> bool {
+        matches!(
+            self,
+            Error::Store(StoreError::Read { .. })
+                | Error::Sink(SinkError::Store { .. } | SinkError::Read(StoreError::Read { .. }))
+                | Error::Source(SourceError::Store(StoreError::Read { .. }))
+        )
+    }
+
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,

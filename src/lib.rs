@@ -25,6 +25,7 @@ pub mod header;
 pub mod job;
 pub mod memory;
 pub mod merge;
+pub mod metrics;
 pub mod plan;
 pub mod security;
 pub mod shutdown;

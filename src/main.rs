@@ -8,6 +8,30 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Log lines on stderr (text or JSON, filtered by RUST_LOG, default info), and object_store's
+/// retries counted for the metrics whatever RUST_LOG says.
+fn init_logs(format: mergefleet::args::LogFormat) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let lines = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let lines = match format {
+        mergefleet::args::LogFormat::Json => lines.json().flatten_event(true).boxed(),
+        mergefleet::args::LogFormat::Text => lines
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(
+            mergefleet::metrics::StoreRetries
+                .with_filter(mergefleet::metrics::store_retries_filter()),
+        )
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = mergefleet::args::Cli::parse();
     if matches!(
@@ -21,18 +45,7 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    match cli.log_format {
-        mergefleet::args::LogFormat::Json => logs.json().flatten_event(true).init(),
-        mergefleet::args::LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
+    init_logs(cli.log_format);
     let threads = cli::threads(&cli.command);
     if let Err(e) = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

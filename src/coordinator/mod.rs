@@ -19,6 +19,7 @@ use tonic::transport::Identity;
 
 use crate::error::{Error, Result};
 use crate::job::Job;
+use crate::metrics::CoordinatorMetrics;
 use crate::plan::{MergePlan, PlanOptions};
 use crate::shutdown::shutdown_signal;
 use crate::sink::cluster::ClusterOutput;
@@ -48,6 +49,8 @@ pub struct CoordinatorOptions {
     pub model_card: bool,
     /// After the end, how long to keep answering so every worker learns the outcome.
     pub linger: Duration,
+    /// Serve Prometheus metrics here (`GET /metrics`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// State shared by the gRPC service and the main loop.
@@ -62,6 +65,7 @@ pub struct Shared {
     pub output_display: String,
     /// Side-file warnings, for the summary (embedded mode prints the same).
     pub warnings: Vec<String>,
+    pub metrics: CoordinatorMetrics,
 }
 
 /// What a finished cluster merge did.
@@ -287,6 +291,14 @@ async fn serve(
         }
     };
     shared.changed.notify_waiters();
+    // Fault injection for the tests: stay up a while after the end (metrics scraped in the
+    // final state, deterministically).
+    if let Some(ms) = std::env::var("MERGEFLEET_FAILPOINT_AFTER_END_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     if !matches!(outcome, Err(Error::Interrupted | Error::OutputLost(_))) {
         linger(&shared, opts.linger).await;
     }
@@ -329,6 +341,7 @@ fn shared_state(
         journal: Mutex::new(journal),
         started: Instant::now(),
         output_display: location.display.clone(),
+        metrics: CoordinatorMetrics::default(),
     })
 }
 
@@ -342,6 +355,18 @@ async fn start_server(
     crate::wire::server::Running,
     mpsc::UnboundedReceiver<Reported>,
 )> {
+    if let Some(addr) = opts.metrics_listen {
+        let for_scrape = shared.clone();
+        let bound = crate::metrics::serve(addr, shared.metrics.registry(), move || {
+            refresh_metrics(&for_scrape)
+        })
+        .await
+        .map_err(|source| Error::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
     let (events_tx, events) = mpsc::unbounded_channel();
     let svc = service::Service {
         shared: shared.clone(),
@@ -475,6 +500,7 @@ async fn main_loop(
             }
             _ = tick.tick() => {
                 let expired = shared.state.lock().expect("state").tick(Instant::now());
+                shared.metrics.lease_expiries.inc_by(expired.len() as u64);
                 for t in &expired {
                     tracing::warn!("{}: lease expired (worker lost or stalled); the task goes back to the queue", describe(plan, t.0));
                 }
@@ -559,6 +585,21 @@ async fn finished(shared: &Shared, task: TaskId) -> Result<()> {
         .done
         .insert(task.0, parts);
     complete_file_if_done(shared, shared.plan.tasks[task.0].file).await
+}
+
+/// The task and byte gauges, from the state (at each scrape).
+fn refresh_metrics(shared: &Shared) {
+    let st = shared.state.lock().expect("state");
+    let (done, running, pending) = st.counts();
+    let m = &shared.metrics;
+    for (state, n) in [("done", done), ("running", running), ("pending", pending)] {
+        m.tasks
+            .get_or_create(&crate::metrics::StateLabel { state })
+            .set(n as i64);
+    }
+    m.workers.set(st.workers().count() as i64);
+    m.output_bytes_done.set(st.bytes_done() as i64);
+    m.output_bytes_total.set(shared.plan.bytes_written() as i64);
 }
 
 fn log_progress(shared: &Shared) {

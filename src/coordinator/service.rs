@@ -61,7 +61,8 @@ impl CoordinatorApi for Service {
         worker: WorkerId,
         wait: Duration,
     ) -> Result<LeaseAnswer<OutgoingTask>, Status> {
-        let deadline = Instant::now() + wait.min(MAX_WAIT);
+        let asked = Instant::now();
+        let deadline = asked + wait.min(MAX_WAIT);
         let _polling = Polling::start(&self.shared, worker);
         loop {
             // Register interest before looking, so a change between the look and the wait
@@ -75,6 +76,9 @@ impl CoordinatorApi for Service {
                 .lease(worker, Instant::now());
             return Ok(match decision {
                 Lease::Task { task, attempt } => {
+                    let m = &self.shared.metrics;
+                    m.leases.inc();
+                    m.lease_wait_seconds.observe(asked.elapsed().as_secs_f64());
                     LeaseAnswer::Task(self.outgoing(task, attempt, worker))
                 }
                 Lease::Done => LeaseAnswer::Done,
@@ -116,13 +120,13 @@ impl CoordinatorApi for Service {
                 message, retryable, ..
             } => Outcome::Failure { message, retryable },
         };
-        let reported = self.shared.state.lock().expect("state").report(
-            r.worker,
-            r.task,
-            r.attempt,
-            outcome,
-            Instant::now(),
-        );
+        let preempted = matches!(outcome, Outcome::Preempted { .. });
+        let (reported, worker_name) = {
+            let mut st = self.shared.state.lock().expect("state");
+            let reported = st.report(r.worker, r.task, r.attempt, outcome, Instant::now());
+            (reported, st.worker_name(r.worker))
+        };
+        self.count(&reported, preempted, worker_name);
         match &reported {
             Reported::Stale => tracing::info!(
                 task = %r.task,
@@ -198,6 +202,28 @@ impl Drop for Polling<'_> {
 }
 
 impl Service {
+    /// Count a report in the metrics: its outcome, and a finished task's bytes for its worker.
+    fn count(&self, reported: &Reported, preempted: bool, worker: Option<String>) {
+        let m = &self.shared.metrics;
+        match reported {
+            Reported::Stale => m.report("stale"),
+            Reported::Finished(task) => {
+                m.report("done");
+                if let Some(worker) = worker {
+                    let t = &self.shared.plan.tasks[task.0];
+                    let label = crate::metrics::WorkerLabel { worker };
+                    m.worker_output_bytes
+                        .get_or_create(&label)
+                        .inc_by(t.out.end - t.out.start);
+                    m.worker_tasks.get_or_create(&label).inc();
+                }
+            }
+            Reported::Retrying(_) if preempted => m.report("preempted"),
+            Reported::Retrying(_) => m.report("failed"),
+            Reported::JobFailed(_) => m.report("fatal"),
+        }
+    }
+
     /// Task `task`'s lease for `worker`, encoded with where its bytes go.
     fn outgoing(&self, task: TaskId, attempt: Attempt, worker: WorkerId) -> OutgoingTask {
         let plan = &self.shared.plan;

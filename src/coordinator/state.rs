@@ -596,6 +596,11 @@ impl ClusterState {
         self.tasks.len()
     }
 
+    /// A registered worker's name.
+    pub fn worker_name(&self, worker: WorkerId) -> Option<String> {
+        self.workers.get(&worker).map(|w| w.name.clone())
+    }
+
     pub fn workers(&self) -> impl Iterator<Item = (WorkerId, &WorkerSlot)> {
         self.workers.iter().map(|(id, w)| (*id, w))
     }

@@ -12,6 +12,7 @@ pub mod backoff;
 mod health;
 mod task;
 
+use crate::metrics::WorkerMetrics;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub struct WorkerOptions {
     /// Serve the standard gRPC health service here (for a liveness probe): it answers
     /// while this process runs, whatever the coordinator's state.
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics here (`GET /metrics`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How a worker's run ended well.
@@ -108,6 +111,7 @@ struct Ctx {
     /// This worker's registration, once registered.
     registration: tokio::sync::Mutex<Option<Welcome>>,
     done: AtomicU64,
+    metrics: WorkerMetrics,
     /// Set on SIGTERM/SIGINT: slots report their running task as failed and stop.
     stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -180,8 +184,19 @@ pub async fn run(opts: WorkerOptions, slots: usize) -> Result<WorkerSummary> {
         Some(addr) => Some(health::serve(addr).await?),
         None => None,
     };
+    let metrics = WorkerMetrics::default();
+    if let Some(addr) = opts.metrics_listen {
+        let bound = crate::metrics::serve(addr, metrics.registry(), || {})
+            .await
+            .map_err(|source| Error::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Ctx {
+        metrics,
         pool: BufferPool::new(crate::memory::idle_buffers(opts.memory_limit)),
         opts,
         client,
@@ -233,6 +248,7 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
             r = ctx.registered() => r?,
             _ = stopping.changed() => return Err(Error::Interrupted),
         };
+        let asked = std::time::Instant::now();
         let answer = tokio::select! {
             r = ctx.client.lease(me.worker, LEASE_WAIT) => r,
             _ = stopping.changed() => return Err(Error::Interrupted),
@@ -253,6 +269,9 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
         };
         let (task, attempt, outcome) = match answer {
             LeaseAnswer::Task(received) => {
+                ctx.metrics
+                    .lease_wait_seconds
+                    .observe(asked.elapsed().as_secs_f64());
                 let (task, attempt) = (received.id(), received.attempt);
                 let runner = Runner {
                     client: &ctx.client,
@@ -261,6 +280,7 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
                     stores: &ctx.stores,
                     pool: &ctx.pool,
                     memory_limit: ctx.opts.memory_limit,
+                    metrics: &ctx.metrics,
                 };
                 let end = runner.run(received, &mut stopping).await;
                 let stopped = matches!(end, TaskEnd::Stopped);

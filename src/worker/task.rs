@@ -2,6 +2,7 @@
 //! write its byte range where the coordinator said, renew the lease meanwhile, and turn how
 //! it ended into the outcome to report.
 
+use crate::metrics::WorkerMetrics;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,6 +78,7 @@ pub struct Runner<'a> {
     pub stores: &'a Stores,
     pub pool: &'a Arc<BufferPool>,
     pub memory_limit: u64,
+    pub metrics: &'a WorkerMetrics,
 }
 
 impl Runner<'_> {
@@ -91,6 +93,7 @@ impl Runner<'_> {
             tracing::info_span!("task", file = %task.file_name, task = %id, attempt = %attempt);
         async {
             let bytes = task.task.out.end - task.task.out.start;
+            let read = task.task.input_bytes();
             tracing::info!(tensors = task.task.tensors.len(), bytes, "running");
             let progress = Progress::new(bytes);
             let started = Instant::now();
@@ -105,8 +108,24 @@ impl Runner<'_> {
                 _ = heartbeats(self.client, beat, self.heartbeat, progress) => TaskEnd::LeaseLost,
                 _ = stopping.changed() => TaskEnd::Stopped,
             };
-            if let TaskEnd::Finished(Ok(_)) = &end {
-                tracing::info!(secs = started.elapsed().as_secs_f64(), "done");
+            let m = self.metrics;
+            match &end {
+                TaskEnd::Finished(Ok(_)) => {
+                    let secs = started.elapsed().as_secs_f64();
+                    tracing::info!(secs, "done");
+                    m.task("done");
+                    m.task_seconds.observe(secs);
+                    m.bytes_read.inc_by(read);
+                    m.bytes_written.inc_by(bytes);
+                }
+                TaskEnd::Finished(Err(e)) => {
+                    m.task("failed");
+                    if e.is_store() {
+                        m.store_errors.inc();
+                    }
+                }
+                TaskEnd::LeaseLost => m.task("lost"),
+                TaskEnd::Stopped => m.task("stopped"),
             }
             end
         }

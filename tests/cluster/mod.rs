@@ -9,6 +9,7 @@ use crate::util::*;
 
 mod chaos;
 mod contract;
+mod observe;
 
 struct Cluster {
     dir: TempDir,
