@@ -29,10 +29,15 @@ struct Rendered {
     services: BTreeMap<String, Service>,
     service_accounts: BTreeMap<String, ServiceAccount>,
     claims: BTreeMap<String, PersistentVolumeClaim>,
+    /// The Prometheus operator's ServiceMonitors and PodMonitors, by name.
+    monitors: BTreeMap<String, serde_yaml::Value>,
 }
 
 fn render(dir: &str) -> Rendered {
-    let path = root().join("deploy/k8s").join(dir);
+    render_path(&root().join("deploy/k8s").join(dir), dir)
+}
+
+fn render_path(path: &std::path::Path, dir: &str) -> Rendered {
     let out = Command::new("kubectl")
         .args(["kustomize", path.to_str().unwrap()])
         .output()
@@ -59,6 +64,7 @@ fn render(dir: &str) -> Rendered {
             "Service" => drop(r.services.insert(name, typed(v, &what))),
             "ServiceAccount" => drop(r.service_accounts.insert(name, typed(v, &what))),
             "PersistentVolumeClaim" => drop(r.claims.insert(name, typed(v, &what))),
+            "ServiceMonitor" | "PodMonitor" => drop(r.monitors.insert(kind + "/" + &name, v)),
             other => panic!("{dir}: unexpected kind {other}: teach this test about it"),
         }
     }
@@ -1091,4 +1097,134 @@ fn k8s_rehearsal_shared_volume() {
         out.display()
     );
     assert_same_checkpoint(&out, embedded.path());
+}
+
+/// Metrics as deployed: each pod's `--metrics-listen` port is its container port named
+/// `metrics` and the port its scrape annotations give; the coordinator's Service exposes it;
+/// and the Prometheus operator component (added to each overlay) selects exactly these.
+#[test]
+fn metrics_ports_annotations_and_monitors_agree() {
+    for overlay in OVERLAYS {
+        let ctx = |m: &str| format!("{overlay}: {m}");
+        // The overlay with the component, as a user would write it.
+        let dir = tmp();
+        // Kustomize takes only relative roots: climb from the temporary folder to `/`.
+        let up = "../".repeat(dir.path().components().count() - 1);
+        let k8s = PathBuf::from(up).join(root().join("deploy/k8s").strip_prefix("/").unwrap());
+        std::fs::write(
+            dir.path().join("kustomization.yaml"),
+            format!(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\ncomponents:\n  - {}\n",
+                k8s.join("overlays").join(overlay).display(),
+                k8s.join("components/prometheus-operator").display()
+            ),
+        )
+        .unwrap();
+        let r = render_path(dir.path(), overlay);
+        for component in ["coordinator", "worker"] {
+            let (job, spec, c) = pod(&r, component);
+            let addr = match parse_args(&run_args(&r, spec, c, &format!("{component}-0"))) {
+                Cmd::Coordinator(a) => a.metrics_listen,
+                Cmd::Worker(a) => a.metrics_listen,
+                _ => unreachable!(),
+            }
+            .unwrap_or_else(|| panic!("{}", ctx(&format!("{component} --metrics-listen"))));
+            let port = c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some("metrics"))
+                .unwrap_or_else(|| panic!("{}", ctx(&format!("{component} port named metrics"))));
+            assert_eq!(
+                port.container_port,
+                addr.port() as i32,
+                "{}",
+                ctx(component)
+            );
+            let meta = job
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap();
+            let notes = meta.annotations.clone().unwrap_or_default();
+            assert_eq!(
+                notes.get("prometheus.io/scrape").map(String::as_str),
+                Some("true"),
+                "{}",
+                ctx(component)
+            );
+            assert_eq!(
+                notes.get("prometheus.io/port"),
+                Some(&addr.port().to_string()),
+                "{}",
+                ctx(component)
+            );
+            assert_eq!(
+                notes.get("prometheus.io/path").map(String::as_str),
+                Some("/metrics"),
+                "{}",
+                ctx(component)
+            );
+            let labels = meta.labels.clone().unwrap_or_default();
+            let selects = |sel: &serde_yaml::Value, on: &BTreeMap<String, String>| {
+                let want = sel["matchLabels"].as_mapping().expect("matchLabels");
+                !want.is_empty()
+                    && want
+                        .iter()
+                        .all(|(k, v)| on.get(k.as_str().unwrap()).map(String::as_str) == v.as_str())
+            };
+            if component == "worker" {
+                let m = &r.monitors["PodMonitor/mergefleet-workers"];
+                assert!(
+                    selects(&m["spec"]["selector"], &labels),
+                    "{}",
+                    ctx("PodMonitor selects the workers")
+                );
+                assert_eq!(
+                    m["spec"]["podMetricsEndpoints"][0]["port"].as_str(),
+                    Some("metrics")
+                );
+            } else {
+                let (_, svc) = r
+                    .services
+                    .iter()
+                    .find(|(n, _)| n.contains("coordinator"))
+                    .unwrap();
+                let sspec = svc.spec.as_ref().unwrap();
+                assert!(
+                    sspec
+                        .selector
+                        .as_ref()
+                        .unwrap()
+                        .iter()
+                        .all(|(k, v)| labels.get(k) == Some(v)),
+                    "{}",
+                    ctx("the Service selects the coordinator")
+                );
+                let sport = sspec
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some("metrics"))
+                    .unwrap_or_else(|| panic!("{}", ctx("Service port named metrics")));
+                assert_eq!(
+                    sport.target_port,
+                    Some(IntOrString::String("metrics".into())),
+                    "{}",
+                    ctx("Service targetPort")
+                );
+                let m = &r.monitors["ServiceMonitor/mergefleet-coordinator"];
+                let svc_labels = svc.metadata.labels.clone().unwrap_or_default();
+                assert!(
+                    selects(&m["spec"]["selector"], &svc_labels),
+                    "{}",
+                    ctx("ServiceMonitor selects the Service")
+                );
+                assert_eq!(m["spec"]["endpoints"][0]["port"].as_str(), Some("metrics"));
+            }
+        }
+    }
 }
