@@ -9,6 +9,8 @@ mod cluster;
 mod contract;
 /// Fidelity at real size: mergekit's SHA-256 of every output tensor of regenerated inputs.
 mod fidelity;
+/// The cluster over a real network: hosts in network namespaces, S3 on its own host.
+mod fleet;
 /// Block-FP8 inputs: mergekit's bytes from the officially dequantized models; refusals.
 mod fp8;
 /// mergekit's golden outputs, bit for bit; what a checkpoint holds.

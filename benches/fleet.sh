@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The fleet over a real network, on one machine: cluster merges with W = 1, 2, 4, 8 worker
+# hosts (network namespaces, benches/netns.sh), each host's link capped with tc, against an
+# S3 server on its own host behind a proxy that caps each connection (as a cloud store does).
+#
+#   sudo benches/fleet.sh [DIR] [HOST_MBIT] [WORKER_COUNTS]
+#
+# DIR (default /tmp/mergefleet-fleet) gets a synthetic set (base + 3 fine-tunes, bf16,
+# hidden 1024, 4 layers, vocab 32000: ~0.93 GB of input), written once. HOST_MBIT (default
+# 200) caps each worker host's link; every connection to the store is capped at 1/16 of it.
+# Prints, per W, the wall time (first worker start to the coordinator's exit), aggregate and
+# per-worker input throughput, and the ratio to W x the one-worker throughput; then one
+# worker without split reads (--read-part-size larger than any range), for comparison.
+# Caps are chosen so the network, not the 2 cores, is the limit. Needs root, iproute2, tc.
+set -euo pipefail
+shopt -s inherit_errexit
+cd "$(dirname "$0")/.."
+DIR=${1:-/tmp/mergefleet-fleet}
+MBIT=${2:-200}
+COUNTS=${3:-"1 2 4 8"}
+ID=mffleet
+cargo build --release -q --bin mergefleet --example synth --example pacing_proxy
+BIN=$PWD/target/release/mergefleet
+PROXY=$PWD/target/release/examples/pacing_proxy
+S3S=${S3S_FS:-$(command -v s3s-fs || echo "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs")}
+ROOT="$DIR/s3"
+if [ ! -f "$ROOT/models/set/model_stock.yml" ]; then
+  rm -rf "$DIR"
+  target/release/examples/synth "$DIR/set" --hidden 1024 --layers 4 --intermediate 2816 >/dev/null
+  mkdir -p "$ROOT/models" && mv "$DIR/set" "$ROOT/models/set"
+fi
+sed "s#$DIR/set/#s3://models/set/#g; s#$ROOT/models/set/#s3://models/set/#g" \
+  "$ROOT/models/set/model_stock.yml" > "$DIR/fleet.yml"
+grep -q "s3://models/set/base" "$DIR/fleet.yml" || { echo "unexpected config:"; cat "$DIR/fleet.yml"; exit 1; }
+in_bytes=$(cat "$ROOT"/models/set/*/*.safetensors | wc -c)
+cap_bytes=$((MBIT * 1000 * 1000 / 8))
+conn_bytes=$((cap_bytes / 16))
+export MERGEFLEET_TOKEN=fleet-bench-token-0123456789
+export AWS_ENDPOINT=http://10.77.0.2:9000 AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+  AWS_ACCESS_KEY_ID=fleet AWS_SECRET_ACCESS_KEY=fleet-secret AWS_EC2_METADATA_DISABLED=true
+calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; benches/netns.sh down $ID; }
+trap cleanup EXIT
+
+# run W [worker flags...]: one cluster merge; prints its wall seconds.
+run() {
+  local w=$1; shift
+  benches/netns.sh up $ID "$w" "$MBIT"
+  rm -rf "$ROOT/merged" && mkdir -p "$ROOT/merged"
+  ip netns exec $ID-s3 "$S3S" --host 127.0.0.1 --port 9001 --access-key fleet \
+    --secret-key fleet-secret "$ROOT" >/dev/null 2>&1 &
+  PIDS+=($!)
+  ip netns exec $ID-s3 "$PROXY" 10.77.0.2:9000 127.0.0.1:9001 "$conn_bytes" 2>/dev/null &
+  PIDS+=($!)
+  sleep 0.5
+  ip netns exec $ID-co "$BIN" coordinator "$DIR/fleet.yml" s3://merged/out --listen 10.77.0.3:7300 \
+    --task-size 32MiB --out-shard-size 100M --linger 5s > "$DIR/coordinator.log" 2>&1 &
+  local co=$!
+  until grep -q "coordinator listening" "$DIR/coordinator.log"; do
+    kill -0 $co 2>/dev/null || { cat "$DIR/coordinator.log"; exit 1; }
+    sleep 0.05
+  done
+  local t0; t0=$(date +%s.%N)
+  local ws=()
+  for i in $(seq "$w"); do
+    ip netns exec "$ID-w$i" "$BIN" worker --coordinator http://10.77.0.3:7300 --name "w$i" \
+      --threads 1 "$@" > "$DIR/w$i.log" 2>&1 &
+    ws+=($!)
+  done
+  wait $co || { echo "coordinator failed:"; tail -5 "$DIR/coordinator.log"; exit 1; }
+  local t1; t1=$(date +%s.%N)
+  for p in "${ws[@]}"; do wait "$p" || true; done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  PIDS=()
+  benches/netns.sh down $ID
+  calc "$t1 - $t0"
+}
+
+echo "input $(calc "$in_bytes/1e9") GB; each worker host's link capped at $MBIT Mbit/s ($(calc "$cap_bytes/1e6") MB/s), each store connection at $(calc "$conn_bytes/1e6") MB/s; $(nproc) cores"
+one=""
+for w in $COUNTS; do
+  s=$(run "$w")
+  agg=$(calc "$in_bytes/$s/1e6")
+  [ -n "$one" ] || one=$agg
+  echo "W=$w: $s s, $agg MB/s of input in all, $(calc "$agg/$w") MB/s per worker ($(calc "$agg/$w*1e6/$cap_bytes*100")% of its link), $(calc "$agg/($w*$one)")x of W x one worker"
+done
+s=$(run 1 --read-part-size 1TiB)
+echo "W=1 without split reads (one request per range): $s s, $(calc "$in_bytes/$s/1e6") MB/s ($(calc "$in_bytes/$s/$cap_bytes*100")% of its link)"
