@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The fleet over a real network, on one machine: cluster merges with W = 1, 2, 4, 8 worker
-# hosts (network namespaces, benches/netns.sh), each host's link capped with tc, against an
-# S3 server on its own host behind a proxy that caps each connection (as a cloud store does).
+# hosts (network namespaces, benches/netns.sh), each host's link capped with tc, reading the
+# models from a store host behind a proxy that caps each connection (as a cloud store does)
+# and writing the output to an S3 server (s3s-fs) on that host.
+#
+# The models are served over HTTP by nginx (object_store's HTTP store: ranged GETs, as from
+# S3): s3s-fs spends CPU per request in proportion to the object's size, so on 2 cores it,
+# not the network, would be what many parallel range requests measure.
 #
 #   sudo benches/fleet.sh [DIR] [HOST_MBIT] [WORKER_COUNTS]
 #
@@ -11,13 +16,16 @@
 # Prints, per W, the wall time (first worker start to the coordinator's exit), aggregate and
 # per-worker input throughput, and the ratio to W x the one-worker throughput; then one
 # worker without split reads (--read-part-size larger than any range), for comparison.
-# Caps are chosen so the network, not the 2 cores, is the limit. Needs root, iproute2, tc.
+# WORKER_FLAGS adds worker flags to the W runs.
+# Caps are chosen so the network, not the 2 cores, is the limit. Needs root, iproute2, tc,
+# nginx (apt-get install nginx) and s3s-fs.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/mergefleet-fleet}
 MBIT=${2:-200}
 COUNTS=${3:-"1 2 4 8"}
+WORKER_FLAGS=${WORKER_FLAGS:-}   # extra worker flags for the W runs, e.g. --read-concurrency 32
 ID=mffleet
 cargo build --release -q --bin mergefleet --example synth --example pacing_proxy
 BIN=$PWD/target/release/mergefleet
@@ -29,14 +37,27 @@ if [ ! -f "$ROOT/models/set/model_stock.yml" ]; then
   target/release/examples/synth "$DIR/set" --hidden 1024 --layers 4 --intermediate 2816 >/dev/null
   mkdir -p "$ROOT/models" && mv "$DIR/set" "$ROOT/models/set"
 fi
-sed "s#$DIR/set/#s3://models/set/#g; s#$ROOT/models/set/#s3://models/set/#g" \
+STORE=http://10.77.0.2:9000/models/set
+sed "s#$DIR/set/#$STORE/#g; s#$ROOT/models/set/#$STORE/#g" \
   "$ROOT/models/set/model_stock.yml" > "$DIR/fleet.yml"
-grep -q "s3://models/set/base" "$DIR/fleet.yml" || { echo "unexpected config:"; cat "$DIR/fleet.yml"; exit 1; }
+grep -q "$STORE/base" "$DIR/fleet.yml" || { echo "unexpected config:"; cat "$DIR/fleet.yml"; exit 1; }
+cat > "$DIR/nginx.conf" <<NGINX
+daemon off;
+worker_processes 1;
+error_log stderr;
+pid $DIR/nginx.pid;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  server { listen 127.0.0.1:9002; root $ROOT; }
+}
+NGINX
 in_bytes=$(cat "$ROOT"/models/set/*/*.safetensors | wc -c)
 cap_bytes=$((MBIT * 1000 * 1000 / 8))
 conn_bytes=$((cap_bytes / 16))
 export MERGEFLEET_TOKEN=fleet-bench-token-0123456789
-export AWS_ENDPOINT=http://10.77.0.2:9000 AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+export AWS_ENDPOINT=http://10.77.0.2:9001 AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
   AWS_ACCESS_KEY_ID=fleet AWS_SECRET_ACCESS_KEY=fleet-secret AWS_EC2_METADATA_DISABLED=true
 calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
 PIDS=()
@@ -48,10 +69,12 @@ run() {
   local w=$1; shift
   benches/netns.sh up $ID "$w" "$MBIT"
   rm -rf "$ROOT/merged" && mkdir -p "$ROOT/merged"
-  ip netns exec $ID-s3 "$S3S" --host 127.0.0.1 --port 9001 --access-key fleet \
+  ip netns exec $ID-s3 "$S3S" --host 10.77.0.2 --port 9001 --access-key fleet \
     --secret-key fleet-secret "$ROOT" >/dev/null 2>&1 &
   PIDS+=($!)
-  ip netns exec $ID-s3 "$PROXY" 10.77.0.2:9000 127.0.0.1:9001 "$conn_bytes" 2>/dev/null &
+  ip netns exec $ID-s3 nginx -c "$DIR/nginx.conf" 2>/dev/null &
+  PIDS+=($!)
+  ip netns exec $ID-s3 "$PROXY" 10.77.0.2:9000 127.0.0.1:9002 "$conn_bytes" 2>/dev/null &
   PIDS+=($!)
   sleep 0.5
   ip netns exec $ID-co "$BIN" coordinator "$DIR/fleet.yml" s3://merged/out --listen 10.77.0.3:7300 \
@@ -80,7 +103,8 @@ run() {
 echo "input $(calc "$in_bytes/1e9") GB; each worker host's link capped at $MBIT Mbit/s ($(calc "$cap_bytes/1e6") MB/s), each store connection at $(calc "$conn_bytes/1e6") MB/s; $(nproc) cores"
 one=""
 for w in $COUNTS; do
-  s=$(run "$w")
+  # shellcheck disable=SC2086
+  s=$(run "$w" $WORKER_FLAGS)
   agg=$(calc "$in_bytes/$s/1e6")
   [ -n "$one" ] || one=$agg
   echo "W=$w: $s s, $agg MB/s of input in all, $(calc "$agg/$w") MB/s per worker ($(calc "$agg/$w*1e6/$cap_bytes*100")% of its link), $(calc "$agg/($w*$one)")x of W x one worker"

@@ -19,7 +19,11 @@ down() {
   for ns in $(ip netns list | awk '{print $1}' | grep "^$id-" || true); do
     ip netns del "$ns"
   done
-  ip link del "$br" 2>/dev/null || true
+  # The host ends of the veth pairs go with their peers, but asynchronously: remove them
+  # now, so an `up` right after cannot find them still there.
+  for link in $(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^$id" || true); do
+    ip link del "$link" 2>/dev/null || true
+  done
 }
 
 # host NAME LAST_OCTET [MBIT]
@@ -36,8 +40,8 @@ host() {
   if [ "${3:-0}" != 0 ]; then
     # The host's link: what it receives is shaped as it leaves the bridge, what it sends
     # as it leaves the host.
-    tc qdisc add dev "$outer" root tbf rate "${3}mbit" burst 512kb latency 200ms
-    ip netns exec "$ns" tc qdisc add dev eth0 root tbf rate "${3}mbit" burst 512kb latency 200ms
+    tc qdisc add dev "$outer" root tbf rate "${3}mbit" burst 256kb latency 20ms
+    ip netns exec "$ns" tc qdisc add dev eth0 root tbf rate "${3}mbit" burst 256kb latency 20ms
   fi
 }
 

@@ -491,6 +491,12 @@ impl Stores {
                 let s = Arc::new(
                     object_store::http::HttpBuilder::new()
                         .with_url(base)
+                        // A plain `http://` URL is the user's explicit choice (a server
+                        // inside the cluster); object_store refuses it unless allowed.
+                        .with_client_options(
+                            object_store::ClientOptions::new()
+                                .with_allow_http(url.scheme() == "http"),
+                        )
                         .with_retry(retry_config())
                         .build()
                         .map_err(bad)?,
