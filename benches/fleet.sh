@@ -11,7 +11,8 @@
 #   sudo benches/fleet.sh [DIR] [HOST_MBIT] [WORKER_COUNTS]
 #
 # DIR (default /tmp/mergefleet-fleet) gets a synthetic set (base + 3 fine-tunes, bf16,
-# hidden 1024, 4 layers, vocab 32000: ~0.93 GB of input), written once. HOST_MBIT (default
+# hidden 1024, 8 layers, vocab 8192: ~0.9 GB of input in ~60 tasks of 16 MiB, none larger
+# than 64 MiB, so W = 8 hosts have work to share), written once. HOST_MBIT (default
 # 200) caps each worker host's link; every connection to the store is capped at 1/16 of it.
 # Prints, per W, the wall time (first worker start to the coordinator's exit), aggregate and
 # per-worker input throughput, and the ratio to W x the one-worker throughput; then one
@@ -34,7 +35,8 @@ S3S=${S3S_FS:-$(command -v s3s-fs || echo "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-f
 ROOT="$DIR/s3"
 if [ ! -f "$ROOT/models/set/model_stock.yml" ]; then
   rm -rf "$DIR"
-  target/release/examples/synth "$DIR/set" --hidden 1024 --layers 4 --intermediate 2816 >/dev/null
+  target/release/examples/synth "$DIR/set" --hidden 1024 --layers 8 --intermediate 2816 \
+    --vocab 8192 >/dev/null
   mkdir -p "$ROOT/models" && mv "$DIR/set" "$ROOT/models/set"
 fi
 STORE=http://10.77.0.2:9000/models/set
@@ -60,9 +62,15 @@ export MERGEFLEET_TOKEN=fleet-bench-token-0123456789
 export AWS_ENDPOINT=http://10.77.0.2:9001 AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
   AWS_ACCESS_KEY_ID=fleet AWS_SECRET_ACCESS_KEY=fleet-secret AWS_EC2_METADATA_DISABLED=true
 calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
+# run() runs in a subshell ($(...)): it stops its own servers and hosts, on failure too.
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; benches/netns.sh down $ID; }
-trap cleanup EXIT
+stop_all() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  PIDS=()
+  benches/netns.sh down $ID
+}
+fail() { echo "$1" >&2; tail -5 "$2" >&2; stop_all; exit 1; }
+trap 'benches/netns.sh down $ID' EXIT
 
 # run W [worker flags...]: one cluster merge; prints its wall seconds.
 run() {
@@ -72,16 +80,16 @@ run() {
   ip netns exec $ID-s3 "$S3S" --host 10.77.0.2 --port 9001 --access-key fleet \
     --secret-key fleet-secret "$ROOT" >/dev/null 2>&1 &
   PIDS+=($!)
-  ip netns exec $ID-s3 nginx -c "$DIR/nginx.conf" 2>/dev/null &
+  ip netns exec $ID-s3 nginx -c "$DIR/nginx.conf" >/dev/null 2>&1 &
   PIDS+=($!)
-  ip netns exec $ID-s3 "$PROXY" 10.77.0.2:9000 127.0.0.1:9002 "$conn_bytes" 2>/dev/null &
+  ip netns exec $ID-s3 "$PROXY" 10.77.0.2:9000 127.0.0.1:9002 "$conn_bytes" >/dev/null 2>&1 &
   PIDS+=($!)
   sleep 0.5
   ip netns exec $ID-co "$BIN" coordinator "$DIR/fleet.yml" s3://merged/out --listen 10.77.0.3:7300 \
-    --task-size 32MiB --out-shard-size 100M --linger 5s > "$DIR/coordinator.log" 2>&1 &
+    --task-size 16MiB --out-shard-size 100M --linger 5s > "$DIR/coordinator.log" 2>&1 &
   local co=$!
   until grep -q "coordinator listening" "$DIR/coordinator.log"; do
-    kill -0 $co 2>/dev/null || { cat "$DIR/coordinator.log"; exit 1; }
+    kill -0 $co 2>/dev/null || fail "the coordinator did not start:" "$DIR/coordinator.log"
     sleep 0.05
   done
   local t0; t0=$(date +%s.%N)
@@ -91,12 +99,10 @@ run() {
       --threads 1 "$@" > "$DIR/w$i.log" 2>&1 &
     ws+=($!)
   done
-  wait $co || { echo "coordinator failed:"; tail -5 "$DIR/coordinator.log"; exit 1; }
+  wait $co || fail "the coordinator failed:" "$DIR/coordinator.log"
   local t1; t1=$(date +%s.%N)
   for p in "${ws[@]}"; do wait "$p" || true; done
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  PIDS=()
-  benches/netns.sh down $ID
+  stop_all
   calc "$t1 - $t0"
 }
 

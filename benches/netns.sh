@@ -21,7 +21,8 @@ down() {
   done
   # The host ends of the veth pairs go with their peers, but asynchronously: remove them
   # now, so an `up` right after cannot find them still there.
-  for link in $(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^$id" || true); do
+  for link in $(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 |
+      grep -E "^${id}(br|(s3|co|w[0-9]+)h)$" || true); do
     ip link del "$link" 2>/dev/null || true
   done
 }

@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         .stderr(std::fs::File::create(&log_path)?)
         .spawn()?;
     let pid = coord.id();
+    let mut guard = KillOnDrop(Some(pid));
     let sample = Arc::new(Mutex::new(Sample::default()));
     let running = Arc::new(AtomicBool::new(true));
     let sampler = {
@@ -124,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok((first, last))
     })?;
     let out = coord.wait_with_output()?;
+    guard.0 = None;
     running.store(false, Ordering::Relaxed);
     sampler.join().expect("sampler");
     let summary = String::from_utf8_lossy(&out.stdout).to_string();
@@ -216,6 +218,19 @@ async fn simulated_worker(
             LeaseAnswer::Done => return Ok((first, last)),
             LeaseAnswer::Failed(m) => anyhow::bail!("the merge failed: {m}"),
             LeaseAnswer::Malformed { error, .. } => anyhow::bail!("malformed task: {error}"),
+        }
+    }
+}
+
+/// Kills the coordinator if the generator stops early (a failed simulated worker), so it
+/// does not keep its port and its output lock.
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
 }

@@ -1,6 +1,6 @@
 //! A TCP proxy that caps each connection's download rate, the way a cloud object store
 //! limits the throughput of one connection (tens of MB/s to ~100 MB/s on S3). Used by
-//! `benches/fleet.sh` in front of the S3 server.
+//! `benches/fleet.sh` in front of the server that holds the models.
 //!
 //! ```text
 //! pacing_proxy LISTEN UPSTREAM BYTES_PER_SECOND
@@ -29,8 +29,16 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         eprintln!("pacing proxy on {listen} -> {upstream}, {rate} B/s per connection");
         loop {
-            let (mut client, _) = listener.accept().await?;
-            pace(&client, rate)?;
+            let mut client = match listener.accept().await {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    continue;
+                }
+            };
+            if let Err(e) = pace(&client, rate) {
+                eprintln!("cannot pace a connection: {e}");
+            }
             tokio::spawn(async move {
                 if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;

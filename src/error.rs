@@ -130,9 +130,6 @@ impl Error {
         }
     }
 
-    /// Whether another attempt of the same task may succeed. A bad config or plan, a
-    /// malformed task or a memory limit too small for a tensor fail the same way every time;
-    /// storage hiccups, a lost lease or a stopped worker need not.
     /// An object store (reading inputs or writing the output) failed, after object_store's
     /// own retries: counted by the workers' `store_errors` metric.
     pub fn is_store(&self) -> bool {
@@ -144,6 +141,9 @@ impl Error {
         )
     }
 
+    /// Whether another attempt of the same task may succeed. A bad config or plan, a
+    /// malformed task or a memory limit too small for a tensor fail the same way every time;
+    /// storage hiccups, a lost lease or a stopped worker need not.
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,

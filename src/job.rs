@@ -116,7 +116,6 @@ impl Job {
         Ok(warnings)
     }
 
-    /// The commit point of a sharded checkpoint (a single file commits itself).
     /// Does `location` hold this job's committed checkpoint? Its `mergekit_config.yml` is
     /// this config, its index (sharded outputs) is the one this plan writes, and every
     /// output file has its planned size. A coordinator restarted by its Job after the
@@ -153,6 +152,7 @@ impl Job {
         Ok(true)
     }
 
+    /// The commit point of a sharded checkpoint (a single file commits itself).
     pub async fn commit(&self, sink: &Sink) -> Result<()> {
         if self.plan.files.len() > 1 {
             sink.put(INDEX_NAME, Bytes::from(checkpoint::index_json(&self.plan)))

@@ -189,7 +189,6 @@ async fn bind(opts: &CoordinatorOptions) -> Result<(tokio::net::TcpListener, Opt
     Ok((listener, tls))
 }
 
-/// Resume or start over, then write the side files and prepare every output file.
 /// What the coordinator finds in its output before serving.
 #[allow(clippy::large_enum_variant)] // one value per run
 enum Start {
@@ -199,6 +198,7 @@ enum Start {
     Committed,
 }
 
+/// Resume or start over, then write the side files and prepare every output file.
 async fn prepare(
     job: &Job,
     location: &Location,
@@ -400,7 +400,9 @@ async fn serve_committed(
         "coordinator listening on {}: the merge is already committed; telling workers that still ask",
         opts.listen
     );
-    linger(&shared, opts.linger).await;
+    // The workers of the merge may be in backoff (seconds between tries) and none has
+    // registered yet: answer for the whole --linger, not only until no one is waiting.
+    tokio::time::sleep(opts.linger).await;
     server.stop(Duration::from_secs(5)).await;
     let tasks = shared.plan.tasks.len();
     Ok((shared, tasks, 0.0))

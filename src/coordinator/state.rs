@@ -292,12 +292,20 @@ impl ClusterState {
         // The first pending task that fits. When even the smallest cannot be taken whole,
         // only an idle worker looks further (streaming a task no worker can take whole).
         let smallest = self.pending_by_size.first().map_or(u64::MAX, |&(ws, _)| ws);
-        let pick = if smallest <= memory.saturating_sub(in_use) || in_use == 0 {
-            let biggest = self.max_worker_memory();
+        let largest = self.pending_by_size.last().map_or(0, |&(ws, _)| ws);
+        let biggest = self.max_worker_memory();
+        let pick = if smallest <= memory.saturating_sub(in_use) {
             self.pending
                 .iter()
                 .copied()
                 .find(|&i| Self::fits(&self.tasks[i].needs, memory, in_use, biggest))
+        } else if in_use == 0 && largest > biggest {
+            // Only tasks no worker can take whole may be streamed here: the largest ones.
+            self.pending_by_size
+                .range((biggest + 1, 0)..)
+                .map(|&(_, i)| i)
+                .filter(|&i| Self::fits(&self.tasks[i].needs, memory, in_use, biggest))
+                .min()
         } else {
             None
         };
@@ -495,8 +503,9 @@ impl ClusterState {
             }
         }
         let forget = self.lease_timeout * 3;
-        self.workers
-            .retain(|_, w| !w.tasks.is_empty() || now.duration_since(w.last_seen) < forget);
+        self.workers.retain(|_, w| {
+            !w.tasks.is_empty() || w.polling > 0 || now.duration_since(w.last_seen) < forget
+        });
         self.warn_if_stuck(now);
         expired
     }
@@ -617,10 +626,10 @@ impl ClusterState {
     }
 
     /// Workers not yet told how the merge ended that will still ask: those in a long poll
-    /// now, and those heard from within a heartbeat interval (a live worker calls at least
-    /// that often). A killed worker is neither, so the end of a merge does not wait for it.
+    /// now, and those heard from within two heartbeat intervals (a live worker calls at
+    /// least every interval). A killed worker is neither, so the end does not wait for it.
     pub fn workers_to_tell(&self, now: Instant) -> usize {
-        let recent = self.lease_timeout / 4;
+        let recent = self.lease_timeout / 2;
         self.workers
             .values()
             .filter(|w| !w.told && (w.polling > 0 || now.duration_since(w.last_seen) < recent))

@@ -113,10 +113,11 @@ impl Runner<'_> {
                 TaskEnd::Finished(Ok(_)) => {
                     let secs = started.elapsed().as_secs_f64();
                     tracing::info!(secs, "done");
-                    m.task("done");
+                    // The outcome last: a scrape that sees the task done sees its figures.
                     m.task_seconds.observe(secs);
                     m.bytes_read.inc_by(read);
                     m.bytes_written.inc_by(bytes);
+                    m.task("done");
                 }
                 TaskEnd::Finished(Err(e)) => {
                     m.task("failed");

@@ -25,6 +25,17 @@ impl Hosts {
             return None;
         }
         let id = format!("mft{}", std::process::id() % 10000);
+        // Root without the right to make namespaces (a container without NET_ADMIN).
+        let probe = format!("{id}-probe");
+        let made = Command::new("ip")
+            .args(["netns", "add", &probe])
+            .output()
+            .ok()?;
+        if !made.status.success() {
+            eprintln!("skipped: cannot make a network namespace: {}", text(&made));
+            return None;
+        }
+        let _ = Command::new("ip").args(["netns", "del", &probe]).output();
         let h = Hosts { id };
         let o = Command::new(root_path("benches/netns.sh"))
             .args(["up", &h.id, &workers.to_string()])
