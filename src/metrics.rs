@@ -210,6 +210,21 @@ pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
     refresh: impl Fn() + Send + Sync + 'static,
+) -> Result<(), crate::Error> {
+    let bound = bind_and_serve(addr, registry, refresh)
+        .await
+        .map_err(|source| crate::Error::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    tracing::info!("metrics on http://{bound}/metrics");
+    Ok(())
+}
+
+async fn bind_and_serve(
+    addr: SocketAddr,
+    registry: Registry,
+    refresh: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<SocketAddr> {
     use axum::http::header::CONTENT_TYPE;
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -357,15 +357,10 @@ async fn start_server(
 )> {
     if let Some(addr) = opts.metrics_listen {
         let for_scrape = shared.clone();
-        let bound = crate::metrics::serve(addr, shared.metrics.registry(), move || {
+        crate::metrics::serve(addr, shared.metrics.registry(), move || {
             refresh_metrics(&for_scrape)
         })
-        .await
-        .map_err(|source| Error::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
-        tracing::info!("metrics on http://{bound}/metrics");
+        .await?;
     }
     let (events_tx, events) = mpsc::unbounded_channel();
     let svc = service::Service {

@@ -186,13 +186,7 @@ pub async fn run(opts: WorkerOptions, slots: usize) -> Result<WorkerSummary> {
     };
     let metrics = WorkerMetrics::default();
     if let Some(addr) = opts.metrics_listen {
-        let bound = crate::metrics::serve(addr, metrics.registry(), || {})
-            .await
-            .map_err(|source| Error::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
-        tracing::info!("metrics on http://{bound}/metrics");
+        crate::metrics::serve(addr, metrics.registry(), || {}).await?;
     }
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Ctx {
