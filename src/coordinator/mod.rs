@@ -432,15 +432,19 @@ async fn give_up(shared: &Shared, location: &Location) {
 
 /// Keep answering until every worker that will still ask has been told the outcome (one
 /// that registers during the linger too), or `max` passes. Killed workers are not waited for.
+/// At least one worker retry period passes first (within `max`): a worker that could not
+/// reach this coordinator yet (in backoff, never registered) comes back within it.
 async fn linger(shared: &Shared, max: Duration) {
-    let until = Instant::now() + max;
+    let start = Instant::now();
+    let until = start + max;
+    let least = start + (crate::worker::backoff::MAX_DELAY + Duration::from_secs(1)).min(max);
     while Instant::now() < until {
         let waiting = shared
             .state
             .lock()
             .expect("state")
             .workers_to_tell(Instant::now());
-        if waiting == 0 {
+        if waiting == 0 && Instant::now() >= least {
             // Give the last answers time to leave.
             tokio::time::sleep(Duration::from_millis(200)).await;
             return;

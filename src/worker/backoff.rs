@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 /// The longest one call waits for an answer (lease long polls excepted).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The longest wait between two tries of an unreachable coordinator.
+pub const MAX_DELAY: Duration = Duration::from_secs(5);
+
 /// Tracks how long the coordinator has been unreachable.
 pub struct Backoff {
     coordinator: String,
@@ -81,7 +84,7 @@ impl Backoff {
             .unwrap_or(0);
         let jitter = nanos % (self.delay.as_millis() as u64 / 2 + 1);
         tokio::time::sleep(self.delay + Duration::from_millis(jitter)).await;
-        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        self.delay = (self.delay * 2).min(MAX_DELAY);
         Ok(())
     }
 }
