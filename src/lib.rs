@@ -7,7 +7,7 @@
 //! and commit ([`job`], [`checkpoint`]). Three modes run it: [`embedded`] in one process, or
 //! a [`coordinator`] handing tasks over the gRPC contract ([`wire`]) to [`worker`]s. Below
 //! them all: dtypes ([`dtype`]), the safetensors header ([`header`]), memory ([`memory`]) and
-//! errors ([`error`]).
+//! errors ([`error`]); beside the cluster roles, their Prometheus [`metrics`].
 
 // Errors carry the names and shapes users need; they are built once, on a cold path.
 #![allow(clippy::result_large_err)]
