@@ -4,7 +4,7 @@
 //! `d_i = w_i - w0`; `cos_ij = clamp(<d_i,d_j> / max(|d_i||d_j|, 1e-6), -1, 1)`;
 //! `c = mean(cos_ij)`; `t = N c / (1 + (N-1) c)` (0 where the denominator is below 1e-6);
 //! `out = t * mean(w_i) + (1 - t) * w0`. With `filter_wise` each row (last axis) gets its own
-//! `t`. Every operation is rounded like torch does in the working dtype (see [`numeric`]).
+//! `t`. Every operation is rounded like torch does in the working dtype (see `numeric.rs`).
 //!
 //! The work is split into fixed blocks of [`BLOCK`] elements whose partial statistics are
 //! combined in block order, so the result does not depend on the thread count, and a tensor
