@@ -6,7 +6,7 @@
 //! Heartbeats renew the lease while a task runs; a refused heartbeat (the lease expired and
 //! went to another worker) stops the task. Losing the coordinator, the worker retries with
 //! backoff for a bounded time ([`backoff`]), then exits non-zero so Kubernetes can act.
-//! [`task`] runs one leased task; [`health`] is the worker's own liveness endpoint.
+//! `task.rs` runs one leased task; `health.rs` is the worker's own liveness endpoint.
 
 pub mod backoff;
 mod health;
