@@ -47,4 +47,5 @@ kill -TERM $PID; wait $PID || true
 
 cargo test -q --test tests -- scale::plan_671b_class_layout --nocapture 2>/dev/null | grep "task messages"
 
+rm -rf "$DIR/load-out"   # this script's own scratch output, left by an interrupted run
 target/release/examples/fleet_load "$BIN" "$DIR/model_stock.yml" "$DIR/load-out" --workers "${WORKERS:-256}"

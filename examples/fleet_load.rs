@@ -29,7 +29,8 @@ struct Args {
     /// The mergefleet binary to run as the coordinator.
     bin: PathBuf,
     config: PathBuf,
-    /// A local output directory (prepared sparse; removed at the end unless --keep).
+    /// A local output directory that does not exist yet (prepared sparse by the
+    /// coordinator; removed at the end unless --keep).
     out: PathBuf,
     #[arg(long, default_value_t = 256)]
     workers: usize,
@@ -54,7 +55,13 @@ fn main() -> anyhow::Result<()> {
         .local_addr()?
         .port();
     let log_path = a.out.with_extension("coordinator.log");
-    let _ = std::fs::remove_dir_all(&a.out);
+    // Never delete what is there: OUT could be anything, a model included. It must not
+    // exist; what the coordinator creates there is removed at the end.
+    anyhow::ensure!(
+        !a.out.exists(),
+        "{} exists: give an output directory that does not (it is removed at the end)",
+        a.out.display()
+    );
     let started = Instant::now();
     let mut coord = Command::new(&a.bin)
         .args(["--log-format", "json", "coordinator"])
@@ -163,6 +170,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!("coordinator says: {}", summary.trim());
     if !a.keep {
+        // Created by this run's coordinator (OUT did not exist before).
         let _ = std::fs::remove_dir_all(&a.out);
     }
     Ok(())
