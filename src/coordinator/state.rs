@@ -4,9 +4,12 @@
 //! virtual workers ("lose a worker", "expire a lease", "stale report") in microseconds. The
 //! gRPC service is a thin shell around it.
 //!
-//! Sized for 671B-class plans (~46,000 tasks, hundreds of workers): no call scans the task
-//! list. Pending tasks are kept in order (a lease takes the first that fits), the counts and
-//! bytes done are kept as tasks change state, and lease expiry looks only at leased tasks.
+//! Sized for 671B-class plans (~46,000 tasks, hundreds of workers): no lease, heartbeat or
+//! report scans the task list. Pending tasks are kept in order (a lease takes the first that
+//! fits), the counts and bytes done are kept as tasks change state, and lease expiry looks
+//! only at leased tasks. What still walks tasks: a registration (the most memory any
+//! unfinished task needs) and, until it has warned, each tick's check for a pending task no
+//! worker can hold.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
