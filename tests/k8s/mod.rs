@@ -71,6 +71,29 @@ fn render_path(path: &std::path::Path, dir: &str) -> Rendered {
     r
 }
 
+/// The labels and annotations of a Job's pods.
+fn pod_meta(job: &Job) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    job.spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.clone())
+        .unwrap_or_default()
+}
+
+/// The Service whose selector picks pods with these labels.
+fn service_for<'a>(
+    r: &'a Rendered,
+    pod_labels: &BTreeMap<String, String>,
+) -> Option<(&'a String, &'a Service)> {
+    r.services.iter().find(|(_, s)| {
+        let sel = s
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.clone())
+            .unwrap_or_default();
+        !sel.is_empty() && sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    })
+}
+
 /// The Job whose pod runs a container named `component`, its pod spec and that container.
 fn pod<'a>(r: &'a Rendered, component: &str) -> (&'a Job, &'a PodSpec, &'a Container) {
     let mut found = r.jobs.values().filter_map(|j| {
@@ -458,26 +481,8 @@ fn check_wiring(name: &str, r: &Rendered) -> mergefleet::config::MergeConfig {
         .unwrap_or_else(|| panic!("{}", ctx("containerPort")));
 
     // The Service in front of it.
-    let pod_labels = cjob
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
-    let (svc_name, svc) = r
-        .services
-        .iter()
-        .find(|(_, s)| {
-            let sel = s
-                .spec
-                .as_ref()
-                .and_then(|s| s.selector.clone())
-                .unwrap_or_default();
-            !sel.is_empty() && sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
-        })
+    let pod_labels = pod_meta(cjob).labels.unwrap_or_default();
+    let (svc_name, svc) = service_for(r, &pod_labels)
         .unwrap_or_else(|| panic!("{}", ctx("no Service selects the coordinator pod")));
     let ss = svc.spec.as_ref().unwrap();
     assert_eq!(
@@ -488,15 +493,7 @@ fn check_wiring(name: &str, r: &Rendered) -> mergefleet::config::MergeConfig {
     );
     // The workers' selector must not also pick worker pods.
     let (wjob, wspec, wc) = pod(r, "worker");
-    let wlabels = wjob
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
+    let wlabels = pod_meta(wjob).labels.unwrap_or_default();
     let sel = ss.selector.clone().unwrap();
     assert!(
         !sel.iter().all(|(k, v)| wlabels.get(k) == Some(v)),
@@ -1141,14 +1138,7 @@ fn metrics_ports_annotations_and_monitors_agree() {
                 "{}",
                 ctx(component)
             );
-            let meta = job
-                .spec
-                .as_ref()
-                .unwrap()
-                .template
-                .metadata
-                .as_ref()
-                .unwrap();
+            let meta = pod_meta(job);
             let notes = meta.annotations.clone().unwrap_or_default();
             assert_eq!(
                 notes.get("prometheus.io/scrape").map(String::as_str),
@@ -1188,22 +1178,9 @@ fn metrics_ports_annotations_and_monitors_agree() {
                     Some("metrics")
                 );
             } else {
-                let (_, svc) = r
-                    .services
-                    .iter()
-                    .find(|(n, _)| n.contains("coordinator"))
-                    .unwrap();
+                let (_, svc) = service_for(&r, &labels)
+                    .unwrap_or_else(|| panic!("{}", ctx("no Service selects the coordinator")));
                 let sspec = svc.spec.as_ref().unwrap();
-                assert!(
-                    sspec
-                        .selector
-                        .as_ref()
-                        .unwrap()
-                        .iter()
-                        .all(|(k, v)| labels.get(k) == Some(v)),
-                    "{}",
-                    ctx("the Service selects the coordinator")
-                );
                 let sport = sspec
                     .ports
                     .iter()
