@@ -253,13 +253,16 @@ fn cluster_s3_to_s3_equals_embedded() {
         &args,
         "coord.log",
     );
-    // One worker reads in small parts, many at a time (inputs of several MiB per task).
-    let mut ws = c.workers(2, &[]);
-    ws.push(c.worker(
+    // One worker reads in small parts, many at a time (inputs of several MiB per task). It
+    // starts first and is running a task before the others start, so it surely runs some.
+    let mut split = c.worker(
         "w3",
         &["--read-part-size", "256KiB", "--read-concurrency", "8"],
         &[],
-    ));
+    );
+    split.wait_for("running", 60);
+    let mut ws = c.workers(2, &[]);
+    ws.push(split);
     assert_exit_ok(&mut coord, 120);
     for w in &mut ws {
         assert_exit_ok(w, 30);

@@ -178,6 +178,10 @@ fn two_worker_hosts_against_s3_equal_embedded_mode() {
     ];
     args.extend(layout);
     let mut coord = Killed(hosts.spawn("co", bin, &args, &env, &log("co")));
+    // Each task held 200 ms, so the second host has work left when it joins, even on a
+    // loaded machine.
+    let mut worker_env = env.clone();
+    worker_env.push(s3("MERGEFLEET_FAILPOINT_TASK_DELAY_MS", "200"));
     let mut workers: Vec<Killed> = ["w1", "w2"]
         .iter()
         .map(|w| {
@@ -195,7 +199,7 @@ fn two_worker_hosts_against_s3_equal_embedded_mode() {
                     "--retry-for",
                     "60s",
                 ],
-                &env,
+                &worker_env,
                 &log(w),
             ))
         })
