@@ -142,11 +142,7 @@ fn two_worker_hosts_against_s3_equal_embedded_mode() {
         s3("AWS_EC2_METADATA_DISABLED", "true"),
         s3("MERGEFLEET_TOKEN", "fleet-test-token-0123456789abcdef"),
     ];
-    let s3s = std::path::PathBuf::from(std::env::var("S3S_FS").unwrap_or_else(|_| {
-        let home = std::env::var("CARGO_HOME")
-            .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
-        format!("{home}/bin/s3s-fs")
-    }));
+    let s3s = s3s_fs();
     let log = |n: &str| d.path().join(format!("{n}.log"));
     let _server = Killed(hosts.spawn(
         "s3",

@@ -840,6 +840,11 @@ fn dockerfile_packages_the_tested_binary() {
     assert!(d.contains("ca-certificates"));
     assert!(d.contains("\nUSER 65532:65532\n"), "numeric non-root user");
     assert!(d.contains("COPY --from=build /mergefleet /usr/local/bin/mergefleet"));
+    // The source build (the default: the last stage) and the packaged binary (`prebuilt`,
+    // what CI runs in tests/image) share one runtime stage.
+    let stages: Vec<&str> = d.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert!(stages.contains(&"FROM runtime AS prebuilt"), "{stages:?}");
+    assert_eq!(stages.last(), Some(&"FROM runtime AS image"), "{stages:?}");
     assert!(d.contains(r#"ENTRYPOINT ["/usr/local/bin/mergefleet"]"#));
     // Its toolchain is at least the crate's rust-version.
     let version = |s: &str| -> Vec<u32> { s.split('.').map(|p| p.parse().unwrap()).collect() };

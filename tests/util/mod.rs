@@ -159,7 +159,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Where the s3s-fs binary is: `$S3S_FS`, `~/.cargo/bin/s3s-fs`, or `s3s-fs` on PATH.
-fn s3s_fs() -> PathBuf {
+pub fn s3s_fs() -> PathBuf {
     if let Ok(p) = std::env::var("S3S_FS") {
         return p.into();
     }
