@@ -45,6 +45,12 @@ pub fn fingerprint(config: &MergeConfig, plan: &MergePlan) -> String {
     };
     feed(env!("CARGO_PKG_VERSION"));
     feed(&config.source_yaml);
+    // How tasks are cut into multipart parts: a journal's part numbers mean this layout.
+    feed(&format!(
+        "parts {} {}",
+        crate::plan::UPLOAD_PART,
+        crate::plan::MAX_PARTS
+    ));
     feed(&format!("{:?}", plan.inputs));
     for f in &plan.files {
         feed(&format!("{}:{}:{:?}", f.name, f.size, f.tasks));

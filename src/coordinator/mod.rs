@@ -324,7 +324,9 @@ fn shared_state(
         .unwrap_or(1);
     let mut state = ClusterState::new(
         epoch,
-        plan.tasks.iter().map(TaskNeeds::of).collect(),
+        (0..plan.tasks.len())
+            .map(|i| TaskNeeds::of(&plan.tasks[i], output.write_buffer(&plan, i)))
+            .collect(),
         opts.max_attempts,
         opts.lease_timeout,
         Box::new(move |i| describe(&describe_plan, i)),
@@ -645,6 +647,7 @@ async fn complete_file_if_done(shared: &Shared, f: usize) -> Result<()> {
     if journal.completed_files.contains(&file.name) {
         return Ok(());
     }
+    let part_count = parts.len();
     if !shared
         .output
         .complete(
@@ -674,6 +677,6 @@ async fn complete_file_if_done(shared: &Shared, f: usize) -> Result<()> {
         .expect("journal")
         .completed_files
         .insert(file.name.clone());
-    tracing::info!("output file {} complete", file.name);
+    tracing::info!(parts = part_count, "output file {} complete", file.name);
     Ok(())
 }

@@ -28,10 +28,12 @@ pub struct TaskNeeds {
 }
 
 impl TaskNeeds {
-    pub fn of(t: &crate::plan::Task) -> Self {
+    /// What task `t` needs, with `write_buffer` bytes held by its writer on top (the
+    /// multipart parts it uploads).
+    pub fn of(t: &crate::plan::Task, write_buffer: u64) -> Self {
         TaskNeeds {
-            working_set: t.working_set(),
-            min_memory: t.min_memory(),
+            working_set: t.working_set() + write_buffer,
+            min_memory: t.min_memory() + write_buffer,
             bytes: t.out.end - t.out.start,
         }
     }

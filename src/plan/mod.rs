@@ -92,13 +92,25 @@ impl Default for PlanOptions {
 
 /// S3's smallest part (all but the last part of an upload).
 pub const MIN_PART: u64 = 5 << 20;
-/// Our largest part (S3 allows 5 GiB).
-pub const MAX_PART: u64 = 4 << 30;
+/// The size a task's multipart parts aim at: small enough that a worker uploads several at
+/// once within a small buffer, large enough for the store (AWS's own tools use 8 MiB).
+pub const UPLOAD_PART: u64 = 8 << 20;
+/// The most parts planned for one upload (S3 allows 10,000).
+pub const MAX_PARTS: u64 = 9_000;
+const _: () = assert!(UPLOAD_PART >= MIN_PART + MAX_PARTS);
 
-/// How a task's output is cut into multipart parts: `(count, size)`, every part `size`
-/// bytes but the last. Equal cuts keep every part large when a task exceeds [`MAX_PART`].
-pub fn split_parts(len: u64) -> (u32, u64) {
-    let n = len.div_ceil(MAX_PART).max(1);
+/// The part size aimed at in a file of `size` bytes: [`UPLOAD_PART`], or more when the file
+/// would otherwise need over [`MAX_PARTS`] parts.
+pub fn part_target(size: u64) -> u64 {
+    UPLOAD_PART.max(size.div_ceil(MAX_PARTS))
+}
+
+/// How a task's `len` output bytes are cut into multipart parts aiming at `target` bytes:
+/// `(count, size)`, every part `size` bytes but the last. Equal cuts: a task shorter than
+/// twice the target is one part; otherwise every part is in `[target - count, 2 * target)`,
+/// so parts stay above S3's minimum and a file has at most `size / target` of them.
+pub fn split_parts(len: u64, target: u64) -> (u32, u64) {
+    let n = (len / target.max(1)).max(1);
     (n as u32, len.div_ceil(n).max(1))
 }
 
@@ -371,12 +383,13 @@ impl MergePlan {
     /// and its part size.
     pub fn parts_of(&self, id: usize) -> (u32, u64) {
         let task = &self.tasks[id];
-        let start = self.files[task.file].tasks.start;
-        let first: u32 = self.tasks[start..id]
+        let file = &self.files[task.file];
+        let target = part_target(file.size);
+        let first: u32 = self.tasks[file.tasks.start..id]
             .iter()
-            .map(|t| split_parts(t.out.end - t.out.start).0)
+            .map(|t| split_parts(t.out.end - t.out.start, target).0)
             .sum();
-        (first, split_parts(task.out.end - task.out.start).1)
+        (first, split_parts(task.out.end - task.out.start, target).1)
     }
 
     pub fn tensor_count(&self) -> usize {
@@ -403,8 +416,9 @@ impl MergePlan {
     /// The invariants every plan keeps, or the first one broken: tasks tile their files
     /// byte for byte after the header, every tensor is in exactly one task and one file
     /// (as the weight map says), sizes equal shape x dtype, input ranges lie inside their
-    /// files (`input_size` gives a file's size), parts are at least `opts.min_part` but a
-    /// file's last, and files stay within `opts.out_shard_size` unless one tensor is
+    /// files (`input_size` gives a file's size), tasks are at least `opts.min_part` but a
+    /// file's last, multipart parts tile each task and are at least S3's minimum (or
+    /// `opts.min_part`, when smaller) but a file's last, at most [`MAX_PARTS`] a file, and files stay within `opts.out_shard_size` unless one tensor is
     /// bigger. Property tests and the 671B-scale test check plans with it.
     pub fn check(
         &self,
@@ -423,6 +437,7 @@ impl MergePlan {
             }
             next_task = f.tasks.end;
             let mut at = 0;
+            let mut parts = 0;
             for t in &self.tasks[f.tasks.clone()] {
                 if t.file != fi || t.out.start != at || t.out.end <= t.out.start {
                     return Err(format!(
@@ -438,6 +453,18 @@ impl MergePlan {
                         t.out.end - t.out.start
                     ));
                 }
+                let len = t.out.end - t.out.start;
+                let (n, size) = split_parts(len, part_target(f.size));
+                let tail = len - (n as u64 - 1) * size;
+                let smallest = if n > 1 { tail.min(size) } else { len };
+                if (n as u64 - 1) * size >= len || (!last && smallest < opts.min_part.min(MIN_PART))
+                {
+                    return Err(format!(
+                        "task {}: {n} parts of {size} bytes for {len}",
+                        t.id
+                    ));
+                }
+                parts += n as u64;
                 let mut pos = if at == 0 { f.header.len() as u64 } else { at };
                 for j in &t.tensors {
                     let scales_ok = j.requant.as_ref().is_none_or(|r| {
@@ -487,6 +514,9 @@ impl MergePlan {
             }
             if at != f.size {
                 return Err(format!("{}: tasks end at {at} of {} bytes", f.name, f.size));
+            }
+            if parts > MAX_PARTS {
+                return Err(format!("{}: {parts} multipart parts", f.name));
             }
             let data = f.size - f.header.len() as u64;
             let tensors: usize = self.tasks[f.tasks.clone()]

@@ -323,11 +323,37 @@ fn tasks_keep_multipart_parts_large() {
             assert!(t.out.end - t.out.start >= 40_000, "{:?}", t.out);
         }
     }
-    assert_eq!(split_parts(10), (1, 10));
-    assert_eq!(split_parts(MAX_PART), (1, MAX_PART));
-    let (n, size) = split_parts(MAX_PART + 1);
-    assert_eq!(n, 2);
-    assert!(size * 2 > MAX_PART && size > MAX_PART / 2);
+}
+
+#[test]
+fn tasks_are_cut_into_parts_near_the_target() {
+    let t = UPLOAD_PART;
+    assert_eq!(split_parts(10, t), (1, 10));
+    assert_eq!(split_parts(2 * t - 1, t), (1, 2 * t - 1));
+    assert_eq!(split_parts(2 * t, t), (2, t));
+    assert_eq!(split_parts(5 * t + 3, t), (5, t + 1));
+    // Every part of every cut is at least S3's minimum (but a single short task), and
+    // below twice the target; the cut tiles the task.
+    for len in [
+        MIN_PART,
+        t,
+        3 * t - 1,
+        100 * t + 12_345,
+        9_000 * t - 1,
+        40 << 30,
+    ] {
+        let target = part_target(len);
+        let (n, size) = split_parts(len, target);
+        let last = len - (n as u64 - 1) * size;
+        assert!(last > 0 && last <= size, "{len}: {n} x {size}, last {last}");
+        assert!(n == 1 || last >= MIN_PART, "{len}: last part {last}");
+        assert!(
+            size < 2 * target && n as u64 <= MAX_PARTS,
+            "{len}: {n} x {size}"
+        );
+    }
+    // A file too big for 9,000 parts of 8 MiB aims at bigger parts.
+    assert_eq!(part_target(100 << 30), (100u64 << 30).div_ceil(MAX_PARTS));
 }
 
 mod properties {

@@ -14,7 +14,10 @@ use bytes::{Bytes, BytesMut};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::{ObjectStoreExt, PutPayload};
 
-use super::{tmp_name, SinkError, ABORT_DEADLINE};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use super::{tmp_name, SinkError, ABORT_DEADLINE, PARTS_IN_FLIGHT};
 use crate::store::{Location, Stores};
 
 /// Where one task's bytes go.
@@ -96,6 +99,20 @@ impl ClusterOutput {
             }
             ClusterOutput::Multipart { .. } if upload.is_some() => Ok(Prepared::Kept),
             ClusterOutput::Multipart { .. } => Ok(Prepared::Upload(self.new_upload(name).await?)),
+        }
+    }
+
+    /// Memory a worker's writer holds for task `id` of `plan` beyond its working set: the
+    /// multipart parts it fills and uploads ([`upload_buffer`]); nothing for local files.
+    pub fn write_buffer(&self, plan: &crate::plan::MergePlan, id: usize) -> u64 {
+        match self {
+            ClusterOutput::Local { .. } => 0,
+            ClusterOutput::Multipart { .. } => {
+                let t = &plan.tasks[id];
+                let len = t.out.end - t.out.start;
+                let target = crate::plan::part_target(plan.files[t.file].size);
+                upload_buffer(len, crate::plan::split_parts(len, target).1)
+            }
         }
     }
 
@@ -237,8 +254,8 @@ impl ClusterOutput {
 }
 
 /// A worker's writer for one task's byte range: positioned writes into the shared file, or
-/// the task's multipart parts (uploaded as soon as each is full; a chunk that is exactly
-/// one part goes without a copy).
+/// the task's multipart parts (each uploaded as soon as it is full, up to
+/// [`PARTS_IN_FLIGHT`] at once; a chunk that is exactly one part goes without a copy).
 pub enum RangeWriter {
     File {
         file: Arc<std::fs::File>,
@@ -257,7 +274,15 @@ pub struct PartWriter {
     /// Bytes of the task's range not yet uploaded.
     remaining: u64,
     buf: BytesMut,
+    /// Parts being uploaded: at most [`PARTS_IN_FLIGHT`], each holding its bytes.
+    uploading: FuturesUnordered<BoxFuture<'static, Result<(u32, String), SinkError>>>,
     done: Vec<(u32, String)>,
+}
+
+/// The most a task's multipart writer holds: the part being filled and those uploading.
+/// The coordinator counts it in the task's memory (see [`ClusterOutput::write_buffer`]).
+pub fn upload_buffer(len: u64, part_size: u64) -> u64 {
+    len.min((PARTS_IN_FLIGHT as u64 + 1) * part_size)
 }
 
 impl RangeWriter {
@@ -303,6 +328,7 @@ impl RangeWriter {
                     part_size: part_size.max(1),
                     remaining: len,
                     buf: BytesMut::new(),
+                    uploading: FuturesUnordered::new(),
                     done: Vec::new(),
                 }))
             }
@@ -329,8 +355,9 @@ impl RangeWriter {
         }
     }
 
-    /// The uploaded parts (number, content id); empty for files.
-    pub fn finish(self) -> Result<Vec<(u32, String)>, SinkError> {
+    /// Wait for the uploads; the uploaded parts (number, content id) in order, or none for
+    /// files.
+    pub async fn finish(self) -> Result<Vec<(u32, String)>, SinkError> {
         match self {
             RangeWriter::File { .. } => Ok(Vec::new()),
             RangeWriter::Parts(p) if p.remaining != 0 || !p.buf.is_empty() => {
@@ -339,7 +366,11 @@ impl RangeWriter {
                     message: format!("the task left {} bytes unwritten", p.remaining),
                 })
             }
-            RangeWriter::Parts(p) => Ok(p.done),
+            RangeWriter::Parts(mut p) => {
+                while p.uploaded_one().await? {}
+                p.done.sort_unstable();
+                Ok(p.done)
+            }
         }
     }
 }
@@ -370,23 +401,136 @@ impl PartWriter {
         Ok(())
     }
 
+    /// Start uploading `part`, once fewer than [`PARTS_IN_FLIGHT`] are uploading.
     async fn upload(&mut self, part: Bytes) -> Result<(), SinkError> {
+        while self.uploading.len() >= PARTS_IN_FLIGHT {
+            self.uploaded_one().await?;
+        }
         let n = self.next_part;
-        let id = self
-            .store
-            .put_part(
-                &self.path,
-                &self.upload_id,
-                n as usize,
-                PutPayload::from_bytes(part),
-            )
-            .await
-            .map_err(|source| SinkError::Store {
-                url: format!("{} (part {n})", self.url),
-                source,
-            })?;
-        self.done.push((n, id.content_id));
         self.next_part += 1;
+        let (store, path, id) = (
+            self.store.clone(),
+            self.path.clone(),
+            self.upload_id.clone(),
+        );
+        let url = self.url.clone();
+        self.uploading.push(Box::pin(async move {
+            store
+                .put_part(&path, &id, n as usize, PutPayload::from_bytes(part))
+                .await
+                .map(|p| (n, p.content_id))
+                .map_err(|source| SinkError::Store {
+                    url: format!("{url} (part {n})"),
+                    source,
+                })
+        }));
         Ok(())
+    }
+
+    /// Wait for one upload to end; false when none was running. The first failure is
+    /// returned (the other uploads are dropped with the writer).
+    async fn uploaded_one(&mut self) -> Result<bool, SinkError> {
+        match self.uploading.next().await {
+            Some(part) => {
+                self.done.push(part?);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use object_store::memory::InMemory;
+    use object_store::multipart::MultipartStore;
+    use object_store::path::Path;
+    use object_store::{MultipartId, ObjectStoreExt, PutPayload};
+
+    use super::*;
+
+    /// InMemory whose part uploads take 20 ms, counting how many run at once.
+    #[derive(Default)]
+    struct Slow {
+        inner: InMemory,
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl MultipartStore for Slow {
+        async fn create_multipart(&self, path: &Path) -> object_store::Result<MultipartId> {
+            self.inner.create_multipart(path).await
+        }
+        async fn put_part(
+            &self,
+            path: &Path,
+            id: &MultipartId,
+            part_idx: usize,
+            data: PutPayload,
+        ) -> object_store::Result<PartId> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let r = self.inner.put_part(path, id, part_idx, data).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
+        async fn complete_multipart(
+            &self,
+            path: &Path,
+            id: &MultipartId,
+            parts: Vec<PartId>,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.complete_multipart(path, id, parts).await
+        }
+        async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> object_store::Result<()> {
+            self.inner.abort_multipart(path, id).await
+        }
+    }
+
+    #[tokio::test]
+    async fn parts_upload_several_at_once_but_no_more_than_the_limit() {
+        let store = Arc::new(Slow::default());
+        let path = Path::from("out/model.safetensors");
+        let upload = store.create_multipart(&path).await.unwrap();
+        let data: Vec<u8> = (0..10_500u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut w = RangeWriter::Parts(PartWriter {
+            store: store.clone(),
+            path: path.clone(),
+            url: "s3://out/model.safetensors".into(),
+            upload_id: upload.clone(),
+            next_part: 0,
+            part_size: 1000,
+            remaining: data.len() as u64,
+            buf: BytesMut::new(),
+            uploading: FuturesUnordered::new(),
+            done: Vec::new(),
+        });
+        // Chunks that straddle parts, fill one exactly (no copy), and end mid-part.
+        let mut at = 0;
+        for n in [300, 700, 1000, 2500, 7, 5993] {
+            w.write(at as u64, Bytes::copy_from_slice(&data[at..at + n]))
+                .await
+                .unwrap();
+            at += n;
+        }
+        assert_eq!(at, data.len());
+        let parts = w.finish().await.unwrap();
+        let numbers: Vec<u32> = parts.iter().map(|p| p.0).collect();
+        assert_eq!(numbers, (0..11).collect::<Vec<_>>());
+        assert_eq!(store.most.load(Ordering::SeqCst), PARTS_IN_FLIGHT);
+
+        let ids = parts
+            .into_iter()
+            .map(|(_, content_id)| PartId { content_id })
+            .collect();
+        store.complete_multipart(&path, &upload, ids).await.unwrap();
+        let got = store.inner.get(&path).await.unwrap().bytes().await.unwrap();
+        assert!(got == data, "the object differs from what was written");
+        assert_eq!(upload_buffer(10_500, 1000), 5000);
+        assert_eq!(upload_buffer(3000, 1000), 3000);
     }
 }

@@ -104,8 +104,8 @@ const PART_SIZE: usize = 16 << 20;
 /// How long giving up may take: aborts run concurrently under this one deadline, so a
 /// failed merge with its store gone exits promptly whatever the number of files.
 pub const ABORT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
-/// Parts of one file uploading at once.
-const PARTS_IN_FLIGHT: usize = 4;
+/// Parts of one file (embedded mode) or one task (cluster mode) uploading at once.
+pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// A checkpoint being written.
 pub enum Sink {

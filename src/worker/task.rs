@@ -161,7 +161,7 @@ impl Runner<'_> {
                 writer.write(chunk.offset, chunk.data).await?;
                 progress.written(n);
             }
-            writer.finish()
+            writer.finish().await
         }
         .await
         .map_err(Error::Sink);

@@ -285,6 +285,56 @@ fn cluster_s3_to_s3_equals_embedded() {
     assert!(!got.join(".mergefleet-journal.json").exists());
 }
 
+/// Tasks whose output spans several multipart parts (32 MiB embeddings, parts of 8 MiB)
+/// upload them concurrently into the file's one upload, numbered after the tasks before
+/// them; the checkpoint is embedded mode's.
+#[test]
+fn cluster_tasks_upload_several_parts_each() {
+    let s3 = S3Server::start();
+    let models = s3.bucket("models");
+    let shape = mergefleet::synth::LlamaShape {
+        hidden: 1024,
+        layers: 1,
+        intermediate: 2048,
+        vocab: 16384,
+        heads: 8,
+        kv_heads: 4,
+        lm_head: true,
+    };
+    mergefleet::synth::write_set(&models.join("wide"), &shape, 2, 1).unwrap();
+    s3.bucket("merged");
+    let local_cfg = models.join("wide/model_stock.yml");
+    let c = Cluster::new(Path::new("/"), s3.env());
+    let cfg = c.dir.path().join("config.yml");
+    let text = std::fs::read_to_string(&local_cfg)
+        .unwrap()
+        .replace(&format!("{}/", models.display()), "s3://models/");
+    std::fs::write(&cfg, text).unwrap();
+    // One file; the embeddings (96 MiB of input each) are tasks of their own.
+    let layout = ["--task-size", "90MiB"];
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        "s3://merged/wide/",
+        &layout,
+        "coord.log",
+    );
+    let mut ws = c.workers(2, &[]);
+    assert_exit_ok(&mut coord, 180);
+    for w in &mut ws {
+        assert_exit_ok(w, 30);
+    }
+    let log = coord.log();
+    let parts: usize = log
+        .lines()
+        .find(|l| l.contains("output file model.safetensors complete"))
+        .and_then(|l| l.split("parts=").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no part count in:\n{log}"));
+    assert!(parts >= 8, "{parts} parts:\n{log}");
+    let want = embedded(&local_cfg, &c.cwd, &layout, &[]);
+    assert_same_checkpoint(&s3.root.path().join("merged/wide"), want.path());
+}
+
 #[test]
 fn killed_worker_task_is_redone() {
     let d = tmp();
