@@ -294,16 +294,24 @@ impl ClusterState {
             return Lease::UnknownWorker;
         };
         let (memory, in_use) = (w.memory, w.in_use());
-        // The first pending task that fits. When even the smallest cannot be taken whole,
-        // only an idle worker looks further (streaming a task no worker can take whole).
+        // The largest pending task that fits whole, the first in plan order among equals:
+        // the longest tasks start first, so the last ones to finish are short and a fleet
+        // ends together. When even the smallest cannot be taken whole, only an idle worker
+        // looks further (streaming a task no worker can take whole).
+        let free = memory.saturating_sub(in_use);
         let smallest = self.pending_by_size.first().map_or(u64::MAX, |&(ws, _)| ws);
         let largest = self.pending_by_size.last().map_or(0, |&(ws, _)| ws);
         let biggest = self.max_worker_memory();
-        let pick = if smallest <= memory.saturating_sub(in_use) {
-            self.pending
-                .iter()
-                .copied()
-                .find(|&i| Self::fits(&self.tasks[i].needs, memory, in_use, biggest))
+        let pick = if smallest <= free {
+            let &(size, _) = self
+                .pending_by_size
+                .range(..=(free, usize::MAX))
+                .next_back()
+                .expect("the smallest fits");
+            self.pending_by_size
+                .range((size, 0)..)
+                .next()
+                .map(|&(_, i)| i)
         } else if in_use == 0 && largest > biggest {
             // Only tasks no worker can take whole may be streamed here: the largest ones.
             self.pending_by_size
@@ -1061,6 +1069,31 @@ mod tests {
             }
         );
         assert_eq!(s.workers[&w].in_use(), 200);
+    }
+
+    #[test]
+    fn the_largest_task_that_fits_goes_first() {
+        let now = Instant::now();
+        let mut s = with_tasks([10, 50, 30, 50, 60].map(needs).to_vec());
+        let big = s.register("big", 100, 1, now);
+        let small = s.register("small", 40, 1, now);
+        let leased = |s: &mut ClusterState, w| match s.lease(w, now) {
+            Lease::Task { task, .. } => Some(task.0),
+            _ => None,
+        };
+        // The 60 first, then the largest that fits the 40 left: the 30.
+        assert_eq!(leased(&mut s, big), Some(4));
+        assert_eq!(leased(&mut s, big), Some(2));
+        assert_eq!(leased(&mut s, big), Some(0));
+        assert_eq!(leased(&mut s, big), None);
+        // A small worker takes what fits it, not a task only a big one can run.
+        assert_eq!(leased(&mut s, small), None);
+        s.report(big, t(4), at(1), ok(), now);
+        // Of equal sizes, the first in plan order.
+        assert_eq!(leased(&mut s, big), Some(1));
+        s.report(big, t(2), at(1), ok(), now);
+        s.report(big, t(0), at(1), ok(), now);
+        assert_eq!(leased(&mut s, big), Some(3));
     }
 
     #[test]
