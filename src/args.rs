@@ -146,8 +146,9 @@ pub struct WorkerArgs {
 /// How input bytes are read from object stores (see [`crate::store::ReadParts`]).
 #[derive(Args, Debug)]
 pub struct ReadArgs {
-    /// Object-store reads larger than this are split into parts of this size, fetched
-    /// concurrently (a store limits each connection's throughput).
+    /// Largest part of an object-store read: each read is split into up to
+    /// --read-concurrency parts (at least 1 MiB) fetched concurrently, since a store limits
+    /// each connection's throughput.
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     pub read_part_size: u64,
     /// Most object-store read requests in flight at once in this process.

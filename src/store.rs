@@ -186,9 +186,12 @@ pub async fn read_small(
 
 /// How byte ranges are read from object stores. A store gives each connection a limited
 /// throughput (tens of MB/s to ~100 MB/s on S3), so one request per tensor cannot fill a
-/// node's network: reads larger than `part_size` are split into parts fetched concurrently,
-/// at most `concurrency` requests at a time in the whole process, each part streamed
-/// straight into its place in the range's buffer (no reassembly copy).
+/// node's network: each read (the ranges a task needs from one object) is split into up to
+/// `concurrency` parts of at least [`MIN_READ_PART`] and at most `part_size` bytes, fetched
+/// concurrently, at most `concurrency` requests at a time in the whole process, each part
+/// streamed straight into its place in the range's buffer (no reassembly copy). Splitting
+/// by the connection budget, not only by size, keeps a lone read at the end of a merge on
+/// every connection instead of a few.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadParts {
     pub part_size: u64,
@@ -206,6 +209,21 @@ impl Default for ReadParts {
 
 /// Ranges less apart than this are read with one request (as object_store does).
 const COALESCE: u64 = 1 << 20;
+
+/// The smallest part a read is split into (smaller parts cost more in request overhead
+/// than they gain in parallelism).
+pub const MIN_READ_PART: u64 = 1 << 20;
+
+impl ReadParts {
+    /// The part size for a read of `total` bytes: spread over every connection, within
+    /// [`MIN_READ_PART`] (or `part_size`, when smaller) and `part_size`.
+    pub fn part_for(&self, total: u64) -> u64 {
+        let floor = MIN_READ_PART.min(self.part_size);
+        total
+            .div_ceil(self.concurrency as u64)
+            .clamp(floor, self.part_size.max(floor))
+    }
+}
 
 static READS: std::sync::OnceLock<(ReadParts, tokio::sync::Semaphore)> = std::sync::OnceLock::new();
 
@@ -236,7 +254,8 @@ pub async fn read_ranges(
     ranges: &[Range<u64>],
 ) -> Result<Vec<Bytes>, StoreError> {
     let (parts, permits) = reads();
-    read_ranges_in_parts(store, path, url, ranges, parts.part_size, permits).await
+    let total = coalesce(ranges).iter().map(|r| r.end - r.start).sum();
+    read_ranges_in_parts(store, path, url, ranges, parts.part_for(total), permits).await
 }
 
 async fn read_ranges_in_parts(
@@ -574,6 +593,31 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("mem://m"), "{err}");
+    }
+
+    #[test]
+    fn a_read_is_spread_over_the_connections_within_the_part_bounds() {
+        let p = ReadParts {
+            part_size: 8 << 20,
+            concurrency: 16,
+        };
+        // A 16 MiB read alone would take two connections in 8 MiB parts; it takes all 16.
+        assert_eq!(p.part_for(16 << 20), 1 << 20);
+        assert_eq!(p.part_for(64 << 20), 4 << 20);
+        // Never below 1 MiB, never above the part size.
+        assert_eq!(p.part_for(100), MIN_READ_PART);
+        assert_eq!(p.part_for(1 << 30), 8 << 20);
+        // A part size set below 1 MiB is what the user asked for.
+        let tiny = ReadParts {
+            part_size: 1000,
+            concurrency: 3,
+        };
+        assert_eq!(tiny.part_for(1 << 20), 1000);
+        let one = ReadParts {
+            part_size: 8 << 20,
+            concurrency: 1,
+        };
+        assert_eq!(one.part_for(100 << 20), 8 << 20);
     }
 
     #[test]
