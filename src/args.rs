@@ -130,7 +130,8 @@ pub struct WorkerArgs {
     /// Keep trying an unreachable coordinator this long, then exit non-zero.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub retry_for: std::time::Duration,
-    /// Tasks run at once (fetching one while computing another), within --memory-limit.
+    /// Tasks run at once, within --memory-limit: at most two fetching their inputs (the
+    /// next is leased once one has them) while the others compute and write.
     #[arg(long, default_value_t = 4)]
     pub tasks_in_flight: usize,
     /// Serve the gRPC health service on this address, for a liveness probe.

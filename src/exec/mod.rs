@@ -229,6 +229,7 @@ async fn run_in_memory(
         .flat_map(|j| tensor_ranges(j, 0..j.numel()))
         .collect();
     let fetched = inputs.fetch(&wanted, progress).await?;
+    progress.inputs_fetched();
     let pool = inputs.pool.clone();
     let task = task.clone();
     let n_tensors = task.tensors.len() as u64;

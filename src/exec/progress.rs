@@ -14,6 +14,8 @@ pub struct Progress {
     pub tensors_done: AtomicU64,
     pub total_write: u64,
     pub started: Instant,
+    /// Signalled once a task's inputs are all in memory (a worker then leases its next).
+    fetched: tokio::sync::Notify,
 }
 
 impl Progress {
@@ -24,7 +26,16 @@ impl Progress {
             tensors_done: AtomicU64::new(0),
             total_write,
             started: Instant::now(),
+            fetched: tokio::sync::Notify::new(),
         })
+    }
+    /// All inputs of the task are read (or, for a streamed task, its first output is out).
+    pub fn inputs_fetched(&self) {
+        self.fetched.notify_one();
+    }
+    /// Wait for [`Progress::inputs_fetched`] (at once if it was already called).
+    pub async fn wait_inputs_fetched(&self) {
+        self.fetched.notified().await
     }
     pub fn read(&self, n: u64) {
         self.bytes_read.fetch_add(n, Ordering::Relaxed);

@@ -114,6 +114,13 @@ struct Ctx {
     metrics: WorkerMetrics,
     /// Set on SIGTERM/SIGINT: slots report their running task as failed and stop.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// Two permits, each held by a slot asking for a lease and then by its task until the
+    /// task's inputs are read: at most two tasks fetch at once (the second fills the
+    /// connections the first's last parts leave idle), and the next is leased only when
+    /// this worker can start reading it. Without it a worker leased a task per slot at
+    /// once and sat on work (the largest tasks, first in line) that idle workers could
+    /// have done; the others still compute and write meanwhile.
+    leasing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ctx {
@@ -196,6 +203,7 @@ pub async fn run(opts: WorkerOptions, slots: usize) -> Result<WorkerSummary> {
         client,
         stores: Stores::new(),
         registration: tokio::sync::Mutex::new(None),
+        leasing: Arc::new(tokio::sync::Semaphore::new(2)),
         done: AtomicU64::new(0),
         stopping,
     });
@@ -242,6 +250,10 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
             r = ctx.registered() => r?,
             _ = stopping.changed() => return Err(Error::Interrupted),
         };
+        let turn = tokio::select! {
+            p = ctx.leasing.clone().acquire_owned() => p.expect("the lease gate is never closed"),
+            _ = stopping.changed() => return Err(Error::Interrupted),
+        };
         let asked = std::time::Instant::now();
         let answer = tokio::select! {
             r = ctx.client.lease(me.worker, LEASE_WAIT) => r,
@@ -276,7 +288,7 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
                     memory_limit: ctx.opts.memory_limit,
                     metrics: &ctx.metrics,
                 };
-                let end = runner.run(received, &mut stopping).await;
+                let end = runner.run(received, turn, &mut stopping).await;
                 let stopped = matches!(end, TaskEnd::Stopped);
                 let Some(outcome) = end.outcome(&ctx.opts.name) else {
                     tracing::warn!(task = %task, attempt = %attempt, "the lease was lost (this worker was too slow or unreachable); dropping the task");

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::Instrument;
 
 use super::AbortOnDrop;
@@ -82,10 +82,12 @@ pub struct Runner<'a> {
 }
 
 impl Runner<'_> {
-    /// Run `task` until it ends, the lease is lost, or `stopping` turns true.
+    /// Run `task` until it ends, the lease is lost, or `stopping` turns true. `turn` (the
+    /// worker's lease gate) is released at the task's first output.
     pub async fn run(
         &self,
         task: Received,
+        turn: OwnedSemaphorePermit,
         stopping: &mut tokio::sync::watch::Receiver<bool>,
     ) -> TaskEnd {
         let (id, attempt) = (task.id(), task.attempt);
@@ -104,7 +106,7 @@ impl Runner<'_> {
                 bytes_done: 0,
             };
             let end = tokio::select! {
-                r = self.execute(task, progress.clone()) => TaskEnd::Finished(r),
+                r = self.execute(task, progress.clone(), turn) => TaskEnd::Finished(r),
                 _ = heartbeats(self.client, beat, self.heartbeat, progress) => TaskEnd::LeaseLost,
                 _ = stopping.changed() => TaskEnd::Stopped,
             };
@@ -135,7 +137,12 @@ impl Runner<'_> {
     }
 
     /// Run one task and write its output where the task says. Returns the multipart parts.
-    async fn execute(&self, r: Received, progress: Arc<Progress>) -> Result<Vec<PartDone>> {
+    async fn execute(
+        &self,
+        r: Received,
+        progress: Arc<Progress>,
+        turn: OwnedSemaphorePermit,
+    ) -> Result<Vec<PartDone>> {
         let inputs = Arc::new(InputFiles::resolve(
             self.stores,
             &r.inputs,
@@ -155,15 +162,26 @@ impl Runner<'_> {
             tx,
             None,
         )));
-        let written = async {
-            while let Some(chunk) = rx.recv().await {
-                let n = chunk.data.len() as u64;
-                writer.write(chunk.offset, chunk.data).await?;
-                progress.written(n);
+        let written = {
+            let written = async {
+                while let Some(chunk) = rx.recv().await {
+                    progress.inputs_fetched();
+                    let n = chunk.data.len() as u64;
+                    writer.write(chunk.offset, chunk.data).await?;
+                    progress.written(n);
+                }
+                writer.finish().await
+            };
+            tokio::pin!(written);
+            // The worker's next lease waits for this task's inputs (see `Ctx::leasing`).
+            tokio::select! {
+                w = &mut written => w,
+                _ = progress.wait_inputs_fetched() => {
+                    drop(turn);
+                    written.await
+                }
             }
-            writer.finish().await
         }
-        .await
         .map_err(Error::Sink);
         // A failed write stops the reading above; the producer then fails to send
         // (Interrupted), and the write's error is the one to report.

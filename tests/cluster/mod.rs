@@ -442,6 +442,38 @@ fn killed_coordinator_resumes_from_its_journal() {
     assert_same_checkpoint(&out, want.path());
 }
 
+/// A worker leases its next task only once a task's inputs are read: with the store down
+/// it holds two tasks (one reading, one about to), not one per slot, and leaves the rest
+/// to other workers. Once the store is back the merge completes.
+#[test]
+fn a_worker_waiting_for_its_inputs_holds_two_tasks_not_one_per_slot() {
+    let mut s3 = S3Server::start();
+    let (models, c, cfg) = s3_cluster(&s3);
+    let out = c.dir.path().join("out");
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        LAYOUT,
+        "coord.log",
+    );
+    coord.wait_for("coordinator listening", 60);
+    s3.stop();
+    let mut w = c.worker("w1", &["--tasks-in-flight", "4"], &[]);
+    let leased = |p: &Proc| p.log().matches("task leased").count();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while leased(&coord) < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", coord.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(leased(&coord), 2, "{}", coord.log());
+    s3.start_again();
+    assert_exit_ok(&mut coord, 180);
+    assert_exit_ok(&mut w, 30);
+    let want = embedded(&models.join("mid/model_stock.yml"), &c.cwd, LAYOUT, &[]);
+    assert_same_checkpoint(&out, want.path());
+}
+
 #[test]
 fn stalled_worker_loses_its_lease() {
     let d = tmp();
