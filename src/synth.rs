@@ -28,6 +28,20 @@ pub struct LlamaShape {
 }
 
 impl LlamaShape {
+    /// A 2-layer model of about 5 MB in bfloat16: whole clusters, containers and
+    /// rehearsals merge sets of it in seconds.
+    pub fn small() -> Self {
+        LlamaShape {
+            hidden: 256,
+            layers: 2,
+            intermediate: 768,
+            vocab: 4096,
+            heads: 4,
+            kv_heads: 2,
+            lm_head: true,
+        }
+    }
+
     /// Tensor names and shapes in the order HF checkpoints list them.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         let h = self.hidden;

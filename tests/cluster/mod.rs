@@ -291,7 +291,6 @@ fn cluster_s3_to_s3_equals_embedded() {
 #[test]
 fn cluster_tasks_upload_several_parts_each() {
     let s3 = S3Server::start();
-    let models = s3.bucket("models");
     let shape = mergefleet::synth::LlamaShape {
         hidden: 1024,
         layers: 1,
@@ -301,15 +300,10 @@ fn cluster_tasks_upload_several_parts_each() {
         kv_heads: 4,
         lm_head: true,
     };
-    mergefleet::synth::write_set(&models.join("wide"), &shape, 2, 1).unwrap();
-    s3.bucket("merged");
-    let local_cfg = models.join("wide/model_stock.yml");
+    let (local_cfg, s3_cfg) = s3_model_set(s3.root.path(), "wide", &shape, 2, 1);
     let c = Cluster::new(Path::new("/"), s3.env());
     let cfg = c.dir.path().join("config.yml");
-    let text = std::fs::read_to_string(&local_cfg)
-        .unwrap()
-        .replace(&format!("{}/", models.display()), "s3://models/");
-    std::fs::write(&cfg, text).unwrap();
+    std::fs::write(&cfg, s3_cfg).unwrap();
     // One file; the embeddings (96 MiB of input each) are tasks of their own.
     let layout = ["--task-size", "90MiB"];
     let mut coord = c.coordinator(

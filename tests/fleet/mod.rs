@@ -122,15 +122,9 @@ fn two_worker_hosts_against_s3_equal_embedded_mode() {
         kv_heads: 4,
         lm_head: true,
     };
-    let set = s3root.join("models/mid");
-    mergefleet::synth::write_set(&set, &shape, 3, 2).unwrap();
-    std::fs::create_dir_all(s3root.join("merged")).unwrap();
+    let (local_cfg, s3_cfg) = s3_model_set(&s3root, "mid", &shape, 3, 2);
     let cfg = d.path().join("config.yml");
-    let text_cfg = std::fs::read_to_string(set.join("model_stock.yml"))
-        .unwrap()
-        .replace(&format!("{}/", set.display()), "s3://models/mid/");
-    assert!(text_cfg.contains("s3://models/mid/base"), "{text_cfg}");
-    std::fs::write(&cfg, &text_cfg).unwrap();
+    std::fs::write(&cfg, &s3_cfg).unwrap();
 
     let s3 = |k: &str, v: &str| (k.to_string(), v.to_string());
     let env = vec![
@@ -213,7 +207,6 @@ fn two_worker_hosts_against_s3_equal_embedded_mode() {
     let co = std::fs::read_to_string(log("co")).unwrap();
     assert_eq!(co.matches("worker registered").count(), 2, "{co}");
 
-    let local_cfg = set.join("model_stock.yml");
     let want = tmp();
     let mut args = vec![
         "merge",

@@ -236,26 +236,11 @@ fn a_cluster_of_containers_on_a_podman_network_equals_embedded_mode() {
 
     // The S3 server's root: the models in bucket `models`, the output in bucket `merged`.
     let s3root = d.path().join("s3");
-    let shape = mergefleet::synth::LlamaShape {
-        hidden: 256,
-        layers: 2,
-        intermediate: 768,
-        vocab: 4096,
-        heads: 4,
-        kv_heads: 2,
-        lm_head: true,
-    };
-    let set = s3root.join("models/mid");
-    mergefleet::synth::write_set(&set, &shape, 3, 5).unwrap();
-    std::fs::create_dir_all(s3root.join("merged")).unwrap();
+    let shape = mergefleet::synth::LlamaShape::small();
+    let (local_cfg, s3_cfg) = s3_model_set(&s3root, "mid", &shape, 3, 5);
     let cfg_dir = d.path().join("cfg");
     std::fs::create_dir(&cfg_dir).unwrap();
-    let local_cfg = set.join("model_stock.yml");
-    let text_cfg = std::fs::read_to_string(&local_cfg)
-        .unwrap()
-        .replace(&format!("{}/", set.display()), "s3://models/mid/");
-    assert!(text_cfg.contains("s3://models/mid/base"), "{text_cfg}");
-    std::fs::write(cfg_dir.join("config.yml"), &text_cfg).unwrap();
+    std::fs::write(cfg_dir.join("config.yml"), &s3_cfg).unwrap();
 
     // s3s-fs runs in a container on the same network (its binary mounted from the host;
     // it needs nothing the image lacks).

@@ -1019,15 +1019,7 @@ fn rehearse(overlay: &str, s3: &S3Server) -> (PathBuf, TempDir, Rehearsal) {
     let config =
         mergefleet::config::MergeConfig::from_yaml(&std::fs::read_to_string(&cfg_path).unwrap())
             .unwrap();
-    let shape = mergefleet::synth::LlamaShape {
-        hidden: 256,
-        layers: 2,
-        intermediate: 768,
-        vocab: 4096,
-        heads: 4,
-        kv_heads: 2,
-        lm_head: true,
-    };
+    let shape = mergefleet::synth::LlamaShape::small();
     let place = |url: &str| -> PathBuf {
         match url.strip_prefix("s3://") {
             Some(rest) => {

@@ -176,6 +176,28 @@ pub fn s3s_fs() -> PathBuf {
     }
 }
 
+/// A synthetic set (base + `fine_tunes` of `shape`, `shards` files each) in bucket `models`
+/// of an S3 server's `root`, under `name/`, and an empty bucket `merged`. Returns the set's
+/// local config and the same config with the models at their `s3://models/name/` URLs.
+pub fn s3_model_set(
+    root: &Path,
+    name: &str,
+    shape: &mergefleet::synth::LlamaShape,
+    fine_tunes: usize,
+    shards: usize,
+) -> (PathBuf, String) {
+    let set = root.join("models").join(name);
+    mergefleet::synth::write_set(&set, shape, fine_tunes, shards).unwrap();
+    std::fs::create_dir_all(root.join("merged")).unwrap();
+    let local = set.join("model_stock.yml");
+    let s3 = std::fs::read_to_string(&local).unwrap().replace(
+        &format!("{}/", set.display()),
+        &format!("s3://models/{name}/"),
+    );
+    assert!(s3.contains(&format!("s3://models/{name}/base")), "{s3}");
+    (local, s3)
+}
+
 /// A real S3-compatible server (s3s-fs) on 127.0.0.1 with a temp root; a bucket is a
 /// directory of the root. Killed on drop.
 pub struct S3Server {
