@@ -6,14 +6,15 @@
 #
 # Uses the synthetic set of benches/e2e.sh (written into DIR if missing). For each worker
 # count prints the wall time, GB/s of input, the coordinator's own CPU seconds and the
-# time from the last task's report to the committed checkpoint. Needs /usr/bin/time
+# time from the last task's report to the committed checkpoint. MERGEFLEET_BIN runs another
+# build of the binary (to compare two builds, interleaved). Needs /usr/bin/time
 # (Debian package `time`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/mergefleet-bench}
 COUNTS=${2:-"1 2 4"}
 cargo build --release -q --bin mergefleet --example synth
-BIN=$PWD/target/release/mergefleet
+BIN=${MERGEFLEET_BIN:-$PWD/target/release/mergefleet}
 [ -f "$DIR/model_stock.yml" ] || target/release/examples/synth "$DIR" >/dev/null
 in_bytes=$(cat "$DIR"/base/*.safetensors "$DIR"/ft?/*.safetensors | wc -c)   # warms the cache
 calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
