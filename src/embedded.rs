@@ -50,16 +50,23 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
     for w in &job.plan.warnings {
         tracing::warn!("{w}");
     }
+    // An object store's upload holds its parts outside the pipeline.
+    let write_buffer = Sink::write_buffer(&location);
     if let Some(big) = job.plan.largest_tensor() {
-        let need = big.min_memory();
+        let need = big.min_memory() + write_buffer;
         if need > opts.memory_limit {
+            let upload = match write_buffer {
+                0 => String::new(),
+                b => format!(" ({b} of them for uploading to the object store)"),
+            };
             return Err(Error::Usage(format!(
-                "--memory-limit {} is too small: tensor `{}` needs at least {need} bytes even when streamed",
+                "--memory-limit {} is too small: tensor `{}` needs at least {need} bytes even when streamed{upload}",
                 opts.memory_limit, big.name
             )));
         }
     }
-    let budget = memory::pipeline_budget(&job.plan, opts.memory_limit, opts.plan.task_size);
+    let limit = opts.memory_limit - write_buffer;
+    let budget = memory::pipeline_budget(&job.plan, limit, opts.plan.task_size);
     // Idle output buffers kept for reuse: a few tasks' worth.
     let pool = BufferPool::new(memory::idle_buffers(budget));
     let inputs = Arc::new(InputFiles::resolve(&stores, &job.plan.inputs, pool)?);

@@ -185,6 +185,16 @@ impl Sink {
 
     /// Open an output location the caller owns (see [`lock`]); refuse a complete checkpoint
     /// unless `overwrite`, which removes it.
+    /// Memory the sink for `location` holds on its own while a file is written: a multipart
+    /// upload's part being filled and those uploading; nothing for local files. Embedded
+    /// mode writes one file at a time and keeps this out of its pipeline's budget.
+    pub fn write_buffer(location: &Location) -> u64 {
+        match location.local_dir {
+            Some(_) => 0,
+            None => (PARTS_IN_FLIGHT as u64 + 1) * PART_SIZE as u64,
+        }
+    }
+
     pub async fn open(location: Location, overwrite: bool) -> Result<Sink, SinkError> {
         if let Some(marker) = Sink::check(&location, overwrite).await? {
             remove_old_checkpoint(&location, marker).await?;

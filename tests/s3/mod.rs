@@ -80,6 +80,38 @@ fn s3_in_and_out_is_byte_identical_to_local() {
     }
 }
 
+/// An upload to an object store holds up to 80 MiB of parts: `--memory-limit` counts them,
+/// refusing a limit that leaves no room (with the reason), and merging within one that does.
+#[test]
+fn an_object_store_output_counts_its_upload_in_the_memory_limit() {
+    let s3 = S3Server::start();
+    s3.bucket("merged");
+    let cfg = root().join("examples/model_stock.yml");
+    let merge = |limit: &str, out: &str| {
+        run_in(
+            &root(),
+            &[
+                "merge",
+                cfg.to_str().unwrap(),
+                out,
+                "-q",
+                "--memory-limit",
+                limit,
+            ],
+            &s3.env(),
+        )
+    };
+    let o = merge("60MiB", "s3://merged/small/");
+    let msg = assert_exit(&o, 2);
+    assert!(msg.contains("for uploading to the object store"), "{msg}");
+    assert!(!s3.root.path().join("merged/small").exists());
+    // The same limit is plenty on local disk, and 90 MiB is enough for S3.
+    let local = tmp();
+    assert_ok(&merge("60MiB", local.path().to_str().unwrap()));
+    assert_ok(&merge("90MiB", "s3://merged/fits/"));
+    assert_same_checkpoint(&s3.root.path().join("merged/fits"), local.path());
+}
+
 #[test]
 fn s3_errors_say_what_is_wrong() {
     let s3 = S3Server::start();
