@@ -14,8 +14,7 @@ use bytes::{Bytes, BytesMut};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::{ObjectStoreExt, PutPayload};
 
-use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::task::JoinSet;
 
 use super::{tmp_name, SinkError, ABORT_DEADLINE, PARTS_IN_FLIGHT};
 use crate::store::{Location, Stores};
@@ -274,8 +273,10 @@ pub struct PartWriter {
     /// Bytes of the task's range not yet uploaded.
     remaining: u64,
     buf: BytesMut,
-    /// Parts being uploaded: at most [`PARTS_IN_FLIGHT`], each holding its bytes.
-    uploading: FuturesUnordered<BoxFuture<'static, Result<(u32, String), SinkError>>>,
+    /// Parts being uploaded, each a task of its own (so uploads go on while the writer
+    /// waits for its next chunk; aborted with the writer): at most [`PARTS_IN_FLIGHT`],
+    /// each holding its bytes.
+    uploading: JoinSet<Result<(u32, String), SinkError>>,
     done: Vec<(u32, String)>,
 }
 
@@ -328,7 +329,7 @@ impl RangeWriter {
                     part_size: part_size.max(1),
                     remaining: len,
                     buf: BytesMut::new(),
-                    uploading: FuturesUnordered::new(),
+                    uploading: JoinSet::new(),
                     done: Vec::new(),
                 }))
             }
@@ -352,6 +353,14 @@ impl RangeWriter {
                 })?
             }
             RangeWriter::Parts(p) => p.push(data).await,
+        }
+    }
+
+    /// The most memory this writer will hold (see [`upload_buffer`]); nothing for files.
+    pub fn buffer(&self) -> u64 {
+        match self {
+            RangeWriter::File { .. } => 0,
+            RangeWriter::Parts(p) => upload_buffer(p.remaining, p.part_size),
         }
     }
 
@@ -390,6 +399,9 @@ impl PartWriter {
                 self.remaining -= target as u64;
                 return self.upload(data).await;
             }
+            if self.buf.is_empty() {
+                self.buf.reserve(target);
+            }
             let take = (target - self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data.split_to(take));
             if self.buf.len() == target {
@@ -414,7 +426,7 @@ impl PartWriter {
             self.upload_id.clone(),
         );
         let url = self.url.clone();
-        self.uploading.push(Box::pin(async move {
+        self.uploading.spawn(async move {
             store
                 .put_part(&path, &id, n as usize, PutPayload::from_bytes(part))
                 .await
@@ -423,15 +435,19 @@ impl PartWriter {
                     url: format!("{url} (part {n})"),
                     source,
                 })
-        }));
+        });
         Ok(())
     }
 
     /// Wait for one upload to end; false when none was running. The first failure is
     /// returned (the other uploads are dropped with the writer).
     async fn uploaded_one(&mut self) -> Result<bool, SinkError> {
-        match self.uploading.next().await {
+        match self.uploading.join_next().await {
             Some(part) => {
+                let part = part.map_err(|e| SinkError::Incomplete {
+                    url: self.url.clone(),
+                    message: format!("a part upload panicked: {e}"),
+                })?;
                 self.done.push(part?);
                 Ok(true)
             }
@@ -457,6 +473,7 @@ mod tests {
         inner: InMemory,
         now: AtomicUsize,
         most: AtomicUsize,
+        finished: AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -476,6 +493,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             let r = self.inner.put_part(path, id, part_idx, data).await;
             self.now.fetch_sub(1, Ordering::SeqCst);
+            self.finished.fetch_add(1, Ordering::SeqCst);
             r
         }
         async fn complete_multipart(
@@ -506,12 +524,18 @@ mod tests {
             part_size: 1000,
             remaining: data.len() as u64,
             buf: BytesMut::new(),
-            uploading: FuturesUnordered::new(),
+            uploading: JoinSet::new(),
             done: Vec::new(),
         });
+        // Uploads go on while the writer waits for its next chunk.
+        w.write(0, Bytes::copy_from_slice(&data[..2000]))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(store.finished.load(Ordering::SeqCst), 2);
         // Chunks that straddle parts, fill one exactly (no copy), and end mid-part.
-        let mut at = 0;
-        for n in [300, 700, 1000, 2500, 7, 5993] {
+        let mut at = 2000;
+        for n in [300, 700, 1000, 500, 7, 5993] {
             w.write(at as u64, Bytes::copy_from_slice(&data[at..at + n]))
                 .await
                 .unwrap();
