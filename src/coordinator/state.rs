@@ -294,34 +294,36 @@ impl ClusterState {
             return Lease::UnknownWorker;
         };
         let (memory, in_use) = (w.memory, w.in_use());
-        // The largest pending task that fits whole, the first in plan order among equals:
-        // the longest tasks start first, so the last ones to finish are short and a fleet
-        // ends together. When even the smallest cannot be taken whole, only an idle worker
-        // looks further (streaming a task no worker can take whole).
+        // The largest task first, so the last ones to finish are short and a fleet ends
+        // together: an idle worker first streams a task no worker can take whole (the
+        // first in plan order), then any worker takes the largest pending task that fits
+        // whole (the first in plan order among equals).
         let free = memory.saturating_sub(in_use);
         let smallest = self.pending_by_size.first().map_or(u64::MAX, |&(ws, _)| ws);
         let largest = self.pending_by_size.last().map_or(0, |&(ws, _)| ws);
         let biggest = self.max_worker_memory();
-        let pick = if smallest <= free {
-            let &(size, _) = self
-                .pending_by_size
-                .range(..=(free, usize::MAX))
-                .next_back()
-                .expect("the smallest fits");
-            self.pending_by_size
-                .range((size, 0)..)
-                .next()
-                .map(|&(_, i)| i)
-        } else if in_use == 0 && largest > biggest {
-            // Only tasks no worker can take whole may be streamed here: the largest ones.
-            self.pending_by_size
-                .range((biggest + 1, 0)..)
-                .map(|&(_, i)| i)
-                .filter(|&i| Self::fits(&self.tasks[i].needs, memory, in_use, biggest))
-                .min()
-        } else {
-            None
-        };
+        let streamed = (in_use == 0 && largest > biggest)
+            .then(|| {
+                self.pending_by_size
+                    .range((biggest + 1, 0)..)
+                    .map(|&(_, i)| i)
+                    .filter(|&i| Self::fits(&self.tasks[i].needs, memory, in_use, biggest))
+                    .min()
+            })
+            .flatten();
+        let pick = streamed.or_else(|| {
+            (smallest <= free).then(|| {
+                let &(size, _) = self
+                    .pending_by_size
+                    .range(..=(free, usize::MAX))
+                    .next_back()
+                    .expect("the smallest fits");
+                self.pending_by_size
+                    .range((size, 0)..)
+                    .next()
+                    .map(|&(_, i)| i)
+            })?
+        });
         let Some(i) = pick else {
             return Lease::Wait;
         };
@@ -1069,6 +1071,25 @@ mod tests {
             }
         );
         assert_eq!(s.workers[&w].in_use(), 200);
+    }
+
+    #[test]
+    fn an_idle_worker_streams_a_task_too_big_for_all_before_the_rest() {
+        let now = Instant::now();
+        let mut s = with_tasks([10, 500, 20, 400].map(needs).to_vec());
+        let w = s.register("w", 100, 1, now);
+        let leased = |s: &mut ClusterState| match s.lease(w, now) {
+            Lease::Task { task, .. } => Some(task.0),
+            _ => None,
+        };
+        // Streamed tasks take the whole worker: one at a time, in plan order, first.
+        assert_eq!(leased(&mut s), Some(1));
+        assert_eq!(leased(&mut s), None);
+        s.report(w, t(1), at(1), ok(), now);
+        assert_eq!(leased(&mut s), Some(3));
+        s.report(w, t(3), at(1), ok(), now);
+        assert_eq!(leased(&mut s), Some(2));
+        assert_eq!(leased(&mut s), Some(0));
     }
 
     #[test]
