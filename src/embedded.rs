@@ -65,7 +65,7 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
             )));
         }
     }
-    let limit = opts.memory_limit - write_buffer;
+    let limit = opts.memory_limit.saturating_sub(write_buffer);
     let budget = memory::pipeline_budget(&job.plan, limit, opts.plan.task_size);
     // Idle output buffers kept for reuse: a few tasks' worth.
     let pool = BufferPool::new(memory::idle_buffers(budget));

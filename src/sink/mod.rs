@@ -183,8 +183,6 @@ impl Sink {
         Ok(None)
     }
 
-    /// Open an output location the caller owns (see [`lock`]); refuse a complete checkpoint
-    /// unless `overwrite`, which removes it.
     /// Memory the sink for `location` holds on its own while a file is written: a multipart
     /// upload's part being filled and those uploading; nothing for local files. Embedded
     /// mode writes one file at a time and keeps this out of its pipeline's budget.
@@ -195,6 +193,8 @@ impl Sink {
         }
     }
 
+    /// Open an output location the caller owns (see [`lock`]); refuse a complete checkpoint
+    /// unless `overwrite`, which removes it.
     pub async fn open(location: Location, overwrite: bool) -> Result<Sink, SinkError> {
         if let Some(marker) = Sink::check(&location, overwrite).await? {
             remove_old_checkpoint(&location, marker).await?;
@@ -260,10 +260,16 @@ impl Sink {
             Sink::Store(s) => {
                 let mut open = s.open.lock().await;
                 let (w, _) = open.get_mut(name).ok_or_else(|| not_open(name))?;
-                w.wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(|e| s.store_err(name, e))?;
-                w.put(data);
+                // Copied a part at a time, each once fewer than PARTS_IN_FLIGHT are
+                // uploading: the upload holds at most `write_buffer` bytes, and the
+                // caller's buffer is free when this returns (handing over slices of it
+                // would keep it alive until its last part is uploaded).
+                for part in data.chunks(PART_SIZE) {
+                    w.wait_for_capacity(PARTS_IN_FLIGHT - 1)
+                        .await
+                        .map_err(|e| s.store_err(name, e))?;
+                    w.write(part);
+                }
                 Ok(())
             }
         }

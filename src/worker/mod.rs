@@ -308,6 +308,7 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
                 attempt,
                 error,
             } => {
+                drop(turn);
                 let e = Error::Wire(error);
                 tracing::warn!(task = %task, attempt = %attempt, "{e}");
                 let outcome = TaskEnd::Finished(Err(e)).outcome(&ctx.opts.name);

@@ -150,6 +150,9 @@ impl Runner<'_> {
         )?);
         let len = r.task.out.end - r.task.out.start;
         let mut writer = RangeWriter::open(r.target, len, self.stores)?;
+        // The coordinator counted the writer's parts in this task's memory: the merge gets
+        // the rest (its streaming windows are sized from it).
+        let budget = self.memory_limit.saturating_sub(writer.buffer());
         let (tx, mut rx) = mpsc::channel::<Chunk>(2);
         // Aborted if this task is dropped (lease lost, worker stopping), so its memory goes
         // with it instead of outliving the slot.
@@ -157,7 +160,7 @@ impl Runner<'_> {
             Arc::new(r.task),
             r.header.map(Arc::new),
             inputs,
-            self.memory_limit,
+            budget,
             progress.clone(),
             tx,
             None,
