@@ -18,12 +18,13 @@ if "$TOOL" image inspect "$NAME" >/dev/null 2>&1; then
   exit 0
 fi
 root="$(mktemp -d)"
-trap 'rm -rf "$root"' EXIT
-debootstrap --variant=minbase bookworm "$root" "$MIRROR" >"$root.log" 2>&1 || {
-  cat "$root.log" >&2
+log="$(mktemp)"
+# --one-file-system: a failed debootstrap may leave /proc or /sys mounted in the tree.
+trap 'rm -rf --one-file-system "$root" "$log"' EXIT
+debootstrap --variant=minbase bookworm "$root" "$MIRROR" >"$log" 2>&1 || {
+  cat "$log" >&2
   exit 1
 }
-rm -f "$root.log"
 rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
   "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin \
   "$root"/var/log/*

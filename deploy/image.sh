@@ -10,9 +10,10 @@
 # Uses podman, or docker when podman is missing (CONTAINER_TOOL overrides). Without a
 # registry, make the base image first: deploy/debian-base.sh.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 tag="${1:?usage: deploy/image.sh TAG [BINARY]}"
-binary="${2:-target/release/mergefleet}"
+# BINARY is relative to the caller's directory; the default, to the repository.
+binary="$(realpath -m "${2:-$(dirname "$0")/../target/release/mergefleet}")"
+cd "$(dirname "$0")/.."
 TOOL="${CONTAINER_TOOL:-$(command -v podman || command -v docker || echo podman)}"
 
 [ -x "$binary" ] || {

@@ -37,10 +37,16 @@ fn image() -> Option<&'static str> {
                 .output()
                 .map(|o| o.status.success())
                 .unwrap_or(false);
+            let given = std::env::var("MERGEFLEET_IMAGE").ok();
             if !usable {
+                // `.ci/run` built the image: a podman that cannot run it now is a failure.
+                assert!(
+                    given.is_none(),
+                    "MERGEFLEET_IMAGE is set but podman cannot run"
+                );
                 return None;
             }
-            if let Ok(image) = std::env::var("MERGEFLEET_IMAGE") {
+            if let Some(image) = given {
                 return Some(image);
             }
             let tag = "localhost/mergefleet:cargo-test";
@@ -315,7 +321,8 @@ fn a_cluster_of_containers_on_a_podman_network_equals_embedded_mode() {
     podman_ok(&args);
     wait_log(&co, "coordinator listening", 60);
 
-    // Each task is held a second, so the worker that starts second still finds work.
+    // One task at a time, each held a second, so the worker that starts second still finds
+    // work.
     let coordinator = format!("http://{co}:7300");
     for (w, name) in [(&w1, "w1"), (&w2, "w2")] {
         let mut args = vec!["run", "-d", "--name", w.as_str(), "--network", &net];
@@ -330,6 +337,8 @@ fn a_cluster_of_containers_on_a_podman_network_equals_embedded_mode() {
             "--name",
             name,
             "--threads",
+            "1",
+            "--tasks-in-flight",
             "1",
             "--retry-for",
             "60s",
