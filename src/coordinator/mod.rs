@@ -643,19 +643,18 @@ async fn complete_file_if_done(shared: &Shared, f: usize) -> Result<()> {
         }
         parts
     };
-    let journal = shared.journal.lock().expect("journal").clone();
-    if journal.completed_files.contains(&file.name) {
-        return Ok(());
-    }
+    // Only what this file needs from the journal (a copy of it all grows with its parts).
+    let upload = {
+        let j = shared.journal.lock().expect("journal");
+        if j.completed_files.contains(&file.name) {
+            return Ok(());
+        }
+        j.uploads.get(&file.name).cloned().unwrap_or_default()
+    };
     let part_count = parts.len();
     if !shared
         .output
-        .complete(
-            &file.name,
-            file.size,
-            parts,
-            journal.uploads.get(&file.name).map_or("", String::as_str),
-        )
+        .complete(&file.name, file.size, parts, &upload)
         .await?
     {
         // The upload is gone: start it again and redo the file's tasks.
