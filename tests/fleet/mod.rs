@@ -141,17 +141,7 @@ fn two_worker_hosts_against_s3_equal_embedded_mode() {
     let _server = Killed(hosts.spawn(
         "s3",
         &s3s,
-        &[
-            "--host",
-            "10.77.0.2",
-            "--port",
-            "9000",
-            "--access-key",
-            ACCESS_KEY,
-            "--secret-key",
-            SECRET_KEY,
-            s3root.to_str().unwrap(),
-        ],
+        &s3s_fs_args("10.77.0.2", "9000", s3root.to_str().unwrap()),
         &[],
         &log("s3"),
     ));

@@ -252,7 +252,7 @@ fn a_cluster_of_containers_on_a_podman_network_equals_embedded_mode() {
     // it needs nothing the image lacks).
     let server = format!("{}:/usr/local/bin/s3s-fs:ro", s3s_fs().display());
     let data = format!("{}:/data", s3root.display());
-    podman_ok(&[
+    let mut args = vec![
         "run",
         "-d",
         "--name",
@@ -268,16 +268,9 @@ fn a_cluster_of_containers_on_a_podman_network_equals_embedded_mode() {
         "--entrypoint",
         "/usr/local/bin/s3s-fs",
         image,
-        "--host",
-        "0.0.0.0",
-        "--port",
-        "9000",
-        "--access-key",
-        ACCESS_KEY,
-        "--secret-key",
-        SECRET_KEY,
-        "/data",
-    ]);
+    ];
+    args.extend(s3s_fs_args("0.0.0.0", "9000", "/data"));
+    podman_ok(&args);
 
     let endpoint = format!("AWS_ENDPOINT=http://{s3}:9000");
     let access = format!("AWS_ACCESS_KEY_ID={ACCESS_KEY}");

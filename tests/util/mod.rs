@@ -198,6 +198,21 @@ pub fn s3_model_set(
     (local, s3)
 }
 
+/// The arguments that start s3s-fs on `host:port` with the tests' credentials over `root`.
+pub fn s3s_fs_args<'a>(host: &'a str, port: &'a str, root: &'a str) -> [&'a str; 9] {
+    [
+        "--host",
+        host,
+        "--port",
+        port,
+        "--access-key",
+        ACCESS_KEY,
+        "--secret-key",
+        SECRET_KEY,
+        root,
+    ]
+}
+
 /// A real S3-compatible server (s3s-fs) on 127.0.0.1 with a temp root; a bucket is a
 /// directory of the root. Killed on drop.
 pub struct S3Server {
@@ -238,9 +253,11 @@ impl S3Server {
 
     fn spawn(root: &Path, port: u16) -> Child {
         let child = Command::new(s3s_fs())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(root)
+            .args(s3s_fs_args(
+                "127.0.0.1",
+                &port.to_string(),
+                root.to_str().unwrap(),
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
