@@ -5,8 +5,8 @@
 //! gRPC service is a thin shell around it.
 //!
 //! Sized for 671B-class plans (~46,000 tasks, hundreds of workers): no lease, heartbeat or
-//! report scans the task list. Pending tasks are kept in order (a lease takes the first that
-//! fits), the counts and bytes done are kept as tasks change state, and lease expiry looks
+//! report scans the task list. Pending tasks are kept by size (a lease takes the largest that
+//! fits by one range lookup), the counts and bytes done are kept as tasks change state, and lease expiry looks
 //! only at leased tasks. What still walks tasks: a registration (the most memory any
 //! unfinished task needs) and, until it has warned, each tick's check for a pending task no
 //! worker can hold.
@@ -138,10 +138,8 @@ pub enum Reported {
 /// through the calls below, so its rules (and their tests) live here.
 pub struct ClusterState {
     tasks: Vec<TaskSlot>,
-    /// Indices of pending tasks, in task order.
-    pending: BTreeSet<usize>,
-    /// The same tasks by (working set, index): the smallest tells at once whether a worker
-    /// can take any of them whole.
+    /// Pending tasks by (working set, index): the smallest tells at once whether a worker
+    /// can take any of them whole, the largest that fits is a range lookup.
     pending_by_size: BTreeSet<(u64, usize)>,
     done: usize,
     bytes_done: u64,
@@ -167,7 +165,6 @@ impl ClusterState {
         describe: Box<dyn Fn(usize) -> String + Send + Sync>,
     ) -> Self {
         ClusterState {
-            pending: (0..needs.len()).collect(),
             pending_by_size: needs
                 .iter()
                 .enumerate()
@@ -202,7 +199,6 @@ impl ClusterState {
         let ws = slot.needs.working_set;
         match slot.status {
             TaskStatus::Pending => {
-                self.pending.remove(&i);
                 self.pending_by_size.remove(&(ws, i));
             }
             TaskStatus::Done { .. } => {
@@ -213,7 +209,6 @@ impl ClusterState {
         }
         match status {
             TaskStatus::Pending => {
-                self.pending.insert(i);
                 self.pending_by_size.insert((ws, i));
             }
             TaskStatus::Done { .. } => {
@@ -538,10 +533,12 @@ impl ClusterState {
         }
         let max = self.max_worker_memory();
         let stuck = self
-            .pending
+            .pending_by_size
             .iter()
-            .find(|&&i| self.tasks[i].needs.min_memory > max);
-        if let Some(&i) = stuck {
+            .map(|&(_, i)| i)
+            .filter(|&i| self.tasks[i].needs.min_memory > max)
+            .min();
+        if let Some(i) = stuck {
             tracing::warn!(
                 "{} needs at least {} bytes of memory; no registered worker has that much (give workers a larger --memory-limit)",
                 (self.describe)(i),
@@ -565,7 +562,7 @@ impl ClusterState {
 
     /// Tasks done, leased and pending.
     pub fn counts(&self) -> (usize, usize, usize) {
-        let pending = self.pending.len();
+        let pending = self.pending_by_size.len();
         (self.done, self.tasks.len() - self.done - pending, pending)
     }
 
@@ -1230,7 +1227,8 @@ mod tests {
             let want: BTreeSet<usize> = (0..s.tasks.len())
                 .filter(|&i| s.tasks[i].status == TaskStatus::Pending)
                 .collect();
-            assert_eq!(s.pending, want);
+            let pending: BTreeSet<usize> = s.pending_by_size.iter().map(|&(_, i)| i).collect();
+            assert_eq!(pending, want);
             assert_eq!(s.pending_by_size.len(), want.len());
             if s.phase == Phase::Committing {
                 assert_eq!(done, s.tasks.len());
