@@ -422,9 +422,11 @@ fn sum_rounded_products<R: Round>(a: &[f32], b: &[f32]) -> f64 {
     s
 }
 
-/// Feed torch's accumulators. Per block of elements, the task vectors and the rounded
-/// products are computed in parallel (piece by piece); then each norm and each pair's sum
-/// (independent of each other) takes its values in order, in parallel across them.
+/// Feed torch's accumulators, pipelined by block: while the accumulators take block `b`
+/// in order (each norm and each pair's sum is independent of the others, so they run in
+/// parallel across them), the task vectors and rounded products of block `b + 1` are
+/// computed (in parallel, piece by piece) into a second buffer. One fork-join per block
+/// keeps the cores busy; a join per phase left them waiting on each other.
 fn feed_torch<R: Round>(
     norms: &mut [torch::NormSum],
     dots: &mut [torch::CascadeSum],
@@ -432,55 +434,88 @@ fn feed_torch<R: Round>(
     start: usize,
     len: usize,
 ) {
-    let n = norms.len();
-    let streams = n + dots.len();
-    let mut scratch = vec![0f32; BLOCK.min(len.max(1)).div_ceil(MICRO) * MICRO * streams];
-    let mut off = 0;
-    while off < len {
-        let c = BLOCK.min(len - off);
-        let pieces = c.div_ceil(MICRO);
-        scratch[..pieces * MICRO * streams]
-            .par_chunks_mut(MICRO * streams)
-            .enumerate()
-            .for_each(|(p, out)| {
-                let at = start + off + p * MICRO;
-                let m = MICRO.min(c - p * MICRO);
-                simd::torch_values::<R>(inputs, at, m, out);
-            });
-        let scratch = &scratch;
-        let feed = |q: usize, acc: &mut dyn FnMut(&[f32])| {
-            for p in 0..pieces {
-                let m = MICRO.min(c - p * MICRO);
-                let base = (p * streams + q) * MICRO;
-                acc(&scratch[base..base + m]);
-            }
-        };
+    let streams = norms.len() + dots.len();
+    let size = BLOCK.min(len.max(1)).div_ceil(MICRO) * MICRO * streams;
+    let (mut cur, mut next) = (vec![0f32; size], vec![0f32; size]);
+    let block = |b: usize| {
+        let off = b * BLOCK;
+        (start + off, BLOCK.min(len - off))
+    };
+    let blocks = len.div_ceil(BLOCK);
+    if blocks > 0 {
+        torch_block::<R>(inputs, block(0), streams, &mut cur);
+    }
+    for b in 0..blocks {
+        let (_, c) = block(b);
         rayon::join(
+            || feed_block(norms, dots, &cur, c),
             || {
-                if matches!(norms.first(), Some(torch::NormSum::Sequential { .. })) {
-                    // float16: all norms in one thread, their chains interleaved.
-                    for p in 0..pieces {
-                        let m = MICRO.min(c - p * MICRO);
-                        let xs: Vec<&[f32]> = (0..n)
-                            .map(|q| &scratch[(p * streams + q) * MICRO..][..m])
-                            .collect();
-                        torch::feed_norms(norms, &xs);
-                    }
-                } else {
-                    norms
-                        .par_iter_mut()
-                        .enumerate()
-                        .for_each(|(q, a)| feed(q, &mut |x| simd::feed_norm(a, x)))
+                if b + 1 < blocks {
+                    torch_block::<R>(inputs, block(b + 1), streams, &mut next);
                 }
             },
-            || {
-                dots.par_iter_mut()
-                    .enumerate()
-                    .for_each(|(q, a)| feed(n + q, &mut |x| simd::feed_sum(a, x)))
-            },
         );
-        off += c;
+        std::mem::swap(&mut cur, &mut next);
     }
+}
+
+/// The task vectors and rounded products of `len` elements at `at`, piece by piece (in
+/// parallel) into `out`: piece `p` holds each stream's `MICRO` values in turn.
+fn torch_block<R: Round>(
+    inputs: &[InputView],
+    (at, len): (usize, usize),
+    streams: usize,
+    out: &mut [f32],
+) {
+    let pieces = len.div_ceil(MICRO);
+    out[..pieces * MICRO * streams]
+        .par_chunks_mut(MICRO * streams)
+        .enumerate()
+        .for_each(|(p, out)| {
+            let m = MICRO.min(len - p * MICRO);
+            simd::torch_values::<R>(inputs, at + p * MICRO, m, out);
+        });
+}
+
+/// Feed `len` elements of values laid out by [`torch_block`] to the accumulators, each
+/// stream in order.
+fn feed_block(
+    norms: &mut [torch::NormSum],
+    dots: &mut [torch::CascadeSum],
+    values: &[f32],
+    len: usize,
+) {
+    let n = norms.len();
+    let streams = n + dots.len();
+    let pieces = len.div_ceil(MICRO);
+    let piece = |p: usize, q: usize| {
+        let m = MICRO.min(len - p * MICRO);
+        &values[(p * streams + q) * MICRO..][..m]
+    };
+    rayon::join(
+        || {
+            if matches!(norms.first(), Some(torch::NormSum::Sequential { .. })) {
+                // float16: all norms in one thread, their chains interleaved.
+                for p in 0..pieces {
+                    let xs: Vec<&[f32]> = (0..n).map(|q| piece(p, q)).collect();
+                    torch::feed_norms(norms, &xs);
+                }
+            } else {
+                norms.par_iter_mut().enumerate().for_each(|(q, a)| {
+                    for p in 0..pieces {
+                        simd::feed_norm(a, piece(p, q));
+                    }
+                })
+            }
+        },
+        || {
+            dots.par_iter_mut().enumerate().for_each(|(q, a)| {
+                for p in 0..pieces {
+                    simd::feed_sum(a, piece(p, n + q));
+                }
+            })
+        },
+    );
 }
 
 /// For `m` elements at `at`: the task vectors (rounded to the working dtype), then the
