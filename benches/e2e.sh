@@ -5,47 +5,71 @@
 #
 # Writes a synthetic set into DIR (default /tmp/mergefleet-bench; kept for later runs):
 # base + 3 fine-tunes, bfloat16, hidden 2048, 8 layers, intermediate 5632, vocab 32000
-# (about 1 GB each). Then, with the inputs in the page cache, prints the time to read them
-# (cat > /dev/null), the time to write a file of the output's size, and for each of RUNS
-# merges its wall time, input GB/s and peak RSS, and the ratio to read + write; the same
-# merges again with float16 as the working dtype (`dtype: float16`), side by side; then the
-# same set block-FP8 (DIR-fp8, written once) merged into bfloat16 and into FP8
-# (`--quantize fp8`), with their throughput per output element relative to bfloat16's.
+# (about 1 GB each), and the same set in float16 (DIR-f16: the same shapes and bytes,
+# merged with `dtype: float16`). Then RUNS times, for each set: the floor (the time to
+# write a file of the output's size, plus the time to read the inputs, `cat > /dev/null`,
+# from the page cache), measured right before the merge since this VM's speed drifts from
+# minute to minute, then the merge. Prints each run, then the medians: merge over floor per
+# dtype (the floor's write alone swings 2x here, so one run's ratio says little), and
+# float16's time per byte relative to bfloat16's. Then the set block-FP8 (DIR-fp8, written
+# once) merged into bfloat16 and into FP8 (`--quantize fp8`), with their throughput per
+# output element relative to bfloat16's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/mergefleet-bench}
-RUNS=${2:-3}
+RUNS=${2:-5}
 cargo build --release -q --bin mergefleet --example synth
 BIN=target/release/mergefleet
 [ -f "$DIR/model_stock.yml" ] || target/release/examples/synth "$DIR" >/dev/null
-INPUTS=("$DIR"/base/*.safetensors "$DIR"/ft1/*.safetensors "$DIR"/ft2/*.safetensors "$DIR"/ft3/*.safetensors)
+[ -f "$DIR-f16/model_stock.yml" ] || target/release/examples/synth "$DIR-f16" --f16 >/dev/null
+# The input files of the set in $1, into SET.
+inputs() { SET=("$1"/base/*.safetensors "$1"/ft1/*.safetensors "$1"/ft2/*.safetensors "$1"/ft3/*.safetensors); }
+inputs "$DIR"; INPUTS=("${SET[@]}")
 calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
 now() { date +%s.%N; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 in_bytes=$(cat "${INPUTS[@]}" | wc -c)   # also warms the page cache
-t0=$(now); cat "${INPUTS[@]}" > /dev/null; t1=$(now)
-read_s=$(calc "$t1 - $t0")
+inputs "$DIR-f16"; cat "${SET[@]}" > /dev/null
 OUT="$DIR/out"
 rm -rf "$OUT"
 "$BIN" merge "$DIR/model_stock.yml" "$OUT" -q >/dev/null
 out_bytes=$(cat "$OUT"/*.safetensors | wc -c)
-sync
-t0=$(now); head -c "$out_bytes" /dev/zero > "$DIR/zero.bin"; t1=$(now)
-write_s=$(calc "$t1 - $t0")
-rm -f "$DIR/zero.bin"
-floor=$(calc "$read_s + $write_s")
 echo "input $(calc "$in_bytes/1e9") GB, output $(calc "$out_bytes/1e9") GB, $(nproc) cores"
-echo "read inputs (warm cache): $read_s s   write output: $write_s s   floor (read + write): $floor s"
-sed 's/^dtype: .*/dtype: float16/' "$DIR/model_stock.yml" > "$DIR/model_stock_f16.yml"
-for cfg in model_stock.yml model_stock_f16.yml; do
-  dtype=$(sed -n 's/^dtype: //p' "$DIR/$cfg")
-  for i in $(seq "$RUNS"); do
+# The floor now for set $1: write the output's bytes once, then read every input once
+# (from the page cache, which this also warms for the merge that follows: this VM pages
+# out file pages left idle for a few seconds).
+floor() {
+  sync
+  local t0 t1 t2 t3
+  inputs "$1"
+  t0=$(now); head -c "$out_bytes" /dev/zero > "$DIR/zero.bin"; t1=$(now)
+  rm -f "$DIR/zero.bin"
+  sync
+  cat "${SET[@]}" > /dev/null; t2=$(now)
+  cat "${SET[@]}" > /dev/null; t3=$(now)
+  echo "$(calc "$t3 - $t2") $(calc "$t1 - $t0")"
+}
+: > "$DIR/floor.bfloat16"; : > "$DIR/floor.float16"; : > "$DIR/wall.bfloat16"; : > "$DIR/wall.float16"
+for i in $(seq "$RUNS"); do
+  for set in "$DIR" "$DIR-f16"; do
+    dtype=$(sed -n 's/^dtype: //p' "$set/model_stock.yml")
+    read -r read_s write_s < <(floor "$set")
+    fl=$(calc "$read_s + $write_s")
     sync
-    line=$("$BIN" merge "$DIR/$cfg" "$OUT" -q --overwrite)
+    line=$("$BIN" merge "$set/model_stock.yml" "$OUT" -q --overwrite)
     wall=$(echo "$line" | sed -E 's/.* in ([0-9.]+) s .*/\1/')
     rss=$(echo "$line" | sed -E 's/.*peak RSS (.*)$/\1/')
-    echo "$dtype merge run $i: $wall s, $(calc "$in_bytes/$wall/1e9") GB/s of input, peak RSS $rss, $(calc "$wall/$floor")x the floor"
+    echo "$wall" >> "$DIR/wall.$dtype"
+    echo "$fl" >> "$DIR/floor.$dtype"
+    echo "run $i $dtype: floor $fl s (read $read_s + write $write_s), merge $wall s, $(calc "$in_bytes/$wall/1e9") GB/s of input, peak RSS $rss, $(calc "$wall/$fl")x the floor"
   done
 done
+for dtype in bfloat16 float16; do
+  w=$(median < "$DIR/wall.$dtype"); f=$(median < "$DIR/floor.$dtype")
+  echo "$dtype: median merge $w s ($(calc "$in_bytes/$w/1e9") GB/s of input), median floor $f s: $(calc "$w/$f")x the floor"
+done
+echo "float16 time per byte relative to bfloat16: $(calc "$(median < "$DIR/wall.float16")/$(median < "$DIR/wall.bfloat16")")x (medians)"
+rm -f "$DIR"/floor.* "$DIR"/wall.*
 # Block FP8: the same models quantized (every *_proj.weight F8_E4M3 + 128x128 scales).
 # bfloat16, FP8 -> bfloat16 and FP8 -> FP8 runs interleave (this VM's speed drifts), and
 # the ratios compare medians: throughput per output element relative to bfloat16's.
@@ -53,7 +77,6 @@ FP8="$DIR-fp8"
 [ -f "$FP8/model_stock.yml" ] || target/release/examples/synth "$FP8" --fp8 >/dev/null
 cat "$FP8"/*/*.safetensors > /dev/null   # warm the page cache
 wall_of() { "$BIN" merge "$@" "$OUT" -q --overwrite | sed -E 's/.* in ([0-9.]+) s .*/\1/'; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 : > "$DIR/bf16.t"; : > "$DIR/fp8.t"; : > "$DIR/fp8q.t"
 for i in $(seq "$RUNS"); do
   sync; wall_of "$DIR/model_stock.yml" >> "$DIR/bf16.t"

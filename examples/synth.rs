@@ -3,7 +3,8 @@
 //! `cargo run --release --example synth -- DIR` writes the end-to-end benchmark set (bf16,
 //! hidden 2048, 8 layers, intermediate 5632, vocab 32000: about 1 GB per model).
 //! `--deepseek-sparse` writes a 671B-class layout instead, as sparse files (`benches/scale.sh`);
-//! `--fp8` writes the set block-FP8, as DeepSeek ships its models (`benches/e2e.sh`).
+//! `--fp8` writes the set block-FP8, as DeepSeek ships its models, and `--f16` in float16
+//! (both for `benches/e2e.sh`).
 
 use std::path::PathBuf;
 
@@ -38,8 +39,11 @@ struct Args {
     deepseek_sparse: bool,
     /// Write the models block-FP8, as DeepSeek ships them: every `*_proj.weight` F8_E4M3
     /// with 128x128-block `_scale_inv` scales.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "f16")]
     fp8: bool,
+    /// Write the models in float16 (the bfloat16 values rounded), merged with `dtype: float16`.
+    #[arg(long)]
+    f16: bool,
 }
 
 fn main() -> std::io::Result<()> {
@@ -57,12 +61,19 @@ fn main() -> std::io::Result<()> {
         mergefleet::synth::write_sparse_deepseek_set(&a.dir, a.fine_tunes)?;
     } else {
         write_set(&a.dir, &shape, a.fine_tunes, a.shards)?;
-        if a.fp8 {
-            let models = std::iter::once("base".to_string())
-                .chain((1..=a.fine_tunes).map(|i| format!("ft{i}")));
-            for m in models {
+        let models = std::iter::once("base".to_string())
+            .chain((1..=a.fine_tunes).map(|i| format!("ft{i}")));
+        for m in models {
+            if a.fp8 {
                 mergefleet::synth::quantize_model(&a.dir.join(m), [128, 128])?;
+            } else if a.f16 {
+                mergefleet::synth::to_float16(&a.dir.join(m))?;
             }
+        }
+        if a.f16 {
+            let yml = a.dir.join("model_stock.yml");
+            let text = std::fs::read_to_string(&yml)?;
+            std::fs::write(&yml, text.replace("dtype: bfloat16", "dtype: float16"))?;
         }
     }
     println!("wrote {}", a.dir.join("model_stock.yml").display());

@@ -387,6 +387,62 @@ pub fn write_sparse_deepseek_set(dir: &Path, fine_tunes: usize) -> std::io::Resu
 /// `config.json`. Other tensors stay as they are.
 pub fn quantize_model(dir: &Path, block: [usize; 2]) -> std::io::Result<()> {
     use crate::fp8::{Blocks, SCALE_SUFFIX};
+    rewrite_model(dir, |name, dtype, shape, bytes, push| match shape {
+        &[rows, cols] if name.ends_with("_proj.weight") && dtype == Dtype::BF16 => {
+            let blocks = Blocks { rows, cols, block };
+            let mut q = vec![0u8; rows * cols];
+            let mut s = vec![0u8; blocks.scale_bytes() as usize];
+            blocks.quantize(bytes, Dtype::BF16, 0, &mut q, &mut s);
+            push(name.to_string(), Dtype::F8_E4M3, shape.to_vec(), &q);
+            push(
+                format!("{name}{SCALE_SUFFIX}"),
+                Dtype::F32,
+                blocks.scale_shape().to_vec(),
+                &s,
+            );
+        }
+        _ => push(name.to_string(), dtype, shape.to_vec(), bytes),
+    })?;
+    update_config(dir, |config| {
+        config["quantization_config"] = serde_json::json!({
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": block,
+        })
+    })
+}
+
+/// Turn the bfloat16 model in `dir` into a float16 one (each value rounded to the nearest
+/// float16; `torch_dtype` in `config.json` follows), for float16 benchmarks on the same
+/// shapes and bytes.
+pub fn to_float16(dir: &Path) -> std::io::Result<()> {
+    rewrite_model(dir, |name, dtype, shape, bytes, push| {
+        if dtype != Dtype::BF16 {
+            return push(name.to_string(), dtype, shape.to_vec(), bytes);
+        }
+        let f16: Vec<u8> = bytes
+            .chunks_exact(2)
+            .flat_map(|c| {
+                let v = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                half::f16::from_f32(v).to_bits().to_le_bytes()
+            })
+            .collect();
+        push(name.to_string(), Dtype::F16, shape.to_vec(), &f16);
+    })?;
+    update_config(dir, |config| config["torch_dtype"] = "float16".into())
+}
+
+/// A tensor pushed into a rewritten file: name, dtype, shape, bytes.
+type Push<'a> = dyn FnMut(String, Dtype, Vec<usize>, &[u8]) + 'a;
+
+/// Rewrite every safetensors file of the model in `dir`, tensor by tensor in file order:
+/// `f` gets each tensor (name, dtype, shape, bytes) and pushes what replaces it; the index,
+/// if any, is rewritten to match.
+fn rewrite_model(
+    dir: &Path,
+    mut f: impl FnMut(&str, Dtype, &[usize], &[u8], &mut Push),
+) -> std::io::Result<()> {
     let bad = |m: String| std::io::Error::other(m);
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
@@ -419,18 +475,7 @@ pub fn quantize_model(dir: &Path, block: [usize; 2]) -> std::io::Result<()> {
         };
         for e in entries {
             let bytes = &raw[e.start as usize..e.end as usize];
-            match e.shape.as_slice() {
-                &[rows, cols] if e.name.ends_with("_proj.weight") && e.dtype == Dtype::BF16 => {
-                    let blocks = Blocks { rows, cols, block };
-                    let mut q = vec![0u8; rows * cols];
-                    let mut s = vec![0u8; blocks.scale_bytes() as usize];
-                    blocks.quantize(bytes, Dtype::BF16, 0, &mut q, &mut s);
-                    let scale_name = format!("{}{SCALE_SUFFIX}", e.name);
-                    push(e.name, Dtype::F8_E4M3, e.shape, &q);
-                    push(scale_name, Dtype::F32, blocks.scale_shape().to_vec(), &s);
-                }
-                _ => push(e.name, e.dtype, e.shape, bytes),
-            }
+            f(&e.name, e.dtype, &e.shape, bytes, &mut push);
         }
         total += data.len();
         let header = write_header(infos).map_err(bad)?;
@@ -444,14 +489,15 @@ pub fn quantize_model(dir: &Path, block: [usize; 2]) -> std::io::Result<()> {
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())?;
     }
+    Ok(())
+}
+
+/// Edit `config.json` of the model in `dir`.
+fn update_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> std::io::Result<()> {
+    let bad = |m: String| std::io::Error::other(m);
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)
             .map_err(|e| bad(e.to_string()))?;
-    config["quantization_config"] = serde_json::json!({
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": block,
-    });
+    edit(&mut config);
     std::fs::write(dir.join("config.json"), config.to_string())
 }
