@@ -1,16 +1,17 @@
-//! Criterion benchmarks of the model_stock kernel alone (no I/O): GB/s of input for
-//! bfloat16 and float32 working dtypes, filter_wise on and off, base + 3 fine-tunes.
+//! Criterion benchmarks of the model_stock kernel alone (no I/O): GB/s of input for the
+//! bfloat16, float16 and float32 working dtypes, base + 3 fine-tunes.
+//!
+//! `model_stock`: a 1024 x 2048 tensor (its inputs fit in the last-level cache), every
+//! reduction order, filter_wise on and off. `model_stock_real_size`: a 4096 x 4096 tensor
+//! (16.8M elements, 134 MB of bfloat16 inputs, as a 7B model's largest matrices), torch's
+//! order: memory traffic and the statistics pass's parallelism show only at this size.
 //!
 //! `cargo bench --bench kernel`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mergefleet::merge::{InputView, ModelStock, Reductions, WorkDtype};
 
-const ROWS: usize = 1024;
-const COLS: usize = 2048;
-
-fn inputs(dtype: WorkDtype) -> Vec<Vec<u8>> {
-    let numel = ROWS * COLS;
+fn inputs(dtype: WorkDtype, numel: usize) -> Vec<Vec<u8>> {
     (0..4u32)
         .map(|m| {
             let vals: Vec<f32> = (0..numel)
@@ -27,11 +28,14 @@ fn inputs(dtype: WorkDtype) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn bench(c: &mut Criterion) {
-    let mut g = c.benchmark_group("model_stock");
-    g.sample_size(20);
+/// Benchmark model_stock on `shape` for every dtype and each of `variants` (reduction
+/// order, filter_wise).
+fn group(c: &mut Criterion, name: &str, shape: [usize; 2], variants: &[(Reductions, bool)]) {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10);
+    let numel = shape[0] * shape[1];
     for dtype in [WorkDtype::BF16, WorkDtype::F16, WorkDtype::F32] {
-        let data = inputs(dtype);
+        let data = inputs(dtype, numel);
         let views: Vec<InputView> = data
             .iter()
             .map(|b| InputView {
@@ -41,23 +45,35 @@ fn bench(c: &mut Criterion) {
             .collect();
         let in_bytes: usize = data.iter().map(Vec::len).sum();
         g.throughput(Throughput::Bytes(in_bytes as u64));
-        for reductions in [Reductions::Torch, Reductions::Exact] {
-            for fw in [false, true] {
-                let k = ModelStock {
-                    work: dtype,
-                    out: dtype,
-                    filter_wise: fw,
-                    reductions,
-                };
-                let mut out = vec![0u8; ROWS * COLS * dtype.size()];
-                let name = format!("{}/{}/filter_wise={fw}", dtype.name(), reductions.name());
-                g.bench_function(name, |b| {
-                    b.iter(|| k.merge(&[ROWS, COLS], &views, &mut out))
-                });
-            }
+        for &(reductions, fw) in variants {
+            let k = ModelStock {
+                work: dtype,
+                out: dtype,
+                filter_wise: fw,
+                reductions,
+            };
+            let mut out = vec![0u8; numel * dtype.size()];
+            let name = format!("{}/{}/filter_wise={fw}", dtype.name(), reductions.name());
+            g.bench_function(name, |b| b.iter(|| k.merge(&shape, &views, &mut out)));
         }
     }
     g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    let all = [
+        (Reductions::Torch, false),
+        (Reductions::Torch, true),
+        (Reductions::Exact, false),
+        (Reductions::Exact, true),
+    ];
+    group(c, "model_stock", [1024, 2048], &all);
+    group(
+        c,
+        "model_stock_real_size",
+        [4096, 4096],
+        &[(Reductions::Torch, false)],
+    );
 }
 
 criterion_group!(benches, bench);
