@@ -61,8 +61,8 @@ fn main() -> std::io::Result<()> {
         mergefleet::synth::write_sparse_deepseek_set(&a.dir, a.fine_tunes)?;
     } else {
         write_set(&a.dir, &shape, a.fine_tunes, a.shards)?;
-        let models = std::iter::once("base".to_string())
-            .chain((1..=a.fine_tunes).map(|i| format!("ft{i}")));
+        let models =
+            std::iter::once("base".to_string()).chain((1..=a.fine_tunes).map(|i| format!("ft{i}")));
         for m in models {
             if a.fp8 {
                 mergefleet::synth::quantize_model(&a.dir.join(m), [128, 128])?;

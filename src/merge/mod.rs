@@ -422,11 +422,21 @@ fn sum_rounded_products<R: Round>(a: &[f32], b: &[f32]) -> f64 {
     s
 }
 
-/// Feed torch's accumulators, pipelined by block: while the accumulators take block `b`
-/// in order (each norm and each pair's sum is independent of the others, so they run in
-/// parallel across them), the task vectors and rounded products of block `b + 1` are
-/// computed (in parallel, piece by piece) into a second buffer. One fork-join per block
-/// keeps the cores busy; a join per phase left them waiting on each other.
+/// Elements per block of the torch-order pass. A block's values (for 3 fine-tunes, 6 streams
+/// of float32: 384 KiB) stay in the cache of the core that computed them until it feeds them.
+const TORCH_BLOCK: usize = 1 << 14;
+
+/// Most threads working on one tensor's torch-order statistics. Feeding the accumulators is
+/// serial and takes about a third of the work, so more threads would mostly wait their turn.
+const TORCH_THREADS: usize = 3;
+
+/// Feed torch's accumulators. Up to [`TORCH_THREADS`] threads claim blocks of
+/// [`TORCH_BLOCK`] elements in order; each computes its block's task vectors and rounded
+/// products into its own buffer, waits for the block's turn, and feeds every accumulator
+/// (each takes its values in order, as torch's order requires). The feeding is serial but
+/// overlaps the other threads' next blocks, and no values move between cores. A block's owner
+/// is always running (blocks are claimed only by a thread ready to compute them), so the
+/// thread whose turn it is never waits.
 fn feed_torch<R: Round>(
     norms: &mut [torch::NormSum],
     dots: &mut [torch::CascadeSum],
@@ -434,51 +444,61 @@ fn feed_torch<R: Round>(
     start: usize,
     len: usize,
 ) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let streams = norms.len() + dots.len();
-    let size = BLOCK.min(len.max(1)).div_ceil(MICRO) * MICRO * streams;
-    let (mut cur, mut next) = (vec![0f32; size], vec![0f32; size]);
-    let block = |b: usize| {
-        let off = b * BLOCK;
-        (start + off, BLOCK.min(len - off))
-    };
-    let blocks = len.div_ceil(BLOCK);
-    if blocks > 0 {
-        torch_block::<R>(inputs, block(0), streams, &mut cur);
-    }
-    for b in 0..blocks {
-        let (_, c) = block(b);
-        rayon::join(
-            || feed_block(norms, dots, &cur, c),
-            || {
-                if b + 1 < blocks {
-                    torch_block::<R>(inputs, block(b + 1), streams, &mut next);
+    let blocks = len.div_ceil(TORCH_BLOCK);
+    let next = AtomicUsize::new(0);
+    let turn = AtomicUsize::new(0);
+    let accumulators = std::sync::Mutex::new((norms, dots));
+    let work = || {
+        let mut values = vec![0f32; TORCH_BLOCK.min(len).div_ceil(MICRO) * MICRO * streams];
+        loop {
+            let b = next.fetch_add(1, Ordering::Relaxed);
+            if b >= blocks {
+                return;
+            }
+            let c = TORCH_BLOCK.min(len - b * TORCH_BLOCK);
+            for (p, out) in values.chunks_mut(MICRO * streams).enumerate() {
+                let at = p * MICRO;
+                if at >= c {
+                    break;
                 }
-            },
-        );
-        std::mem::swap(&mut cur, &mut next);
-    }
+                simd::torch_values::<R>(
+                    inputs,
+                    start + b * TORCH_BLOCK + at,
+                    MICRO.min(c - at),
+                    out,
+                );
+            }
+            let mut spins = 0u32;
+            while turn.load(Ordering::Acquire) != b {
+                spins += 1;
+                if spins.is_multiple_of(64) {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            let mut acc = accumulators.lock().expect("torch accumulators");
+            let (norms, dots) = &mut *acc;
+            feed_block(norms, dots, &values, c);
+            drop(acc);
+            turn.store(b + 1, Ordering::Release);
+        }
+    };
+    let threads = rayon::current_num_threads()
+        .clamp(1, TORCH_THREADS)
+        .min(blocks);
+    rayon::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| work());
+        }
+        work();
+    });
 }
 
-/// The task vectors and rounded products of `len` elements at `at`, piece by piece (in
-/// parallel) into `out`: piece `p` holds each stream's `MICRO` values in turn.
-fn torch_block<R: Round>(
-    inputs: &[InputView],
-    (at, len): (usize, usize),
-    streams: usize,
-    out: &mut [f32],
-) {
-    let pieces = len.div_ceil(MICRO);
-    out[..pieces * MICRO * streams]
-        .par_chunks_mut(MICRO * streams)
-        .enumerate()
-        .for_each(|(p, out)| {
-            let m = MICRO.min(len - p * MICRO);
-            simd::torch_values::<R>(inputs, at + p * MICRO, m, out);
-        });
-}
-
-/// Feed `len` elements of values laid out by [`torch_block`] to the accumulators, each
-/// stream in order.
+/// Feed `len` elements of values laid out by [`torch_values`] piece after piece (each
+/// piece holds every stream's `MICRO` values in turn) to the accumulators, in order.
 fn feed_block(
     norms: &mut [torch::NormSum],
     dots: &mut [torch::CascadeSum],
@@ -487,35 +507,23 @@ fn feed_block(
 ) {
     let n = norms.len();
     let streams = n + dots.len();
-    let pieces = len.div_ceil(MICRO);
-    let piece = |p: usize, q: usize| {
+    let sequential = matches!(norms.first(), Some(torch::NormSum::Sequential { .. }));
+    for p in 0..len.div_ceil(MICRO) {
         let m = MICRO.min(len - p * MICRO);
-        &values[(p * streams + q) * MICRO..][..m]
-    };
-    rayon::join(
-        || {
-            if matches!(norms.first(), Some(torch::NormSum::Sequential { .. })) {
-                // float16: all norms in one thread, their chains interleaved.
-                for p in 0..pieces {
-                    let xs: Vec<&[f32]> = (0..n).map(|q| piece(p, q)).collect();
-                    torch::feed_norms(norms, &xs);
-                }
-            } else {
-                norms.par_iter_mut().enumerate().for_each(|(q, a)| {
-                    for p in 0..pieces {
-                        simd::feed_norm(a, piece(p, q));
-                    }
-                })
+        let piece = |q: usize| &values[(p * streams + q) * MICRO..][..m];
+        if sequential {
+            // float16: all norms advance together, their chains interleaved.
+            let xs: Vec<&[f32]> = (0..n).map(piece).collect();
+            torch::feed_norms(norms, &xs);
+        } else {
+            for (q, a) in norms.iter_mut().enumerate() {
+                simd::feed_norm(a, piece(q));
             }
-        },
-        || {
-            dots.par_iter_mut().enumerate().for_each(|(q, a)| {
-                for p in 0..pieces {
-                    simd::feed_sum(a, piece(p, n + q));
-                }
-            })
-        },
-    );
+        }
+        for (q, a) in dots.iter_mut().enumerate() {
+            simd::feed_sum(a, piece(n + q));
+        }
+    }
 }
 
 /// For `m` elements at `at`: the task vectors (rounded to the working dtype), then the

@@ -428,3 +428,85 @@ fn float64_work_stays_float64() {
     // Not a float32 result widened: float64 keeps bits float32 cannot hold.
     assert!(got.iter().any(|x| (*x as f32) as f64 != *x));
 }
+
+/// The torch-order statistics fed by one thread, element by element: the task vectors and
+/// rounded products computed literally, each stream fed to its accumulator whole.
+fn torch_reference(d: WorkDtype, w: &[Vec<f32>]) -> Vec<u32> {
+    let numel = w[0].len();
+    let width = if d == WorkDtype::F32 { 8 } else { 16 };
+    let norm_width = if d == WorkDtype::F16 { 0 } else { width };
+    let deltas: Vec<Vec<f32>> = w[1..]
+        .iter()
+        .map(|m| (0..numel).map(|e| round(d, m[e] - w[0][e])).collect())
+        .collect();
+    let mut out: Vec<u32> = deltas
+        .iter()
+        .map(|x| {
+            let mut a = torch::NormSum::new(numel, norm_width);
+            a.feed(x);
+            a.finish().to_bits()
+        })
+        .collect();
+    for i in 0..deltas.len() {
+        for j in i + 1..deltas.len() {
+            let p: Vec<f32> = (0..numel)
+                .map(|e| round(d, deltas[i][e] * deltas[j][e]))
+                .collect();
+            let mut a = torch::CascadeSum::new(numel, width);
+            a.feed(&p);
+            out.push(a.finish().to_bits());
+        }
+    }
+    out
+}
+
+/// The torch-order accumulators' sums after feeding `numel` elements in `window`s.
+fn torch_sums(k: ModelStock, views: &[InputView], numel: usize, window: usize) -> Vec<u32> {
+    let mut acc = k.begin_stats(views.len() - 1, numel);
+    for s in (0..numel).step_by(window) {
+        k.feed_stats(&mut acc, views, s, window.min(numel - s));
+    }
+    let StatsAcc::Torch { norms, dots, .. } = acc else {
+        panic!("torch order expected");
+    };
+    norms
+        .iter()
+        .map(|a| a.finish().to_bits())
+        .chain(dots.iter().map(|a| a.finish().to_bits()))
+        .collect()
+}
+
+#[test]
+fn torch_order_sums_do_not_depend_on_threads_or_windows() {
+    // Many blocks and a ragged tail, so threads take turns; every thread count and window size
+    // (aligned to nothing) must feed each accumulator the same values in the same order.
+    let numel = 7 * TORCH_BLOCK + 1234;
+    for d in [WorkDtype::BF16, WorkDtype::F16, WorkDtype::F32] {
+        let w = models(3, numel, d, 11);
+        let want = torch_reference(d, &w);
+        let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, d)).collect();
+        let views: Vec<InputView> = bytes
+            .iter()
+            .map(|b| InputView {
+                bytes: b,
+                dtype: d.st_dtype(),
+            })
+            .collect();
+        let k = ModelStock {
+            work: d,
+            out: d,
+            filter_wise: false,
+            reductions: Reductions::Torch,
+        };
+        for threads in [1, 2, 3, 5] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for window in [numel, 10_007, TORCH_BLOCK + 1] {
+                let got = pool.install(|| torch_sums(k, &views, numel, window));
+                assert_eq!(got, want, "{d:?}, {threads} threads, windows of {window}");
+            }
+        }
+    }
+}
