@@ -434,9 +434,12 @@ const TORCH_THREADS: usize = 3;
 /// [`TORCH_BLOCK`] elements in order; each computes its block's task vectors and rounded
 /// products into its own buffer, waits for the block's turn, and feeds every accumulator
 /// (each takes its values in order, as torch's order requires). The feeding is serial but
-/// overlaps the other threads' next blocks, and no values move between cores. A block's owner
-/// is always running (blocks are claimed only by a thread ready to compute them), so the
-/// thread whose turn it is never waits.
+/// overlaps the other threads' next blocks, and no values move between cores.
+///
+/// Why the turn always advances: blocks are claimed in order, and nothing between a claim
+/// and its `turn` update calls into rayon or blocks, so the owner of the block whose turn it
+/// is is running. A thread that panics there hands the turn to no one: it marks the pass
+/// abandoned, the others stop waiting, and the panic reaches the caller.
 fn feed_torch<R: Round>(
     norms: &mut [torch::NormSum],
     dots: &mut [torch::CascadeSum],
@@ -445,12 +448,24 @@ fn feed_torch<R: Round>(
     len: usize,
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    /// `turn` once a thread has panicked.
+    const ABANDONED: usize = usize::MAX;
+    /// Marks the pass abandoned if its thread unwinds.
+    struct Abandon<'a>(&'a AtomicUsize);
+    impl Drop for Abandon<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.store(ABANDONED, Ordering::Release);
+            }
+        }
+    }
     let streams = norms.len() + dots.len();
     let blocks = len.div_ceil(TORCH_BLOCK);
     let next = AtomicUsize::new(0);
     let turn = AtomicUsize::new(0);
     let accumulators = std::sync::Mutex::new((norms, dots));
     let work = || {
+        let _abandon = Abandon(&turn);
         let mut values = vec![0f32; TORCH_BLOCK.min(len).div_ceil(MICRO) * MICRO * streams];
         loop {
             let b = next.fetch_add(1, Ordering::Relaxed);
@@ -471,8 +486,13 @@ fn feed_torch<R: Round>(
                 );
             }
             let mut spins = 0u32;
-            while turn.load(Ordering::Acquire) != b {
-                spins += 1;
+            loop {
+                match turn.load(Ordering::Acquire) {
+                    t if t == b => break,
+                    ABANDONED => return,
+                    _ => {}
+                }
+                spins = spins.wrapping_add(1);
                 if spins.is_multiple_of(64) {
                     std::thread::yield_now();
                 } else {
@@ -483,12 +503,22 @@ fn feed_torch<R: Round>(
             let (norms, dots) = &mut *acc;
             feed_block(norms, dots, &values, c);
             drop(acc);
-            turn.store(b + 1, Ordering::Release);
+            // Not over an abandoned pass: the threads waiting for later turns must stop.
+            if turn
+                .compare_exchange(b, b + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                return;
+            }
         }
     };
     let threads = rayon::current_num_threads()
         .clamp(1, TORCH_THREADS)
         .min(blocks);
+    if threads <= 1 {
+        // One block (a filter_wise row, a small window) or one thread: no scope to set up.
+        return work();
+    }
     rayon::scope(|s| {
         for _ in 1..threads {
             s.spawn(|_| work());
@@ -508,12 +538,14 @@ fn feed_block(
     let n = norms.len();
     let streams = n + dots.len();
     let sequential = matches!(norms.first(), Some(torch::NormSum::Sequential { .. }));
+    let mut xs: Vec<&[f32]> = Vec::with_capacity(n);
     for p in 0..len.div_ceil(MICRO) {
         let m = MICRO.min(len - p * MICRO);
         let piece = |q: usize| &values[(p * streams + q) * MICRO..][..m];
         if sequential {
             // float16: all norms advance together, their chains interleaved.
-            let xs: Vec<&[f32]> = (0..n).map(piece).collect();
+            xs.clear();
+            xs.extend((0..n).map(piece));
             torch::feed_norms(norms, &xs);
         } else {
             for (q, a) in norms.iter_mut().enumerate() {

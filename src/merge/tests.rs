@@ -503,9 +503,20 @@ fn torch_order_sums_do_not_depend_on_threads_or_windows() {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            for window in [numel, 10_007, TORCH_BLOCK + 1] {
+            // Whole, windows of several blocks (threads take turns within each), windows
+            // smaller than a block; and six tensors at once, as a task merges them.
+            for window in [numel, 3 * TORCH_BLOCK + 5, 10_007] {
                 let got = pool.install(|| torch_sums(k, &views, numel, window));
                 assert_eq!(got, want, "{d:?}, {threads} threads, windows of {window}");
+            }
+            let concurrent: Vec<Vec<u32>> = pool.install(|| {
+                (0..6)
+                    .into_par_iter()
+                    .map(|_| torch_sums(k, &views, numel, numel))
+                    .collect()
+            });
+            for got in concurrent {
+                assert_eq!(got, want, "{d:?}, {threads} threads, six at once");
             }
         }
     }
