@@ -110,15 +110,20 @@ fn models(n: usize, numel: usize, d: WorkDtype, seed: u64) -> Vec<Vec<f32>> {
     out
 }
 
-fn run(k: ModelStock, shape: &[usize], w: &[Vec<f32>], stored: WorkDtype) -> Vec<f32> {
-    let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, stored)).collect();
-    let views: Vec<InputView> = bytes
+/// Views of whole encoded tensors of dtype `d`.
+fn views_of(bytes: &[Vec<u8>], d: WorkDtype) -> Vec<InputView<'_>> {
+    bytes
         .iter()
         .map(|b| InputView {
             bytes: b,
-            dtype: stored.st_dtype(),
+            dtype: d.st_dtype(),
         })
-        .collect();
+        .collect()
+}
+
+fn run(k: ModelStock, shape: &[usize], w: &[Vec<f32>], stored: WorkDtype) -> Vec<f32> {
+    let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, stored)).collect();
+    let views = views_of(&bytes, stored);
     let numel: usize = shape.iter().product();
     let mut out = vec![0u8; numel * k.out.size()];
     k.merge(shape, &views, &mut out);
@@ -485,13 +490,7 @@ fn torch_order_sums_do_not_depend_on_threads_or_windows() {
         let w = models(3, numel, d, 11);
         let want = torch_reference(d, &w);
         let bytes: Vec<Vec<u8>> = w.iter().map(|m| encode_vec(m, d)).collect();
-        let views: Vec<InputView> = bytes
-            .iter()
-            .map(|b| InputView {
-                bytes: b,
-                dtype: d.st_dtype(),
-            })
-            .collect();
+        let views = views_of(&bytes, d);
         let k = ModelStock {
             work: d,
             out: d,
