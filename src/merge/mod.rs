@@ -14,6 +14,8 @@ pub(crate) mod numeric;
 pub mod torch;
 mod wide;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use rayon::prelude::*;
 use safetensors::Dtype;
 
@@ -447,18 +449,6 @@ fn feed_torch<R: Round>(
     start: usize,
     len: usize,
 ) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    /// `turn` once a thread has panicked.
-    const ABANDONED: usize = usize::MAX;
-    /// Marks the pass abandoned if its thread unwinds.
-    struct Abandon<'a>(&'a AtomicUsize);
-    impl Drop for Abandon<'_> {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                self.0.store(ABANDONED, Ordering::Release);
-            }
-        }
-    }
     let streams = norms.len() + dots.len();
     let blocks = len.div_ceil(TORCH_BLOCK);
     let next = AtomicUsize::new(0);
@@ -485,19 +475,8 @@ fn feed_torch<R: Round>(
                     out,
                 );
             }
-            let mut spins = 0u32;
-            loop {
-                match turn.load(Ordering::Acquire) {
-                    t if t == b => break,
-                    ABANDONED => return,
-                    _ => {}
-                }
-                spins = spins.wrapping_add(1);
-                if spins.is_multiple_of(64) {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
+            if !await_turn(&turn, b) {
+                return;
             }
             let mut acc = accumulators.lock().expect("torch accumulators");
             let (norms, dots) = &mut *acc;
@@ -525,6 +504,39 @@ fn feed_torch<R: Round>(
         }
         work();
     });
+}
+
+/// `turn` of a torch-order pass once one of its threads has panicked.
+const ABANDONED: usize = usize::MAX;
+
+/// Marks a torch-order pass abandoned if its thread unwinds.
+struct Abandon<'a>(&'a AtomicUsize);
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(ABANDONED, Ordering::Release);
+        }
+    }
+}
+
+/// Wait until `turn` reaches block `b` (spinning, yielding now and then); false if the pass
+/// was abandoned.
+fn await_turn(turn: &AtomicUsize, b: usize) -> bool {
+    let mut spins = 0u32;
+    loop {
+        match turn.load(Ordering::Acquire) {
+            t if t == b => return true,
+            ABANDONED => return false,
+            _ => {}
+        }
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(64) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 /// Feed `len` elements of values laid out by [`torch_values`] piece after piece (each
