@@ -35,9 +35,9 @@ rm -rf "$OUT"
 "$BIN" merge "$DIR/model_stock.yml" "$OUT" -q >/dev/null
 out_bytes=$(cat "$OUT"/*.safetensors | wc -c)
 echo "input $(calc "$in_bytes/1e9") GB, output $(calc "$out_bytes/1e9") GB, $(nproc) cores"
-# The floor now for set $1: write the output's bytes once, then read every input once
-# (from the page cache, which this also warms for the merge that follows: this VM pages
-# out file pages left idle for a few seconds).
+# The floor now for set $1: write the output's bytes once, then read every input from the
+# page cache. The inputs are read twice and the second read timed: the first brings back
+# pages this VM paged out while they were idle, and both warm the set for the merge.
 floor() {
   sync
   local t0 t1 t2 t3
