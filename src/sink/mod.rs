@@ -189,7 +189,7 @@ impl Sink {
     pub fn write_buffer(location: &Location) -> u64 {
         match location.local_dir {
             Some(_) => 0,
-            None => (PARTS_IN_FLIGHT as u64 + 1) * PART_SIZE as u64,
+            None => cluster::upload_buffer(u64::MAX, PART_SIZE as u64),
         }
     }
 
