@@ -341,10 +341,19 @@ mod simd {
     twice!(feed_norm(a: &mut torch::NormSum, x: &[f32]) => a.feed(x));
     twice!(feed_sum(a: &mut torch::CascadeSum, x: &[f32]) => a.feed(x));
 
+    /// Tests set this to run the baseline build on a CPU that has AVX2, so both builds are
+    /// compared on one machine (the results must not depend on the CPU).
+    #[cfg(test)]
+    pub static BASELINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
     /// Every feature the fast functions are compiled with (f16c too: a CPU may have AVX2
     /// without it, for example under some hypervisors).
     #[cfg(target_arch = "x86_64")]
     fn has_avx2() -> bool {
+        #[cfg(test)]
+        if BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
         std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c")

@@ -520,3 +520,31 @@ fn torch_order_sums_do_not_depend_on_threads_or_windows() {
         }
     }
 }
+
+#[test]
+fn the_baseline_build_gives_the_avx2_builds_bits() {
+    // Every dtype, both orders, filter_wise on and off, several blocks and a ragged tail:
+    // the kernel compiled for the baseline target (a CPU without AVX2, FMA or F16C) and the
+    // one this CPU runs give the same bytes. (On a CPU without them both runs are baseline.)
+    use std::sync::atomic::Ordering;
+    let shape = [5, 3 * TORCH_BLOCK + 77];
+    for d in [WorkDtype::BF16, WorkDtype::F16, WorkDtype::F32] {
+        let w = models(3, shape[0] * shape[1], d, 21);
+        for reductions in [Reductions::Torch, Reductions::Exact] {
+            for filter_wise in [false, true] {
+                let k = ModelStock {
+                    work: d,
+                    out: d,
+                    filter_wise,
+                    reductions,
+                };
+                let fast = run(k, &shape, &w, d);
+                simd::BASELINE.store(true, Ordering::Relaxed);
+                let baseline = run(k, &shape, &w, d);
+                simd::BASELINE.store(false, Ordering::Relaxed);
+                let what = format!("{d:?} {reductions:?} filter_wise={filter_wise}");
+                assert_bits_eq(&baseline, &fast, &what);
+            }
+        }
+    }
+}
