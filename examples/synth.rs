@@ -73,7 +73,16 @@ fn main() -> std::io::Result<()> {
         if a.f16 {
             let yml = a.dir.join("model_stock.yml");
             let text = std::fs::read_to_string(&yml)?;
-            std::fs::write(&yml, text.replace("dtype: bfloat16", "dtype: float16"))?;
+            if !text.contains("\ndtype: bfloat16\n") {
+                return Err(std::io::Error::other(format!(
+                    "no `dtype: bfloat16` line in {}",
+                    yml.display()
+                )));
+            }
+            std::fs::write(
+                &yml,
+                text.replace("\ndtype: bfloat16\n", "\ndtype: float16\n"),
+            )?;
         }
     }
     println!("wrote {}", a.dir.join("model_stock.yml").display());
