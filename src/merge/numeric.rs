@@ -250,6 +250,13 @@ pub fn encode_with<R: Round>(values: &[f32], dtype: Dtype, out: &mut [u8]) {
                 o.copy_from_slice(&v.to_le_bytes());
             }
         }
+        // `out_dtype: float64` over a narrower working dtype: torch's `.to(float64)` at
+        // save, an exact widening.
+        Dtype::F64 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(8)) {
+                o.copy_from_slice(&(*v as f64).to_le_bytes());
+            }
+        }
         other => unreachable!("encode to non-working dtype {other:?}"),
     }
 }

@@ -41,7 +41,10 @@ fn decode(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f64]) {
     }
 }
 
-/// Encode f64 values to `dtype`, rounding once to nearest even.
+/// Encode f64 values to `dtype` as torch's `.to(dtype)` does: to float32 (nearest even),
+/// and from there to bfloat16 or float16 (torch converts a double to those through float).
+/// (`half`'s own `from_f64` is no substitute: it drops the double's low 32 bits before
+/// rounding, so values just above a tie round as ties.)
 fn encode(values: &[f64], dtype: Dtype, out: &mut [u8]) {
     match dtype {
         Dtype::F64 => {
@@ -54,14 +57,13 @@ fn encode(values: &[f64], dtype: Dtype, out: &mut [u8]) {
                 o.copy_from_slice(&(*v as f32).to_le_bytes());
             }
         }
-        Dtype::BF16 => {
-            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
-                o.copy_from_slice(&half::bf16::from_f64(*v).to_bits().to_le_bytes());
-            }
-        }
-        Dtype::F16 => {
-            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
-                o.copy_from_slice(&half::f16::from_f64(*v).to_bits().to_le_bytes());
+        Dtype::BF16 | Dtype::F16 => {
+            let mut narrow = [0f32; MICRO];
+            for (vals, out) in values.chunks(MICRO).zip(out.chunks_mut(MICRO * 2)) {
+                for (n, v) in narrow.iter_mut().zip(vals) {
+                    *n = *v as f32;
+                }
+                super::numeric::encode(&narrow[..vals.len()], dtype, out);
             }
         }
         other => unreachable!("encode to non-working dtype {other:?}"),
@@ -156,5 +158,29 @@ pub fn apply_range(
         }
         encode(&s[..m], out_dtype, &mut out[off * osz..(off + m) * osz]);
         off += m;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// float64 results are written to narrower dtypes as torch's `.to()` writes them:
+    /// through float32, each step to nearest even.
+    #[test]
+    fn narrowing_goes_through_float32_as_torch_does() {
+        let above_tie = 1.0 + 2f64.powi(-8) + 2f64.powi(-23); // an f32, just above a bf16 tie
+        let double_rounded = 1.0 + 2f64.powi(-8) + 2f64.powi(-40); // rounds to the tie in f32
+        let mut out = [0u8; 4];
+        encode(&[above_tie, double_rounded], Dtype::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x3F81); // 1 + 2^-7
+        assert_eq!(u16::from_le_bytes([out[2], out[3]]), 0x3F80); // 1.0: the tie, to even
+        let x = 1.0 + 2f64.powi(-11) + 2f64.powi(-23); // just above a float16 tie
+        encode(&[x, -x], Dtype::F16, &mut out);
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x3C01);
+        assert_eq!(u16::from_le_bytes([out[2], out[3]]), 0xBC01);
+        let mut wide = [0u8; 8];
+        encode(&[above_tie], Dtype::F64, &mut wide);
+        assert_eq!(f64::from_le_bytes(wide), above_tie);
     }
 }

@@ -299,3 +299,155 @@ fn plan_prints_what_a_merge_would_do() {
     let o = run(&["plan", "no-such-config.yml"]);
     assert_exit(&o, 2);
 }
+
+/// A float tensor's values, widened exactly to f64.
+fn values(dtype: &str, bytes: &[u8]) -> Vec<f64> {
+    match dtype {
+        "BF16" => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        "F16" => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        "F32" => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        "F64" => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        other => panic!("not a float dtype: {other}"),
+    }
+}
+
+/// `x` rounded to the safetensors dtype `dtype` as torch's `.to(dtype)` does: to nearest,
+/// ties to even, a double through float first. (`half`'s `from_f64` drops a double's low
+/// 32 bits before rounding: not a correct rounding, so not used here.)
+fn cast(x: f64, dtype: &str) -> f64 {
+    let x32 = x as f32;
+    match dtype {
+        "BF16" => half::bf16::from_f32(x32).to_f64(),
+        "F16" => half::f16::from_f32(x32).to_f64(),
+        "F32" => x32 as f64,
+        _ => x,
+    }
+}
+
+/// Every (`dtype`, `out_dtype`) pair mergekit accepts, without and with `--quantize fp8`:
+/// whatever `plan` accepts, `merge` merges (never a panic), and what `plan` refuses,
+/// `merge` refuses the same way (exit 2). `out_dtype` is mergekit's cast at save: each
+/// output tensor is the working dtype's result rounded once to the output dtype, and
+/// config.json records it.
+#[test]
+fn every_working_and_output_dtype_pair_merges_as_mergekit_casts() {
+    const NAMES: [(&str, &str); 4] = [
+        ("bfloat16", "BF16"),
+        ("float16", "F16"),
+        ("float32", "F32"),
+        ("float64", "F64"),
+    ];
+    let d = tmp();
+    let sets = [
+        ("basic_bf16/config.yml", fixtures(), None),
+        (
+            "all_fp8.yml",
+            root().join("tests/fixtures/fp8"),
+            Some("--quantize=fp8"),
+        ),
+    ];
+    for (set, (config, cwd, quantize)) in sets.into_iter().enumerate() {
+        let base_cfg = std::fs::read_to_string(cwd.join(config)).unwrap();
+        let base_cfg: String = base_cfg
+            .lines()
+            .filter(|l| !l.starts_with("dtype:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        for flags in [None, quantize]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            for (work, _) in NAMES {
+                // The working dtype's own result: the reference every output dtype casts.
+                let merge = |out_dtype: &str, tag: &str| {
+                    let cfg = d.path().join(format!("{tag}.yml"));
+                    let mut yaml = format!("{base_cfg}dtype: {work}\n");
+                    if !out_dtype.is_empty() {
+                        yaml.push_str(&format!("out_dtype: {out_dtype}\n"));
+                    }
+                    std::fs::write(&cfg, yaml).unwrap();
+                    let out = d.path().join(tag);
+                    let mut args = vec!["merge", cfg.to_str().unwrap(), out.to_str().unwrap()];
+                    args.push("-q");
+                    args.extend(flags);
+                    let mut plan_args = vec!["plan", cfg.to_str().unwrap()];
+                    plan_args.extend(flags);
+                    let planned = run_in(&cwd, &plan_args, &[]);
+                    let merged = run_in(&cwd, &args, &[]);
+                    let what = format!("dtype {work}, out_dtype {out_dtype:?}, {flags:?}");
+                    assert_eq!(
+                        planned.status.code(),
+                        merged.status.code(),
+                        "{what}: plan and merge disagree:\n{}\n{}",
+                        text(&planned),
+                        text(&merged)
+                    );
+                    match merged.status.code() {
+                        Some(0) => Some(out),
+                        Some(2) => None,
+                        _ => panic!("{what}: merge failed:\n{}", text(&merged)),
+                    }
+                };
+                let tag = format!("{set}-{}-{work}", flags.is_some());
+                let Some(reference) = merge("", &tag) else {
+                    // FP8 output takes 16- and 32-bit values only; plan said so too.
+                    assert!(flags.is_some() && work == "float64", "{work} refused");
+                    continue;
+                };
+                let want = read_checkpoint(&reference);
+                for (out_name, out_st) in NAMES {
+                    let tag = format!("{tag}-{out_name}");
+                    let Some(out) = merge(out_name, &tag) else {
+                        assert!(flags.is_some() && out_name == "float64", "{tag} refused");
+                        continue;
+                    };
+                    let got = read_checkpoint(&out);
+                    assert_eq!(
+                        got.keys().collect::<Vec<_>>(),
+                        want.keys().collect::<Vec<_>>()
+                    );
+                    for (name, (dt, shape, bytes)) in &got {
+                        let (wdt, wshape, wbytes) = &want[name];
+                        assert_eq!(shape, wshape, "{tag} {name}");
+                        if wdt != NAMES.iter().find(|n| n.0 == work).unwrap().1
+                            || dt == "F8_E4M3"
+                            || name.ends_with("_scale_inv")
+                        {
+                            // Copied (non-float) or requantized tensors: not a cast.
+                            continue;
+                        }
+                        assert_eq!(dt, out_st, "{tag} {name}");
+                        let w: Vec<f64> = values(wdt, wbytes)
+                            .iter()
+                            .map(|&x| cast(x, out_st))
+                            .collect();
+                        let g = values(dt, bytes);
+                        assert!(
+                            w.iter()
+                                .zip(&g)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()
+                                    || (a.is_nan() && b.is_nan())),
+                            "{tag} {name}: not the cast of the {work} result"
+                        );
+                    }
+                    let config: serde_json::Value =
+                        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap())
+                            .unwrap();
+                    assert_eq!(config["dtype"], out_name, "{tag}");
+                }
+            }
+        }
+    }
+}
