@@ -90,7 +90,10 @@ pub fn parse_index(json: &[u8]) -> Result<BTreeMap<String, String>, String> {
     Ok(map)
 }
 
-/// The base model's `config.json` with the output dtype recorded.
+/// The base model's `config.json` with the output dtype recorded as mergekit 0.1.5 records
+/// it: `dtype` is the config's `out_dtype`, else its `dtype`, else whatever the base said.
+/// transformers 5 (which mergekit saves the config with) reads a `torch_dtype` key as
+/// `dtype` and writes only `dtype`, so that is the one key written.
 /// The error names no file: the caller knows which one it read.
 pub fn config_json(base: &[u8], dtype: Option<&str>, fp8: bool) -> Result<Vec<u8>, String> {
     let mut v: Value =
@@ -104,17 +107,10 @@ pub fn config_json(base: &[u8], dtype: Option<&str>, fp8: bool) -> Result<Vec<u8
     if !fp8 {
         obj.remove("quantization_config");
     }
-    if let Some(d) = dtype {
-        let mut set = false;
-        for key in ["torch_dtype", "dtype"] {
-            if obj.contains_key(key) {
-                obj.insert(key.into(), Value::String(d.into()));
-                set = true;
-            }
-        }
-        if !set {
-            obj.insert("torch_dtype".into(), Value::String(d.into()));
-        }
+    let legacy = obj.remove("torch_dtype");
+    let kept = obj.remove("dtype").or(legacy);
+    if let Some(d) = dtype.map(|d| Value::String(d.into())).or(kept) {
+        obj.insert("dtype".into(), d);
     }
     let mut out = serde_json::to_vec_pretty(&v).expect("json");
     out.push(b'\n');
@@ -179,20 +175,29 @@ mod tests {
     }
 
     #[test]
-    fn config_json_records_dtype() {
-        let out = config_json(
-            br#"{"a":1,"torch_dtype":"float32"}"#,
-            Some("bfloat16"),
-            false,
-        )
-        .unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["torch_dtype"], "bfloat16");
-        assert_eq!(v["a"], 1);
-        let out = config_json(br#"{"dtype":"float32"}"#, Some("float16"), false).unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
+    fn config_json_records_dtype_as_transformers_5_writes_it() {
+        let parse = |raw: &[u8], d: Option<&str>| -> Value {
+            serde_json::from_slice(&config_json(raw, d, false).unwrap()).unwrap()
+        };
+        // A legacy `torch_dtype` key becomes `dtype`, set or kept.
+        let v = parse(br#"{"a":1,"torch_dtype":"float32"}"#, Some("bfloat16"));
+        assert_eq!(
+            (v["dtype"].as_str(), v["a"].as_u64()),
+            (Some("bfloat16"), Some(1))
+        );
+        assert!(v.get("torch_dtype").is_none(), "{v}");
+        let v = parse(br#"{"torch_dtype":"float64"}"#, None);
+        assert_eq!(v["dtype"], "float64");
+        assert!(v.get("torch_dtype").is_none(), "{v}");
+        let v = parse(br#"{"dtype":"float32"}"#, Some("float16"));
         assert_eq!(v["dtype"], "float16");
-        assert!(v.get("torch_dtype").is_none());
+        // Neither key in the base: `dtype` when the config sets one, else none.
+        assert_eq!(parse(br#"{"a":1}"#, Some("float64"))["dtype"], "float64");
+        let v = parse(br#"{"a":1}"#, None);
+        assert!(
+            v.get("dtype").is_none() && v.get("torch_dtype").is_none(),
+            "{v}"
+        );
         assert!(config_json(b"[", None, false)
             .unwrap_err()
             .starts_with("config.json is not valid JSON"));

@@ -38,7 +38,7 @@ impl Job {
         refuse_duplicates(&config, &locations)?;
         let models = try_join_all(config.all_models().map(|m| open_model(stores, &m.0))).await?;
         let plan = plan(&config, &models, opts)?;
-        let config_json = output_config_json(&models[0].location, &plan).await?;
+        let config_json = output_config_json(&models[0].location, &config, &plan).await?;
         Ok(Job {
             config,
             models,
@@ -183,7 +183,11 @@ fn refuse_duplicates(config: &MergeConfig, locations: &[Location]) -> Result<(),
 }
 
 /// Read and check the base's config.json now (a merge must not fail on it hours later).
-async fn output_config_json(base: &Location, plan: &MergePlan) -> Result<Option<Bytes>> {
+async fn output_config_json(
+    base: &Location,
+    config: &MergeConfig,
+    plan: &MergePlan,
+) -> Result<Option<Bytes>> {
     let store = base.store.as_ref();
     let url = base.child_display("config.json");
     let path = base.child("config.json");
@@ -191,7 +195,9 @@ async fn output_config_json(base: &Location, plan: &MergePlan) -> Result<Option<
         return Ok(None);
     }
     let raw = read_small(store, &path, &url).await?;
-    let out = checkpoint::config_json(&raw, plan.out_dtype.map(|d| d.name()), plan.writes_fp8())
+    // mergekit records the configured dtype only (`out_dtype`, else `dtype`).
+    let dtype = config.out_dtype.or(config.dtype).map(|d| d.name());
+    let out = checkpoint::config_json(&raw, dtype, plan.writes_fp8())
         .map_err(|message| SourceError::Invalid { file: url, message })?;
     Ok(Some(Bytes::from(out)))
 }
