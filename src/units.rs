@@ -73,6 +73,19 @@ pub fn fmt_bytes(n: u64) -> String {
     }
 }
 
+/// Rate (bytes per second) and seconds left of a transfer `done` of `total` bytes after
+/// `secs` seconds; the time left is unknown (None) until some bytes are done.
+pub fn rate_and_eta(done: u64, total: u64, secs: f64) -> (f64, Option<f64>) {
+    let rate = done as f64 / secs.max(1e-9);
+    let eta = (rate > 0.0).then(|| total.saturating_sub(done) as f64 / rate);
+    (rate, eta)
+}
+
+/// Seconds left as `N s`, or `unknown` before anything is done.
+pub fn fmt_eta(eta: Option<f64>) -> String {
+    eta.map_or_else(|| "unknown".to_string(), |s| format!("{s:.0} s"))
+}
+
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (proleptic Gregorian calendar).
 pub fn fmt_unix_time(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
@@ -131,5 +144,13 @@ mod tests {
         assert_eq!(fmt_unix_time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(fmt_unix_time(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(fmt_unix_time(1_795_999_999), "2026-11-30 00:53:19 UTC");
+    }
+
+    #[test]
+    fn eta_is_unknown_before_the_first_byte() {
+        assert_eq!(rate_and_eta(0, 100, 5.0), (0.0, None));
+        assert_eq!(fmt_eta(rate_and_eta(0, 100, 0.0).1), "unknown");
+        assert_eq!(rate_and_eta(50, 100, 5.0), (10.0, Some(5.0)));
+        assert_eq!(fmt_eta(Some(5.0)), "5 s");
     }
 }
