@@ -250,6 +250,9 @@ fn parse_threads(s: &str) -> Result<usize, String> {
 pub struct PlanArgs {
     /// The mergekit YAML config.
     pub config: PathBuf,
+    /// The output a merge would write (optional): checked as `merge` checks it, and how
+    /// many incomplete uploads of earlier merges a merge there would abort.
+    pub out: Option<String>,
     #[command(flatten)]
     pub shard: ShardArgs,
     /// Print the plan as JSON.

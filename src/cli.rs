@@ -10,7 +10,7 @@ use mergefleet::embedded::{merge, MergeOptions};
 use mergefleet::job::Job;
 use mergefleet::memory::{default_memory_limit, peak_rss, task_budget};
 use mergefleet::store::Stores;
-use mergefleet::units::fmt_bytes;
+use mergefleet::units::{self, fmt_bytes};
 
 fn read_config(path: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(path).map_err(|source| {
@@ -58,8 +58,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(a) => {
             let yaml = read_config(&a.config)?;
             let opts = a.shard.options();
-            let job = Job::load(&yaml, &Stores::new(), opts).await?;
-            print_plan(&job, a.json);
+            let stores = Stores::new();
+            let job = Job::load(&yaml, &stores, opts).await?;
+            let output = match &a.out {
+                Some(out) => Some(plan_output(&job, &stores, out).await?),
+                None => None,
+            };
+            print_plan(&job, output.as_ref(), a.json);
             Ok(())
         }
     }
@@ -93,7 +98,14 @@ async fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
         s.bytes_read as f64 / s.seconds / 1e9,
         peak_rss().map(fmt_bytes).unwrap_or_else(|| "unknown".into())
     );
+    print_aborted(s.uploads_aborted, &s.output);
     Ok(())
+}
+
+fn print_aborted(n: usize, output: &str) {
+    if n > 0 {
+        println!("aborted {n} incomplete upload(s) an earlier merge left under {output}");
+    }
 }
 
 async fn run_coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
@@ -136,6 +148,7 @@ async fn run_coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         s.seconds,
         s.commit_seconds
     );
+    print_aborted(s.uploads_aborted, &s.output);
     Ok(())
 }
 
@@ -168,7 +181,33 @@ async fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_plan(job: &Job, as_json: bool) {
+/// What `plan` finds at the output a merge would write.
+struct PlanOutput {
+    location: String,
+    /// Incomplete uploads earlier merges recorded there (a merge aborts them).
+    uploads: usize,
+}
+
+/// Check `out` as `merge` does before it takes it (not inside an input, bucket and
+/// credentials usable), and count the uploads a merge there would abort. Changes nothing.
+async fn plan_output(job: &Job, stores: &Stores, out: &str) -> anyhow::Result<PlanOutput> {
+    let location = stores.resolve(out).map_err(mergefleet::Error::from)?;
+    job.check_output(&location)
+        .map_err(mergefleet::Error::from)?;
+    mergefleet::sink::Sink::check(&location, true)
+        .await
+        .map_err(mergefleet::Error::from)?;
+    let uploads = mergefleet::sink::uploads::recorded(&location)
+        .await
+        .map_err(mergefleet::Error::from)?
+        .len();
+    Ok(PlanOutput {
+        location: location.display,
+        uploads,
+    })
+}
+
+fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
     let p = &job.plan;
     let largest = p.largest_tensor();
     let need = largest
@@ -216,6 +255,7 @@ fn print_plan(job: &Job, as_json: bool) {
             "largest_tensor": largest.map(|t| json!({"name": t.name, "shape": t.shape, "one_pass_memory": one_pass})),
             "min_memory": need,
             "fp8_inputs_dequantized": p.fp8_inputs(),
+            "output": output.map(|o| json!({"location": o.location, "incomplete_uploads_to_abort": o.uploads})),
             "warnings": p.warnings,
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -270,6 +310,12 @@ fn print_plan(job: &Job, as_json: bool) {
             fmt_bytes(need)
         );
     }
+    if let Some(o) = output {
+        println!(
+            "output:         {} ({} incomplete upload(s) of earlier merges recorded there; a merge aborts them, a resumed coordinator keeps its own)",
+            o.location, o.uploads
+        );
+    }
     for w in &p.warnings {
         println!("warning: {w}");
     }
@@ -283,12 +329,7 @@ fn cli_threads(n: Option<usize>) -> usize {
 }
 
 fn print_status(s: &mergefleet::wire::StatusReport, as_json: bool) {
-    let rate = s.bytes_done as f64 / s.elapsed_s.max(1e-9);
-    let eta = if rate > 0.0 {
-        (s.bytes_total.saturating_sub(s.bytes_done)) as f64 / rate
-    } else {
-        f64::NAN
-    };
+    let (rate, eta) = units::rate_and_eta(s.bytes_done, s.bytes_total, s.elapsed_s);
     if as_json {
         let workers: Vec<_> = s
             .workers
@@ -311,11 +352,11 @@ fn print_status(s: &mergefleet::wire::StatusReport, as_json: bool) {
         s.tasks_done, s.tasks_running, s.tasks_pending, s.tasks_total
     );
     println!(
-        "bytes:   {} of {} ({}/s, ETA {:.0} s, {:.0} s elapsed)",
+        "bytes:   {} of {} ({}/s, ETA {}, {:.0} s elapsed)",
         fmt_bytes(s.bytes_done),
         fmt_bytes(s.bytes_total),
         fmt_bytes(rate as u64),
-        eta,
+        units::fmt_eta(eta),
         s.elapsed_s
     );
     println!("workers: {}", s.workers.len());

@@ -10,7 +10,7 @@ use crate::job::Job;
 use crate::memory;
 use crate::plan::PlanOptions;
 use crate::shutdown::shutdown_signal;
-use crate::sink::lock::{Holder, OutputLock};
+use crate::sink::lock::{Holder, OutputLock, RELEASE_WAIT_FAILED};
 use crate::sink::Sink;
 use crate::store::Stores;
 
@@ -38,6 +38,8 @@ pub struct Summary {
     pub bytes_written: u64,
     pub seconds: f64,
     pub warnings: Vec<String>,
+    /// Incomplete uploads of earlier merges aborted when this one took the output.
+    pub uploads_aborted: usize,
 }
 
 /// Merge `config_yaml` into `out` (a local directory or an object-store URL).
@@ -73,7 +75,7 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
     Sink::check(&location, opts.overwrite).await?;
     // Every check is done: take the output, then touch it.
     let lock = OutputLock::acquire(&location, &Holder::this_process("merge", None)).await?;
-    let sink = match Sink::open(location, opts.overwrite).await {
+    let sink = match Sink::open(location, opts.overwrite, &Default::default()).await {
         Ok(s) => s,
         Err(e) => {
             lock.release().await;
@@ -103,13 +105,15 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
     let result = tokio::select! {
         r = work => r,
         _ = shutdown_signal() => Err(Error::Interrupted),
-        _ = lock.lost() => Err(Error::OutputLost(sink.display())),
+        loss = lock.lost() => Err(loss.into_error(&sink.display())),
     };
     drop(reporter);
     if result.is_err() {
         sink.abort().await;
+        lock.release_within(RELEASE_WAIT_FAILED).await;
+    } else {
+        lock.release().await;
     }
-    lock.release().await;
     let warnings = result?;
     Ok(Summary {
         output: sink.display(),
@@ -119,5 +123,6 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
         bytes_written: job.plan.bytes_written(),
         seconds: started.elapsed().as_secs_f64(),
         warnings,
+        uploads_aborted: sink.uploads_aborted(),
     })
 }

@@ -65,6 +65,12 @@ pub enum Error {
     /// Another process took the output over (it judged this one's lock stale).
     #[error("lost ownership of the output {0} to another process; stopped without committing")]
     OutputLost(String),
+    /// A store stopped answering for the whole retry budget (the message names it): the
+    /// merge fails at once, since another attempt would wait as long again.
+    #[error(
+        "{0}; the merge failed (set MERGEFLEET_RETRY_TIMEOUT_SECS to ride out longer outages)"
+    )]
+    StoreGone(String),
     /// Cluster mode: the job failed (a task ran out of attempts, or the coordinator said so).
     #[error("the cluster merge failed: {0}")]
     Cluster(String),
@@ -111,6 +117,7 @@ impl Error {
             Error::Sink(e) => e.is_invalid_input(),
             Error::Interrupted
             | Error::OutputLost(_)
+            | Error::StoreGone(_)
             | Error::Internal(_)
             | Error::Panicked { .. }
             | Error::Cluster(_)
@@ -143,17 +150,22 @@ impl Error {
 
     /// Whether another attempt of the same task may succeed. A bad config or plan, a
     /// malformed task or a memory limit too small for a tensor fail the same way every time;
-    /// storage hiccups, a lost lease or a stopped worker need not.
+    /// a lost lease or a stopped worker need not. A store error is final too: the store
+    /// client retries every request for the whole retry budget before it says so, so the
+    /// store did not answer for that long, and another attempt would wait as long again
+    /// (a dead store must end a cluster merge within the budget, not a multiple of it).
     pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            Error::Config(_)
-                | Error::Plan(_)
-                | Error::Usage(_)
-                | Error::Wire(_)
-                | Error::Cluster(_)
-                | Error::JobFailed(_)
-        )
+        !(self.is_store()
+            || matches!(
+                self,
+                Error::Config(_)
+                    | Error::Plan(_)
+                    | Error::Usage(_)
+                    | Error::Wire(_)
+                    | Error::Cluster(_)
+                    | Error::JobFailed(_)
+                    | Error::StoreGone(_)
+            ))
     }
 
     /// Whether a task attempt that ended with this error counts toward `--max-attempts`. A
@@ -232,9 +244,20 @@ mod tests {
                 true,
             ),
             // Reading headers: the user's input (credentials, bucket); moving weights: not.
-            (store(generic(), true), 2, true, true),
-            (store(generic(), false), 1, true, true),
-            (store(not_found(), false), 2, true, true),
+            // Store errors come after the whole retry budget: not retried again.
+            (store(generic(), true), 2, false, true),
+            (store(generic(), false), 1, false, true),
+            (store(not_found(), false), 2, false, true),
+            (
+                Error::Sink(SinkError::Store {
+                    url: "s3://b/out/model.safetensors".into(),
+                    source: generic(),
+                }),
+                1,
+                false,
+                true,
+            ),
+            (Error::StoreGone("s3://b/out".into()), 1, false, true),
             (
                 Error::ReadFile {
                     path: "cert.pem".into(),

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::MergeConfig;
 use crate::plan::MergePlan;
 use crate::sink::cluster::{ClusterOutput, Prepared, Target};
+use crate::sink::uploads::Uploads;
 use crate::sink::SinkError;
 use crate::store::{head_size, read_small, Location};
 
@@ -123,13 +124,14 @@ impl Journal {
         &mut self,
         output: &ClusterOutput,
         plan: &MergePlan,
+        record: Option<&Uploads>,
     ) -> Result<(), SinkError> {
         for f in &plan.files {
             if self.completed_files.contains(&f.name) {
                 continue;
             }
             let upload = self.uploads.get(&f.name).map(String::as_str);
-            match output.prepare(&f.name, f.size, upload).await? {
+            match output.prepare(&f.name, f.size, upload, record).await? {
                 Prepared::Kept => {}
                 Prepared::Created => {
                     for t in f.tasks.clone() {

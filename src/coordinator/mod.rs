@@ -23,7 +23,8 @@ use crate::metrics::CoordinatorMetrics;
 use crate::plan::{MergePlan, PlanOptions};
 use crate::shutdown::shutdown_signal;
 use crate::sink::cluster::ClusterOutput;
-use crate::sink::lock::{Holder, OutputLock};
+use crate::sink::lock::{Holder, OutputLock, RELEASE_WAIT, RELEASE_WAIT_FAILED};
+use crate::sink::uploads::Uploads;
 use crate::sink::{Sink, ABORT_DEADLINE};
 use crate::store::{Location, Stores};
 use crate::units::fmt_bytes;
@@ -60,6 +61,8 @@ pub struct Shared {
     pub changed: Notify,
     pub plan: Arc<MergePlan>,
     pub output: ClusterOutput,
+    /// The record of the output's multipart uploads (object stores).
+    pub uploads: Option<Arc<Uploads>>,
     pub journal: Mutex<Journal>,
     pub started: Instant,
     pub output_display: String,
@@ -80,6 +83,8 @@ pub struct ClusterSummary {
     /// Time from the last task's report to the committed index.
     pub commit_seconds: f64,
     pub warnings: Vec<String>,
+    /// Incomplete uploads of earlier merges aborted when this one took the output.
+    pub uploads_aborted: usize,
     /// The output already held this merge's committed checkpoint (a coordinator restarted
     /// after its commit): nothing was written.
     pub already_committed: bool,
@@ -139,8 +144,10 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
     let lock = OutputLock::acquire(&location, &holder).await?;
     let prepared = prepare(&job, &location, &output, &opts).await;
     let already_committed = matches!(prepared, Ok(Start::Committed));
+    let mut uploads_aborted = 0;
     let served = match prepared {
         Ok(Start::Merge(journal, sink, warnings)) => {
+            uploads_aborted = sink.uploads_aborted();
             serve(
                 &job, journal, warnings, output, &location, &sink, listener, tls, &lock, &opts,
             )
@@ -151,7 +158,14 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
         }
         Err(e) => Err(e),
     };
-    lock.release().await;
+    // A failed merge does not wait long on a store that may be gone: a lock left behind
+    // goes stale, and the next coordinator of the same Job takes it over at once.
+    lock.release_within(if served.is_ok() {
+        RELEASE_WAIT
+    } else {
+        RELEASE_WAIT_FAILED
+    })
+    .await;
     let (shared, resumed, commit_seconds) = served?;
     Ok(ClusterSummary {
         already_committed,
@@ -163,6 +177,7 @@ pub async fn run(config_yaml: &str, out: &str, opts: CoordinatorOptions) -> Resu
         seconds: started.elapsed().as_secs_f64(),
         commit_seconds,
         warnings: shared.warnings.clone(),
+        uploads_aborted,
     })
 }
 
@@ -236,14 +251,18 @@ async fn prepare(
         }
         None => Journal::new(fp),
     };
-    let sink = Sink::open(location.clone(), opts.overwrite).await?;
+    // Uploads earlier merges left under the output are aborted, but this journal's.
+    let resume = journal.uploads.values().cloned().collect();
+    let sink = Sink::open(location.clone(), opts.overwrite, &resume).await?;
     let warnings = job
         .write_side_files(&sink, opts.copy_tokenizer, opts.model_card)
         .await?;
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    journal.prepare_files(output, &job.plan).await?;
+    journal
+        .prepare_files(output, &job.plan, sink.uploads().as_deref())
+        .await?;
     journal.save(location).await?;
     Ok(Start::Merge(journal, sink, warnings))
 }
@@ -263,7 +282,14 @@ async fn serve(
     opts: &CoordinatorOptions,
 ) -> Result<(Arc<Shared>, usize, f64)> {
     let resumed = journal.done.len();
-    let shared = shared_state(job, journal, warnings, output, location, opts);
+    let shared = shared_state(
+        job,
+        journal,
+        warnings,
+        (output, sink.uploads()),
+        location,
+        opts,
+    );
     let (server, events) = start_server(&shared, listener, tls, opts).await?;
     tracing::info!(
         "coordinator listening on {}: {} tasks ({} already done), {} files, {} to write",
@@ -275,7 +301,10 @@ async fn serve(
     );
     let outcome = tokio::select! {
         r = main_loop(&shared, job, sink, location, events) => r,
-        _ = lock.lost() => Err(Error::OutputLost(location.display.clone())),
+        // A failure reported while the loop waits on the store (completing a file, saving
+        // the journal) ends the merge now, not after that call's retry budget.
+        m = failure(&shared) => Err(Error::Cluster(m)),
+        loss = lock.lost() => Err(loss.into_error(&location.display)),
     };
     let commit_seconds = match &outcome {
         Ok(s) => *s,
@@ -285,8 +314,14 @@ async fn serve(
         }
         Err(Error::OutputLost(_)) => 0.0,
         Err(e) => {
+            // Workers hear it at once (heartbeats are refused, leases answer the failure)
+            // while the uploads are aborted: telling them and giving up share one deadline,
+            // so a merge whose store died exits within the retry budget plus that deadline.
             shared.state.lock().expect("state").fail(e.to_string());
-            give_up(&shared, location).await;
+            shared.changed.notify_waiters();
+            let ending =
+                async { tokio::join!(give_up(&shared, location), linger(&shared, opts.linger)) };
+            let _ = tokio::time::timeout(ABORT_DEADLINE, ending).await;
             0.0
         }
     };
@@ -299,7 +334,7 @@ async fn serve(
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    if !matches!(outcome, Err(Error::Interrupted | Error::OutputLost(_))) {
+    if outcome.is_ok() {
         linger(&shared, opts.linger).await;
     }
     server.stop(Duration::from_secs(5)).await;
@@ -307,12 +342,25 @@ async fn serve(
     Ok((shared, resumed, commit_seconds))
 }
 
+/// Resolves with the failure's message once the merge has failed.
+async fn failure(shared: &Shared) -> String {
+    loop {
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if let Phase::Failed(m) = shared.state.lock().expect("state").phase() {
+            return m.clone();
+        }
+        changed.await;
+    }
+}
+
 /// The state of one coordinator run: every task, those in `journal` already done.
 fn shared_state(
     job: &Job,
     journal: Journal,
     warnings: Vec<String>,
-    output: ClusterOutput,
+    (output, uploads): (ClusterOutput, Option<Arc<Uploads>>),
     location: &Location,
     opts: &CoordinatorOptions,
 ) -> Arc<Shared> {
@@ -339,6 +387,7 @@ fn shared_state(
         changed: Notify::new(),
         plan,
         output,
+        uploads,
         warnings,
         journal: Mutex::new(journal),
         started: Instant::now(),
@@ -390,7 +439,7 @@ async fn serve_committed(
 ) -> Result<(Arc<Shared>, usize, f64)> {
     let mut journal = Journal::new(fingerprint(&job.config, &job.plan));
     journal.done = (0..job.plan.tasks.len()).map(|t| (t, Vec::new())).collect();
-    let shared = shared_state(job, journal, Vec::new(), output, location, opts);
+    let shared = shared_state(job, journal, Vec::new(), (output, None), location, opts);
     shared.state.lock().expect("state").mark_committed();
     let (server, _events) = start_server(&shared, listener, tls, opts).await?;
     tracing::info!(
@@ -411,6 +460,18 @@ async fn serve_committed(
 async fn give_up(shared: &Shared, location: &Location) {
     let journal = shared.journal.lock().expect("journal").clone();
     let left = journal.abort_open(&shared.output, &shared.plan).await;
+    if let Some(uploads) = &shared.uploads {
+        // What could not be aborted stays recorded: the next merge on this output aborts it.
+        let gone: Vec<&str> = journal
+            .uploads
+            .values()
+            .filter(|id| !left.iter().any(|(_, l)| l == *id))
+            .map(String::as_str)
+            .collect();
+        if let Err(e) = uploads.closed(&gone).await {
+            tracing::warn!("could not update the upload record: {e}");
+        }
+    }
     if left.is_empty() {
         if tokio::time::timeout(ABORT_DEADLINE, Journal::remove(location))
             .await
@@ -559,6 +620,12 @@ async fn commit(
         return Ok(None);
     }
     job.commit(sink).await?;
+    if let Some(uploads) = &shared.uploads {
+        // Every upload is complete: nothing is left for a later merge to abort.
+        if let Err(e) = uploads.all_closed().await {
+            tracing::warn!("could not remove the upload record: {e}");
+        }
+    }
     Journal::remove(location_journal).await;
     shared.state.lock().expect("state").mark_committed();
     shared.changed.notify_waiters();
@@ -611,19 +678,14 @@ fn log_progress(shared: &Shared) {
     let bytes = st.bytes_done();
     let total = shared.plan.bytes_written();
     let secs = shared.started.elapsed().as_secs_f64();
-    let rate = bytes as f64 / secs;
-    let eta = if rate > 0.0 {
-        (total - bytes) as f64 / rate
-    } else {
-        f64::NAN
-    };
+    let (rate, eta) = crate::units::rate_and_eta(bytes, total, secs);
     tracing::info!(
-        "progress: {done}/{} tasks done, {running} running, {pending} pending; {} of {} written ({}/s, ETA {:.0} s); {} worker(s)",
+        "progress: {done}/{} tasks done, {running} running, {pending} pending; {} of {} written ({}/s, ETA {}); {} worker(s)",
         st.task_count(),
         fmt_bytes(bytes),
         fmt_bytes(total),
         fmt_bytes(rate as u64),
-        eta,
+        crate::units::fmt_eta(eta),
         st.workers().count()
     );
 }
@@ -658,7 +720,10 @@ async fn complete_file_if_done(shared: &Shared, f: usize) -> Result<()> {
         .await?
     {
         // The upload is gone: start it again and redo the file's tasks.
-        let id = shared.output.new_upload(&file.name).await?;
+        let id = shared
+            .output
+            .new_upload(&file.name, shared.uploads.as_deref())
+            .await?;
         {
             let mut j = shared.journal.lock().expect("journal");
             j.uploads.insert(file.name.clone(), id);

@@ -347,7 +347,8 @@ impl ClusterState {
         self.workers.values().map(|w| w.memory).max().unwrap_or(0)
     }
 
-    /// Renew a lease. False when the lease is no longer this worker's (stop the task).
+    /// Renew a lease. False when the lease is no longer this worker's, or the merge has
+    /// failed (stop the task; the next lease says why).
     pub fn heartbeat(
         &mut self,
         worker: WorkerId,
@@ -359,6 +360,9 @@ impl ClusterState {
             return false;
         };
         w.last_seen = now;
+        if matches!(self.phase, Phase::Failed(_)) {
+            return false;
+        }
         let timeout = self.lease_timeout;
         match self.tasks.get_mut(task.0).map(|t| &mut t.status) {
             Some(TaskStatus::Leased {
@@ -945,6 +949,32 @@ mod tests {
             now,
         );
         assert!(matches!(r, Reported::JobFailed(m) if m.contains("cannot succeed")));
+    }
+
+    /// A worker still running a task when the merge fails (its store died under it) hears
+    /// so at its next heartbeat, instead of running on until its own store calls give up.
+    #[test]
+    fn heartbeats_stop_running_tasks_once_the_merge_failed() {
+        let now = Instant::now();
+        let mut s = state(2);
+        let (a, b) = (s.register("a", 1000, 1, now), s.register("b", 1000, 1, now));
+        assert!(matches!(s.lease(a, now), Lease::Task { .. }));
+        let Lease::Task { task, attempt } = s.lease(b, now) else {
+            panic!("b gets the second task")
+        };
+        assert!(s.heartbeat(b, task, attempt, now));
+        s.report(
+            a,
+            t(0),
+            at(1),
+            Outcome::Failure {
+                message: "s3://b/m/model.safetensors: connection refused".into(),
+                retryable: false,
+            },
+            now,
+        );
+        assert!(!s.heartbeat(b, task, attempt, now));
+        assert!(matches!(s.lease(b, now), Lease::Failed(m) if m.contains("s3://b/m")));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 
 use tokio::task::JoinSet;
 
+use super::uploads::Uploads;
 use super::{tmp_name, SinkError, ABORT_DEADLINE, PARTS_IN_FLIGHT};
 use crate::store::{Location, Stores};
 
@@ -69,11 +70,13 @@ impl ClusterOutput {
 
     /// Create (or, resuming, reuse) the output file `name` of `size` bytes; `upload` is
     /// the multipart upload a journal already holds for it.
+    /// New uploads go into `record` (see [`super::uploads`]).
     pub async fn prepare(
         &self,
         name: &str,
         size: u64,
         upload: Option<&str>,
+        record: Option<&Uploads>,
     ) -> Result<Prepared, SinkError> {
         match self {
             ClusterOutput::Local { dir } => {
@@ -97,7 +100,9 @@ impl ClusterOutput {
                 Ok(Prepared::Created)
             }
             ClusterOutput::Multipart { .. } if upload.is_some() => Ok(Prepared::Kept),
-            ClusterOutput::Multipart { .. } => Ok(Prepared::Upload(self.new_upload(name).await?)),
+            ClusterOutput::Multipart { .. } => {
+                Ok(Prepared::Upload(self.new_upload(name, record).await?))
+            }
         }
     }
 
@@ -162,6 +167,13 @@ impl ClusterOutput {
                     .await
                 {
                     Ok(_) => Ok(true),
+                    // An error that does not say the upload is gone came after the whole
+                    // retry budget: the store is not answering, and a look at the object
+                    // would wait as long again.
+                    Err(source) if !super::upload_may_be_gone(&source) => Err(SinkError::Store {
+                        url: location.child_display(name),
+                        source,
+                    }),
                     // Completing is not idempotent everywhere: when an earlier try went
                     // through but its answer was lost, the upload id is gone and the object
                     // is there, whole.
@@ -173,14 +185,7 @@ impl ClusterOutput {
                             );
                             Ok(true)
                         }
-                        Err(object_store::Error::NotFound { .. }) | Ok(_)
-                            if matches!(
-                                source,
-                                object_store::Error::NotFound { .. }
-                                    | object_store::Error::PermissionDenied { .. }
-                                    | object_store::Error::Precondition { .. }
-                            ) =>
-                        {
+                        Err(object_store::Error::NotFound { .. }) | Ok(_) => {
                             tracing::warn!(
                                 "the upload of {} is gone ({source}); its tasks will be redone",
                                 location.child_display(name)
@@ -197,9 +202,17 @@ impl ClusterOutput {
         }
     }
 
-    /// Start a multipart upload of `name` (anew, when its old one is lost); returns its id.
-    pub async fn new_upload(&self, name: &str) -> Result<String, SinkError> {
+    /// Start a multipart upload of `name` (anew, when its old one is lost), recorded in
+    /// `record` before anything is sent to it; returns its id.
+    pub async fn new_upload(
+        &self,
+        name: &str,
+        record: Option<&Uploads>,
+    ) -> Result<String, SinkError> {
         match self {
+            ClusterOutput::Multipart { .. } if record.is_some() => {
+                record.expect("checked").create(name).await
+            }
             ClusterOutput::Multipart { location, store } => store
                 .create_multipart(&location.child(name))
                 .await
@@ -280,6 +293,33 @@ pub struct PartWriter {
     done: Vec<(u32, String)>,
 }
 
+impl PartWriter {
+    /// A writer of the `len` bytes that go to `upload_id` from part `first_part` on, in
+    /// parts of `part_size` (the last may be short).
+    pub fn new(
+        store: Arc<dyn MultipartStore>,
+        path: object_store::path::Path,
+        url: String,
+        upload_id: String,
+        first_part: u32,
+        part_size: u64,
+        len: u64,
+    ) -> Self {
+        PartWriter {
+            store,
+            path,
+            url,
+            upload_id,
+            next_part: first_part,
+            part_size: part_size.max(1),
+            remaining: len,
+            buf: BytesMut::new(),
+            uploading: JoinSet::new(),
+            done: Vec::new(),
+        }
+    }
+}
+
 /// The most a task's multipart writer holds: the part being filled and those uploading.
 /// The coordinator counts it in the task's memory (see [`ClusterOutput::write_buffer`]).
 pub fn upload_buffer(len: u64, part_size: u64) -> u64 {
@@ -320,18 +360,9 @@ impl RangeWriter {
                         url: url.clone(),
                         message: "this store has no multipart uploads".into(),
                     })?;
-                Ok(RangeWriter::Parts(PartWriter {
-                    store,
-                    path: loc.prefix,
-                    url,
-                    upload_id,
-                    next_part: first_part,
-                    part_size: part_size.max(1),
-                    remaining: len,
-                    buf: BytesMut::new(),
-                    uploading: JoinSet::new(),
-                    done: Vec::new(),
-                }))
+                Ok(RangeWriter::Parts(PartWriter::new(
+                    store, loc.prefix, url, upload_id, first_part, part_size, len,
+                )))
             }
         }
     }
@@ -466,6 +497,39 @@ mod tests {
     use object_store::{MultipartId, ObjectStoreExt, PutPayload};
 
     use super::*;
+
+    /// Resuming never truncates a partial file of the planned size (a worker of the
+    /// previous run may still be writing its range, and journaled tasks stand on its
+    /// bytes); a partial file of another size is a new file whose tasks all run again.
+    #[tokio::test]
+    async fn a_resumed_partial_file_of_the_right_size_is_kept_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = ClusterOutput::Local {
+            dir: dir.path().to_path_buf(),
+        };
+        let partial = dir
+            .path()
+            .join(tmp_name("model-00001-of-00002.safetensors"));
+        let written: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&partial, &written).unwrap();
+        let p = out
+            .prepare("model-00001-of-00002.safetensors", 4096, None, None)
+            .await
+            .unwrap();
+        assert!(matches!(p, Prepared::Kept));
+        assert_eq!(std::fs::read(&partial).unwrap(), written);
+
+        let other = dir
+            .path()
+            .join(tmp_name("model-00002-of-00002.safetensors"));
+        std::fs::write(&other, &written[..100]).unwrap();
+        let p = out
+            .prepare("model-00002-of-00002.safetensors", 4096, None, None)
+            .await
+            .unwrap();
+        assert!(matches!(p, Prepared::Created));
+        assert_eq!(std::fs::metadata(&other).unwrap().len(), 4096);
+    }
 
     /// InMemory whose part uploads take 20 ms, counting how many run at once.
     #[derive(Default)]

@@ -35,6 +35,10 @@ pub const LOCK_NAME: &str = ".mergefleet.lock";
 pub const STALE_AFTER: Duration = Duration::from_secs(120);
 /// How often a holder renews its object-store lock.
 pub const RENEW_EVERY: Duration = Duration::from_secs(10);
+/// The longest a finished merge waits on its store to remove its lock.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(10);
+/// The same after a failure, whose store may be the thing that is gone.
+pub const RELEASE_WAIT_FAILED: Duration = Duration::from_secs(3);
 
 /// Who holds an output, as written inside the lock.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,10 +118,30 @@ fn hostname() -> String {
     "unknown-host".into()
 }
 
+/// How a holder lost its output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Loss {
+    /// Another process took the lock over (it judged this holder dead).
+    TakenOver,
+    /// The store did not answer a renewal for so long that another process may now judge
+    /// the lock stale: the store is unreachable (the message says how).
+    Unreachable(String),
+}
+
+impl Loss {
+    /// The error a holder stops with.
+    pub fn into_error(self, location: &str) -> crate::error::Error {
+        match self {
+            Loss::TakenOver => crate::error::Error::OutputLost(location.to_string()),
+            Loss::Unreachable(why) => crate::error::Error::StoreGone(why),
+        }
+    }
+}
+
 /// Exclusive ownership of an output location, until [`OutputLock::release`] (or death).
 pub struct OutputLock {
     kind: Kind,
-    lost: watch::Receiver<bool>,
+    lost: watch::Receiver<Option<Loss>>,
 }
 
 enum Kind {
@@ -151,16 +175,30 @@ impl OutputLock {
         }
     }
 
-    /// Resolves if another process took the output over (it judged this holder dead).
-    pub async fn lost(&self) {
+    /// Resolves if another process took the output over (it judged this holder dead), or
+    /// if its store stopped answering for so long that another may.
+    pub async fn lost(&self) -> Loss {
         let mut rx = self.lost.clone();
-        if rx.wait_for(|lost| *lost).await.is_err() {
-            std::future::pending::<()>().await;
+        let loss = match rx.wait_for(Option::is_some).await {
+            Ok(loss) => loss.clone(),
+            Err(_) => None,
+        };
+        match loss {
+            Some(loss) => loss,
+            // The renewal task ended without a loss (released): never resolves.
+            None => std::future::pending().await,
         }
     }
 
-    /// Give the output up: remove the lock (only if it is still ours).
+    /// Give the output up: remove the lock (only if it is still ours), waiting at most
+    /// [`RELEASE_WAIT`] on its store.
     pub async fn release(self) {
+        self.release_within(RELEASE_WAIT).await
+    }
+
+    /// [`OutputLock::release`], waiting at most `limit` on the store (a lock left behind
+    /// goes stale after [`STALE_AFTER`]).
+    pub async fn release_within(self, limit: Duration) {
         match self.kind {
             Kind::Local { path, _file } => {
                 // Removed while still locked: a process that opened the old file finds,
@@ -189,10 +227,7 @@ impl OutputLock {
                         _ => {}
                     }
                 };
-                if tokio::time::timeout(Duration::from_secs(10), fut)
-                    .await
-                    .is_err()
-                {
+                if tokio::time::timeout(limit, fut).await.is_err() {
                     tracing::warn!(
                         "could not remove the lock {} in time; it goes stale after {} s",
                         location.child_display(LOCK_NAME),
@@ -246,7 +281,7 @@ fn lock_local(
     (&file)
         .write_all(&serde_json::to_vec(holder).expect("holder serializes"))
         .map_err(io)?;
-    let (_, lost) = watch::channel(false);
+    let (_, lost) = watch::channel(None);
     Ok(OutputLock {
         kind: Kind::Local { path, _file: file },
         lost,
@@ -336,7 +371,7 @@ async fn lock_store(location: &Location, holder: &Holder) -> Result<OutputLock, 
         other => return Err(held(&location.display, other.ok(), None)),
     }
     let version = Arc::new(std::sync::Mutex::new(version));
-    let (lost_tx, lost) = watch::channel(false);
+    let (lost_tx, lost) = watch::channel(None);
     let renew = tokio::spawn(renew(
         location.clone(),
         holder.clone(),
@@ -368,17 +403,30 @@ fn conditional_err(location: &Location, source: object_store::Error) -> SinkErro
     }
 }
 
+/// The lock's current version if it still names `holder` (this acquisition's token).
+async fn still_ours(location: &Location, holder: &Holder) -> Option<UpdateVersion> {
+    let got = location.store.get(&location.child(LOCK_NAME)).await.ok()?;
+    let meta = got.meta.clone();
+    let raw = got.bytes().await.ok()?;
+    let h: Holder = serde_json::from_slice(&raw).ok()?;
+    (h.token == holder.token).then_some(UpdateVersion {
+        e_tag: meta.e_tag,
+        version: meta.version,
+    })
+}
+
 /// Renew the lock until aborted; say `lost` if it was taken over, or if it could not be
 /// renewed for so long that another process may have judged it stale.
 async fn renew(
     location: Location,
     holder: Holder,
     version: Arc<std::sync::Mutex<UpdateVersion>>,
-    lost: watch::Sender<bool>,
+    lost: watch::Sender<Option<Loss>>,
 ) {
     let path = location.child(LOCK_NAME);
     let body = Bytes::from(serde_json::to_vec(&holder).expect("json"));
     let mut last_ok = std::time::Instant::now();
+    let mut last_err = String::new();
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
         let current = version.lock().expect("lock version").clone();
@@ -394,25 +442,88 @@ async fn renew(
             }
             Ok(Err(
                 object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. },
-            )) => {
-                tracing::error!(
-                    "another process took over the output {}: stopping",
-                    location.display
-                );
-                let _ = lost.send(true);
-                return;
+            )) => match still_ours(&location, &holder).await {
+                // An earlier try of this renewal went through but its answer was lost (the
+                // store restarted mid-request): the lock is ours, at a version we did not
+                // hear of. Only a lock naming someone else is a takeover.
+                Some(v) => {
+                    *version.lock().expect("lock version") = v;
+                    last_ok = std::time::Instant::now();
+                }
+                None => {
+                    tracing::error!(
+                        "another process took over the output {}: stopping",
+                        location.display
+                    );
+                    let _ = lost.send(Some(Loss::TakenOver));
+                    return;
+                }
+            },
+            Ok(Err(e)) => {
+                tracing::warn!("could not renew the lock on {}: {e}", location.display);
+                last_err = e.to_string();
             }
-            Ok(Err(e)) => tracing::warn!("could not renew the lock on {}: {e}", location.display),
-            Err(_) => tracing::warn!("renewing the lock on {} timed out", location.display),
+            Err(_) => {
+                tracing::warn!("renewing the lock on {} timed out", location.display);
+                last_err = "no answer".into();
+            }
         }
         if last_ok.elapsed() >= STALE_AFTER - RENEW_EVERY {
-            tracing::error!(
-                "the lock on {} was not renewed for {} s; another process may take the output over: stopping",
+            let why = format!(
+                "the store of {} stopped answering: its lock could not be renewed for {} s ({last_err})",
                 location.display,
                 last_ok.elapsed().as_secs()
             );
-            let _ = lost.send(true);
+            tracing::error!("{why}; another process may take the output over: stopping");
+            let _ = lost.send(Some(Loss::Unreachable(why)));
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+
+    fn in_memory() -> (Arc<InMemory>, Location) {
+        let store = Arc::new(InMemory::new());
+        let location = Location {
+            store: store.clone(),
+            multipart: None,
+            prefix: Path::from("out"),
+            display: "memory:///out".into(),
+            local_dir: None,
+            store_id: "memory".into(),
+        };
+        (store, location)
+    }
+
+    async fn overwrite_lock(store: &InMemory, location: &Location, h: &Holder) {
+        let body = PutPayload::from_bytes(Bytes::from(serde_json::to_vec(h).unwrap()));
+        store.put(&location.child(LOCK_NAME), body).await.unwrap();
+    }
+
+    /// A renewal that went through while its answer was lost (the store restarted
+    /// mid-request) leaves the lock at a version the holder never heard of: its next
+    /// renewal is refused, yet the lock is still its own and it goes on. A lock naming
+    /// another holder is a takeover.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_whose_answer_was_lost_is_no_takeover() {
+        let (store, location) = in_memory();
+        let me = Holder::this_process("merge", None);
+        let lock = OutputLock::acquire(&location, &me).await.unwrap();
+        overwrite_lock(&store, &location, &me).await;
+        let waited = tokio::time::timeout(3 * RENEW_EVERY, lock.lost()).await;
+        assert!(waited.is_err(), "lost the lock: {waited:?}");
+        // Renewed since: the lock is ours at its newest version.
+        assert!(still_ours(&location, &me).await.is_some());
+
+        let other = Holder::this_process("merge", None);
+        overwrite_lock(&store, &location, &other).await;
+        assert!(still_ours(&location, &me).await.is_none());
+        let loss = tokio::time::timeout(3 * RENEW_EVERY, lock.lost()).await;
+        assert_eq!(loss, Ok(Loss::TakenOver));
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod cluster;
 pub mod lock;
+pub mod uploads;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,8 +21,11 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use object_store::WriteMultipart;
+use object_store::multipart::PartId;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use cluster::{PartWriter, RangeWriter};
+use uploads::Uploads;
 
 use crate::checkpoint;
 use crate::store::{head_size, read_small, Location, StoreError};
@@ -120,8 +124,12 @@ pub struct LocalSink {
 
 pub struct StoreSink {
     location: Location,
-    /// Open uploads, with the size each file will have.
-    open: tokio::sync::Mutex<HashMap<String, (WriteMultipart, u64)>>,
+    /// The record of this output's uploads (see [`uploads`]).
+    uploads: Arc<Uploads>,
+    /// Uploads an earlier merge left open, aborted when this one took the output.
+    aborted: usize,
+    /// Open uploads: the writer, the size the file will have, the upload id.
+    open: tokio::sync::Mutex<HashMap<String, (RangeWriter, u64, String)>>,
 }
 
 pub fn tmp_name(name: &str) -> String {
@@ -194,24 +202,53 @@ impl Sink {
     }
 
     /// Open an output location the caller owns (see [`lock`]); refuse a complete checkpoint
-    /// unless `overwrite`, which removes it.
-    pub async fn open(location: Location, overwrite: bool) -> Result<Sink, SinkError> {
+    /// unless `overwrite`, which removes it. On object stores, every upload an earlier
+    /// merge recorded there is aborted, but those in `resume` (upload ids a resumed
+    /// coordinator goes on with).
+    pub async fn open(
+        location: Location,
+        overwrite: bool,
+        resume: &std::collections::BTreeSet<String>,
+    ) -> Result<Sink, SinkError> {
         if let Some(marker) = Sink::check(&location, overwrite).await? {
             remove_old_checkpoint(&location, marker).await?;
         }
-        Ok(match &location.local_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-                Sink::Local(LocalSink {
-                    dir: dir.clone(),
-                    open: Mutex::new(HashMap::new()),
-                })
-            }
-            None => Sink::Store(StoreSink {
-                location,
-                open: tokio::sync::Mutex::new(HashMap::new()),
-            }),
-        })
+        if let Some(dir) = &location.local_dir {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            return Ok(Sink::Local(LocalSink {
+                dir: dir.clone(),
+                open: Mutex::new(HashMap::new()),
+            }));
+        }
+        let Some((uploads, aborted)) = Uploads::take_over(&location, resume).await? else {
+            return Err(SinkError::Unsupported {
+                url: location.display.clone(),
+                message: "this store has no multipart uploads; write to a local directory, S3, GCS or Azure".into(),
+            });
+        };
+        Ok(Sink::Store(StoreSink {
+            location,
+            uploads: Arc::new(uploads),
+            aborted,
+            open: tokio::sync::Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// How many incomplete uploads of earlier merges were aborted when this output was
+    /// opened.
+    pub fn uploads_aborted(&self) -> usize {
+        match self {
+            Sink::Local(_) => 0,
+            Sink::Store(s) => s.aborted,
+        }
+    }
+
+    /// The record of this output's multipart uploads (object stores only).
+    pub fn uploads(&self) -> Option<Arc<Uploads>> {
+        match self {
+            Sink::Local(_) => None,
+            Sink::Store(s) => Some(s.uploads.clone()),
+        }
     }
 
     /// Start a data file of `size` bytes (preallocated locally).
@@ -228,17 +265,25 @@ impl Sink {
                 Ok(())
             }
             Sink::Store(s) => {
-                let path = s.location.child(name);
-                let upload = s
+                let id = s.uploads.create(name).await?;
+                let store = s
                     .location
-                    .store
-                    .put_multipart(&path)
-                    .await
-                    .map_err(|e| s.store_err(name, e))?;
-                s.open.lock().await.insert(
-                    name.into(),
-                    (WriteMultipart::new_with_chunk_size(upload, PART_SIZE), size),
+                    .multipart
+                    .clone()
+                    .expect("a store sink has multipart uploads");
+                let writer = PartWriter::new(
+                    store,
+                    s.location.child(name),
+                    s.location.child_display(name),
+                    id.clone(),
+                    0,
+                    PART_SIZE as u64,
+                    size,
                 );
+                s.open
+                    .lock()
+                    .await
+                    .insert(name.into(), (RangeWriter::Parts(writer), size, id));
                 Ok(())
             }
         }
@@ -258,19 +303,11 @@ impl Sink {
                 .map_err(|e| join_err(name, e))?
             }
             Sink::Store(s) => {
+                // The writer uploads each part as soon as it is full, at most
+                // PARTS_IN_FLIGHT at once: it holds at most `write_buffer` bytes.
                 let mut open = s.open.lock().await;
-                let (w, _) = open.get_mut(name).ok_or_else(|| not_open(name))?;
-                // Copied a part at a time, each once fewer than PARTS_IN_FLIGHT are
-                // uploading: the upload holds at most `write_buffer` bytes, and the
-                // caller's buffer is free when this returns (handing over slices of it
-                // would keep it alive until its last part is uploaded).
-                for part in data.chunks(PART_SIZE) {
-                    w.wait_for_capacity(PARTS_IN_FLIGHT - 1)
-                        .await
-                        .map_err(|e| s.store_err(name, e))?;
-                    w.write(part);
-                }
-                Ok(())
+                let (w, _, _) = open.get_mut(name).ok_or_else(|| not_open(name))?;
+                w.write(offset, data).await
             }
         }
     }
@@ -286,18 +323,32 @@ impl Sink {
                 std::fs::rename(&from, &to).map_err(io_err(&to))
             }
             Sink::Store(s) => {
-                let (w, size) = s
+                let (w, size, id) = s
                     .open
                     .lock()
                     .await
                     .remove(name)
                     .ok_or_else(|| not_open(name))?;
-                match w.finish().await {
+                let mut parts = w.finish().await?;
+                parts.sort_by_key(|(n, _)| *n);
+                let parts = parts
+                    .into_iter()
+                    .map(|(_, content_id)| PartId { content_id })
+                    .collect();
+                let store = s
+                    .location
+                    .multipart
+                    .clone()
+                    .expect("a store sink has multipart uploads");
+                let path = s.location.child(name);
+                let completed = match store.complete_multipart(&path, &id, parts).await {
                     Ok(_) => Ok(()),
+                    // After the whole retry budget: the store is not answering.
+                    Err(e) if !upload_may_be_gone(&e) => Err(s.store_err(name, e)),
                     // Completing is not idempotent: when a try went through but its answer
                     // was lost (the store restarted), the retry finds no upload, and the
                     // object is there, whole.
-                    Err(e) => match s.location.store.head(&s.location.child(name)).await {
+                    Err(e) => match s.location.store.head(&path).await {
                         Ok(meta) if meta.size == size => {
                             tracing::info!(
                                 "{} was already complete (an earlier answer was lost)",
@@ -307,7 +358,9 @@ impl Sink {
                         }
                         _ => Err(s.store_err(name, e)),
                     },
-                }
+                };
+                completed?;
+                s.uploads.closed(&[&id]).await
             }
         }
     }
@@ -351,22 +404,43 @@ impl Sink {
                 }
             }
             Sink::Store(s) => {
-                let open: Vec<(String, (WriteMultipart, u64))> =
+                let open: Vec<(String, (RangeWriter, u64, String))> =
                     s.open.lock().await.drain().collect::<Vec<_>>();
-                let aborts = open.into_iter().map(|(n, (w, _))| async move {
-                    if let Err(e) = w.abort().await {
-                        tracing::warn!(
-                            "could not abort the upload of {}: {e}",
-                            s.location.child_display(&n)
-                        );
+                let store = s
+                    .location
+                    .multipart
+                    .clone()
+                    .expect("a store sink has multipart uploads");
+                let aborts = open.iter().map(|(n, (_, _, id))| {
+                    let store = store.clone();
+                    async move {
+                        match store.abort_multipart(&s.location.child(n), id).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => Some(id.as_str()),
+                            Err(e) => {
+                                tracing::warn!(
+                                    "could not abort the upload of {}: {e}",
+                                    s.location.child_display(n)
+                                );
+                                None
+                            }
+                        }
                     }
                 });
-                if tokio::time::timeout(ABORT_DEADLINE, futures::future::join_all(aborts))
-                    .await
-                    .is_err()
-                {
+                // The record keeps what could not be aborted: the next merge on this
+                // output aborts it.
+                let ending = async {
+                    let gone: Vec<&str> = futures::future::join_all(aborts)
+                        .await
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    if let Err(e) = s.uploads.closed(&gone).await {
+                        tracing::warn!("could not update the upload record: {e}");
+                    }
+                };
+                if tokio::time::timeout(ABORT_DEADLINE, ending).await.is_err() {
                     tracing::warn!(
-                        "could not abort every upload under {} within {} s; a bucket lifecycle rule for incomplete multipart uploads removes what is left",
+                        "could not abort every upload under {} within {} s; the next merge to this output aborts them (or a bucket lifecycle rule for incomplete multipart uploads)",
                         s.location.display,
                         ABORT_DEADLINE.as_secs()
                     );
@@ -391,6 +465,19 @@ impl StoreSink {
             source,
         }
     }
+}
+
+/// Whether completing an upload failed in a way that means the upload is gone: completed
+/// by an earlier try whose answer was lost (the object is then there, whole), or aborted
+/// (by a lifecycle rule, or a store that lost it). Only then is the object worth a look;
+/// any other error came after the store client's whole retry budget.
+fn upload_may_be_gone(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Precondition { .. }
+    )
 }
 
 fn not_open(name: &str) -> SinkError {

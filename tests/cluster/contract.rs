@@ -372,6 +372,84 @@ fn a_failed_merge_with_its_store_gone_exits_promptly_and_keeps_its_upload_ids() 
     );
 }
 
+/// The store dies for good under a coordinator and two workers: every process exits
+/// non-zero within the store's retry budget plus the abort deadline (each store request is
+/// retried for the whole budget, and then the merge fails at once instead of handing the
+/// task to another worker to wait as long again), the workers with code 3 (the merge
+/// failed: Kubernetes must not restart them), each naming the store that stopped answering.
+#[test]
+fn a_store_dead_for_good_ends_every_process_within_the_retry_budget() {
+    let mut s3 = S3Server::start();
+    let (_models, mut c, cfg) = s3_cluster(&s3);
+    let budget = Duration::from_secs(20);
+    c.env.push((
+        "MERGEFLEET_RETRY_TIMEOUT_SECS".into(),
+        budget.as_secs().to_string(),
+    ));
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        "s3://merged/dead/",
+        &[LAYOUT, &["--lease-timeout", "8s"]].concat(),
+        "coord.log",
+    );
+    let slow = [(
+        "MERGEFLEET_FAILPOINT_TASK_DELAY_MS".to_string(),
+        "300".to_string(),
+    )];
+    let mut ws = c.workers(2, &slow);
+    ws[0].wait_for(": done", 60);
+    s3.stop();
+    let killed = Instant::now();
+    // The budget, the abort deadline, the short wait on the dead store to remove the
+    // coordinator's lock, and a few seconds for processes to stop.
+    let bound = budget
+        + mergefleet::sink::ABORT_DEADLINE
+        + mergefleet::sink::lock::RELEASE_WAIT_FAILED
+        + Duration::from_secs(5);
+    let mut procs: Vec<(&str, &mut Proc)> = vec![("coordinator", &mut coord)];
+    for (i, w) in ws.iter_mut().enumerate() {
+        procs.push((["w1", "w2"][i], w));
+    }
+    // Each exit timed as it happens.
+    let mut exits: Vec<(&str, Duration, std::process::ExitStatus, String)> = Vec::new();
+    while !procs.is_empty() {
+        let mut i = 0;
+        while i < procs.len() {
+            if let Some(st) = procs[i].1.child.try_wait().unwrap() {
+                let (name, p) = procs.swap_remove(i);
+                exits.push((name, killed.elapsed(), st, p.log()));
+            } else {
+                i += 1;
+            }
+        }
+        assert!(
+            killed.elapsed() <= bound + Duration::from_secs(30),
+            "still running {:?} after {:?}",
+            procs.iter().map(|p| p.0).collect::<Vec<_>>(),
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (name, took, st, log) in &exits {
+        eprintln!(
+            "{name}: exit {st} {:.1} s after the store died",
+            took.as_secs_f64()
+        );
+        assert!(
+            *took <= bound,
+            "{name} took {took:?} (bound {bound:?}):\n{log}"
+        );
+        assert!(!st.success(), "{name} exited 0:\n{log}");
+        assert!(
+            log.contains("s3://"),
+            "{name} does not name the store:\n{log}"
+        );
+        if name.starts_with('w') {
+            assert_eq!(st.code(), Some(3), "{name}:\n{log}");
+        }
+    }
+}
+
 /// After the commit the coordinator answers the workers that will ask again, not a worker
 /// killed in its long poll (it used to wait the whole --linger for it). Run again by its
 /// Job after the commit, it finds the committed checkpoint of the same merge and exits 0

@@ -704,6 +704,12 @@ fn wrong_token_and_wrong_protocol_are_refused() {
         "{}",
         text(&o)
     );
+    // Before the first task completes the time left is unknown, not `NaN s`.
+    assert!(
+        text(&o).contains("ETA unknown") && !text(&o).contains("NaN"),
+        "{}",
+        text(&o)
+    );
     drop(coord);
 }
 

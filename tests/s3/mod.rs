@@ -1,6 +1,8 @@
 //! Object storage for real: inputs and output on an S3-compatible server (s3s-fs) give the
 //! same bytes as local disk, and its errors say what is wrong.
 
+use std::time::Duration;
+
 use crate::golden::{merge_fixture, shard_size, CASES};
 use crate::util::*;
 
@@ -123,6 +125,9 @@ fn s3_errors_say_what_is_wrong() {
     std::fs::write(dir.path().join("config.yml"), &cfg).unwrap();
     let mut env = s3.env();
     env.push(("MERGEFLEET_RETRY_TIMEOUT_SECS".into(), "2".into()));
+    // As a Job's next pod: the dead merge's lock (which it could not remove) is taken over
+    // at once instead of going stale.
+    env.push(("MERGEFLEET_OWNER".into(), "job-uid-7".into()));
 
     // A missing bucket, for an input and for the output.
     std::fs::write(
@@ -179,4 +184,82 @@ fn s3_errors_say_what_is_wrong() {
     assert_exit(&o, 2);
     assert!(text(&o).contains("s3://models/"), "{}", text(&o));
     assert!(!looks_complete(&s3.root.path().join("merged/z")));
+}
+
+/// Uploads s3s-fs holds open (it keeps one `.upload-*.json` per incomplete upload).
+fn open_uploads(s3: &S3Server) -> usize {
+    std::fs::read_dir(s3.root.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
+        .count()
+}
+
+/// A merge that died with its store leaves incomplete multipart uploads it could not
+/// abort (invisible, and billed on S3). It recorded them under the output before sending
+/// a part, so `plan CONFIG OUT` counts them without touching anything, and the next merge
+/// that takes the output aborts every one and says so.
+#[test]
+fn uploads_a_dead_merge_left_open_are_aborted_by_the_next_merge() {
+    let mut s3 = S3Server::start();
+    let models = s3.bucket("models");
+    let cfg = crate::interrupted::slow_set(&models.join("set"));
+    let text_cfg = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("{}/", models.display()), "s3://models/");
+    let d = tmp();
+    std::fs::write(d.path().join("config.yml"), text_cfg).unwrap();
+    s3.bucket("merged");
+    let mut env = s3.env();
+    env.push(("MERGEFLEET_RETRY_TIMEOUT_SECS".into(), "2".into()));
+    // As a Job's next pod: the dead merge's lock (which it could not remove) is taken over
+    // at once instead of going stale.
+    env.push(("MERGEFLEET_OWNER".into(), "job-uid-7".into()));
+    let args = [
+        "merge",
+        "config.yml",
+        "s3://merged/out",
+        "--out-shard-size",
+        "1M",
+        "--task-size",
+        "1",
+        "--threads",
+        "1",
+    ];
+    let mut p = Proc::spawn(&args, d.path(), &env, d.path().join("merge.log"));
+    // Kill the store while a shard's upload is open and recorded.
+    let record = s3.root.path().join("merged/out/.mergefleet-uploads.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !record.exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s3.stop();
+    let st = p.wait(60);
+    assert!(!st.success(), "{}", p.log());
+    s3.start_again();
+    let left = open_uploads(&s3);
+    assert!(left >= 1, "the dead merge left no upload open");
+
+    let plan = run_in(d.path(), &["plan", "config.yml", "s3://merged/out"], &env);
+    assert!(
+        text(&plan).contains(&format!("{left} incomplete upload(s)")),
+        "{}",
+        text(&plan)
+    );
+    assert_eq!(open_uploads(&s3), left, "plan changed the store");
+
+    let o = run_in(d.path(), &args, &env);
+    assert_ok(&o);
+    assert!(
+        text(&o).contains(&format!("aborted {left} incomplete upload(s)")),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(open_uploads(&s3), 0, "uploads left open after a good merge");
+    assert!(!s3
+        .root
+        .path()
+        .join("merged/out/.mergefleet-uploads.json")
+        .exists());
 }
