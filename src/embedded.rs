@@ -99,6 +99,7 @@ pub async fn merge(config_yaml: &str, out: &str, opts: &MergeOptions) -> Result<
         )
         .await?;
         job.commit(&sink).await?;
+        sink.committed().await;
         warnings.extend(job.plan.warnings.iter().cloned());
         Ok::<_, Error>(warnings)
     };

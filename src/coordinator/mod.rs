@@ -315,13 +315,12 @@ async fn serve(
         Err(Error::OutputLost(_)) => 0.0,
         Err(e) => {
             // Workers hear it at once (heartbeats are refused, leases answer the failure)
-            // while the uploads are aborted: telling them and giving up share one deadline,
-            // so a merge whose store died exits within the retry budget plus that deadline.
+            // while the uploads are aborted (within the abort deadline): a merge whose
+            // store died exits within the retry budget plus that deadline.
             shared.state.lock().expect("state").fail(e.to_string());
             shared.changed.notify_waiters();
-            let ending =
-                async { tokio::join!(give_up(&shared, location), linger(&shared, opts.linger)) };
-            let _ = tokio::time::timeout(ABORT_DEADLINE, ending).await;
+            let linger = tokio::time::timeout(ABORT_DEADLINE, linger(&shared, opts.linger));
+            let _ = tokio::join!(give_up(&shared, location), linger);
             0.0
         }
     };
@@ -460,35 +459,31 @@ async fn serve_committed(
 async fn give_up(shared: &Shared, location: &Location) {
     let journal = shared.journal.lock().expect("journal").clone();
     let left = journal.abort_open(&shared.output, &shared.plan).await;
-    if let Some(uploads) = &shared.uploads {
-        // What could not be aborted stays recorded: the next merge on this output aborts it.
-        let gone: Vec<&str> = journal
-            .uploads
-            .values()
-            .filter(|id| !left.iter().any(|(_, l)| l == *id))
-            .map(String::as_str)
-            .collect();
-        if let Err(e) = uploads.closed(&gone).await {
-            tracing::warn!("could not update the upload record: {e}");
-        }
-    }
-    if left.is_empty() {
-        if tokio::time::timeout(ABORT_DEADLINE, Journal::remove(location))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "could not remove the journal in {} in time",
-                location.display
-            );
-        }
-    } else {
+    if !left.is_empty() {
+        // Kept in the journal and the upload record: the next merge here aborts them. A
+        // store that did not take the aborts is not asked to update either.
         let ids: Vec<String> = left.iter().map(|(f, id)| format!("{f}: {id}")).collect();
         tracing::warn!(
             "{} upload(s) may still be open under {} (upload ids kept in its journal: {}); run the coordinator again to resume, or with --restart to abort them",
             left.len(),
             location.display,
             ids.join(", ")
+        );
+        return;
+    }
+    let gone: Vec<&str> = journal.uploads.values().map(String::as_str).collect();
+    let tidy = async {
+        if let Some(uploads) = &shared.uploads {
+            if let Err(e) = uploads.closed(&gone).await {
+                tracing::warn!("could not update the upload record: {e}");
+            }
+        }
+        Journal::remove(location).await;
+    };
+    if tokio::time::timeout(ABORT_DEADLINE, tidy).await.is_err() {
+        tracing::warn!(
+            "could not remove the journal in {} in time",
+            location.display
         );
     }
 }
@@ -621,10 +616,10 @@ async fn commit(
     }
     job.commit(sink).await?;
     if let Some(uploads) = &shared.uploads {
-        // Every upload is complete: nothing is left for a later merge to abort.
-        if let Err(e) = uploads.all_closed().await {
-            tracing::warn!("could not remove the upload record: {e}");
-        }
+        // Every upload of this merge is complete: nothing is left for a later merge to abort.
+        let journal = shared.journal.lock().expect("journal").clone();
+        let ids: Vec<&str> = journal.uploads.values().map(String::as_str).collect();
+        uploads.committed(&ids).await;
     }
     Journal::remove(location_journal).await;
     shared.state.lock().expect("state").mark_committed();

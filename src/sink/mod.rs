@@ -243,6 +243,13 @@ impl Sink {
         }
     }
 
+    /// The checkpoint is committed: the upload record goes (see [`uploads`]).
+    pub async fn committed(&self) {
+        if let Sink::Store(s) = self {
+            s.uploads.committed(&[]).await;
+        }
+    }
+
     /// The record of this output's multipart uploads (object stores only).
     pub fn uploads(&self) -> Option<Arc<Uploads>> {
         match self {
@@ -434,8 +441,10 @@ impl Sink {
                         .into_iter()
                         .flatten()
                         .collect();
-                    if let Err(e) = s.uploads.closed(&gone).await {
-                        tracing::warn!("could not update the upload record: {e}");
+                    if !gone.is_empty() {
+                        if let Err(e) = s.uploads.closed(&gone).await {
+                            tracing::warn!("could not update the upload record: {e}");
+                        }
                     }
                 };
                 if tokio::time::timeout(ABORT_DEADLINE, ending).await.is_err() {

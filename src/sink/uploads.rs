@@ -163,14 +163,32 @@ impl Uploads {
         self.save().await
     }
 
-    /// Every upload was completed (the checkpoint is committed): the record goes.
-    pub async fn all_closed(&self) -> Result<(), SinkError> {
-        self.open.lock().await.clear();
-        self.save().await
+    /// The checkpoint is committed, every upload of this merge complete: the record goes,
+    /// unless it still names uploads an earlier merge left that could not be aborted.
+    /// Best effort: a record left behind only names uploads that are gone.
+    pub async fn committed(&self, completed: &[&str]) {
+        let mut open = self.open.lock().await;
+        open.retain(|u| !completed.contains(&u.upload_id.as_str()));
+        if !open.is_empty() {
+            drop(open);
+            if let Err(e) = self.save().await {
+                tracing::warn!("could not update the upload record: {e}");
+            }
+            return;
+        }
+        let path = self.location.child(UPLOADS_NAME);
+        match self.location.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => tracing::warn!(
+                "could not remove the upload record {}: {e}",
+                self.location.child_display(UPLOADS_NAME)
+            ),
+        }
     }
 
-    /// Write the record, or remove it when nothing is open. The record stays locked while
-    /// it is written, so two writes cannot land in the wrong order.
+    /// Write the record (an empty one when nothing is open: a put is retried through an
+    /// outage, and S3's delete, a bulk POST, is not). The record stays locked while it is
+    /// written, so two writes cannot land in the wrong order.
     async fn save(&self) -> Result<(), SinkError> {
         let open = self.open.lock().await;
         let path = self.location.child(UPLOADS_NAME);
@@ -178,12 +196,6 @@ impl Uploads {
             url: self.location.child_display(UPLOADS_NAME),
             source,
         };
-        if open.is_empty() {
-            return match self.location.store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(err(e)),
-            };
-        }
         let body = serde_json::to_vec_pretty(&Record {
             uploads: open.clone(),
         })

@@ -336,6 +336,17 @@ fn a_failed_merge_with_its_store_gone_exits_promptly_and_keeps_its_upload_ids() 
     // The store comes back: the journal still names the uploads, and --restart aborts them.
     s3.start_again();
     assert_eq!(uploads(&journal), files);
+    // They are in the upload record too: `plan` with the output counts them.
+    let o = run_in(
+        &c.cwd,
+        &["plan", cfg.to_str().unwrap(), "s3://merged/gone/"],
+        &c.env,
+    );
+    assert!(
+        text(&o).contains(&format!("{files} incomplete upload(s)")),
+        "{}",
+        text(&o)
+    );
     let listen = format!("127.0.0.1:{}", free_port());
     let mut again_env = c.env.clone();
     again_env.push(owner);
