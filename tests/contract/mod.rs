@@ -420,3 +420,141 @@ fn an_s3_outage_of_40_s_mid_merge_is_survived() {
     ]));
     assert_same_checkpoint(&s3.root.path().join("merged/out"), want.path());
 }
+
+/// One generated merge: a config over the fixture models and the flags it runs with.
+#[derive(Debug, Clone)]
+struct GeneratedMerge {
+    yaml: String,
+    /// Flags `plan` and `merge` both take.
+    flags: Vec<String>,
+    /// `merge`'s `--memory-limit`, which `plan` does not take.
+    memory_limit: Option<&'static str>,
+}
+
+fn generated_merge() -> impl proptest::strategy::Strategy<Value = GeneratedMerge> {
+    use proptest::prelude::*;
+    let dtypes = prop_oneof![
+        Just(None),
+        Just(Some("bfloat16")),
+        Just(Some("torch.float16")),
+        Just(Some("float32")),
+        Just(Some("float64")),
+    ];
+    // (base, fine-tunes): the plain set, the tied-embedding set, the FP8 set, a mixed set.
+    let sets = prop_oneof![
+        Just((
+            "models/base",
+            vec!["models/ft1", "models/ft2", "models/ft3"]
+        )),
+        Just(("models/base", vec!["models/ft1", "models/ft_zero"])),
+        Just(("models/base_sh", vec!["models/ft1_sh", "models/ft2_sh"])),
+        Just((
+            "models/tied_base",
+            vec!["models/tied_ft1", "models/tied_ft2"]
+        )),
+        Just((
+            "../fp8/models/base_fp8",
+            vec!["../fp8/models/ft1_fp8", "../fp8/models/ft2_fp8"]
+        )),
+        Just(("../fp8/models/base_fp8", vec!["models/ft1", "models/ft2"])),
+    ];
+    let filter_wise = prop_oneof![
+        Just(""),
+        Just("parameters: {filter_wise: true}\n"),
+        Just("parameters: {filter_wise: off}\n"),
+        Just("parameters:\n  filter_wise: [{filter: mlp, value: true}, {value: false}]\n"),
+    ];
+    let flags = (
+        any::<bool>(),
+        prop_oneof![Just(None), Just(Some("1")), Just(Some("64KiB"))],
+        prop_oneof![Just(None), Just(Some("100K"))],
+        prop_oneof![Just(None), Just(Some("8MiB"))],
+        prop_oneof![Just("torch"), Just("exact")],
+    );
+    (sets, dtypes.clone(), dtypes, filter_wise, flags).prop_map(
+        |((base, fts), dtype, out_dtype, fw, (q, task, shard, mem, red))| {
+            let mut yaml = String::from("models:\n");
+            for m in fts {
+                yaml.push_str(&format!("  - model: {m}\n"));
+            }
+            yaml.push_str(&format!(
+                "merge_method: model_stock\nbase_model: {base}\n{fw}"
+            ));
+            if let Some(d) = dtype {
+                yaml.push_str(&format!("dtype: {d}\n"));
+            }
+            if let Some(d) = out_dtype {
+                yaml.push_str(&format!("out_dtype: {d}\n"));
+            }
+            let mut flags = vec![format!("--reductions={red}")];
+            if q {
+                flags.push("--quantize=fp8".into());
+            }
+            for (flag, v) in [("--task-size", task), ("--out-shard-size", shard)] {
+                if let Some(v) = v {
+                    flags.push(format!("{flag}={v}"));
+                }
+            }
+            GeneratedMerge {
+                yaml,
+                flags,
+                memory_limit: mem,
+            }
+        },
+    )
+}
+
+/// Whatever `plan` accepts, `merge` merges, and what `plan` refuses, `merge` refuses the
+/// same way: over generated configs (models, dtypes, filter_wise, FP8 inputs and output,
+/// task and shard sizes, memory limits, reduction orders), the two commands exit alike,
+/// with 0 or 2, never a crash.
+#[test]
+fn plan_and_merge_agree_on_generated_configs() {
+    use proptest::test_runner::{Config, TestRunner};
+    let dir = fixtures();
+    let scratch = tmp();
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    runner
+        .run(&generated_merge(), |g| {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let cfg = scratch.path().join(format!("c{n}.yml"));
+            std::fs::write(&cfg, &g.yaml).unwrap();
+            let out = scratch.path().join(format!("o{n}"));
+            let flags: Vec<&str> = g.flags.iter().map(String::as_str).collect();
+            let plan = run_in(
+                &dir,
+                &[&["plan", cfg.to_str().unwrap()], &flags[..]].concat(),
+                &[],
+            );
+            let limit = g.memory_limit.map(|l| format!("--memory-limit={l}"));
+            let mut merge_args = vec!["merge", cfg.to_str().unwrap(), out.to_str().unwrap(), "-q"];
+            merge_args.extend(&flags);
+            merge_args.extend(limit.as_deref());
+            let merge = run_in(&dir, &merge_args, &[]);
+            let (p, m) = (plan.status.code(), merge.status.code());
+            // A memory limit is merge's alone: it may refuse one too small, naming it.
+            let limit_refused = p == Some(0)
+                && m == Some(2)
+                && limit.is_some()
+                && text(&merge).contains("--memory-limit");
+            proptest::prop_assert!(
+                (p == m || limit_refused) && matches!(m, Some(0 | 2)),
+                "plan exit {p:?}, merge exit {m:?}\n{}\n{:?}\nplan: {}\nmerge: {}",
+                g.yaml,
+                g.flags,
+                text(&plan),
+                text(&merge)
+            );
+            if m == Some(0) {
+                proptest::prop_assert!(looks_complete(&out));
+                proptest::prop_assert!(!read_checkpoint(&out).is_empty());
+            }
+            Ok(())
+        })
+        .unwrap();
+}
