@@ -17,6 +17,9 @@ use crate::wire::{
 
 /// Longest a lease call waits for a task.
 const MAX_WAIT: Duration = Duration::from_secs(30);
+/// The longest between two heartbeats of a running task (a quarter of the lease timeout
+/// when shorter): a task moved to an idle worker stops on its old one within it.
+const HEARTBEAT_MAX: Duration = super::state::MOVE_WITHIN;
 
 pub struct Service {
     pub shared: Arc<Shared>,
@@ -51,7 +54,7 @@ impl CoordinatorApi for Service {
         tracing::info!(worker = %id, name = %r.name, memory = r.memory_limit, threads = r.threads, "worker registered");
         Ok(Welcome {
             worker: id,
-            heartbeat_interval: lease / 4,
+            heartbeat_interval: (lease / 4).min(HEARTBEAT_MAX),
             lease_timeout: lease,
         })
     }
@@ -103,7 +106,11 @@ impl CoordinatorApi for Service {
 
     fn heartbeat(&self, b: Heartbeat) -> bool {
         let mut st = self.shared.state.lock().expect("state");
-        st.heartbeat(b.worker, b.task, b.attempt, Instant::now())
+        let keep = st.heartbeat(b.worker, b.task, b.attempt, Instant::now());
+        if keep && b.bytes_done > 0 {
+            st.writing(b.worker, b.task);
+        }
+        keep
     }
 
     fn report(&self, r: Report) -> Result<(), Status> {

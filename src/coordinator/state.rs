@@ -46,6 +46,8 @@ pub enum TaskStatus {
         worker: WorkerId,
         attempt: Attempt,
         deadline: Instant,
+        /// When this attempt was leased.
+        since: Instant,
     },
     /// Finished; multipart part ids in part order (empty for file outputs).
     Done {
@@ -71,8 +73,10 @@ pub struct WorkerSlot {
     pub memory: u64,
     pub threads: u32,
     pub last_seen: Instant,
-    /// Tasks this worker runs now, with the memory reserved for each.
+    /// Tasks this worker runs now, in lease order, with the memory reserved for each.
     pub tasks: Vec<(TaskId, u64)>,
+    /// Those of them whose heartbeats reported output: their inputs are read.
+    pub writing: Vec<TaskId>,
     pub tasks_done: u64,
     /// Has been answered "done" or "failed": it knows how the merge ended.
     pub told: bool,
@@ -86,8 +90,14 @@ impl WorkerSlot {
     }
     fn release(&mut self, task: TaskId) {
         self.tasks.retain(|(t, _)| *t != task);
+        self.writing.retain(|t| *t != task);
     }
 }
+
+/// How recently leased a task must be for it to move to an idle worker (see
+/// `ClusterState::take_from_a_shared_link`): one heartbeat interval at most, so it has read
+/// little and its old worker stops reading it soon.
+pub const MOVE_WITHIN: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Phase {
@@ -254,6 +264,7 @@ impl ClusterState {
                 threads,
                 last_seen: now,
                 tasks: Vec::new(),
+                writing: Vec::new(),
                 tasks_done: 0,
                 told: false,
                 polling: 0,
@@ -319,6 +330,15 @@ impl ClusterState {
                     .map(|&(_, i)| i)
             })?
         });
+        // An idle worker takes a task that waits behind another on its worker's link, when
+        // it is larger than anything pending (see `take_from_a_shared_link`).
+        let pick = if in_use == 0 {
+            let best = pick.map_or(0, |i| self.tasks[i].needs.working_set);
+            self.take_from_a_shared_link(worker, free, best, now)
+                .or(pick)
+        } else {
+            pick
+        };
         let Some(i) = pick else {
             return Lease::Wait;
         };
@@ -332,6 +352,7 @@ impl ClusterState {
                 worker,
                 attempt,
                 deadline: now + self.lease_timeout,
+                since: now,
             },
         );
         let w = self.workers.get_mut(&worker).expect("worker checked above");
@@ -340,6 +361,61 @@ impl ClusterState {
         Lease::Task {
             task: TaskId(i),
             attempt,
+        }
+    }
+
+    /// A worker that runs nothing asks for work, and another worker is reading two or more
+    /// tasks over its one link: the most recently leased of them, if leased within
+    /// [`MOVE_WITHIN`] (it has read little) and its output has not started, goes back to
+    /// the queue (the attempt does not count) for the idle worker, when it is larger than
+    /// `pending` (the working set of the best pending task, 0 for none) and fits in `free`. Largest-first alone let one worker take the two largest
+    /// tasks at the start (its two slots asked before the other hosts registered), and let
+    /// the last tasks of a merge share one link while other hosts idled: with a link each,
+    /// the fleet ends together. The old attempt learns at its next heartbeat that its lease
+    /// is gone; a report from it is stale. Returns the task, now pending.
+    fn take_from_a_shared_link(
+        &mut self,
+        worker: WorkerId,
+        free: u64,
+        pending: u64,
+        now: Instant,
+    ) -> Option<usize> {
+        let (donor, task) = self
+            .workers
+            .iter()
+            .filter(|(id, w)| **id != worker && w.tasks.len() >= w.writing.len() + 2)
+            .filter_map(|(id, w)| {
+                let (t, _) = w.tasks.iter().rev().find(|(t, _)| !w.writing.contains(t))?;
+                Some((*id, *t))
+            })
+            .filter(|(_, t)| {
+                let slot = &self.tasks[t.0];
+                let fresh = matches!(slot.status, TaskStatus::Leased { since, .. }
+                    if now.saturating_duration_since(since) <= MOVE_WITHIN);
+                let ws = slot.needs.working_set;
+                fresh && ws > pending && ws <= free
+            })
+            .max_by_key(|(_, t)| (self.tasks[t.0].needs.working_set, std::cmp::Reverse(t.0)))?;
+        let slot = &mut self.tasks[task.0];
+        slot.preempted += 1;
+        slot.errors.push(format!(
+            "attempt {} moved to an idle worker (not counted)",
+            slot.attempts
+        ));
+        self.set_status(task.0, TaskStatus::Pending);
+        self.workers
+            .get_mut(&donor)
+            .expect("the donor is registered")
+            .release(task);
+        Some(task.0)
+    }
+
+    /// A heartbeat of `worker` reported output for `task`: its inputs are read.
+    pub fn writing(&mut self, worker: WorkerId, task: TaskId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            if w.tasks.iter().any(|(t, _)| *t == task) && !w.writing.contains(&task) {
+                w.writing.push(task);
+            }
         }
     }
 
@@ -369,6 +445,7 @@ impl ClusterState {
                 worker: lw,
                 attempt: la,
                 deadline,
+                ..
             }) if *lw == worker && *la == attempt => {
                 *deadline = now + timeout;
                 true
@@ -496,6 +573,7 @@ impl ClusterState {
                 worker,
                 attempt,
                 deadline,
+                ..
             } = self.tasks[i].status
             {
                 if now >= deadline && self.phase == Phase::Running {
@@ -951,6 +1029,57 @@ mod tests {
         assert!(matches!(r, Reported::JobFailed(m) if m.contains("cannot succeed")));
     }
 
+    /// Largest-first let the first worker's two slots take the two largest tasks before the
+    /// other hosts registered, so both shared one link; and at the end a worker read two
+    /// tasks while others idled. An idle worker now takes the most recently leased task
+    /// that waits behind another on a link, when it is larger than anything pending; a task
+    /// already writing its output stays.
+    #[test]
+    fn an_idle_worker_takes_a_task_that_shares_a_link() {
+        let now = Instant::now();
+        let mut s = with_tasks(vec![needs(500), needs(500), needs(100), needs(100)]);
+        let a = s.register("a", 1000, 1, now);
+        let first = s.lease(a, now);
+        let Lease::Task {
+            task: second,
+            attempt,
+        } = s.lease(a, now)
+        else {
+            panic!("a's second slot gets a task")
+        };
+        assert!(matches!(first, Lease::Task { task, .. } if task == t(0)));
+        assert_eq!((second, attempt), (t(1), at(1)));
+        // b registers and asks: a's second large task moves to b, not a small one to b.
+        let b = s.register("b", 1000, 1, now);
+        assert_eq!(
+            s.lease(b, now),
+            Lease::Task {
+                task: t(1),
+                attempt: at(2)
+            }
+        );
+        assert!(!s.heartbeat(a, t(1), at(1), now), "a's attempt is gone");
+        let stale = s.report(a, t(1), at(1), Outcome::Success { parts: vec![] }, now);
+        assert_eq!(stale, Reported::Stale);
+        // a takes the small tasks; b, busy, takes nothing from anyone.
+        assert!(matches!(s.lease(a, now), Lease::Task { task, .. } if task == t(2)));
+        assert!(matches!(s.lease(b, now), Lease::Task { task, .. } if task == t(3)));
+        // The end: nothing pending, a reads two tasks (0 and 2), b two (1 and 3), c is idle:
+        // of equal sizes, the first in plan order moves.
+        let c = s.register("c", 1000, 1, now);
+        // Leased longer ago than MOVE_WITHIN: read too far to start over elsewhere.
+        assert_eq!(s.lease(c, now + 2 * MOVE_WITHIN), Lease::Wait);
+        assert!(matches!(s.lease(c, now), Lease::Task { task, .. } if task == t(2)));
+        // a reads one task now; b writes one and reads one: nothing moves.
+        s.writing(b, t(1));
+        let d = s.register("d", 1000, 1, now);
+        assert_eq!(s.lease(d, now), Lease::Wait);
+        // The moved attempts did not count toward --max-attempts.
+        for i in [1, 2] {
+            assert_eq!(s.tasks[i].attempts - s.tasks[i].preempted, 1, "task {i}");
+        }
+    }
+
     /// A worker still running a task when the merge fails (its store died under it) hears
     /// so at its next heartbeat, instead of running on until its own store calls give up.
     #[test]
@@ -1134,7 +1263,11 @@ mod tests {
         assert_eq!(leased(&mut s, big), Some(2));
         assert_eq!(leased(&mut s, big), Some(0));
         assert_eq!(leased(&mut s, big), None);
-        // A small worker takes what fits it, not a task only a big one can run.
+        // A small worker takes what fits it, not a task only a big one can run (big's
+        // tasks are writing their output, so none of them moves either).
+        for i in [4, 2, 0] {
+            s.writing(big, t(i));
+        }
         assert_eq!(leased(&mut s, small), None);
         s.report(big, t(4), at(1), ok(), now);
         // Of equal sizes, the first in plan order.

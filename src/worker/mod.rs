@@ -66,6 +66,8 @@ pub struct WorkerSummary {
     pub tasks_done: u64,
 }
 
+/// Tasks a worker fetches at once (see `Ctx::leasing`).
+const FETCHING: usize = 2;
 /// How long one lease call waits on the coordinator for a task.
 const LEASE_WAIT: Duration = Duration::from_secs(20);
 /// The longest a stopping worker tries to report its interrupted task.
@@ -203,7 +205,7 @@ pub async fn run(opts: WorkerOptions, slots: usize) -> Result<WorkerSummary> {
         client,
         stores: Stores::new(),
         registration: tokio::sync::Mutex::new(None),
-        leasing: Arc::new(tokio::sync::Semaphore::new(2)),
+        leasing: Arc::new(tokio::sync::Semaphore::new(FETCHING)),
         done: AtomicU64::new(0),
         stopping,
     });
