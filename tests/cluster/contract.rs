@@ -369,18 +369,8 @@ fn a_failed_merge_with_its_store_gone_exits_promptly_and_keeps_its_upload_ids() 
     again.wait_for("coordinator listening", 60);
     again.signal("-TERM");
     again.wait(30);
-    let open: Vec<_> = std::fs::read_dir(s3.root.path())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
-        .collect();
     // Only the new run's uploads (kept for its resume) are open, none of the old run's.
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&journal).unwrap()).unwrap();
-    assert_eq!(
-        open.len(),
-        v["uploads"].as_object().unwrap().len(),
-        "{open:?}"
-    );
+    assert_eq!(s3.open_uploads(), uploads(&journal));
 }
 
 /// The store dies for good under a coordinator and two workers: every process exits

@@ -570,13 +570,8 @@ fn deterministic_failure_fails_the_job_cleanly() {
         !looks_complete(&out),
         "a failed job left a complete-looking checkpoint"
     );
-    // Multipart uploads were aborted: s3s-fs keeps one .upload-*.json per open upload.
-    let open: Vec<_> = std::fs::read_dir(s3.root.path())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
-        .collect();
-    assert!(open.is_empty(), "uploads left open: {open:?}");
+    // Multipart uploads were aborted.
+    assert_eq!(s3.open_uploads(), 0, "uploads left open");
 }
 
 /// A raw gRPC client of the coordinator at `url`, sending `token`.

@@ -367,14 +367,7 @@ fn absurd_thread_counts_are_capped_or_refused() {
 #[test]
 fn an_s3_outage_of_40_s_mid_merge_is_survived() {
     let mut s3 = S3Server::start();
-    let models = s3.bucket("models");
-    let cfg = crate::interrupted::slow_set(&models.join("set"));
-    let text_cfg = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(&format!("{}/", models.display()), "s3://models/");
-    let d = tmp();
-    std::fs::write(d.path().join("config.yml"), text_cfg).unwrap();
-    s3.bucket("merged");
+    let (d, cfg) = s3.slow_set();
     let log = d.path().join("merge.log");
     let mut p = Proc::spawn(
         &[

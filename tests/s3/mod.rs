@@ -186,15 +186,6 @@ fn s3_errors_say_what_is_wrong() {
     assert!(!looks_complete(&s3.root.path().join("merged/z")));
 }
 
-/// Uploads s3s-fs holds open (it keeps one `.upload-*.json` per incomplete upload).
-fn open_uploads(s3: &S3Server) -> usize {
-    std::fs::read_dir(s3.root.path())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
-        .count()
-}
-
 /// A merge that died with its store leaves incomplete multipart uploads it could not
 /// abort (invisible, and billed on S3). It recorded them under the output before sending
 /// a part, so `plan CONFIG OUT` counts them without touching anything, and the next merge
@@ -202,14 +193,7 @@ fn open_uploads(s3: &S3Server) -> usize {
 #[test]
 fn uploads_a_dead_merge_left_open_are_aborted_by_the_next_merge() {
     let mut s3 = S3Server::start();
-    let models = s3.bucket("models");
-    let cfg = crate::interrupted::slow_set(&models.join("set"));
-    let text_cfg = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(&format!("{}/", models.display()), "s3://models/");
-    let d = tmp();
-    std::fs::write(d.path().join("config.yml"), text_cfg).unwrap();
-    s3.bucket("merged");
+    let (d, _) = s3.slow_set();
     let mut env = s3.env();
     env.push(("MERGEFLEET_RETRY_TIMEOUT_SECS".into(), "2".into()));
     // As a Job's next pod: the dead merge's lock (which it could not remove) is taken over
@@ -238,7 +222,7 @@ fn uploads_a_dead_merge_left_open_are_aborted_by_the_next_merge() {
     let st = p.wait(60);
     assert!(!st.success(), "{}", p.log());
     s3.start_again();
-    let left = open_uploads(&s3);
+    let left = s3.open_uploads();
     assert!(left >= 1, "the dead merge left no upload open");
 
     let plan = run_in(d.path(), &["plan", "config.yml", "s3://merged/out"], &env);
@@ -247,7 +231,7 @@ fn uploads_a_dead_merge_left_open_are_aborted_by_the_next_merge() {
         "{}",
         text(&plan)
     );
-    assert_eq!(open_uploads(&s3), left, "plan changed the store");
+    assert_eq!(s3.open_uploads(), left, "plan changed the store");
 
     let o = run_in(d.path(), &args, &env);
     assert_ok(&o);
@@ -256,7 +240,7 @@ fn uploads_a_dead_merge_left_open_are_aborted_by_the_next_merge() {
         "{}",
         text(&o)
     );
-    assert_eq!(open_uploads(&s3), 0, "uploads left open after a good merge");
+    assert_eq!(s3.open_uploads(), 0, "uploads left open after a good merge");
     assert!(!s3
         .root
         .path()

@@ -281,6 +281,31 @@ impl S3Server {
         p
     }
 
+    /// Incomplete multipart uploads the server holds (s3s-fs keeps one `.upload-*.json`
+    /// per open upload in its root).
+    pub fn open_uploads(&self) -> usize {
+        std::fs::read_dir(self.root.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
+            .count()
+    }
+
+    /// The interrupted tests' slow set in bucket `models` (under `set/`) and an empty bucket
+    /// `merged`. Returns a directory holding `config.yml` (the models at their `s3://`
+    /// URLs) and the set's local config.
+    pub fn slow_set(&self) -> (TempDir, PathBuf) {
+        let models = self.bucket("models");
+        let local = crate::interrupted::slow_set(&models.join("set"));
+        let yaml = std::fs::read_to_string(&local)
+            .unwrap()
+            .replace(&format!("{}/", models.display()), "s3://models/");
+        let d = tmp();
+        std::fs::write(d.path().join("config.yml"), yaml).unwrap();
+        self.bucket("merged");
+        (d, local)
+    }
+
     /// The environment a client needs to reach this server.
     pub fn env(&self) -> Vec<(String, String)> {
         [
