@@ -357,8 +357,6 @@ pub struct MergePlan {
     pub weight_map: Vec<(String, String)>,
     /// Sum of tensor data bytes (the index's `total_size`).
     pub total_size: u64,
-    /// The dtype of the output (for config.json).
-    pub out_dtype: Option<WorkDtype>,
     pub warnings: Vec<String>,
 }
 
@@ -563,20 +561,21 @@ pub fn plan(
     }
     let (inputs, file_ids) = input_files(models);
     let mut jobs: Vec<TensorJob> = Vec::new();
-    let mut out_dtype = None;
     for name in tensor_names(models) {
         let (slices, shape, base_dtype) = input_slices(name, models, &file_ids)?;
-        let job = tensor_job(name, slices, shape, base_dtype, config, opts)?;
-        if let Op::Merge { kernel, .. } = &job.op {
-            out_dtype.get_or_insert(kernel.out);
-        }
-        jobs.push(job);
+        jobs.push(tensor_job(name, slices, shape, base_dtype, config, opts)?);
     }
     if opts.quantize_fp8 && jobs.iter().all(|j| j.requant.is_none()) {
-        let out = out_dtype.map_or("the configured dtype", |d| d.name());
+        let out = jobs
+            .iter()
+            .find_map(|j| match &j.op {
+                Op::Merge { kernel, .. } => Some(kernel.out.name()),
+                Op::Copy { .. } => None,
+            })
+            .unwrap_or("the configured dtype");
         return Err(PlanError::NothingToQuantize(base.reference.clone(), out));
     }
-    layout(jobs, inputs, out_dtype, config.warnings.clone(), opts)
+    layout(jobs, inputs, config.warnings.clone(), opts)
 }
 
 const LM_HEAD: &str = "lm_head.weight";
@@ -843,7 +842,6 @@ fn tensor_bytes(j: &TensorJob) -> u64 {
 fn layout(
     jobs: Vec<TensorJob>,
     inputs: Vec<InputFile>,
-    out_dtype: Option<WorkDtype>,
     warnings: Vec<String>,
     opts: PlanOptions,
 ) -> Result<MergePlan, PlanError> {
@@ -888,7 +886,6 @@ fn layout(
         tasks,
         weight_map,
         total_size,
-        out_dtype,
         warnings,
     })
 }

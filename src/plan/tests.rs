@@ -280,7 +280,6 @@ fn dtypes_and_copies() {
         .find(|t| t.name == "w")
         .unwrap();
     assert_eq!(w.dtype, Dtype::F16);
-    assert_eq!(p.out_dtype, Some(WorkDtype::F16));
 
     let int_ft: &[(&str, Dtype, &[usize])] =
         &[("w", Dtype::I32, &[8]), ("position_ids", Dtype::I64, &[4])];

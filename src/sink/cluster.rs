@@ -209,18 +209,16 @@ impl ClusterOutput {
         name: &str,
         record: Option<&Uploads>,
     ) -> Result<String, SinkError> {
-        match self {
-            ClusterOutput::Multipart { .. } if record.is_some() => {
-                record.expect("checked").create(name).await
-            }
-            ClusterOutput::Multipart { location, store } => store
+        match (self, record) {
+            (ClusterOutput::Multipart { .. }, Some(record)) => record.create(name).await,
+            (ClusterOutput::Multipart { location, store }, None) => store
                 .create_multipart(&location.child(name))
                 .await
                 .map_err(|source| SinkError::Store {
                     url: location.child_display(name),
                     source,
                 }),
-            ClusterOutput::Local { .. } => Err(SinkError::Unsupported {
+            (ClusterOutput::Local { .. }, _) => Err(SinkError::Unsupported {
                 url: name.into(),
                 message: "local outputs have no uploads".into(),
             }),
