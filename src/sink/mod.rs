@@ -21,7 +21,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use object_store::multipart::PartId;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use cluster::{PartWriter, RangeWriter};
@@ -124,6 +124,8 @@ pub struct LocalSink {
 
 pub struct StoreSink {
     location: Location,
+    /// The location's store, as the multipart store it is.
+    multipart: Arc<dyn MultipartStore>,
     /// The record of this output's uploads (see [`uploads`]).
     uploads: Arc<Uploads>,
     /// Uploads an earlier merge left open, aborted when this one took the output.
@@ -220,13 +222,18 @@ impl Sink {
                 open: Mutex::new(HashMap::new()),
             }));
         }
-        let Some((uploads, aborted)) = Uploads::take_over(&location, resume).await? else {
-            return Err(SinkError::Unsupported {
-                url: location.display.clone(),
-                message: "this store has no multipart uploads; write to a local directory, S3, GCS or Azure".into(),
-            });
+        let unsupported = || SinkError::Unsupported {
+            url: location.display.clone(),
+            message:
+                "this store has no multipart uploads; write to a local directory, S3, GCS or Azure"
+                    .into(),
         };
+        let multipart = location.multipart.clone().ok_or_else(unsupported)?;
+        let (uploads, aborted) = Uploads::take_over(&location, resume)
+            .await?
+            .ok_or_else(unsupported)?;
         Ok(Sink::Store(StoreSink {
+            multipart,
             location,
             uploads: Arc::new(uploads),
             aborted,
@@ -273,11 +280,7 @@ impl Sink {
             }
             Sink::Store(s) => {
                 let id = s.uploads.create(name).await?;
-                let store = s
-                    .location
-                    .multipart
-                    .clone()
-                    .expect("a store sink has multipart uploads");
+                let store = s.multipart.clone();
                 let writer = PartWriter::new(
                     store,
                     s.location.child(name),
@@ -342,11 +345,7 @@ impl Sink {
                     .into_iter()
                     .map(|(_, content_id)| PartId { content_id })
                     .collect();
-                let store = s
-                    .location
-                    .multipart
-                    .clone()
-                    .expect("a store sink has multipart uploads");
+                let store = s.multipart.clone();
                 let path = s.location.child(name);
                 let completed = match store.complete_multipart(&path, &id, parts).await {
                     Ok(_) => Ok(()),
@@ -413,11 +412,7 @@ impl Sink {
             Sink::Store(s) => {
                 let open: Vec<(String, (RangeWriter, u64, String))> =
                     s.open.lock().await.drain().collect::<Vec<_>>();
-                let store = s
-                    .location
-                    .multipart
-                    .clone()
-                    .expect("a store sink has multipart uploads");
+                let store = s.multipart.clone();
                 let aborts = open.iter().map(|(n, (_, _, id))| {
                     let store = store.clone();
                     async move {

@@ -369,22 +369,7 @@ fn an_s3_outage_of_40_s_mid_merge_is_survived() {
     let mut s3 = S3Server::start();
     let (d, cfg) = s3.slow_set();
     let log = d.path().join("merge.log");
-    let mut p = Proc::spawn(
-        &[
-            "merge",
-            "config.yml",
-            "s3://merged/out",
-            "--out-shard-size",
-            "1M",
-            "--task-size",
-            "1",
-            "--threads",
-            "1",
-        ],
-        d.path(),
-        &s3.env(),
-        log,
-    );
+    let mut p = Proc::spawn(&S3Server::SLOW_MERGE, d.path(), &s3.env(), log);
     // Wait until the merge moves weights (a first shard is complete), then take the store
     // away for 40 s: longer than the 50 tries that once bound, shorter than 120 s.
     let out_dir = s3.root.path().join("merged/out");

@@ -199,17 +199,7 @@ fn uploads_a_dead_merge_left_open_are_aborted_by_the_next_merge() {
     // As a Job's next pod: the dead merge's lock (which it could not remove) is taken over
     // at once instead of going stale.
     env.push(("MERGEFLEET_OWNER".into(), "job-uid-7".into()));
-    let args = [
-        "merge",
-        "config.yml",
-        "s3://merged/out",
-        "--out-shard-size",
-        "1M",
-        "--task-size",
-        "1",
-        "--threads",
-        "1",
-    ];
+    let args = S3Server::SLOW_MERGE;
     let mut p = Proc::spawn(&args, d.path(), &env, d.path().join("merge.log"));
     // Kill the store while a shard's upload is open and recorded.
     let record = s3.root.path().join("merged/out/.mergefleet-uploads.json");

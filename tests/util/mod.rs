@@ -291,6 +291,20 @@ impl S3Server {
             .count()
     }
 
+    /// `merge` of [`S3Server::slow_set`]'s config into `s3://merged/out`, in many small shards
+    /// and tasks on one thread (so it runs long enough to be interrupted).
+    pub const SLOW_MERGE: [&'static str; 9] = [
+        "merge",
+        "config.yml",
+        "s3://merged/out",
+        "--out-shard-size",
+        "1M",
+        "--task-size",
+        "1",
+        "--threads",
+        "1",
+    ];
+
     /// The interrupted tests' slow set in bucket `models` (under `set/`) and an empty bucket
     /// `merged`. Returns a directory holding `config.yml` (the models at their `s3://`
     /// URLs) and the set's local config.
