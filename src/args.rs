@@ -25,6 +25,10 @@ pub struct Cli {
     /// time, level, message and fields such as task, worker and attempt as keys).
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Read Hugging Face models from the Hub even when the local HF cache has them (the
+    /// cache is never written either way).
+    #[arg(long, global = true, env = "MERGEFLEET_NO_HF_CACHE")]
+    pub no_hf_cache: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -40,6 +40,7 @@ pub fn threads(args: &Command) -> usize {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    mergefleet::hub::configure(!cli.no_hf_cache);
     match cli.command {
         Command::Merge(a) => run_merge(a).await,
         Command::Coordinator(a) => run_coordinator(a).await,
@@ -245,8 +246,8 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
             })
             .collect();
         let v = json!({
-            "base_model": job.config.base_model.0,
-            "models": job.config.models.iter().map(|m| &m.0).collect::<Vec<_>>(),
+            "base_model": job.config.base_model.text,
+            "models": job.config.models.iter().map(|m| &m.text).collect::<Vec<_>>(),
             "tensors": tensors,
             "files": files,
             "tasks": p.tasks.len(),

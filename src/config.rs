@@ -3,9 +3,7 @@
 //! Users bring the exact YAML they give `mergekit-yaml`. This module turns it into a
 //! [`MergeConfig`] in two stages: YAML -> `serde_yaml::Value`, then a hand-written walk that
 //! checks every key so each refusal names the key or form at fault. Nothing here touches the
-//! network or the filesystem; model references are checked for form only (see `source`).
-
-use std::fmt;
+//! network or the filesystem; model references are checked for form only (see `reference`, `resolve`).
 
 use serde_yaml::{Mapping, Value};
 
@@ -30,15 +28,7 @@ fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// A model as the user wrote it: a local path or an object-store URL.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ModelRef(pub String);
-
-impl fmt::Display for ModelRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::reference::{ModelPath, ModelRef};
 
 /// A parameter that may differ per tensor: mergekit's scalar-or-filter-list form.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,74 +159,62 @@ fn yaml_key(k: &Value) -> String {
 }
 
 fn same_model(a: &ModelRef, b: &ModelRef) -> bool {
-    let norm = |s: &str| s.trim_end_matches('/').trim_start_matches("./").to_string();
-    norm(&a.0) == norm(&b.0)
+    let norm = |p: &ModelPath| {
+        let path = p.path.trim_end_matches('/').trim_start_matches("./");
+        (path.to_string(), p.revision.clone())
+    };
+    norm(&a.model) == norm(&b.model) && a.lora.as_ref().map(norm) == b.lora.as_ref().map(norm)
 }
 
-/// A model reference: a string, or mergekit's long form `{model: {path, revision}, lora}`.
+/// A model reference: a string (`path`, `path@rev`, `path+lora`, ...), or mergekit's long
+/// form `{model: PATH_OR_{path, revision}, lora: PATH_OR_{path, revision}}`.
 fn model_ref(v: &Value, key: &str) -> Result<ModelRef, ConfigError> {
-    let s = match v {
-        Value::String(s) => s.clone(),
+    match v {
+        Value::String(s) => ModelRef::parse(s).map_err(|m| key_err(key, m)),
         Value::Mapping(m) => {
-            if m.get("lora").is_some_and(|l| !l.is_null()) {
-                return Err(ConfigError::Unsupported {
-                    key: format!("{key}.lora"),
-                    hint: "LoRA adapters are not supported; merge the adapter into its model first"
-                        .into(),
-                });
-            }
             if m.get("override_architecture").is_some_and(|l| !l.is_null()) {
                 return Err(ConfigError::Unsupported {
                     key: format!("{key}.override_architecture"),
                     hint: "architecture overrides are not supported".into(),
                 });
             }
-            match m.get("model").or_else(|| m.get("path")) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Mapping(p)) => {
-                    if p.get("revision").is_some_and(|r| !r.is_null()) {
-                        return Err(ConfigError::Unsupported {
-                            key: format!("{key}.model.revision"),
-                            hint: "Hugging Face revisions are not supported; download the model and give its path or URL".into(),
-                        });
-                    }
-                    match p.get("path") {
-                        Some(Value::String(s)) => s.clone(),
-                        _ => return Err(key_err(format!("{key}.model"), "needs a `path` string")),
-                    }
-                }
-                _ => {
+            let model = match m.get("model").or_else(|| m.get("path")) {
+                Some(p) => model_path(p, &format!("{key}.model"))?,
+                None => {
                     return Err(key_err(
                         key,
-                        "must be a path or URL string, or `{model: {path: ...}}`",
+                        "must be a path, Hub id or URL string, or `{model: {path: ...}}`",
                     ))
                 }
-            }
+            };
+            let lora = match m.get("lora") {
+                None | Some(Value::Null) => None,
+                Some(l) => Some(model_path(l, &format!("{key}.lora"))?),
+            };
+            Ok(ModelRef::from_parts(model, lora))
         }
-        _ => return Err(key_err(key, "must be a path or URL string")),
-    };
-    check_model_form(&s, key)?;
-    Ok(ModelRef(s))
+        _ => Err(key_err(key, "must be a path, Hub id or URL string")),
+    }
 }
 
-fn check_model_form(s: &str, key: &str) -> Result<(), ConfigError> {
-    if s.trim().is_empty() {
-        return Err(key_err(key, "is empty"));
+/// A `ModelPath`: `path@rev` or `{path, revision}`.
+fn model_path(v: &Value, key: &str) -> Result<ModelPath, ConfigError> {
+    match v {
+        Value::String(s) => ModelPath::parse(s).map_err(|m| key_err(key, m)),
+        Value::Mapping(p) => {
+            let path = match p.get("path") {
+                Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+                _ => return Err(key_err(key, "needs a `path` string")),
+            };
+            let revision = match p.get("revision") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(r)) => Some(r.clone()),
+                Some(_) => return Err(key_err(format!("{key}.revision"), "must be a string")),
+            };
+            Ok(ModelPath { path, revision })
+        }
+        _ => Err(key_err(key, "must be a path string or `{path, revision}`")),
     }
-    let is_url = s.contains("://");
-    if s.contains('+') && !is_url {
-        return Err(ConfigError::Unsupported {
-            key: key.into(),
-            hint: format!("`{s}` uses the `model+lora` form; LoRA adapters are not supported, merge the adapter into its model first"),
-        });
-    }
-    if s.contains('@') && !is_url {
-        return Err(ConfigError::Unsupported {
-            key: key.into(),
-            hint: format!("`{s}` uses the `path@revision` form; revisions are not supported, download that revision and give its path or URL"),
-        });
-    }
-    Ok(())
 }
 
 fn per_tensor_bool(v: &Value, key: &str) -> Result<PerTensor<bool>, ConfigError> {
@@ -493,8 +471,11 @@ mod tests {
     #[test]
     fn minimal_config() {
         let c = MergeConfig::from_yaml(OK).unwrap();
-        assert_eq!(c.base_model.0, "base");
-        assert_eq!(c.models, vec![ModelRef("a".into()), ModelRef("b".into())]);
+        assert_eq!(c.base_model.text, "base");
+        assert_eq!(
+            c.models,
+            vec![ModelRef::parse("a").unwrap(), ModelRef::parse("b").unwrap()]
+        );
         assert_eq!(c.filter_wise, PerTensor::Scalar(false));
         assert!(c.dtype.is_none() && c.warnings.is_empty());
     }
@@ -555,10 +536,16 @@ mod tests {
             "models:\n  - model: {model: {path: a}}\n  - model: b\nmerge_method: model_stock\nbase_model: {model: {path: base}}\n",
         )
         .unwrap();
-        assert_eq!(c.models[0].0, "a");
-        assert_eq!(c.base_model.0, "base");
-        assert!(err("models:\n  - model: {model: {path: a, revision: v1}}\n  - model: b\nmerge_method: model_stock\nbase_model: x\n").contains("revision"));
-        assert!(err("models:\n  - model: {model: {path: a}, lora: {path: l}}\n  - model: b\nmerge_method: model_stock\nbase_model: x\n").contains("lora"));
+        assert_eq!(c.models[0].text, "a");
+        assert_eq!(c.base_model.text, "base");
+        let c = MergeConfig::from_yaml("models:\n  - model: {model: {path: a, revision: v1}, lora: l@r}\n  - model: b@v2\nmerge_method: model_stock\nbase_model: x\n").unwrap();
+        assert_eq!(c.models[0].text, "a@v1+l@r");
+        assert_eq!(
+            c.models[0].lora.as_ref().unwrap().revision.as_deref(),
+            Some("r")
+        );
+        assert_eq!(c.models[1].model.revision.as_deref(), Some("v2"));
+        assert!(err("models:\n  - model: {model: {path: a}, override_architecture: X}\n  - model: b\nmerge_method: model_stock\nbase_model: x\n").contains("override_architecture"));
     }
 
     #[test]
@@ -573,8 +560,9 @@ mod tests {
             ("models:\n  - model: a\n  - model: x\nmerge_method: model_stock\nbase_model: x\n", "at least two"),
             ("models:\n  - model: a\n  - model: a/\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "listed twice"),
             ("merge_method: model_stock\nbase_model: x\n", "`models`"),
-            ("models:\n  - model: a@main\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "path@revision"),
-            ("models:\n  - model: a+lora\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "LoRA"),
+            ("models:\n  - model: a@main@x\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "more than one `@`"),
+            ("models:\n  - model: a+l+m\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "more than one `+`"),
+            ("models:\n  - model: a@v1\n  - model: ./a@v1\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "listed twice"),
             ("models:\n  - parameters: {}\n  - model: b\nmerge_method: model_stock\nbase_model: x\n", "models[0]"),
         ];
         for (yaml, want) in cases {
@@ -631,7 +619,7 @@ mod tests {
             "models:\n  - &first {model: a}\n  - model: b\nmerge_method: model_stock\nbase_model: &b base\n",
         )
         .unwrap();
-        assert_eq!(c.models[0].0, "a");
+        assert_eq!(c.models[0].text, "a");
         assert!(err(
             "models: [{model: a}, {model: b}]\nmerge_method: model_stock\nbase_model: *nope\n"
         )

@@ -142,9 +142,15 @@ impl Error {
     pub fn is_store(&self) -> bool {
         matches!(
             self,
-            Error::Store(StoreError::Read { .. })
-                | Error::Sink(SinkError::Store { .. } | SinkError::Read(StoreError::Read { .. }))
-                | Error::Source(SourceError::Store(StoreError::Read { .. }))
+            Error::Store(StoreError::Read { .. } | StoreError::Hub { .. })
+                | Error::Sink(
+                    SinkError::Store { .. }
+                        | SinkError::Read(StoreError::Read { .. } | StoreError::Hub { .. })
+                )
+                | Error::Source(
+                    SourceError::Store(StoreError::Read { .. } | StoreError::Hub { .. })
+                        | SourceError::Hub(crate::hub::HubError::Http { .. })
+                )
         )
     }
 

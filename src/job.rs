@@ -12,6 +12,7 @@ use crate::checkpoint;
 use crate::config::{ConfigError, MergeConfig};
 use crate::error::Result;
 use crate::plan::{plan, MergePlan, PlanOptions};
+use crate::resolve;
 use crate::sink::{Sink, SinkError, INDEX_NAME};
 use crate::source::{open_model, ModelSource, SourceError};
 use crate::store::{head_size, read_small, Location, Stores};
@@ -30,13 +31,25 @@ impl Job {
     /// Parse the config and plan the merge from the models' headers. Everything a merge
     /// would refuse before moving weights is refused here, so `plan` checks it too.
     pub async fn load(config_yaml: &str, stores: &Stores, opts: PlanOptions) -> Result<Job> {
-        let config = MergeConfig::from_yaml(config_yaml)?;
-        let locations = config
-            .all_models()
-            .map(|m| stores.resolve(&m.0))
+        let mut config = MergeConfig::from_yaml(config_yaml)?;
+        refuse_adapters(&config)?;
+        let pinned =
+            try_join_all(config.all_models().map(|m| resolve::pin(stores, &m.model))).await?;
+        config
+            .warnings
+            .extend(pinned.iter().filter_map(|p| p.note.clone()));
+        let locations = pinned
+            .iter()
+            .map(|p| stores.resolve(&p.spec))
             .collect::<Result<Vec<_>, _>>()?;
         refuse_duplicates(&config, &locations)?;
-        let models = try_join_all(config.all_models().map(|m| open_model(stores, &m.0))).await?;
+        let models = try_join_all(
+            config
+                .all_models()
+                .zip(&pinned)
+                .map(|(m, p)| open_model(stores, &p.spec, &m.text)),
+        )
+        .await?;
         let plan = plan(&config, &models, opts)?;
         let config_json = output_config_json(&models[0].location, &config, &plan).await?;
         Ok(Job {
@@ -68,7 +81,7 @@ impl Job {
             return Err(SinkError::OverlapsInput {
                 output: out.display.clone(),
                 how,
-                input: reference.0.clone(),
+                input: reference.text.clone(),
             });
         }
         Ok(())
@@ -165,7 +178,7 @@ impl Job {
 /// Two spellings of one model (`./m/ft1` and `m/ft1/`, a path and its `file://` URL, a
 /// symlink and its target) would merge a model with itself.
 fn refuse_duplicates(config: &MergeConfig, locations: &[Location]) -> Result<(), ConfigError> {
-    let names: Vec<&str> = config.all_models().map(|m| m.0.as_str()).collect();
+    let names: Vec<&str> = config.all_models().map(|m| m.text.as_str()).collect();
     let ids: Vec<_> = locations.iter().map(Location::identity).collect();
     for (j, id) in ids.iter().enumerate() {
         if let Some(i) = ids[..j].iter().position(|a| a == id) {
@@ -180,6 +193,19 @@ fn refuse_duplicates(config: &MergeConfig, locations: &[Location]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// LoRA adapters (`model+adapter`) are parsed but not applied yet: refuse, naming them.
+fn refuse_adapters(config: &MergeConfig) -> Result<(), ConfigError> {
+    match config.all_models().find(|m| m.lora.is_some()) {
+        None => Ok(()),
+        Some(m) => Err(ConfigError::Unsupported {
+            key: "models".into(),
+            hint: format!(
+                "`{m}` names a LoRA adapter (`MODEL+ADAPTER`); applying adapters is not implemented yet: merge the adapter into its model first (PEFT `merge_and_unload`)"
+            ),
+        }),
+    }
 }
 
 /// Read and check the base's config.json now (a merge must not fail on it hours later).

@@ -44,6 +44,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{url}: {source}")]
+    Hub {
+        url: String,
+        #[source]
+        source: crate::hub::HubError,
+        /// As in [`StoreError::Read`].
+        input: bool,
+    },
     #[error("{url}: asked for bytes {start}..{end} but got {got}: the file changed or was truncated during the merge")]
     Truncated {
         url: String,
@@ -65,6 +73,9 @@ impl StoreError {
                             | object_store::Error::Unauthenticated { .. }
                     )
             }
+            StoreError::Hub { input, source, .. } => {
+                *input || !matches!(source, crate::hub::HubError::Http { .. })
+            }
             StoreError::BadLocation { .. }
             | StoreError::Local { .. }
             | StoreError::Truncated { .. } => true,
@@ -72,12 +83,25 @@ impl StoreError {
     }
 }
 
-/// Wrap an object_store error with the URL read; `input` as in [`StoreError::Read`].
+/// Wrap an object_store error with the URL read; `input` as in [`StoreError::Read`]. A Hub
+/// refusal (gated, missing, ...) is its own message, without object_store's wording around it.
 pub fn store_err(url: &str, input: bool) -> impl FnOnce(object_store::Error) -> StoreError + '_ {
-    move |source| StoreError::Read {
-        url: url.to_string(),
-        source,
-        input,
+    move |source| {
+        let hub = std::error::Error::source(&source)
+            .and_then(|e| e.downcast_ref::<crate::hub::HubError>())
+            .cloned();
+        match hub {
+            Some(h) if !matches!(source, object_store::Error::NotFound { .. }) => StoreError::Hub {
+                url: url.to_string(),
+                source: h,
+                input,
+            },
+            _ => StoreError::Read {
+                url: url.to_string(),
+                source,
+                input,
+            },
+        }
     }
 }
 
@@ -118,6 +142,13 @@ impl Location {
     /// paths with symlinks resolved (as far as the path exists; the rest is appended as
     /// written, already free of `.` and `..`).
     pub fn identity(&self) -> (String, Vec<String>) {
+        if let Some(hub) = self
+            .local_dir
+            .as_deref()
+            .and_then(|d| cache_identity(&canonical(d)))
+        {
+            return hub;
+        }
         let segments = match &self.local_dir {
             Some(dir) => canonical(dir)
                 .components()
@@ -134,6 +165,22 @@ impl Location {
         };
         (self.store_id.clone(), segments)
     }
+}
+
+/// A folder inside an HF cache snapshot (`.../models--ORG--NAME/snapshots/COMMIT/...`) is the
+/// Hub repo at that commit: the same model as `ORG/NAME@COMMIT` read from the Hub.
+fn cache_identity(path: &std::path::Path) -> Option<(String, Vec<String>)> {
+    let parts: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let i = parts.iter().rposition(|p| p.starts_with("models--"))?;
+    let repo = parts[i].strip_prefix("models--")?.replace("--", "/");
+    if parts.get(i + 1).map(String::as_str) != Some("snapshots") {
+        return None;
+    }
+    let commit = parts.get(i + 2)?;
+    Some((format!("hf:{repo}@{commit}"), parts[i + 3..].to_vec()))
 }
 
 /// `path` with symlinks resolved in its longest existing ancestor.
@@ -357,6 +404,7 @@ async fn fetch_into(
 #[derive(Default)]
 pub struct Stores {
     cache: Mutex<HashMap<String, StorePair>>,
+    hub: std::sync::OnceLock<Arc<crate::hub::HubClient>>,
 }
 
 /// Retry policy for every remote store: bounded in total time (120 s, or
@@ -387,6 +435,9 @@ impl Stores {
     /// Resolve a model reference or output location: a URL (`s3://`, `gs://`, `az://`,
     /// `abfs://`, `http(s)://`, `file://`) or a local path relative to the working directory.
     pub fn resolve(&self, spec: &str) -> Result<Location, StoreError> {
+        if let Some(rest) = spec.strip_prefix("hf://") {
+            return self.hub_location(rest, spec);
+        }
         if spec.contains("://") {
             let url = Url::parse(spec).map_err(|e| StoreError::BadLocation {
                 location: spec.into(),
@@ -430,6 +481,82 @@ impl Stores {
             };
             self.local(abs)
         }
+    }
+
+    /// The Hub client of this process (built on first use, from the environment).
+    pub fn hub(&self) -> Result<Arc<crate::hub::HubClient>, StoreError> {
+        if let Some(c) = self.hub.get() {
+            return Ok(c.clone());
+        }
+        let env = crate::hub::HubEnv::from_env();
+        let endpoint = env.endpoint.clone();
+        let client = crate::hub::HubClient::new(env).map_err(|e| StoreError::BadLocation {
+            location: endpoint,
+            message: e.to_string(),
+        })?;
+        Ok(self.hub.get_or_init(|| Arc::new(client)).clone())
+    }
+
+    /// `hf://REPO@COMMIT[/FILE]`, pinned (a branch is pinned before a merge starts, by
+    /// [`crate::resolve`]): a file the local cache holds is a local file; offline, the
+    /// whole snapshot is a local folder; else the repo is a [`crate::hub::HubStore`].
+    fn hub_location(&self, rest: &str, spec: &str) -> Result<Location, StoreError> {
+        let bad = |message: String| StoreError::BadLocation {
+            location: spec.into(),
+            message,
+        };
+        let (repo, after) = rest
+            .split_once('@')
+            .ok_or_else(|| bad("needs a pinned commit: hf://REPO@COMMIT/FILE".into()))?;
+        let (commit, file) = after.split_once('/').unwrap_or((after, ""));
+        let file = file.trim_matches('/');
+        if !crate::reference::is_hub_id(repo) || !crate::reference::is_commit(commit) {
+            return Err(bad(
+                "expected hf://REPO@COMMIT/FILE with a Hub repo id and a 40-digit commit".into(),
+            ));
+        }
+        let client = self.hub()?;
+        let env = client.env();
+        let display = format!("hf://{repo}@{commit}");
+        if let Some(cache) = env.cache.as_deref() {
+            if !file.is_empty() {
+                if let Some(p) = crate::hub::cache::file(cache, repo, commit, file) {
+                    return self.local(p);
+                }
+            } else if env.offline {
+                let dir = crate::hub::cache::snapshot(cache, repo, commit);
+                return Ok(Location {
+                    display,
+                    ..self.local(dir)?
+                });
+            }
+        }
+        if env.offline {
+            let what = if file.is_empty() {
+                "the snapshot".to_string()
+            } else {
+                format!("`{file}`")
+            };
+            return Err(bad(crate::hub::HubError::Offline {
+                repo: repo.into(),
+                at: format!("@{commit}"),
+                what,
+                cache: crate::hub::cache_name(env),
+            }
+            .to_string()));
+        }
+        Ok(Location {
+            store: Arc::new(crate::hub::HubStore::new(client.clone(), repo, commit)),
+            multipart: None,
+            prefix: Path::from(file),
+            display: if file.is_empty() {
+                display
+            } else {
+                format!("{display}/{file}")
+            },
+            local_dir: None,
+            store_id: format!("hf:{repo}@{commit}"),
+        })
     }
 
     fn local(&self, path: PathBuf) -> Result<Location, StoreError> {

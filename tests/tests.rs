@@ -15,6 +15,8 @@ mod fleet;
 mod fp8;
 /// mergekit's golden outputs, bit for bit; what a checkpoint holds.
 mod golden;
+/// Hugging Face Hub ids: a real nginx shaped like the Hub, the real huggingface_hub cache.
+mod hub;
 /// The container image run with podman: its user, a merge, a cluster of containers.
 mod image;
 /// Kills and SIGTERM mid-merge leave nothing that looks complete.

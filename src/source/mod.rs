@@ -28,6 +28,8 @@ pub enum SourceError {
     Invalid { file: String, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
 }
 
 impl SourceError {
@@ -119,10 +121,15 @@ pub async fn read_header(
 }
 
 /// Open a model from its headers: `model.safetensors.index.json` + shards, or a single
-/// `model.safetensors`.
-pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, SourceError> {
+/// `model.safetensors`. `spec` is where it is (pinned, see [`crate::resolve`]),
+/// `reference` how the config names it.
+pub async fn open_model(
+    stores: &Stores,
+    spec: &str,
+    reference: &str,
+) -> Result<ModelSource, SourceError> {
     let location = stores.resolve(spec)?;
-    check_local_dir(&location, spec)?;
+    check_local_dir(&location)?;
     let index_url = location.child_display(INDEX);
     let (names, weight_map) = list_files(&location, &index_url).await?;
     let headers = read_headers(
@@ -144,7 +151,7 @@ pub async fn open_model(stores: &Stores, spec: &str) -> Result<ModelSource, Sour
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
     let fp8_block = quantization(&location).await?;
     Ok(ModelSource {
-        reference: spec.to_string(),
+        reference: reference.to_string(),
         location,
         files,
         tensors,
@@ -209,24 +216,19 @@ fn parse_quantization(config_json: &[u8]) -> Result<Option<[usize; 2]>, String> 
     }
 }
 
-/// A local model must be a directory; say what to do when it is not (a file, a typo, a
-/// Hugging Face hub id).
-fn check_local_dir(location: &Location, spec: &str) -> Result<(), SourceError> {
+/// A local model must be a directory (a missing one never gets here: see
+/// [`crate::resolve`]).
+fn check_local_dir(location: &Location) -> Result<(), SourceError> {
     if let Some(dir) = &location.local_dir {
         if !dir.is_dir() {
-            let looks_like_hub_id = !spec.starts_with(['/', '.', '~'])
-                && !spec.contains("://")
-                && spec.matches('/').count() == 1;
             let message = if dir.exists() {
-                "is not a directory; give the model's directory (holding model.safetensors or its index)".to_string()
-            } else if looks_like_hub_id {
-                format!("no such directory, and Hugging Face hub ids are not supported: download it first (`huggingface-cli download {spec} --local-dir DIR`) and give the directory or an object-store URL")
+                "is not a directory; give the model's directory (holding model.safetensors or its index)"
             } else {
-                "no such model directory".to_string()
+                "no such model directory"
             };
             return Err(SourceError::NotFound {
                 location: dir.display().to_string(),
-                message,
+                message: message.into(),
             });
         }
     }

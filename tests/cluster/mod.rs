@@ -11,15 +11,15 @@ mod chaos;
 mod contract;
 mod observe;
 
-struct Cluster {
-    dir: TempDir,
+pub(crate) struct Cluster {
+    pub(crate) dir: TempDir,
     port: u16,
     env: Vec<(String, String)>,
     cwd: PathBuf,
 }
 
 impl Cluster {
-    fn new(cwd: &Path, env: Vec<(String, String)>) -> Cluster {
+    pub(crate) fn new(cwd: &Path, env: Vec<(String, String)>) -> Cluster {
         Cluster {
             dir: tmp(),
             port: free_port(),
@@ -28,7 +28,7 @@ impl Cluster {
         }
     }
 
-    fn coordinator(&self, config: &str, out: &str, extra: &[&str], log: &str) -> Proc {
+    pub(crate) fn coordinator(&self, config: &str, out: &str, extra: &[&str], log: &str) -> Proc {
         let listen = format!("127.0.0.1:{}", self.port);
         let mut args = vec![
             "coordinator",
@@ -47,7 +47,7 @@ impl Cluster {
         p
     }
 
-    fn worker(&self, name: &str, extra: &[&str], env: &[(String, String)]) -> Proc {
+    pub(crate) fn worker(&self, name: &str, extra: &[&str], env: &[(String, String)]) -> Proc {
         let url = format!("http://127.0.0.1:{}", self.port);
         let mut args = vec![
             "worker",
@@ -72,7 +72,7 @@ impl Cluster {
         )
     }
 
-    fn workers(&self, n: usize, env: &[(String, String)]) -> Vec<Proc> {
+    pub(crate) fn workers(&self, n: usize, env: &[(String, String)]) -> Vec<Proc> {
         (1..=n)
             .map(|i| self.worker(&format!("w{i}"), &[], env))
             .collect()

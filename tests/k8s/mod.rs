@@ -653,7 +653,7 @@ fn check_overlay(name: &str, r: &Rendered, config: &mergefleet::config::MergeCon
     let (_, wspec, wc) = pod(r, "worker");
     let store_env = container_env(r, cspec, cc, "coordinator").unwrap();
     let output = expand("$(MERGEFLEET_OUTPUT)", &store_env).unwrap();
-    let inputs: Vec<String> = config.all_models().map(|m| m.0.clone()).collect();
+    let inputs: Vec<String> = config.all_models().map(|m| m.text.clone()).collect();
     match name {
         "aws-s3" => {
             let sa = &r.service_accounts[cspec.service_account_name.as_deref().unwrap()];
@@ -1030,7 +1030,7 @@ fn rehearse(overlay: &str, s3: &S3Server) -> (PathBuf, TempDir, Rehearsal) {
         }
     };
     for (i, m) in config.all_models().enumerate() {
-        mergefleet::synth::write_model(&place(&m.0), &shape, i as u64, 2).unwrap();
+        mergefleet::synth::write_model(&place(&m.text), &shape, i as u64, 2).unwrap();
     }
     let out_url = rh.localize(&store_env["MERGEFLEET_OUTPUT"]);
     if out_url.starts_with("s3://") {

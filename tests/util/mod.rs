@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod hub;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mergefleet")
 }

@@ -1,0 +1,250 @@
+//! Hugging Face Hub ids against a real HTTP server shaped like the Hub (nginx, see
+//! `tests/hub/README.md`): merges read straight from it equal the same models as local
+//! folders; a branch moved mid-merge changes nothing; every Hub refusal names the repo and
+//! what to do; 429s are waited out; a redirect to another host never gets the token; and
+//! the real huggingface_hub client fills a cache that mergefleet merges from offline.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cluster::Cluster;
+use crate::util::hub::{HubServer, TOKEN};
+use crate::util::*;
+
+/// The sharded golden's three models (base, two fine-tunes; 3, 2 and 2 shards).
+const SET: [(&str, &str); 3] = [
+    ("acme/base", "base_sh"),
+    ("acme/ft-one", "ft1_sh"),
+    ("acme/ft-two", "ft2_sh"),
+];
+
+fn config(base: &str, a: &str, b: &str) -> String {
+    format!(
+        "models:\n  - model: {a}\n  - model: {b}\nmerge_method: model_stock\nbase_model: {base}\ndtype: float32\nout_dtype: float16\n"
+    )
+}
+
+/// Shards small enough that the output has several files and the merge several tasks.
+const LAYOUT: [&str; 4] = ["--out-shard-size", "40K", "--task-size", "1"];
+
+/// Publish the set on `hub` (branch `main`).
+fn publish_set(hub: &HubServer) {
+    for (repo, dir) in SET {
+        hub.publish(repo, "main", &fixtures().join("models").join(dir));
+    }
+}
+
+/// The same merge from the local folders.
+fn local_merge() -> TempDir {
+    let dir = tmp();
+    let cfg = dir.path().join("local.yml");
+    std::fs::write(
+        &cfg,
+        config("./models/base_sh", "./models/ft1_sh", "./models/ft2_sh"),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let mut args = vec!["merge", cfg.to_str().unwrap(), out.to_str().unwrap(), "-q"];
+    args.extend(LAYOUT);
+    assert_ok(&run_in(&fixtures(), &args, &[]));
+    dir
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("config.yml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Merge `cfg` in a fresh working directory with `env`; returns the output.
+fn hub_merge(cfg: &Path, env: &[(String, String)], extra: &[&str]) -> (TempDir, String) {
+    let out = tmp();
+    let target = out.path().join("out");
+    let mut args = vec!["merge", cfg.to_str().unwrap(), target.to_str().unwrap()];
+    args.extend(LAYOUT);
+    args.extend_from_slice(extra);
+    let o = run_in(out.path(), &args, env);
+    let t = assert_exit(&o, 0);
+    (out, t)
+}
+
+#[test]
+fn hub_ids_merge_as_their_local_folders_and_nothing_is_written_to_disk() {
+    let hub = HubServer::start();
+    publish_set(&hub);
+    let cache = tmp();
+    let env = hub.env(&cache.path().join("hf"));
+    let work = tmp();
+    let cfg = write_config(
+        work.path(),
+        &config("acme/base", "acme/ft-one", "acme/ft-two"),
+    );
+
+    // plan reads headers only: no tensor bytes leave the Hub.
+    let o = run_in(work.path(), &["plan", cfg.to_str().unwrap()], &env);
+    assert_exit(&o, 0);
+    let ranges_before = hub.requests().matches(".safetensors").count();
+
+    let (out, _) = hub_merge(&cfg, &env, &[]);
+    let local = local_merge();
+    assert_same_checkpoint(&out.path().join("out"), &local.path().join("out"));
+    assert!(
+        hub.requests().matches(".safetensors").count() > ranges_before,
+        "the merge read its tensors from the Hub"
+    );
+    // Nothing under the cache or HF_HOME: the Hub is read, never downloaded.
+    assert!(!cache.path().join("hf").exists(), "a cache was written");
+    // The card and the saved config keep the ids as written.
+    let card = std::fs::read_to_string(out.path().join("out/README.md")).unwrap();
+    assert!(card.contains("acme/ft-one"), "{card}");
+    let saved = std::fs::read_to_string(out.path().join("out/mergekit_config.yml")).unwrap();
+    assert_eq!(saved, config("acme/base", "acme/ft-one", "acme/ft-two"));
+}
+
+#[test]
+fn a_two_worker_cluster_reads_the_hub_and_a_branch_moved_mid_merge_changes_nothing() {
+    let hub = HubServer::start();
+    publish_set(&hub);
+    // A second commit of ft-one (ft3's weights) that `main` moves to once the coordinator
+    // has planned: workers must still read the first.
+    let first = hub.publish("acme/ft-one", "main", &fixtures().join("models/ft1_sh"));
+    let cache = tmp();
+    let env = hub.env(&cache.path().join("hf"));
+    let c = Cluster::new(Path::new("/"), env);
+    let cfg = write_config(
+        c.dir.path(),
+        &config("acme/base", "acme/ft-one", "acme/ft-two"),
+    );
+    let out = tmp();
+    let target = out.path().join("out");
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        target.to_str().unwrap(),
+        &LAYOUT,
+        "coordinator.log",
+    );
+    // The moved branch: different weights under the same names and shapes.
+    let moved = tmp();
+    copy_dir(&fixtures().join("models/ft2_sh"), moved.path());
+    let second = hub.publish("acme/ft-one", "main", moved.path());
+    assert_ne!(first, second);
+    let mut workers = c.workers(2, &[]);
+    assert_exit_ok(&mut coord, 120);
+    for w in &mut workers {
+        assert_exit_ok(w, 60);
+    }
+    let local = local_merge();
+    assert_same_checkpoint(&target, &local.path().join("out"));
+    assert!(
+        !hub.requests().contains(&format!("/resolve/{second}/")),
+        "a worker read the moved branch's commit"
+    );
+}
+
+#[test]
+fn hub_refusals_name_the_repo_and_what_to_do() {
+    let hub = HubServer::start();
+    publish_set(&hub);
+    hub.publish("gated/base", "main", &fixtures().join("models/base_sh"));
+    // A repo whose index lists a shard the commit does not have.
+    let partial = tmp();
+    copy_dir(&fixtures().join("models/ft1_sh"), partial.path());
+    std::fs::remove_file(partial.path().join("model-00002-of-00002.safetensors")).unwrap();
+    hub.publish("acme/partial", "main", partial.path());
+    // A repo with PyTorch weights only.
+    let bin = tmp();
+    std::fs::write(bin.path().join("config.json"), b"{}").unwrap();
+    std::fs::write(bin.path().join("pytorch_model.bin"), b"not really").unwrap();
+    hub.publish("acme/old", "main", bin.path());
+
+    let cache = tmp();
+    let env = hub.env(&cache.path().join("hf"));
+    let work = tmp();
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "gated/base",
+            &["gated/base", "HF_TOKEN", "accept the conditions"],
+        ),
+        (
+            "acme/nope",
+            &["acme/nope", "no Hugging Face repo", "HF_TOKEN"],
+        ),
+        ("acme/base@v9", &["acme/base", "no revision `v9`"]),
+        (
+            "acme/partial",
+            &[
+                "model-00002-of-00002.safetensors",
+                "listed in",
+                "acme/partial",
+            ],
+        ),
+        ("acme/old", &["acme/old", ".bin", "safetensors"]),
+        (
+            "not a/hub id",
+            &["not a/hub id", "not a Hugging Face repo id"],
+        ),
+    ];
+    for (base, wants) in cases {
+        let cfg = write_config(work.path(), &config(base, "acme/ft-one", "acme/ft-two"));
+        for cmd in ["plan", "merge"] {
+            let out = work.path().join("out");
+            let o = run_in(
+                work.path(),
+                &[cmd, cfg.to_str().unwrap(), out.to_str().unwrap()],
+                &env,
+            );
+            let t = assert_exit(&o, 2);
+            for w in *wants {
+                assert!(t.contains(w), "{cmd} {base}: wanted `{w}` in:\n{t}");
+            }
+            assert!(!out.exists(), "{cmd} {base}: an output was written");
+        }
+    }
+    // The gated repo with the token merges.
+    let cfg = write_config(
+        work.path(),
+        &config("gated/base", "acme/ft-one", "acme/ft-two"),
+    );
+    let mut with_token = env.clone();
+    with_token.push(("HF_TOKEN".into(), TOKEN.into()));
+    let (out, _) = hub_merge(&cfg, &with_token, &[]);
+    assert_same_checkpoint(&out.path().join("out"), &local_merge().path().join("out"));
+    // A wrong token says it was refused.
+    let mut wrong = env.clone();
+    wrong.push(("HF_TOKEN".into(), "hf_wrong".into()));
+    let o = run_in(work.path(), &["plan", cfg.to_str().unwrap()], &wrong);
+    let t = assert_exit(&o, 2);
+    assert!(t.contains("token was refused"), "{t}");
+}
+
+#[test]
+fn a_429_burst_is_waited_out_and_a_redirect_to_another_host_gets_no_token() {
+    let hub = HubServer::start();
+    publish_set(&hub);
+    // ft-two's files live on the CDN host: the token must not follow the redirect there
+    // (the CDN answers 403 if it does).
+    hub.mark("acme/ft-two", ".cdnhost", true);
+    let cache = tmp();
+    let mut env = hub.env(&cache.path().join("hf"));
+    env.push(("HF_TOKEN".into(), TOKEN.into()));
+    let work = tmp();
+    let cfg = write_config(
+        work.path(),
+        &config("acme/base", "acme/ft-one", "acme/ft-two"),
+    );
+    // Every request for the base answers 429 (Retry-After: 1) for 2.5 s.
+    hub.mark("acme/base", ".throttle", true);
+    let lift = std::thread::spawn({
+        let marker = hub.tree().join("acme/base/.throttle");
+        move || {
+            std::thread::sleep(Duration::from_millis(2500));
+            std::fs::remove_file(marker).unwrap();
+        }
+    });
+    let (out, _) = hub_merge(&cfg, &env, &[]);
+    lift.join().unwrap();
+    assert_same_checkpoint(&out.path().join("out"), &local_merge().path().join("out"));
+    let log = hub.requests();
+    assert!(log.contains("\" 429 "), "no 429 was served:\n{log}");
+    assert!(log.contains("\" 302 "), "no redirect was served");
+}
