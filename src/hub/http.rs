@@ -2,6 +2,8 @@
 //! (429 and 503 wait what `Retry-After` asks), redirects followed by hand so the token never
 //! reaches another host, and the Hub's `X-Error-Code` turned into a [`HubError`].
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, AUTHORIZATION, LOCATION, RANGE, RETRY_AFTER};
@@ -24,6 +26,9 @@ pub struct Target<'a> {
 pub struct HubClient {
     env: HubEnv,
     http: reqwest::Client,
+    /// The files of each pinned commit the revision API listed: a file not listed is
+    /// known missing without asking (the side files a merge looks for, most absent).
+    listings: Mutex<HashMap<(String, String), Arc<BTreeSet<String>>>>,
 }
 
 impl std::fmt::Debug for HubClient {
@@ -45,7 +50,18 @@ impl HubClient {
                 url: env.endpoint.clone(),
                 message: format!("cannot build an HTTP client: {e}"),
             })?;
-        Ok(HubClient { env, http })
+        Ok(HubClient {
+            env,
+            http,
+            listings: Mutex::default(),
+        })
+    }
+
+    /// Whether `file` is in `repo` at `commit`, when a listing of that commit was read.
+    pub fn listed(&self, repo: &str, commit: &str, file: &str) -> Option<bool> {
+        let listings = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        let files = listings.get(&(repo.to_string(), commit.to_string()))?;
+        Some(files.contains(file))
     }
 
     pub fn env(&self) -> &HubEnv {
@@ -96,6 +112,15 @@ impl HubClient {
                 .map(String::from)
                 .collect::<Vec<_>>()
         });
+        if let Some(files) = &files {
+            self.listings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    (repo.to_string(), commit.to_string()),
+                    Arc::new(files.iter().cloned().collect()),
+                );
+        }
         // `false`, or how access is granted (`"auto"`, `"manual"`).
         let gated = v
             .get("gated")

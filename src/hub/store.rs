@@ -136,8 +136,16 @@ impl ObjectStore for HubStore {
             })?;
             return self.local.get_opts(&p, options).await;
         }
-        let url = self.client.resolve_url(&self.repo, &self.commit, name);
         let target = self.target(name);
+        if self.client.listed(&self.repo, &self.commit, name) == Some(false) {
+            let e = HubError::EntryNotFound {
+                repo: self.repo.clone(),
+                revision: self.commit.clone(),
+                file: name.into(),
+            };
+            return Err(self.err(name, e));
+        }
+        let url = self.client.resolve_url(&self.repo, &self.commit, name);
         if options.head {
             let resp = self
                 .client

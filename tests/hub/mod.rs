@@ -50,8 +50,13 @@ fn local_merge() -> TempDir {
     dir
 }
 
+/// Write `text` to a config file of its own in `dir` (named by its length and hash, so
+/// several configs of one test never overwrite each other).
 fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let p = dir.join("config.yml");
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    let p = dir.join(format!("config-{:016x}.yml", h.finish()));
     std::fs::write(&p, text).unwrap();
     p
 }
@@ -247,4 +252,137 @@ fn a_429_burst_is_waited_out_and_a_redirect_to_another_host_gets_no_token() {
     let log = hub.requests();
     assert!(log.contains("\" 429 "), "no 429 was served:\n{log}");
     assert!(log.contains("\" 302 "), "no redirect was served");
+}
+
+/// The Python with huggingface_hub that `.ci/run` installs (`MERGEFLEET_HF_PYTHON` to use
+/// another).
+fn hf_python() -> PathBuf {
+    if let Ok(p) = std::env::var("MERGEFLEET_HF_PYTHON") {
+        return p.into();
+    }
+    let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+    let p = PathBuf::from(tmp).join("mergefleet-ci-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run .ci/run once (it installs huggingface_hub there) or set MERGEFLEET_HF_PYTHON",
+        p.display()
+    );
+    p
+}
+
+/// Fill `cache` from `hub` with the real huggingface_hub client, as mergekit would
+/// (`snapshot_download` of the safetensors and JSON files).
+fn fill_cache(hub: &HubServer, cache: &Path, repos: &[&str]) {
+    let script = format!(
+        "from huggingface_hub import snapshot_download\nfor r in {repos:?}:\n    print(snapshot_download(r, allow_patterns=['*.safetensors', '*.json']))\n"
+    );
+    let o = std::process::Command::new(hf_python())
+        .args(["-c", &script])
+        .env("HF_ENDPOINT", hub.endpoint())
+        .env("HF_HUB_CACHE", cache)
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .env("HF_HUB_ENABLE_HF_TRANSFER", "0")
+        .env("HF_HUB_DISABLE_XET", "1")
+        .output()
+        .expect("run python");
+    assert!(o.status.success(), "snapshot_download: {}", text(&o));
+}
+
+#[test]
+fn a_cache_filled_by_huggingface_hub_is_merged_offline_and_online_without_downloads() {
+    let hub = HubServer::start();
+    publish_set(&hub);
+    let cache_dir = tmp();
+    let cache = cache_dir.path().join("hf");
+    let repos: Vec<&str> = SET.iter().map(|(r, _)| *r).collect();
+    fill_cache(&hub, &cache, &repos);
+    let env = hub.env(&cache);
+    let work = tmp();
+    let cfg = write_config(
+        work.path(),
+        &config("acme/base", "acme/ft-one", "acme/ft-two"),
+    );
+    let local = local_merge();
+
+    // Online with the cache: the Hub is asked which commit `main` is, no file is fetched.
+    let before = hub.requests().lines().count();
+    let (out, _) = hub_merge(&cfg, &env, &[]);
+    assert_same_checkpoint(&out.path().join("out"), &local.path().join("out"));
+    let new: Vec<String> = hub
+        .requests()
+        .lines()
+        .skip(before)
+        .map(String::from)
+        .collect();
+    assert!(
+        new.iter().all(|l| !l.contains("/resolve/")),
+        "files were fetched although the cache has them:\n{}",
+        new.join("\n")
+    );
+    assert!(
+        new.iter().any(|l| l.contains("/api/models/")),
+        "main was not pinned"
+    );
+
+    // --no-hf-cache reads the Hub.
+    let before = hub.requests().lines().count();
+    let (out, _) = hub_merge(&cfg, &env, &["--no-hf-cache"]);
+    assert_same_checkpoint(&out.path().join("out"), &local.path().join("out"));
+    assert!(hub
+        .requests()
+        .lines()
+        .skip(before)
+        .any(|l| l.contains("/resolve/") && l.contains(".safetensors")));
+
+    // Naming a model twice, once by id and once by its cache snapshot, is refused.
+    let snapshot = std::fs::read_dir(cache.join("models--acme--ft-one/snapshots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let twice = write_config(
+        work.path(),
+        &config("acme/base", "acme/ft-one", snapshot.to_str().unwrap()),
+    );
+    let o = run_in(work.path(), &["plan", twice.to_str().unwrap()], &env);
+    let t = assert_exit(&o, 2);
+    assert!(t.contains("listed twice"), "{t}");
+
+    // Offline, with the server gone: the cache alone.
+    drop(hub);
+    let mut offline = env.clone();
+    offline.push(("HF_HUB_OFFLINE".into(), "1".into()));
+    let (out, _) = hub_merge(&cfg, &offline, &[]);
+    assert_same_checkpoint(&out.path().join("out"), &local.path().join("out"));
+    // A revision the cache does not have is named, with the repo and the cache.
+    let missing = write_config(
+        work.path(),
+        &config("acme/base@v2", "acme/ft-one", "acme/ft-two"),
+    );
+    let o = run_in(work.path(), &["plan", missing.to_str().unwrap()], &offline);
+    let t = assert_exit(&o, 2);
+    for w in [
+        "HF_HUB_OFFLINE",
+        "acme/base",
+        "@v2",
+        cache.to_str().unwrap(),
+    ] {
+        assert!(t.contains(w), "wanted `{w}` in {t}");
+    }
+    // A file the cache lacks is named.
+    let shard = std::fs::read_dir(cache.join("models--acme--ft-two/snapshots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("model-00002-of-00002.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    let o = run_in(work.path(), &["plan", cfg.to_str().unwrap()], &offline);
+    let t = assert_exit(&o, 2);
+    assert!(
+        t.contains("model-00002-of-00002.safetensors") && t.contains("acme/ft-two"),
+        "{t}"
+    );
 }
