@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use crate::config::MergeConfig;
+use crate::config::{MergeConfig, ModelPath, ModelRef};
 use crate::plan::MergePlan;
 
 /// Files copied byte for byte from the base model when present: the list mergekit 0.1.5
@@ -117,11 +117,37 @@ pub fn config_json(base: &[u8], dtype: Option<&str>, fp8: bool) -> Result<Vec<u8
     Ok(out)
 }
 
-/// A model card in the shape mergekit writes.
-pub fn model_card(config: &MergeConfig) -> String {
-    let models: String = config.models.iter().map(|m| format!("* {m}\n")).collect();
+/// A model card in the shape mergekit writes: front matter listing the Hugging Face models
+/// (`hub`: the paths of the models and adapters read from the Hub, in config order) and
+/// each of them linked to its page.
+pub fn model_card(config: &MergeConfig, hub: &[String]) -> String {
+    let link = |p: &ModelPath| {
+        if hub.contains(&p.path) {
+            format!("[{0}](https://huggingface.co/{0})", p.path)
+        } else {
+            p.path.clone()
+        }
+    };
+    let md = |m: &ModelRef| match &m.lora {
+        Some(l) => format!("{} + {}", link(&m.model), link(l)),
+        None => link(&m.model),
+    };
+    let models: String = config
+        .models
+        .iter()
+        .map(|m| format!("* {}\n", md(m)))
+        .collect();
+    let base_model = if hub.is_empty() {
+        "base_model: []\n".to_string()
+    } else {
+        let items: String = hub
+            .iter()
+            .map(|h| format!("- {}\n", yaml_plain(h)))
+            .collect();
+        format!("base_model:\n{items}")
+    };
     format!(
-        "---\nbase_model: []\nlibrary_name: transformers\ntags:\n- mergekit\n- merge\n- mergefleet\n\n---\n\
+        "---\n{base_model}library_name: transformers\ntags:\n- mergekit\n- merge\n- mergefleet\n\n---\n\
 # Merged model\n\n\
 This is a merge of pre-trained language models created with mergefleet {version}, which \
 reproduces [mergekit](https://github.com/arcee-ai/mergekit)'s merge methods.\n\n\
@@ -132,9 +158,17 @@ using {base} as a base.\n\n\
 ### Configuration\n\nThe following YAML configuration was used to produce this model:\n\n\
 ```yaml\n{yaml}\n```\n",
         version = env!("CARGO_PKG_VERSION"),
-        base = config.base_model,
+        base = md(&config.base_model),
         yaml = config.source_yaml.trim_end(),
     )
+}
+
+/// A string as a YAML scalar: plain when YAML reads it back as that string, else quoted.
+fn yaml_plain(s: &str) -> String {
+    match serde_yaml::from_str::<serde_yaml::Value>(s) {
+        Ok(serde_yaml::Value::String(back)) if back == s => s.to_string(),
+        _ => format!("'{}'", s.replace('\'', "''")),
+    }
 }
 
 #[cfg(test)]
@@ -210,9 +244,26 @@ mod tests {
             "models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\n",
         )
         .unwrap();
-        let card = model_card(&c);
+        let card = model_card(&c, &[]);
         assert!(card.contains("* a\n* b\n"));
         assert!(card.contains("using base as a base"));
         assert!(card.contains("merge_method: model_stock"));
+        assert!(card.starts_with("---\nbase_model: []\n"), "{card}");
+        // Hub models are listed in the front matter and linked, as mergekit does.
+        let c = MergeConfig::from_yaml(
+            "models:\n  - model: org/a+org/lora\n  - model: ./b\nmerge_method: model_stock\nbase_model: org/base@v1\n",
+        )
+        .unwrap();
+        let hub = ["org/base", "org/a", "org/lora", "1.5"].map(String::from);
+        let card = model_card(&c, &hub);
+        assert!(
+            card.starts_with("---\nbase_model:\n- org/base\n- org/a\n- org/lora\n- '1.5'\nlibrary_name: transformers\n"),
+            "{card}"
+        );
+        assert!(card.contains("* [org/a](https://huggingface.co/org/a) + [org/lora](https://huggingface.co/org/lora)\n* ./b\n"), "{card}");
+        assert!(
+            card.contains("using [org/base](https://huggingface.co/org/base) as a base"),
+            "{card}"
+        );
     }
 }

@@ -25,6 +25,8 @@ pub struct Job {
     pub plan: MergePlan,
     /// The output's `config.json` (the base's, with the output dtype), when the base has one.
     pub config_json: Option<Bytes>,
+    /// The paths (as written) of the models read from the Hugging Face Hub, for the card.
+    pub hub_models: Vec<String>,
 }
 
 impl Job {
@@ -52,11 +54,18 @@ impl Job {
         .await?;
         let plan = plan(&config, &models, opts)?;
         let config_json = output_config_json(&models[0].location, &config, &plan).await?;
+        let mut hub_models: Vec<String> = Vec::new();
+        for (m, p) in config.all_models().zip(&pinned) {
+            if p.spec.starts_with("hf://") && !hub_models.contains(&m.model.path) {
+                hub_models.push(m.model.path.clone());
+            }
+        }
         Ok(Job {
             config,
             models,
             plan,
             config_json,
+            hub_models,
         })
     }
 
@@ -122,7 +131,7 @@ impl Job {
         if model_card {
             sink.put(
                 "README.md",
-                Bytes::from(checkpoint::model_card(&self.config)),
+                Bytes::from(checkpoint::model_card(&self.config, &self.hub_models)),
             )
             .await?;
         }

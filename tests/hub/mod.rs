@@ -101,7 +101,14 @@ fn hub_ids_merge_as_their_local_folders_and_nothing_is_written_to_disk() {
     assert!(!cache.path().join("hf").exists(), "a cache was written");
     // The card and the saved config keep the ids as written.
     let card = std::fs::read_to_string(out.path().join("out/README.md")).unwrap();
-    assert!(card.contains("acme/ft-one"), "{card}");
+    assert!(
+        card.starts_with("---\nbase_model:\n- acme/base\n- acme/ft-one\n- acme/ft-two\n"),
+        "{card}"
+    );
+    assert!(
+        card.contains("* [acme/ft-one](https://huggingface.co/acme/ft-one)"),
+        "{card}"
+    );
     let saved = std::fs::read_to_string(out.path().join("out/mergekit_config.yml")).unwrap();
     assert_eq!(saved, config("acme/base", "acme/ft-one", "acme/ft-two"));
 }
