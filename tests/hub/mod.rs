@@ -393,3 +393,167 @@ fn a_cache_filled_by_huggingface_hub_is_merged_offline_and_online_without_downlo
         "{t}"
     );
 }
+
+/// What a published config does against stand-ins: merge, or exit 2 naming what a later
+/// issue adds.
+enum Outcome {
+    Merges,
+    Refused(&'static str),
+}
+
+/// Each real config of `tests/fixtures/configs` (verbatim, sources in SOURCES.md) against
+/// stand-in models published under its Hub ids: the model_stock ones merge, the rest are
+/// refused naming the key or method not implemented yet.
+const REAL: &[(&str, Outcome)] = &[
+    ("01-halu-8b-llama3-blackroot.yml", Outcome::Refused("LoRA")),
+    ("02-mistralsmall-creative-24b.yml", Outcome::Merges),
+    ("03-haphazardv1-24b.yml", Outcome::Merges),
+    ("04-nemodori-v0.1-12b-ms.yml", Outcome::Merges),
+    ("05-mergekit-model-stock-uhzhsdi.yml", Outcome::Merges),
+    ("06-mn-12b-siskin-test4b.yml", Outcome::Merges),
+    ("07-mn-chinofun-12b-3.yml", Outcome::Merges),
+    ("08-mn-sappho-j-12b.yml", Outcome::Refused("LoRA")),
+    ("09-mn-funhouse-12b.yml", Outcome::Merges),
+    (
+        "10-mergekit-model-stock-aaxylhm.yml",
+        Outcome::Refused("`tokenizer_source`"),
+    ),
+    ("11-bestofllama3-8b-stock.yml", Outcome::Merges),
+    (
+        "12-1parammyl-8b-modelstock.yml",
+        Outcome::Refused("`slices`"),
+    ),
+    (
+        "13-llama-3.1-8b-athena-apollo-exp.yml",
+        Outcome::Refused("`tokenizer_source`"),
+    ),
+    ("14-weirdcompound-v1.6-24b-stage-a.yml", Outcome::Merges),
+    ("15-neuralsynthesis-7b-v0.1.yml", Outcome::Merges),
+    ("16-mn-hekate-filter-weights.yml", Outcome::Merges),
+    (
+        "17-huatuogpt-o1-8b-lora-stock.yml",
+        Outcome::Refused("LoRA"),
+    ),
+    (
+        "18-mistral-ft-optimized-1218.yml",
+        Outcome::Refused("`slices`"),
+    ),
+    ("19-xwin-mlewd-13b-v0.2.yml", Outcome::Refused("`slices`")),
+    (
+        "20-sauerkrautlm-una-solar-instruct.yml",
+        Outcome::Refused("`slices`"),
+    ),
+    (
+        "21-huatuoskywork-o1-llama-3.1-8b.yml",
+        Outcome::Refused("`slerp` is not implemented"),
+    ),
+    (
+        "22-gemma-moon-2-9b-it.yml",
+        Outcome::Refused("not supported"),
+    ),
+    (
+        "23-silicon-maid-7b.yml",
+        Outcome::Refused("`dare_ties` is not implemented"),
+    ),
+    (
+        "24-llama-polyglot-13b.yml",
+        Outcome::Refused("not supported"),
+    ),
+    (
+        "25-sonya-7b.yml",
+        Outcome::Refused("`ties` is not implemented"),
+    ),
+    (
+        "26-neuralpipe-7b-ties.yml",
+        Outcome::Refused("`ties` is not implemented"),
+    ),
+    (
+        "27-llama2-13b-psyfighter2.yml",
+        Outcome::Refused("`task_arithmetic` is not implemented"),
+    ),
+    (
+        "28-l3-umbral-mind-rp-v3.0-8b-task-arithmetic.yml",
+        Outcome::Refused("`task_arithmetic` is not implemented"),
+    ),
+    (
+        "29-l3-umbral-mind-rp-v3.0-8b-breadcrumbs-ties.yml",
+        Outcome::Refused("`breadcrumbs_ties` is not implemented"),
+    ),
+    (
+        "30-mysticfusion-13b.yml",
+        Outcome::Refused("`linear` is not implemented"),
+    ),
+    ("31-miquliz-120b-v2.0.yml", Outcome::Refused("`slices`")),
+    (
+        "32-nemomix-unleashed-12b.yml",
+        Outcome::Refused("not supported"),
+    ),
+    (
+        "33-della-absa-german.yml",
+        Outcome::Refused("`della` is not implemented"),
+    ),
+    (
+        "34-bio-saul-dolphin-beagle-breadcrumbs.yml",
+        Outcome::Refused("`breadcrumbs` is not implemented"),
+    ),
+    ("35-neuralpipe-9b-merged.yml", Outcome::Refused("`slices`")),
+];
+
+#[test]
+fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
+    let dir = root().join("tests/fixtures/configs");
+    let sources: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("sources.json")).unwrap()).unwrap();
+    let files: Vec<&str> = sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, REAL.iter().map(|(f, _)| *f).collect::<Vec<_>>());
+    let hub = HubServer::start();
+    let stand_ins = tmp();
+    let shape = mergefleet::synth::LlamaShape::small();
+    let mut published = std::collections::BTreeSet::new();
+    for (i, e) in sources.as_array().unwrap().iter().enumerate() {
+        for id in e["hub_ids"].as_array().unwrap() {
+            let id = id.as_str().unwrap();
+            if published.insert(id.to_string()) {
+                let m = stand_ins.path().join(i.to_string()).join(id);
+                mergefleet::synth::write_model(&m, &shape, published.len() as u64, 1).unwrap();
+                hub.publish(id, "main", &m);
+            }
+        }
+    }
+    let cache = tmp();
+    let env = hub.env(&cache.path().join("hf"));
+    let work = tmp();
+    let mut merged = 0;
+    for (file, outcome) in REAL {
+        let cfg = dir.join(file);
+        let out = work.path().join(file);
+        let o = run_in(
+            work.path(),
+            &["merge", cfg.to_str().unwrap(), out.to_str().unwrap(), "-q"],
+            &env,
+        );
+        match outcome {
+            Outcome::Merges => {
+                assert_exit(&o, 0);
+                assert!(looks_complete(&out), "{file}");
+                assert_eq!(
+                    std::fs::read(out.join("mergekit_config.yml")).unwrap(),
+                    std::fs::read(&cfg).unwrap(),
+                    "{file}: the config is kept verbatim"
+                );
+                merged += 1;
+            }
+            Outcome::Refused(why) => {
+                let t = assert_exit(&o, 2);
+                assert!(t.contains(why), "{file}: wanted `{why}` in:\n{t}");
+                assert!(!out.exists(), "{file}");
+            }
+        }
+    }
+    assert_eq!(merged, 11, "model_stock configs merged");
+}
