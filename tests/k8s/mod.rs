@@ -184,10 +184,12 @@ fn container_env(
                             e.name, k.name, k.key
                         ))?
                 } else if let Some(k) = &src.secret_key_ref {
-                    r.secrets
-                        .get(&k.name)
-                        .and_then(|s| secret_value(s, &k.key))
-                        .ok_or(format!(
+                    let found = r.secrets.get(&k.name).and_then(|s| secret_value(s, &k.key));
+                    if found.is_none() && k.optional == Some(true) {
+                        // As the kubelet does: an optional key that is absent sets nothing.
+                        continue;
+                    }
+                    found.ok_or(format!(
                             "{}: Secret {} has no key {}",
                             e.name, k.name, k.key
                         ))?
