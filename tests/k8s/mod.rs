@@ -190,9 +190,9 @@ fn container_env(
                         continue;
                     }
                     found.ok_or(format!(
-                            "{}: Secret {} has no key {}",
-                            e.name, k.name, k.key
-                        ))?
+                        "{}: Secret {} has no key {}",
+                        e.name, k.name, k.key
+                    ))?
                 } else if let Some(f) = &src.field_ref {
                     match f.field_path.as_str() {
                         "metadata.name" => pod_name.to_string(),
