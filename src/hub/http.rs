@@ -28,8 +28,11 @@ pub struct HubClient {
     http: reqwest::Client,
     /// The files of each pinned commit the revision API listed: a file not listed is
     /// known missing without asking (the side files a merge looks for, most absent).
-    listings: Mutex<HashMap<(String, String), Arc<BTreeSet<String>>>>,
+    listings: Mutex<HashMap<(String, String), Listing>>,
 }
+
+/// The files of one commit.
+type Listing = Arc<BTreeSet<String>>;
 
 impl std::fmt::Debug for HubClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
