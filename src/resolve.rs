@@ -41,7 +41,9 @@ pub async fn pin(stores: &Stores, p: &ModelPath) -> Result<Pinned, SourceError> 
             }),
         };
     }
-    if std::path::Path::new(&p.path).exists() {
+    // Existence as the stores read paths: relative to the working directory, `.` and `..`
+    // taken lexically (mergekit's `os.path.exists` would miss `./x/../m` when `x` is absent).
+    if crate::store::lexical_path(&p.path).is_some_and(|l| l.exists()) {
         return Ok(Pinned {
             spec: p.path.clone(),
             note: p.revision.as_ref().map(|r| {

@@ -661,6 +661,18 @@ impl Stores {
     }
 }
 
+/// A local path as [`Stores::resolve`] reads it: absolute (relative to the working
+/// directory), `.` and `..` taken lexically.
+pub fn lexical_path(spec: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(spec);
+    let abs = if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir().ok()?.join(p)
+    };
+    Some(normalize(&abs))
+}
+
 /// Lexically normalise `.` and `..` (object_store paths reject them).
 fn normalize(p: &std::path::Path) -> PathBuf {
     use std::path::Component;

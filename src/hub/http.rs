@@ -148,20 +148,32 @@ impl HubClient {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         loop {
-            let (wait, why) = match self.follow(&method, url, range).await {
+            let (wait, why, unreachable) = match self.follow(&method, url, range).await {
                 Ok(r) if r.status().is_success() => return Ok(r),
                 Ok(r) if retryable(r.status()) => {
                     let after = retry_after(r.headers());
-                    (after.unwrap_or(backoff), format!("HTTP {}", r.status()))
+                    (
+                        after.unwrap_or(backoff),
+                        format!("HTTP {}", r.status()),
+                        false,
+                    )
                 }
                 Ok(r) => return Err(self.refusal(r, url, target).await),
-                Err(e) => (backoff, e),
+                Err(e) => (backoff, e, true),
             };
             if started.elapsed() + wait > budget {
+                let hint = if unreachable {
+                    format!(
+                        " (the Hub at {} cannot be reached: set HF_ENDPOINT to a reachable mirror, or HF_HUB_OFFLINE=1 to read `{}` from the local cache)",
+                        self.env.endpoint, target.repo
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(HubError::Http {
                     url: url.into(),
                     message: format!(
-                        "{why}; still failing after {:.0} s of retries (MERGEFLEET_RETRY_TIMEOUT_SECS)",
+                        "{why}; still failing after {:.0} s of retries (MERGEFLEET_RETRY_TIMEOUT_SECS){hint}",
                         started.elapsed().as_secs_f64()
                     ),
                 });

@@ -85,12 +85,7 @@ const BAD: &[Bad] = &[
     Bad {
         name: "missing model dir",
         setup: |d| tiny(d).replace("/ft2\n", "/nope\n"),
-        words: &["nope", "no such model directory"],
-    },
-    Bad {
-        name: "hub id",
-        setup: |d| tiny(d).replace(&format!("{}/ft2", d.display()), "meta-llama/Llama-2-7b"),
-        words: &["hub ids are not supported"],
+        words: &["nope", "no folder", "not a Hugging Face repo id"],
     },
     Bad {
         name: "pickle checkpoint",

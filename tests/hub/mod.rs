@@ -212,6 +212,27 @@ fn hub_refusals_name_the_repo_and_what_to_do() {
             assert!(!out.exists(), "{cmd} {base}: an output was written");
         }
     }
+    // A Hub that cannot be reached: the repo and what to do, within the retry budget.
+    let mut nowhere = env.clone();
+    nowhere.push((
+        "HF_ENDPOINT".into(),
+        format!("http://127.0.0.1:{}", free_port()),
+    ));
+    nowhere.push(("MERGEFLEET_RETRY_TIMEOUT_SECS".into(), "2".into()));
+    let cfg = write_config(
+        work.path(),
+        &config("acme/base", "acme/ft-one", "acme/ft-two"),
+    );
+    let o = run_in(work.path(), &["plan", cfg.to_str().unwrap()], &nowhere);
+    let t = assert_exit(&o, 2);
+    for w in [
+        "cannot be reached",
+        "HF_ENDPOINT",
+        "HF_HUB_OFFLINE",
+        "acme/",
+    ] {
+        assert!(t.contains(w), "wanted `{w}` in {t}");
+    }
     // The gated repo with the token merges.
     let cfg = write_config(
         work.path(),
