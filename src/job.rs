@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::plan::{plan, MergePlan, PlanOptions};
 use crate::resolve;
 use crate::sink::{Sink, SinkError, INDEX_NAME};
+use crate::source::adapter::open_adapter;
 use crate::source::{open_model, ModelSource, SourceError};
 use crate::store::{head_size, read_small, Location, Stores};
 
@@ -34,30 +35,52 @@ impl Job {
     /// would refuse before moving weights is refused here, so `plan` checks it too.
     pub async fn load(config_yaml: &str, stores: &Stores, opts: PlanOptions) -> Result<Job> {
         let mut config = MergeConfig::from_yaml(config_yaml)?;
-        refuse_adapters(&config)?;
         let pinned =
             try_join_all(config.all_models().map(|m| resolve::pin(stores, &m.model))).await?;
-        config
-            .warnings
-            .extend(pinned.iter().filter_map(|p| p.note.clone()));
+        let adapters = try_join_all(config.all_models().map(|m| async {
+            match &m.lora {
+                Some(l) => resolve::pin(stores, l).await.map(Some),
+                None => Ok(None),
+            }
+        }))
+        .await?;
+        config.warnings.extend(
+            pinned
+                .iter()
+                .chain(adapters.iter().flatten())
+                .filter_map(|p| p.note.clone()),
+        );
         let locations = pinned
             .iter()
             .map(|p| stores.resolve(&p.spec))
             .collect::<Result<Vec<_>, _>>()?;
-        refuse_duplicates(&config, &locations)?;
-        let models = try_join_all(
+        let adapter_locations = adapters
+            .iter()
+            .map(|a| a.as_ref().map(|p| stores.resolve(&p.spec)).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        refuse_duplicates(&config, &locations, &adapter_locations)?;
+        let mut models = try_join_all(
             config
                 .all_models()
                 .zip(&pinned)
                 .map(|(m, p)| open_model(stores, &p.spec, &m.text)),
         )
         .await?;
+        for ((model, m), a) in models.iter_mut().zip(config.all_models()).zip(&adapters) {
+            if let (Some(a), Some(l)) = (a, &m.lora) {
+                model.adapter = Some(open_adapter(stores, &a.spec, &l.to_string()).await?);
+            }
+        }
         let plan = plan(&config, &models, opts)?;
         let config_json = output_config_json(&models[0].location, &config, &plan).await?;
         let mut hub_models: Vec<String> = Vec::new();
-        for (m, p) in config.all_models().zip(&pinned) {
-            if p.spec.starts_with("hf://") && !hub_models.contains(&m.model.path) {
-                hub_models.push(m.model.path.clone());
+        for ((m, p), a) in config.all_models().zip(&pinned).zip(&adapters) {
+            let named = std::iter::once((&m.model.path, Some(p)))
+                .chain(m.lora.as_ref().map(|l| (&l.path, a.as_ref())));
+            for (path, pin) in named {
+                if pin.is_some_and(|p| p.spec.starts_with("hf://")) && !hub_models.contains(path) {
+                    hub_models.push(path.clone());
+                }
             }
         }
         Ok(Job {
@@ -185,10 +208,19 @@ impl Job {
 }
 
 /// Two spellings of one model (`./m/ft1` and `m/ft1/`, a path and its `file://` URL, a
-/// symlink and its target) would merge a model with itself.
-fn refuse_duplicates(config: &MergeConfig, locations: &[Location]) -> Result<(), ConfigError> {
+/// symlink and its target, a Hub id and its cache snapshot) would merge a model with itself;
+/// one model with two different adapters is two models.
+fn refuse_duplicates(
+    config: &MergeConfig,
+    locations: &[Location],
+    adapters: &[Option<Location>],
+) -> Result<(), ConfigError> {
     let names: Vec<&str> = config.all_models().map(|m| m.text.as_str()).collect();
-    let ids: Vec<_> = locations.iter().map(Location::identity).collect();
+    let ids: Vec<_> = locations
+        .iter()
+        .zip(adapters)
+        .map(|(l, a)| (l.identity(), a.as_ref().map(Location::identity)))
+        .collect();
     for (j, id) in ids.iter().enumerate() {
         if let Some(i) = ids[..j].iter().position(|a| a == id) {
             let first = if i == 0 { "base_model" } else { "models" };
@@ -202,19 +234,6 @@ fn refuse_duplicates(config: &MergeConfig, locations: &[Location]) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// LoRA adapters (`model+adapter`) are parsed but not applied yet: refuse, naming them.
-fn refuse_adapters(config: &MergeConfig) -> Result<(), ConfigError> {
-    match config.all_models().find(|m| m.lora.is_some()) {
-        None => Ok(()),
-        Some(m) => Err(ConfigError::Unsupported {
-            key: "models".into(),
-            hint: format!(
-                "`{m}` names a LoRA adapter (`MODEL+ADAPTER`); applying adapters is not implemented yet: merge the adapter into its model first (PEFT `merge_and_unload`)"
-            ),
-        }),
-    }
 }
 
 /// Read and check the base's config.json now (a merge must not fail on it hours later).

@@ -24,6 +24,7 @@ pub mod fp8;
 pub mod header;
 pub mod hub;
 pub mod job;
+pub mod lora;
 pub mod memory;
 pub mod merge;
 pub mod metrics;

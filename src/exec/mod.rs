@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::dtype;
 use crate::error::{Error, Result};
+use crate::lora::LoraFactors;
 use crate::merge::{row_len, InputView, ModelStock};
 use crate::plan::{InputFile, MergePlan, Op, Task, TensorJob};
 use crate::sink::Sink;
@@ -302,13 +303,18 @@ fn tensor_ranges(job: &TensorJob, elems: Range<usize>) -> Vec<(usize, Range<u64>
         if let Some(sc) = &s.scale {
             out.push((sc.file, sc.range.clone()));
         }
+        if let Some(l) = &s.lora {
+            out.push((l.file, l.a.clone()));
+            out.push((l.file, l.b.clone()));
+        }
     }
     out
 }
 
 /// What the kernel reads, from bytes fetched as [`tensor_ranges`] orders them, for the
 /// elements from `start` on: each input's bytes and dtype, block-FP8 weights dequantized to
-/// bfloat16 on the way (DeepSeek's formula; see [`crate::fp8`]).
+/// bfloat16 on the way (DeepSeek's formula; see [`crate::fp8`]), LoRA-adapted weights
+/// adapted (see [`crate::lora`]).
 fn kernel_inputs(
     job: &TensorJob,
     fetched: &[Bytes],
@@ -317,16 +323,35 @@ fn kernel_inputs(
 ) -> Vec<(Bytes, safetensors::Dtype)> {
     let mut out = Vec::new();
     let mut k = 0;
+    let cols = job.shape.last().copied().unwrap_or(1).max(1);
     for s in job.inputs() {
         let q = &fetched[k];
         k += 1;
-        match &s.scale {
-            None => out.push((q.clone(), s.dtype)),
+        let value = match &s.scale {
+            None => (q.clone(), s.dtype),
             Some(sc) => {
                 let mut buf = pool.get(2 * q.len());
                 sc.blocks.dequantize(q, &fetched[k], start, &mut buf);
                 k += 1;
-                out.push((pool.freeze(buf), safetensors::Dtype::BF16));
+                (pool.freeze(buf), safetensors::Dtype::BF16)
+            }
+        };
+        match &s.lora {
+            None => out.push(value),
+            Some(l) => {
+                let factors = LoraFactors::new(
+                    &fetched[k],
+                    l.a_dtype,
+                    &fetched[k + 1],
+                    l.b_dtype,
+                    l.rank,
+                    l.scaling,
+                    l.transpose,
+                );
+                k += 2;
+                let mut buf = pool.get(value.0.len());
+                factors.apply(&value.0, value.1, start, cols, &mut buf);
+                out.push((pool.freeze(buf), value.1));
             }
         }
     }

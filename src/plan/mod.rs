@@ -42,6 +42,13 @@ pub enum PlanError {
     },
     #[error("tensor `{tensor}` is {dtype:?}: mergefleet reads block-FP8 (F8_E4M3 with `_scale_inv` scales, `quant_method: fp8` in config.json) but not this format; convert the models to bfloat16 first")]
     LowPrecision { tensor: String, dtype: Dtype },
+    /// A LoRA adapter that does not fit its model's weight.
+    #[error("tensor `{tensor}` of `{model}`: {message}")]
+    Lora {
+        tensor: String,
+        model: String,
+        message: String,
+    },
     /// A block-FP8 weight whose scales are missing or do not fit it.
     #[error("--quantize fp8: the base model `{0}` has no block-FP8 weights to write as FP8 again; drop --quantize to write {1}")]
     NothingToQuantize(String, &'static str),
@@ -130,6 +137,29 @@ pub struct InputSlice {
     pub dtype: Dtype,
     /// For a block-FP8 weight: its scales, read with it and applied on read.
     pub scale: Option<ScaleSlice>,
+    /// A LoRA adapter's factors for this weight, read with it and applied on read.
+    pub lora: Option<LoraSlice>,
+}
+
+/// The two factors of a LoRA-adapted weight (`lora_A` [rank, in], `lora_B` [out, rank], in
+/// one file of the adapter) and PEFT's scaling; see [`crate::lora`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSlice {
+    pub file: usize,
+    pub a: Range<u64>,
+    pub a_dtype: Dtype,
+    pub b: Range<u64>,
+    pub b_dtype: Dtype,
+    pub rank: usize,
+    pub scaling: f64,
+    pub transpose: bool,
+}
+
+impl LoraSlice {
+    /// Bytes of both factors (read whole for every window of the weight).
+    pub fn bytes(&self) -> u64 {
+        (self.a.end - self.a.start) + (self.b.end - self.b.start)
+    }
 }
 
 /// The float32 block scales of an FP8 input (`<name>_scale_inv`, possibly in another file
@@ -156,13 +186,14 @@ impl InputSlice {
             self.dtype
         }
     }
-    /// Bytes read for this input: the tensor and its scales.
+    /// Bytes read for this input: the tensor, its scales, its LoRA factors.
     pub fn read_bytes(&self) -> u64 {
         self.len()
             + self
                 .scale
                 .as_ref()
                 .map_or(0, |s| s.range.end - s.range.start)
+            + self.lora.as_ref().map_or(0, LoraSlice::bytes)
     }
 }
 
@@ -264,7 +295,13 @@ impl TensorJob {
     /// and the bytes one element costs (every input plus the output).
     pub fn window_unit(&self) -> (usize, u64) {
         let size = |d| dtype::size(d).expect("whole-byte dtype") as u64;
-        let per_input = |s: &&InputSlice| size(s.dtype) + if s.scale.is_some() { 2 } else { 0 };
+        // A dequantized FP8 weight, or a LoRA-adapted one, is held once more as the kernel
+        // reads it.
+        let per_input = |s: &&InputSlice| {
+            size(s.dtype)
+                + if s.scale.is_some() { 2 } else { 0 }
+                + if s.lora.is_some() { size(s.dtype) } else { 0 }
+        };
         let mut per_elem = self.inputs().iter().map(per_input).sum::<u64>() + size(self.dtype);
         let mut unit = match &self.op {
             Op::Merge { kernel, .. } if kernel.filter_wise => row_len(&self.shape).max(1),
@@ -278,13 +315,25 @@ impl TensorJob {
         }
         (unit, per_elem)
     }
-    /// Bytes of the FP8 inputs' scale tensors (read whole for every window).
+    /// Bytes held whole for every window: the FP8 inputs' scale tensors, and the LoRA
+    /// factors (as read, and widened to float32 to apply them).
     pub fn scale_bytes(&self) -> u64 {
-        self.inputs()
+        let scales: u64 = self
+            .inputs()
             .iter()
             .filter_map(|s| s.scale.as_ref())
             .map(|s| s.range.end - s.range.start)
-            .sum()
+            .sum();
+        let lora: u64 = self
+            .inputs()
+            .iter()
+            .filter_map(|s| s.lora.as_ref())
+            .map(|l| {
+                let elems = |r: &Range<u64>, d| (r.end - r.start) / dtype::size(d).unwrap_or(1) as u64;
+                l.bytes() + 4 * (elems(&l.a, l.a_dtype) + elems(&l.b, l.b_dtype))
+            })
+            .sum();
+        scales + lora
     }
     /// The least memory that can merge this tensor: all of it, or two windows when streamed.
     pub fn min_memory(&self) -> u64 {
@@ -581,14 +630,17 @@ pub fn plan(
 const LM_HEAD: &str = "lm_head.weight";
 const EMBED: &str = "model.embed_tokens.weight";
 
-/// Every input file, numbered across models, and for each model its files' numbers.
+/// Every input file, numbered across models, and for each model its files' numbers (its
+/// adapter's file last).
 fn input_files(models: &[ModelSource]) -> (Vec<InputFile>, Vec<Vec<usize>>) {
     let mut inputs = Vec::new();
     let mut file_ids: Vec<Vec<usize>> = Vec::new();
     for (mi, m) in models.iter().enumerate() {
+        let adapter = m.adapter.as_ref().map(|a| &a.file);
         file_ids.push(
             m.files
                 .iter()
+                .chain(adapter)
                 .map(|f| {
                     inputs.push(InputFile {
                         model: mi,
@@ -686,15 +738,67 @@ fn input_slices<'a>(
                 }
             }
         }
+        let lora = lora_slice(if tied { EMBED } else { name }, m, t, &file_ids[mi])?;
         slices.push(InputSlice {
             file: file_ids[mi][t.file],
             range: t.start..t.end,
             dtype: t.dtype,
             scale,
+            lora,
         });
     }
     let (shape, dtype) = base_meta.expect("at least one model");
     Ok((slices, shape, dtype))
+}
+
+/// The LoRA factors of tensor `t` (named `name`) of model `m`, when its adapter changes it,
+/// checked to fit the weight: `lora_B @ lora_A` (transposed with `fan_in_fan_out`) has its
+/// shape, and it is a bfloat16, float16 or float32 matrix.
+fn lora_slice(
+    name: &str,
+    m: &ModelSource,
+    t: &crate::source::TensorLoc,
+    file_ids: &[usize],
+) -> Result<Option<LoraSlice>, PlanError> {
+    let Some(adapter) = &m.adapter else {
+        return Ok(None);
+    };
+    let Some(pair) = adapter.pairs.get(name) else {
+        return Ok(None);
+    };
+    let bad = |message: String| PlanError::Lora {
+        tensor: name.to_string(),
+        model: m.reference.clone(),
+        message,
+    };
+    let (rank, fan_in, fan_out) = (pair.a.shape[0], pair.a.shape[1], pair.b.shape[0]);
+    let want = if pair.transpose {
+        vec![fan_in, fan_out]
+    } else {
+        vec![fan_out, fan_in]
+    };
+    if t.shape != want {
+        return Err(bad(format!(
+            "the adapter's factors make a {want:?} update for a {:?} weight: the adapter was trained for another model",
+            t.shape
+        )));
+    }
+    if !matches!(t.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+        return Err(bad(format!(
+            "the weight is {:?}; LoRA is applied to bfloat16, float16 and float32 weights",
+            t.dtype
+        )));
+    }
+    Ok(Some(LoraSlice {
+        file: *file_ids.last().expect("the adapter's file is listed last"),
+        a: pair.a.start..pair.a.end,
+        a_dtype: pair.a.dtype,
+        b: pair.b.start..pair.b.end,
+        b_dtype: pair.b.dtype,
+        rank,
+        scaling: pair.scaling,
+        transpose: pair.transpose,
+    }))
 }
 
 /// The scales of tensor `t` (named `name`) of model `m` when it is a block-FP8 weight:

@@ -34,6 +34,7 @@ fn model(name: &str, tensors: &[(&str, Dtype, &[usize])]) -> ModelSource {
         location,
         tensors: map,
         fp8_block: None,
+        adapter: None,
     }
 }
 

@@ -12,6 +12,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use safetensors::Dtype;
 
+pub mod adapter;
+
 use crate::header;
 pub use crate::header::TensorEntry;
 use crate::store::{head_size, read_small, store_err, Location, StoreError, Stores};
@@ -72,6 +74,8 @@ pub struct ModelSource {
     /// Rows and columns per scale block when the checkpoint is block-FP8 (its
     /// `config.json` has `quantization_config.quant_method: fp8`).
     pub fp8_block: Option<[usize; 2]>,
+    /// The LoRA adapter applied to this model on read (`model+adapter`).
+    pub adapter: Option<adapter::Adapter>,
 }
 
 const INDEX: &str = "model.safetensors.index.json";
@@ -156,6 +160,7 @@ pub async fn open_model(
         files,
         tensors,
         fp8_block,
+        adapter: None,
     })
 }
 

@@ -19,7 +19,8 @@ use crate::dtype::{self, WorkDtype};
 use crate::fp8::Blocks;
 use crate::merge::Reductions;
 use crate::plan::{
-    InputFile, InputSlice, MergePlan, ModelStockParams, Op, Requant, ScaleSlice, Task, TensorJob,
+    InputFile, InputSlice, LoraSlice, MergePlan, ModelStockParams, Op, Requant, ScaleSlice, Task,
+    TensorJob,
 };
 use crate::sink::cluster::Target;
 
@@ -281,6 +282,18 @@ pub fn task_to_wire(
             block_rows: sc.blocks.block[0] as u64,
             block_cols: sc.blocks.block[1] as u64,
         }),
+        lora: s.lora.as_ref().map(|l| pb::Lora {
+            url: inputs[l.file].url.clone(),
+            a_start: l.a.start,
+            a_end: l.a.end,
+            a_dtype: dtype::name(l.a_dtype),
+            b_start: l.b.start,
+            b_end: l.b.end,
+            b_dtype: dtype::name(l.b_dtype),
+            rank: l.rank as u64,
+            scaling: l.scaling,
+            transpose: l.transpose,
+        }),
     };
     OutgoingTask(pb::Task {
         task_id: task.id as u64,
@@ -455,11 +468,16 @@ fn tensor_from_wire(
                 r.start, r.end, r.url, r.dtype
             )));
         }
+        let lora = match &r.lora {
+            None => None,
+            Some(l) => Some(lora_from_wire(l, &shape, input_dtype, files).map_err(bad)?),
+        };
         slices.push(InputSlice {
             file: file_index(files, &r.url),
             range: r.start..r.end,
             dtype: input_dtype,
             scale,
+            lora,
         });
     }
     let op = match &j.kernel {
@@ -492,7 +510,9 @@ fn tensor_from_wire(
             }
         }
         None => match <[InputSlice; 1]>::try_from(slices) {
-            Ok([input]) if input.dtype == dtype && input.scale.is_none() => Op::Copy { input },
+            Ok([input]) if input.dtype == dtype && input.scale.is_none() && input.lora.is_none() => {
+                Op::Copy { input }
+            }
             _ => return Err(bad("a copy needs exactly one input of its own dtype".into())),
         },
     };
@@ -562,6 +582,49 @@ fn requant_from_wire(
         ));
     }
     Ok(Requant { blocks, scales })
+}
+
+/// A LoRA input's factors, checked to make an update of the weight's shape.
+fn lora_from_wire(
+    l: &pb::Lora,
+    shape: &[usize],
+    weight: Dtype,
+    files: &mut Vec<InputFile>,
+) -> Result<LoraSlice, String> {
+    let &[rows, cols] = shape else {
+        return Err(format!("LoRA factors for shape {shape:?}: LoRA adapts matrices"));
+    };
+    let a_dtype = parse_dtype(&l.a_dtype).map_err(|e| e.0)?;
+    let b_dtype = parse_dtype(&l.b_dtype).map_err(|e| e.0)?;
+    let rank = l.rank as usize;
+    let (fan_out, fan_in) = if l.transpose { (cols, rows) } else { (rows, cols) };
+    let fits = |start: u64, end: u64, n: [usize; 2], d: Dtype| {
+        end >= start && byte_len(&n, d) == Some(end - start)
+    };
+    let float = |d: Dtype| matches!(d, Dtype::BF16 | Dtype::F16 | Dtype::F32);
+    if rank == 0
+        || !float(a_dtype)
+        || !float(b_dtype)
+        || !float(weight)
+        || !fits(l.a_start, l.a_end, [rank, fan_in], a_dtype)
+        || !fits(l.b_start, l.b_end, [fan_out, rank], b_dtype)
+        || !l.scaling.is_finite()
+    {
+        return Err(format!(
+            "LoRA factors A {}..{} ({}), B {}..{} ({}) of rank {rank} do not fit a {rows}x{cols} {weight:?} weight",
+            l.a_start, l.a_end, l.a_dtype, l.b_start, l.b_end, l.b_dtype
+        ));
+    }
+    Ok(LoraSlice {
+        file: file_index(files, &l.url),
+        a: l.a_start..l.a_end,
+        a_dtype,
+        b: l.b_start..l.b_end,
+        b_dtype,
+        rank,
+        scaling: l.scaling,
+        transpose: l.transpose,
+    })
 }
 
 /// An FP8 input's scales, checked against the weight they scale.
@@ -644,6 +707,7 @@ mod tests {
                 location,
                 tensors,
                 fp8_block: None,
+                adapter: None,
             }
         };
         let cfg = MergeConfig::from_yaml(
@@ -735,6 +799,7 @@ mod tests {
                 location,
                 tensors,
                 fp8_block: Some([2, 4]),
+                adapter: None,
             }
         };
         let cfg = MergeConfig::from_yaml(
