@@ -68,6 +68,7 @@ impl Job {
         .await?;
         for ((model, m), a) in models.iter_mut().zip(config.all_models()).zip(&adapters) {
             if let (Some(a), Some(l)) = (a, &m.lora) {
+                refuse_mixed_dtypes(model)?;
                 model.adapter = Some(open_adapter(stores, &a.spec, &l.to_string()).await?);
             }
         }
@@ -234,6 +235,30 @@ fn refuse_duplicates(
         }
     }
     Ok(())
+}
+
+/// mergekit loads a model it applies an adapter to in one dtype (its first float tensor's)
+/// and casts every tensor to it; a model whose float tensors differ in dtype would come out
+/// changed in ways not applied here: refuse it.
+fn refuse_mixed_dtypes(model: &ModelSource) -> Result<(), SourceError> {
+    let mut floats = model
+        .tensors
+        .values()
+        .map(|t| t.dtype)
+        .filter(|d| crate::dtype::is_float(*d));
+    let Some(first) = floats.next() else {
+        return Ok(());
+    };
+    match floats.find(|d| *d != first) {
+        None => Ok(()),
+        Some(other) => Err(SourceError::Unsupported {
+            location: model.location.display.clone(),
+            message: format!(
+                "`{}` has a LoRA adapter but holds float tensors of two dtypes ({first:?} and {other:?}): mergekit casts such a model to one dtype before applying the adapter, which mergefleet does not; convert it to one dtype first",
+                model.reference
+            ),
+        }),
+    }
 }
 
 /// Read and check the base's config.json now (a merge must not fail on it hours later).

@@ -3,12 +3,14 @@
 //!
 //! Pure arithmetic: the executor hands over the weight's bytes (any window of elements) and
 //! the adapter's two factors, and gets the adapted weight in the weight's own dtype, so the
-//! merge kernel is unchanged and a cluster worker does the same. PEFT on CPU: the factors
-//! are float32 (PEFT upcasts bfloat16/float16 adapters on load), the update is
-//! `(B @ A) * scaling` in float32 (transposed with `fan_in_fan_out`), and `W += update` adds
-//! in float32 and rounds once to the weight's dtype. `B @ A` is a float32 matrix product of
-//! inner size `rank`; each element is summed over the rank in order with fused
-//! multiply-adds, as the CPU GEMM kernels torch calls do for a small inner dimension.
+//! merge kernel is unchanged and a cluster worker does the same. PEFT on CPU, as measured
+//! against mergekit (`tests/fixtures/lora/README.md`): the factors are float32 (PEFT upcasts
+//! bfloat16/float16 adapters on load), the update is `(B @ A) * float32(scaling)`, and
+//! `W += update` adds in float32 and rounds once to the weight's dtype. `B @ A` is MKL's
+//! float32 GEMM with inner size `rank`: each element is a chain of fused multiply-adds over
+//! the rank in order, from zero; above rank 192 the rank is cut into blocks (halves below
+//! 384, else 192 each, the remainder last), each summed so, and the block sums added left
+//! to right. Measured on AVX2; MKL may block differently on AVX-512.
 
 use safetensors::Dtype;
 
@@ -24,8 +26,6 @@ pub struct LoraFactors {
     pub rank: usize,
     pub fan_in: usize,
     pub scaling: f32,
-    /// The weight is [fan_in, fan_out] (`fan_in_fan_out`).
-    pub transpose: bool,
 }
 
 /// Little-endian floats of `dtype` as f32 (exact).
@@ -56,7 +56,6 @@ impl LoraFactors {
         b_dtype: Dtype,
         rank: usize,
         scaling: f64,
-        transpose: bool,
     ) -> LoraFactors {
         let a = widen(a, a_dtype);
         let fan_in = a.len() / rank.max(1);
@@ -66,20 +65,23 @@ impl LoraFactors {
             rank,
             fan_in,
             scaling: scaling as f32,
-            transpose,
         }
     }
 
-    /// The update of weight element (`row`, `col`) (the weight's own row and column).
+    /// The update of weight element (`i`, `j`).
     #[inline]
-    fn delta(&self, row: usize, col: usize) -> f32 {
-        let (i, j) = if self.transpose { (col, row) } else { (row, col) };
+    fn delta(&self, i: usize, j: usize) -> f32 {
         let b = &self.b[i * self.rank..(i + 1) * self.rank];
-        let mut acc = 0f32;
-        for (k, bk) in b.iter().enumerate() {
-            acc = bk.mul_add(self.a[k * self.fan_in + j], acc);
+        let block = gemm_block(self.rank);
+        let mut total = 0f32;
+        for (n, chunk) in b.chunks(block).enumerate() {
+            let mut acc = 0f32;
+            for (k, bk) in chunk.iter().enumerate() {
+                acc = bk.mul_add(self.a[(n * block + k) * self.fan_in + j], acc);
+            }
+            total = if n == 0 { acc } else { total + acc };
         }
-        acc * self.scaling
+        total * self.scaling
     }
 
     /// Adapt weight elements `start..` (`weight`: their bytes in `dtype`; the weight has
@@ -114,18 +116,41 @@ impl LoraFactors {
     }
 }
 
+/// How MKL's float32 GEMM blocks an inner dimension of `rank` (measured; see the module doc).
+fn gemm_block(rank: usize) -> usize {
+    match rank {
+        0..=192 => rank.max(1),
+        193..=383 => rank / 2,
+        _ => 192,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A 3 x 4 weight, rank 2: every element is W + scaling * (B @ A), any window alike,
-    /// transposed storage too.
+    #[test]
+    fn gemm_blocks_as_measured() {
+        let blocks = |r: usize| {
+            (0..r)
+                .step_by(gemm_block(r))
+                .map(|s| (r - s).min(gemm_block(r)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(blocks(8), vec![8]);
+        assert_eq!(blocks(192), vec![192]);
+        assert_eq!(blocks(256), vec![128, 128]);
+        assert_eq!(blocks(257), vec![128, 128, 1]);
+        assert_eq!(blocks(385), vec![192, 192, 1]);
+    }
+
+    /// A 3 x 4 weight, rank 2: every element is W + scaling * (B @ A), any window alike.
     #[test]
     fn update_is_b_times_a_scaled_in_any_window() {
         let a = [1f32, 2., 3., 4., 0.5, -1., 0.25, 2.];
         let b = [1f32, 0., 0., 1., 2., -1.];
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let f = LoraFactors::new(&bytes(&a), Dtype::F32, &bytes(&b), Dtype::F32, 2, 0.5, false);
+        let f = LoraFactors::new(&bytes(&a), Dtype::F32, &bytes(&b), Dtype::F32, 2, 0.5);
         let w = [10f32; 12];
         let mut out = vec![0u8; 48];
         f.apply(&bytes(&w), Dtype::F32, 0, 4, &mut out);
@@ -138,15 +163,5 @@ mod tests {
         let mut tail = vec![0u8; 20];
         f.apply(&bytes(&w[7..]), Dtype::F32, 7, 4, &mut tail);
         assert_eq!(&tail[..], &out[28..]);
-        // Stored as [fan_in, fan_out] = 4 x 3: element (r, c) takes (B @ A)[c][r].
-        let t = LoraFactors::new(&bytes(&a), Dtype::F32, &bytes(&b), Dtype::F32, 2, 0.5, true);
-        let mut out_t = vec![0u8; 48];
-        t.apply(&bytes(&w), Dtype::F32, 0, 3, &mut out_t);
-        let got_t = widen(&out_t, Dtype::F32);
-        for r in 0..4 {
-            for c in 0..3 {
-                assert_eq!(got_t[r * 3 + c], got[c * 4 + r]);
-            }
-        }
     }
 }

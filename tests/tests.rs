@@ -23,6 +23,8 @@ mod image;
 mod interrupted;
 /// The Kubernetes manifests: rendered, checked, and rehearsed as local processes.
 mod k8s;
+/// LoRA adapters applied on read, against mergekit's PEFT step, bit for bit.
+mod lora;
 /// S3 in and out, byte-identical to local; S3 errors.
 mod s3;
 /// A 671B-class plan: planning time and message sizes.

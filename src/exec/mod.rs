@@ -346,7 +346,6 @@ fn kernel_inputs(
                     l.b_dtype,
                     l.rank,
                     l.scaling,
-                    l.transpose,
                 );
                 k += 2;
                 let mut buf = pool.get(value.0.len());

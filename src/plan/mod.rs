@@ -152,7 +152,6 @@ pub struct LoraSlice {
     pub b_dtype: Dtype,
     pub rank: usize,
     pub scaling: f64,
-    pub transpose: bool,
 }
 
 impl LoraSlice {
@@ -329,7 +328,8 @@ impl TensorJob {
             .iter()
             .filter_map(|s| s.lora.as_ref())
             .map(|l| {
-                let elems = |r: &Range<u64>, d| (r.end - r.start) / dtype::size(d).unwrap_or(1) as u64;
+                let elems =
+                    |r: &Range<u64>, d| (r.end - r.start) / dtype::size(d).unwrap_or(1) as u64;
                 l.bytes() + 4 * (elems(&l.a, l.a_dtype) + elems(&l.b, l.b_dtype))
             })
             .sum();
@@ -752,8 +752,8 @@ fn input_slices<'a>(
 }
 
 /// The LoRA factors of tensor `t` (named `name`) of model `m`, when its adapter changes it,
-/// checked to fit the weight: `lora_B @ lora_A` (transposed with `fan_in_fan_out`) has its
-/// shape, and it is a bfloat16, float16 or float32 matrix.
+/// checked to fit the weight: `lora_B @ lora_A` has its shape, and it is a bfloat16,
+/// float16 or float32 matrix.
 fn lora_slice(
     name: &str,
     m: &ModelSource,
@@ -772,11 +772,7 @@ fn lora_slice(
         message,
     };
     let (rank, fan_in, fan_out) = (pair.a.shape[0], pair.a.shape[1], pair.b.shape[0]);
-    let want = if pair.transpose {
-        vec![fan_in, fan_out]
-    } else {
-        vec![fan_out, fan_in]
-    };
+    let want = vec![fan_out, fan_in];
     if t.shape != want {
         return Err(bad(format!(
             "the adapter's factors make a {want:?} update for a {:?} weight: the adapter was trained for another model",
@@ -797,7 +793,6 @@ fn lora_slice(
         b_dtype: pair.b.dtype,
         rank,
         scaling: pair.scaling,
-        transpose: pair.transpose,
     }))
 }
 

@@ -25,9 +25,6 @@ pub struct LoraPair {
     pub b: TensorLoc,
     /// PEFT's `scaling`: `lora_alpha / r` (rslora: `/ sqrt(r)`), as the double Python holds.
     pub scaling: f64,
-    /// `fan_in_fan_out`: the weight is stored transposed (GPT-2's Conv1D), so the delta is
-    /// `(B @ A)^T`.
-    pub transpose: bool,
 }
 
 /// An adapter opened from its header: one file, and the adapted weights by the base's
@@ -103,9 +100,12 @@ struct AdapterConfig {
     r: f64,
     alpha: f64,
     rslora: bool,
-    fan_in_fan_out: bool,
-    rank_pattern: BTreeMap<String, f64>,
-    alpha_pattern: BTreeMap<String, f64>,
+    /// `target_modules`: names or name suffixes (`None`: `all-linear`). PEFT ignores the
+    /// factors of any other module, so they are ignored here too.
+    targets: Option<Vec<String>>,
+    /// In file order: PEFT takes the first key that matches.
+    rank_pattern: Vec<(String, f64)>,
+    alpha_pattern: Vec<(String, f64)>,
 }
 
 impl AdapterConfig {
@@ -137,6 +137,15 @@ impl AdapterConfig {
             ("lora_bias", "LoRA biases add a bias term"),
             ("use_qalora", "QA-LoRA merges through quantization"),
             ("trainable_token_indices", "trainable tokens replace embedding rows"),
+            ("target_parameters", "target_parameters adapts raw parameters, not linear layers"),
+            ("layer_replication", "layer_replication duplicates layers"),
+            ("megatron_config", "Megatron layers merge differently"),
+            ("ensure_weight_tying", "ensure_weight_tying ties adapted embeddings"),
+            ("alora_invocation_tokens", "activated LoRA applies only after invocation tokens"),
+            ("arrow_config", "Arrow routes between adapters"),
+            ("exclude_modules", "exclude_modules selects modules by pattern"),
+            ("layers_to_transform", "layers_to_transform selects layers by index"),
+            ("fan_in_fan_out", "fan_in_fan_out is for GPT-2-style Conv1D layers (PEFT ignores it on nn.Linear, and the two cannot be told apart from the weights)"),
         ] {
             if present(key) {
                 return Err(format!(
@@ -147,11 +156,39 @@ impl AdapterConfig {
         if s("bias").is_some_and(|b| b != "none") {
             return Err("`bias` is not `none`: adapters that train biases are not applied; merge it with PEFT first".into());
         }
+        match v.get("init_lora_weights") {
+            None | Some(Value::Null | Value::Bool(_)) => {}
+            Some(Value::String(g)) if g == "gaussian" => {}
+            Some(other) => {
+                return Err(format!(
+                    "init_lora_weights is {other}: that initialization rewrites the base weights when the adapter is loaded; merge this adapter with PEFT first"
+                ))
+            }
+        }
+        let targets = match v.get("target_modules") {
+            Some(Value::String(t)) if t == "all-linear" => None,
+            Some(Value::String(t)) if !t.chars().any(|c| "*?[](){}|^$\\+.".contains(c)) => {
+                Some(vec![t.clone()])
+            }
+            Some(Value::String(t)) => {
+                return Err(format!(
+                    "target_modules is the regular expression `{t}`: only a list of module names is applied"
+                ))
+            }
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| x.as_str().map(String::from).ok_or("target_modules must hold strings"))
+                    .collect::<Result<_, _>>()?,
+            ),
+            _ => return Err("target_modules is missing: it names the modules the adapter changes".into()),
+        };
         let num = |k: &str| v.get(k).and_then(Value::as_f64);
-        let r = num("r").filter(|r| *r >= 1.0).ok_or("`r` must be a positive integer")?;
+        let r = num("r")
+            .filter(|r| *r >= 1.0)
+            .ok_or("`r` must be a positive integer")?;
         let alpha = num("lora_alpha").unwrap_or(8.0);
-        let pattern = |k: &str| -> Result<BTreeMap<String, f64>, String> {
-            let mut out = BTreeMap::new();
+        let pattern = |k: &str| -> Result<Vec<(String, f64)>, String> {
+            let mut out = Vec::new();
             if let Some(Value::Object(o)) = v.get(k) {
                 for (key, val) in o {
                     if key.chars().any(|c| "*?[](){}|^$\\+".contains(c)) {
@@ -159,8 +196,10 @@ impl AdapterConfig {
                             "`{k}` key `{key}` is a regular expression: only module names and name suffixes are applied"
                         ));
                     }
-                    let n = val.as_f64().ok_or(format!("`{k}.{key}` must be a number"))?;
-                    out.insert(key.clone(), n);
+                    let n = val
+                        .as_f64()
+                        .ok_or(format!("`{k}.{key}` must be a number"))?;
+                    out.push((key.clone(), n));
                 }
             }
             Ok(out)
@@ -169,7 +208,7 @@ impl AdapterConfig {
             r,
             alpha,
             rslora: on("use_rslora"),
-            fan_in_fan_out: on("fan_in_fan_out"),
+            targets,
             rank_pattern: pattern("rank_pattern")?,
             alpha_pattern: pattern("alpha_pattern")?,
         })
@@ -178,9 +217,9 @@ impl AdapterConfig {
     /// PEFT's scaling for `module` (`model.layers.0.self_attn.q_proj`): a pattern key that is
     /// the module's name or a dotted suffix of it overrides r or alpha.
     fn scaling(&self, module: &str) -> f64 {
-        let find = |p: &BTreeMap<String, f64>| {
+        let find = |p: &[(String, f64)]| {
             p.iter()
-                .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+                .find(|(k, _)| suffix_match(module, k))
                 .map(|(_, v)| *v)
         };
         let r = find(&self.rank_pattern).unwrap_or(self.r);
@@ -215,6 +254,14 @@ impl AdapterConfig {
                 .remove(&b_name)
                 .ok_or(format!("`{name}` has no `{b_name}`"))?;
             let module = prefix.strip_prefix("base_model.model.").unwrap_or(prefix);
+            let targeted = match &self.targets {
+                Some(t) => t.iter().any(|t| suffix_match(module, t)),
+                None => !module.ends_with("lm_head"),
+            };
+            if !targeted {
+                // PEFT loads only the modules the config targets.
+                continue;
+            }
             let (&[rank, fan_in], &[fan_out, rank_b]) = (a.shape.as_slice(), b.shape.as_slice())
             else {
                 return Err(format!(
@@ -243,12 +290,16 @@ impl AdapterConfig {
                     a,
                     b,
                     scaling: self.scaling(module),
-                    transpose: self.fan_in_fan_out,
                 },
             );
         }
         Ok(pairs)
     }
+}
+
+/// `module` is `key` or ends with `.key` (PEFT's `(.*\.)?key$` for a plain key).
+fn suffix_match(module: &str, key: &str) -> bool {
+    module == key || module.ends_with(&format!(".{key}"))
 }
 
 #[cfg(test)]
@@ -258,12 +309,12 @@ mod tests {
     #[test]
     fn plain_lora_configs_and_what_is_refused() {
         let c = AdapterConfig::parse(
-            br#"{"peft_type":"LORA","r":8,"lora_alpha":16,"use_dora":false,"modules_to_save":null,"bias":"none"}"#,
+            br#"{"peft_type":"LORA","r":8,"lora_alpha":16,"use_dora":false,"modules_to_save":null,"bias":"none","target_modules":["q_proj"]}"#,
         )
         .unwrap();
         assert_eq!(c.scaling("model.layers.0.self_attn.q_proj"), 2.0);
         let c = AdapterConfig::parse(
-            br#"{"r":16,"lora_alpha":8,"use_rslora":true,"rank_pattern":{"v_proj":4},"alpha_pattern":{"model.layers.1.self_attn.q_proj":32}}"#,
+            br#"{"r":16,"lora_alpha":8,"use_rslora":true,"target_modules":"all-linear","rank_pattern":{"v_proj":4},"alpha_pattern":{"model.layers.1.self_attn.q_proj":32}}"#,
         )
         .unwrap();
         assert_eq!(c.scaling("model.layers.0.self_attn.q_proj"), 2.0);
@@ -271,11 +322,24 @@ mod tests {
         assert_eq!(c.scaling("model.layers.1.self_attn.q_proj"), 8.0);
         for (cfg, want) in [
             (r#"{"r":8,"use_dora":true}"#, "use_dora"),
-            (r#"{"r":8,"modules_to_save":["lm_head"]}"#, "modules_to_save"),
+            (
+                r#"{"r":8,"modules_to_save":["lm_head"]}"#,
+                "modules_to_save",
+            ),
             (r#"{"r":8,"peft_type":"LOHA"}"#, "LOHA"),
             (r#"{"r":8,"bias":"all"}"#, "bias"),
-            (r#"{"r":0}"#, "`r`"),
-            (r#"{"r":8,"rank_pattern":{"^model.*q_proj":4}}"#, "regular expression"),
+            (r#"{"r":8,"fan_in_fan_out":true}"#, "fan_in_fan_out"),
+            (
+                r#"{"r":8,"init_lora_weights":"pissa"}"#,
+                "init_lora_weights",
+            ),
+            (r#"{"r":8,"target_modules":".*proj"}"#, "regular expression"),
+            (r#"{"r":8}"#, "target_modules"),
+            (r#"{"r":0,"target_modules":["q"]}"#, "`r`"),
+            (
+                r#"{"r":8,"target_modules":["q"],"rank_pattern":{"^model.*q_proj":4}}"#,
+                "regular expression",
+            ),
         ] {
             let e = AdapterConfig::parse(cfg.as_bytes()).unwrap_err();
             assert!(e.contains(want), "{cfg}: {e}");
@@ -291,7 +355,8 @@ mod tests {
             start: 0,
             end: 0,
         };
-        let c = AdapterConfig::parse(br#"{"r":2,"lora_alpha":4}"#).unwrap();
+        let c =
+            AdapterConfig::parse(br#"{"r":2,"lora_alpha":4,"target_modules":["q_proj"]}"#).unwrap();
         let mut m = BTreeMap::new();
         let q = "base_model.model.model.layers.0.self_attn.q_proj";
         m.insert(format!("{q}.lora_A.weight"), t(vec![2, 6]));
@@ -301,7 +366,10 @@ mod tests {
         assert_eq!((pair.scaling, pair.a.shape.clone()), (2.0, vec![2, 6]));
         m.insert(format!("{q}.lora_B.weight"), t(vec![5, 3]));
         assert!(c.pairs(m.clone()).unwrap_err().contains("rank"));
-        m.insert("base_model.model.model.embed_tokens.lora_embedding_A".into(), t(vec![2, 6]));
+        m.insert(
+            "base_model.model.model.embed_tokens.lora_embedding_A".into(),
+            t(vec![2, 6]),
+        );
         assert!(c.pairs(m).unwrap_err().contains("embedding"));
     }
 }

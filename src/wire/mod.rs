@@ -292,7 +292,6 @@ pub fn task_to_wire(
             b_dtype: dtype::name(l.b_dtype),
             rank: l.rank as u64,
             scaling: l.scaling,
-            transpose: l.transpose,
         }),
     };
     OutgoingTask(pb::Task {
@@ -510,7 +509,9 @@ fn tensor_from_wire(
             }
         }
         None => match <[InputSlice; 1]>::try_from(slices) {
-            Ok([input]) if input.dtype == dtype && input.scale.is_none() && input.lora.is_none() => {
+            Ok([input])
+                if input.dtype == dtype && input.scale.is_none() && input.lora.is_none() =>
+            {
                 Op::Copy { input }
             }
             _ => return Err(bad("a copy needs exactly one input of its own dtype".into())),
@@ -592,12 +593,14 @@ fn lora_from_wire(
     files: &mut Vec<InputFile>,
 ) -> Result<LoraSlice, String> {
     let &[rows, cols] = shape else {
-        return Err(format!("LoRA factors for shape {shape:?}: LoRA adapts matrices"));
+        return Err(format!(
+            "LoRA factors for shape {shape:?}: LoRA adapts matrices"
+        ));
     };
     let a_dtype = parse_dtype(&l.a_dtype).map_err(|e| e.0)?;
     let b_dtype = parse_dtype(&l.b_dtype).map_err(|e| e.0)?;
     let rank = l.rank as usize;
-    let (fan_out, fan_in) = if l.transpose { (cols, rows) } else { (rows, cols) };
+    let (fan_out, fan_in) = (rows, cols);
     let fits = |start: u64, end: u64, n: [usize; 2], d: Dtype| {
         end >= start && byte_len(&n, d) == Some(end - start)
     };
@@ -623,7 +626,6 @@ fn lora_from_wire(
         b_dtype,
         rank,
         scaling: l.scaling,
-        transpose: l.transpose,
     })
 }
 
