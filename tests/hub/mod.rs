@@ -423,17 +423,18 @@ enum Outcome {
 }
 
 /// Each real config of `tests/fixtures/configs` (verbatim, sources in SOURCES.md) against
-/// stand-in models published under its Hub ids: the model_stock ones merge, the rest are
-/// refused naming the key or method not implemented yet.
+/// stand-in models and adapters published under its Hub ids: the model_stock ones merge
+/// (LoRA adapters from the Hub included), the rest are refused naming the key or method not
+/// implemented yet.
 const REAL: &[(&str, Outcome)] = &[
-    ("01-halu-8b-llama3-blackroot.yml", Outcome::Refused("LoRA")),
+    ("01-halu-8b-llama3-blackroot.yml", Outcome::Merges),
     ("02-mistralsmall-creative-24b.yml", Outcome::Merges),
     ("03-haphazardv1-24b.yml", Outcome::Merges),
     ("04-nemodori-v0.1-12b-ms.yml", Outcome::Merges),
     ("05-mergekit-model-stock-uhzhsdi.yml", Outcome::Merges),
     ("06-mn-12b-siskin-test4b.yml", Outcome::Merges),
     ("07-mn-chinofun-12b-3.yml", Outcome::Merges),
-    ("08-mn-sappho-j-12b.yml", Outcome::Refused("LoRA")),
+    ("08-mn-sappho-j-12b.yml", Outcome::Merges),
     ("09-mn-funhouse-12b.yml", Outcome::Merges),
     (
         "10-mergekit-model-stock-aaxylhm.yml",
@@ -451,10 +452,7 @@ const REAL: &[(&str, Outcome)] = &[
     ("14-weirdcompound-v1.6-24b-stage-a.yml", Outcome::Merges),
     ("15-neuralsynthesis-7b-v0.1.yml", Outcome::Merges),
     ("16-mn-hekate-filter-weights.yml", Outcome::Merges),
-    (
-        "17-huatuogpt-o1-8b-lora-stock.yml",
-        Outcome::Refused("LoRA"),
-    ),
+    ("17-huatuogpt-o1-8b-lora-stock.yml", Outcome::Merges),
     (
         "18-mistral-ft-optimized-1218.yml",
         Outcome::Refused("`slices`"),
@@ -533,16 +531,30 @@ fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
         .collect();
     assert_eq!(files, REAL.iter().map(|(f, _)| *f).collect::<Vec<_>>());
     let hub = HubServer::start();
-    let stand_ins = tmp();
-    let shape = mergefleet::synth::LlamaShape::small();
+    // Stand-ins: the golden fixtures' small bf16 models in turn, and for every id named
+    // after a `+` a rank-8 PEFT adapter made for them (tests/fixtures/lora).
+    let adapters: std::collections::BTreeSet<String> = REAL
+        .iter()
+        .flat_map(|(f, _)| {
+            let text = std::fs::read_to_string(dir.join(f)).unwrap();
+            text.split_whitespace()
+                .filter_map(|w| w.split_once('+').map(|(_, a)| a.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let models = ["base", "ft1", "ft2", "ft3"].map(|m| fixtures().join("models").join(m));
+    let adapter = root().join("tests/fixtures/lora/adapters/bf16_r8");
     let mut published = std::collections::BTreeSet::new();
-    for (i, e) in sources.as_array().unwrap().iter().enumerate() {
+    for e in sources.as_array().unwrap() {
         for id in e["hub_ids"].as_array().unwrap() {
             let id = id.as_str().unwrap();
             if published.insert(id.to_string()) {
-                let m = stand_ins.path().join(i.to_string()).join(id);
-                mergefleet::synth::write_model(&m, &shape, published.len() as u64, 1).unwrap();
-                hub.publish(id, "main", &m);
+                let src = if adapters.contains(id) {
+                    &adapter
+                } else {
+                    &models[published.len() % models.len()]
+                };
+                hub.publish(id, "main", src);
             }
         }
     }
@@ -576,5 +588,5 @@ fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
             }
         }
     }
-    assert_eq!(merged, 11, "model_stock configs merged");
+    assert_eq!(merged, 14, "model_stock configs merged");
 }
