@@ -78,9 +78,14 @@ const BAD: &[Bad] = &[
         words: &["`tokenizer_source`"],
     },
     Bad {
-        name: "lora",
-        setup: |d| tiny(d).replace("/ft1\n", "/ft1+adapter\n"),
-        words: &["LoRA"],
+        name: "lora adapter that is a model",
+        setup: |d| tiny(d).replace("/ft1\n", &format!("/ft1+{}/ft2\n", d.display())),
+        words: &["adapter_config.json", "LoRA adapter", "ft2"],
+    },
+    Bad {
+        name: "lora adapter missing",
+        setup: |d| tiny(d).replace("/ft1\n", &format!("/ft1+{}/no-adapter\n", d.display())),
+        words: &["no-adapter", "no folder"],
     },
     Bad {
         name: "missing model dir",
