@@ -6,6 +6,9 @@
 //! (16.8M elements, 134 MB of bfloat16 inputs, as a 7B model's largest matrices), torch's
 //! order: memory traffic and the statistics pass's parallelism show only at this size.
 //!
+//! `lora`: a rank-16 and a rank-64 adapter applied on read to a 4096 x 4096 bfloat16 weight
+//! (a 7B model's attention projection): GB/s of weight adapted.
+//!
 //! `cargo bench --bench kernel`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -60,6 +63,30 @@ fn group(c: &mut Criterion, name: &str, shape: [usize; 2], variants: &[(Reductio
     g.finish();
 }
 
+fn lora(c: &mut Criterion) {
+    let mut g = c.benchmark_group("lora");
+    g.sample_size(10);
+    let (rows, cols) = (4096, 4096);
+    let weight = inputs(WorkDtype::BF16, rows * cols).remove(0);
+    g.throughput(Throughput::Bytes(weight.len() as u64));
+    for rank in [16, 64] {
+        let f32s = |n: usize| inputs(WorkDtype::F32, n).remove(1);
+        let f = mergefleet::lora::LoraFactors::new(
+            &f32s(rank * cols),
+            safetensors::Dtype::F32,
+            &f32s(rows * rank),
+            safetensors::Dtype::F32,
+            rank,
+            2.0,
+        );
+        let mut out = vec![0u8; weight.len()];
+        g.bench_function(format!("bf16/r{rank}"), |b| {
+            b.iter(|| f.apply(&weight, safetensors::Dtype::BF16, 0, cols, &mut out))
+        });
+    }
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let all = [
         (Reductions::Torch, false),
@@ -76,5 +103,5 @@ fn bench(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, bench, lora);
 criterion_main!(benches);
