@@ -152,13 +152,18 @@ pub fn model_card(config: &MergeConfig, hub: &[String]) -> String {
 This is a merge of pre-trained language models created with mergefleet {version}, which \
 reproduces [mergekit](https://github.com/arcee-ai/mergekit)'s merge methods.\n\n\
 ## Merge Details\n### Merge Method\n\n\
-This model was merged using the [Model Stock](https://arxiv.org/abs/2403.19522) merge method \
-using {base} as a base.\n\n\
+This model was merged using the [{method}]({url}) merge method{base}.\n\n\
 ### Models Merged\n\nThe following models were included in the merge:\n{models}\n\
 ### Configuration\n\nThe following YAML configuration was used to produce this model:\n\n\
 ```yaml\n{yaml}\n```\n",
         version = env!("CARGO_PKG_VERSION"),
-        base = md(&config.base_model),
+        method = config.method.pretty_name(),
+        url = config.method.reference_url(),
+        base = config
+            .base_model
+            .as_ref()
+            .map(|b| format!(" using {} as a base", md(b)))
+            .unwrap_or_default(),
         yaml = config.source_yaml.trim_end(),
     )
 }

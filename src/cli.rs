@@ -236,17 +236,30 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
                     .map(move |t| (t, &p.files[task.file].name))
             })
             .map(|(t, file)| {
+                let params = match &t.op {
+                    mergefleet::plan::Op::Merge { kernel, .. } => serde_json::Value::Object(
+                        kernel
+                            .method
+                            .values()
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect(),
+                    ),
+                    mergefleet::plan::Op::Copy { .. } => serde_json::Value::Null,
+                };
                 json!({
                     "name": t.name,
                     "shape": t.shape,
                     "dtype": format!("{:?}", t.dtype),
                     "file": file,
                     "merge": matches!(t.op, mergefleet::plan::Op::Merge { .. }),
+                    "parameters": params,
                 })
             })
             .collect();
         let v = json!({
-            "base_model": job.config.base_model.text,
+            "merge_method": job.config.method.name(),
+            "base_model": job.config.base_model.as_ref().map(|b| &b.text),
             "models": job.config.models.iter().map(|m| &m.text).collect::<Vec<_>>(),
             "tensors": tensors,
             "files": files,
@@ -262,11 +275,15 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return;
     }
-    println!("base model: {}", job.config.base_model);
+    println!("merge method: {}", job.config.method.name());
+    if let Some(b) = &job.config.base_model {
+        println!("base model:   {b}");
+    }
     for m in &job.config.models {
-        println!("fine-tune:  {m}");
+        println!("model:        {m}");
     }
     println!();
+    print_parameter_groups(p);
     for t in p.tasks.iter().flat_map(|t| &t.tensors) {
         let how = match t.op {
             mergefleet::plan::Op::Merge { .. } => "merge",
@@ -320,6 +337,39 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
     for w in &p.warnings {
         println!("warning: {w}");
     }
+}
+
+/// The resolved parameters, one line per run of tensors (in name order) that share them.
+fn print_parameter_groups(p: &mergefleet::plan::MergePlan) {
+    let mut merged: Vec<(&str, String)> = p
+        .tasks
+        .iter()
+        .flat_map(|t| &t.tensors)
+        .filter_map(|t| match &t.op {
+            mergefleet::plan::Op::Merge { kernel, .. } => {
+                Some((t.name.as_str(), kernel.method.describe()))
+            }
+            mergefleet::plan::Op::Copy { .. } => None,
+        })
+        .collect();
+    merged.sort();
+    println!("parameters (per tensor, resolved):");
+    let mut i = 0;
+    while i < merged.len() {
+        let run = merged[i..]
+            .iter()
+            .take_while(|(_, d)| *d == merged[i].1)
+            .count();
+        let (first, last) = (merged[i].0, merged[i + run - 1].0);
+        let span = if run == 1 {
+            first.to_string()
+        } else {
+            format!("{first} .. {last} ({run} tensors)")
+        };
+        println!("  {span}: {}", merged[i].1);
+        i += run;
+    }
+    println!();
 }
 
 fn cli_threads(n: Option<usize>) -> usize {

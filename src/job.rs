@@ -224,7 +224,11 @@ fn refuse_duplicates(
         .collect();
     for (j, id) in ids.iter().enumerate() {
         if let Some(i) = ids[..j].iter().position(|a| a == id) {
-            let first = if i == 0 { "base_model" } else { "models" };
+            let first = if i == 0 && config.base_model.is_some() {
+                "base_model"
+            } else {
+                "models"
+            };
             return Err(ConfigError::Key {
                 key: "models".into(),
                 message: format!(

@@ -28,6 +28,7 @@ pub mod lora;
 pub mod memory;
 pub mod merge;
 pub mod metrics;
+pub mod params;
 pub mod plan;
 pub mod reference;
 pub mod resolve;

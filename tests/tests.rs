@@ -25,6 +25,8 @@ mod interrupted;
 mod k8s;
 /// LoRA adapters applied on read, against mergekit's PEFT step, bit for bit.
 mod lora;
+/// mergekit's other methods (linear, task_arithmetic), bit for bit with its goldens.
+mod methods;
 /// S3 in and out, byte-identical to local; S3 errors.
 mod s3;
 /// A 671B-class plan: planning time and message sizes.

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use crate::dtype;
 use crate::error::{Error, Result};
 use crate::lora::LoraFactors;
-use crate::merge::{row_len, InputView, ModelStock};
+use crate::merge::{InputView, Prepared, Streaming, Window};
 use crate::plan::{InputFile, MergePlan, Op, Task, TensorJob};
 use crate::sink::Sink;
 use crate::store::{read_ranges, StoreError, Stores};
@@ -273,13 +273,12 @@ fn compute(job: &TensorJob, bytes: &[Bytes], out: &mut [u8], pool: &Arc<BufferPo
         Op::Copy { .. } => out.copy_from_slice(&bytes[0]),
         Op::Merge { kernel, .. } => {
             let values = kernel_inputs(job, bytes, 0, pool);
-            let k = ModelStock::from(*kernel);
             match &job.requant {
-                None => k.merge(&job.shape, &views(&values), out),
+                None => kernel.merge(&job.shape, &views(&values), out),
                 Some(r) => {
                     // Merge into the kernel's dtype, then quantize whole: weight, then scales.
                     let mut merged = pool.get(job.numel() * kernel.out.size());
-                    k.merge(&job.shape, &views(&values), &mut merged);
+                    kernel.merge(&job.shape, &views(&values), &mut merged);
                     let (q, scales) = out.split_at_mut(job.numel());
                     r.blocks
                         .quantize(&merged, kernel.out.st_dtype(), 0, q, scales);
@@ -369,10 +368,11 @@ async fn stream_tensor(
     let out_size = dtype::size(job.dtype).expect("whole-byte dtype") as u64;
     let (unit, per_elem) = job.window_unit();
     let numel = job.numel();
-    let (fw, kernel) = match &job.op {
-        Op::Merge { kernel, .. } => (kernel.filter_wise, Some(ModelStock::from(*kernel))),
-        Op::Copy { .. } => (false, None),
+    let kernel = match &job.op {
+        Op::Merge { kernel, .. } => Some(Arc::new(kernel.clone())),
+        Op::Copy { .. } => None,
     };
+    let streaming = kernel.as_ref().map(|k| k.streaming(&job.shape));
     // Half the budget for the window being computed, the rest for the chunk being written.
     // The scales read (whole) and written (whole, when requantizing) stay for every window.
     let scales_out = job
@@ -396,28 +396,28 @@ async fn stream_tensor(
         let wanted = tensor_ranges(job, w.clone());
         async move { inputs.fetch(&wanted, progress).await }
     };
-    let t = match (&kernel, fw) {
-        (Some(k), false) => {
+    let prepared = match (&kernel, streaming) {
+        (Some(k), Some(Streaming::Statistics)) => {
             // Pass 1: statistics over every window, in element order.
-            let mut acc = k.begin_stats(slices.len() - 1, numel);
+            let mut acc = k.begin_stats(slices.len(), numel);
             for w in &windows {
                 let bytes = fetch_window(w).await?;
-                let (k, job, pool) = (*k, job.clone(), inputs.pool.clone());
+                let (k, job, pool) = (k.clone(), job.clone(), inputs.pool.clone());
                 let (start, len) = (w.start, w.len());
                 acc = blocking(move || {
                     let values = kernel_inputs(&job, &bytes, start, &pool);
-                    k.feed_stats(&mut acc, &views(&values), 0, len);
+                    k.feed_stats(&mut acc, &views(&values), len);
                     acc
                 })
                 .await?;
             }
-            Some(k.finish_ratio(&acc, 0, 1))
+            k.finish_stats(&acc)
         }
-        _ => None,
+        _ => Prepared::Nothing,
     };
     // Pass 2 (or the only pass): output window by window. Requantized scales (a row of
     // blocks per window) follow the weight, in order, once every window is written.
-    let kernel_out = kernel.map_or(job.dtype, |k| k.out.st_dtype());
+    let kernel_out = kernel.as_ref().map_or(job.dtype, |k| k.out.st_dtype());
     let mut scales = job
         .requant
         .as_ref()
@@ -427,20 +427,26 @@ async fn stream_tensor(
         let (start, len) = (w.start, w.len());
         let job_here = job.clone();
         let pool = inputs.pool.clone();
+        let kernel = kernel.clone();
         let (data, window_scales) = blocking(move || {
             let job = job_here;
-            let (shape, requant) = (&job.shape, job.requant.clone());
+            let requant = job.requant.clone();
             let values = kernel_inputs(&job, &bytes, start, &pool);
             let size = dtype::size(kernel_out).expect("whole-byte dtype");
             let mut out = pool.get(len * size);
             let views = views(&values);
-            match (kernel, t) {
-                (None, _) => out.copy_from_slice(&values[0].0),
-                (Some(k), Some(t)) => k.apply(&views, 0, len, t, &mut out),
-                (Some(k), None) => {
-                    let row = row_len(shape).max(1);
+            match (kernel, streaming) {
+                (Some(k), Some(Streaming::Rows(row))) => {
                     k.merge_rows(row, start / row, numel / row, &views, &mut out)
                 }
+                (Some(k), _) => {
+                    let at = Window {
+                        first: start,
+                        numel,
+                    };
+                    k.apply(&views, at, prepared, &mut out)
+                }
+                (None, _) => out.copy_from_slice(&values[0].0),
             }
             match requant {
                 None => (pool.freeze(out), None),

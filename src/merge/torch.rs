@@ -351,11 +351,18 @@ fn multi_row_sum(rows: usize, at: impl Fn(usize, usize) -> f32, cols: usize) -> 
 }
 
 /// `torch.stack(values).mean(dim=0)` for one output of `outputs` (the filter_wise rows;
-/// 1 otherwise) at index `col`, in float32 before the cast to the dtype. The order of the
-/// sum depends on where the output sits among the others (torch's outer-sum kernels).
+/// 1 otherwise) at index `col`, in float32 before the cast to the dtype.
 pub fn mean(values: &[f32], col: usize, outputs: usize) -> f32 {
+    outer_sum(values, col, outputs) / values.len() as f32
+}
+
+/// `torch.stack(values).sum(dim=0)` in float32 for output `col` of `outputs`: one row of
+/// `values.len()` when there is a single output, else torch's outer-sum kernels, whose
+/// order depends on where the output sits among the others (whole groups of columns sum
+/// row by row in a cascade, the last columns in a scalar row sum).
+pub fn outer_sum(values: &[f32], col: usize, outputs: usize) -> f32 {
     let p = values.len();
-    let s = if outputs <= 1 {
+    if outputs <= 1 {
         let mut c = CascadeSum::new(p, LANES);
         c.feed(values);
         c.finish()
@@ -366,8 +373,7 @@ pub fn mean(values: &[f32], col: usize, outputs: usize) -> f32 {
         } else {
             0.0 + row_sum(values)
         }
-    };
-    s / p as f32
+    }
 }
 
 #[cfg(test)]

@@ -6,13 +6,14 @@
 
 use safetensors::Dtype;
 
-use super::{InputView, Stats};
+use super::model_stock::Stats;
+use super::InputView;
 
 const MICRO: usize = 512;
 
 /// Decode elements `start..start + out.len()` of a float tensor to f64 (exact for every
 /// float dtype).
-fn decode(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f64]) {
+pub(super) fn decode(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f64]) {
     let n = out.len();
     match dtype {
         Dtype::F64 => {
@@ -45,7 +46,7 @@ fn decode(bytes: &[u8], dtype: Dtype, start: usize, out: &mut [f64]) {
 /// and from there to bfloat16 or float16 (torch converts a double to those through float).
 /// (`half`'s own `from_f64` is no substitute: it drops the double's low 32 bits before
 /// rounding, so values just above a tie round as ties.)
-fn encode(values: &[f64], dtype: Dtype, out: &mut [u8]) {
+pub(super) fn encode(values: &[f64], dtype: Dtype, out: &mut [u8]) {
     match dtype {
         Dtype::F64 => {
             for (v, o) in values.iter().zip(out.chunks_exact_mut(8)) {

@@ -14,7 +14,8 @@ use safetensors::Dtype;
 use crate::config::MergeConfig;
 use crate::dtype::{self, is_float, is_low_precision_float, WorkDtype};
 use crate::fp8::{Blocks, SCALE_SUFFIX};
-use crate::merge::{row_len, ModelStock, Reductions, BLOCK};
+use crate::merge::{Kernel, Reductions, Streaming, BLOCK};
+use crate::params::ParamError;
 use crate::source::ModelSource;
 
 /// A merge that cannot be planned, naming the tensor and model at fault.
@@ -62,6 +63,8 @@ pub enum PlanError {
     Empty(String),
     #[error("{0}")]
     Layout(String),
+    #[error(transparent)]
+    Param(#[from] ParamError),
 }
 
 const VOCAB_HINT: &str =
@@ -199,33 +202,13 @@ impl InputSlice {
 /// What produces one output tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    /// model_stock over `inputs` (base first, then fine-tunes in config order).
+    /// A merge of `inputs`, in the order the kernel takes them (see [`crate::merge::Method`]).
     Merge {
-        kernel: ModelStockParams,
+        kernel: Kernel,
         inputs: Vec<InputSlice>,
     },
     /// Copied byte for byte from the base (non-float tensors).
     Copy { input: InputSlice },
-}
-
-/// Kernel parameters as plain data (so tasks can travel over the wire).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ModelStockParams {
-    pub work: WorkDtype,
-    pub out: WorkDtype,
-    pub filter_wise: bool,
-    pub reductions: Reductions,
-}
-
-impl From<ModelStockParams> for ModelStock {
-    fn from(p: ModelStockParams) -> Self {
-        ModelStock {
-            work: p.work,
-            out: p.out,
-            filter_wise: p.filter_wise,
-            reductions: p.reductions,
-        }
-    }
 }
 
 /// One output tensor.
@@ -290,7 +273,7 @@ impl TensorJob {
             Op::Copy { input } => vec![input],
         }
     }
-    /// The streaming granularity of this tensor (elements: a block, or a filter_wise row)
+    /// The streaming granularity of this tensor (elements: a block, or a row)
     /// and the bytes one element costs (every input plus the output).
     pub fn window_unit(&self) -> (usize, u64) {
         let size = |d| dtype::size(d).expect("whole-byte dtype") as u64;
@@ -303,8 +286,11 @@ impl TensorJob {
         };
         let mut per_elem = self.inputs().iter().map(per_input).sum::<u64>() + size(self.dtype);
         let mut unit = match &self.op {
-            Op::Merge { kernel, .. } if kernel.filter_wise => row_len(&self.shape).max(1),
-            _ => BLOCK,
+            Op::Merge { kernel, .. } => match kernel.streaming(&self.shape) {
+                Streaming::Rows(row) => row,
+                Streaming::Elementwise | Streaming::Statistics => BLOCK,
+            },
+            Op::Copy { .. } => BLOCK,
         };
         if let (Some(r), Op::Merge { kernel, .. }) = (&self.requant, &self.op) {
             // Quantizing needs whole rows of blocks.
@@ -609,10 +595,19 @@ pub fn plan(
         return Err(PlanError::Empty(base.reference.clone()));
     }
     let (inputs, file_ids) = input_files(models);
+    let names = tensor_names(models);
+    let layers = method::layer_count(&names);
+    let order = method::input_order(config);
     let mut jobs: Vec<TensorJob> = Vec::new();
-    for name in tensor_names(models) {
+    for name in names {
         let (slices, shape, base_dtype) = input_slices(name, models, &file_ids)?;
-        jobs.push(tensor_job(name, slices, shape, base_dtype, config, opts)?);
+        let merge = method::TensorMerge {
+            config,
+            models,
+            order: &order,
+            t: crate::params::layer_t(crate::params::layer_of(name), layers),
+        };
+        jobs.push(tensor_job(name, slices, shape, base_dtype, &merge, opts)?);
     }
     if opts.quantize_fp8 && jobs.iter().all(|j| j.requant.is_none()) {
         let out = jobs
@@ -856,9 +851,10 @@ fn tensor_job(
     mut slices: Vec<InputSlice>,
     shape: &[usize],
     base_dtype: Dtype,
-    config: &MergeConfig,
+    merge: &method::TensorMerge,
     opts: PlanOptions,
 ) -> Result<TensorJob, PlanError> {
+    let config = merge.config;
     let slices_base_scale = slices[0].scale.as_ref().map(|s| s.blocks);
     // Low-precision floats are weights, not integers to copy; merging them needs their
     // block scales, which model_stock here does not apply. Refuse rather than copy
@@ -883,17 +879,17 @@ fn tensor_job(
                 _ => WorkDtype::F32,
             });
         let out = config.out_dtype.unwrap_or(work);
-        let kernel = ModelStockParams {
+        let kernel = Kernel {
+            method: merge.method(name)?,
             work,
             out,
-            filter_wise: config.filter_wise.for_tensor(name, false),
             reductions: opts.reductions,
         };
         (
             out.st_dtype(),
             Op::Merge {
                 kernel,
-                inputs: slices,
+                inputs: merge.ordered(slices),
             },
         )
     } else {
@@ -906,7 +902,7 @@ fn tensor_job(
             if kernel.out == WorkDtype::F64 {
                 return Err(PlanError::Fp8 {
                     tensor: name.to_string(),
-                    model: config.base_model.to_string(),
+                    model: merge.models[0].reference.clone(),
                     message: "--quantize fp8 quantizes bfloat16, float16 or float32 values; set `dtype` (or `out_dtype`) to one of them".into(),
                 });
             }
@@ -1101,6 +1097,8 @@ fn cut_tasks(
     }
     pos
 }
+
+mod method;
 
 #[cfg(test)]
 mod tests;

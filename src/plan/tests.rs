@@ -304,7 +304,10 @@ fn filter_wise_per_tensor() {
         let Op::Merge { kernel, .. } = &t.op else {
             panic!()
         };
-        assert_eq!(kernel.filter_wise, t.name.contains("mlp"), "{}", t.name);
+        let want = crate::merge::Method::ModelStock {
+            filter_wise: t.name.contains("mlp"),
+        };
+        assert_eq!(kernel.method, want, "{}", t.name);
     }
 }
 

@@ -17,10 +17,9 @@ use tonic::Status;
 
 use crate::dtype::{self, WorkDtype};
 use crate::fp8::Blocks;
-use crate::merge::Reductions;
+use crate::merge::{Kernel, Method, Reductions};
 use crate::plan::{
-    InputFile, InputSlice, LoraSlice, MergePlan, ModelStockParams, Op, Requant, ScaleSlice, Task,
-    TensorJob,
+    InputFile, InputSlice, LoraSlice, MergePlan, Op, Requant, ScaleSlice, Task, TensorJob,
 };
 use crate::sink::cluster::Target;
 
@@ -32,7 +31,7 @@ pub mod pb {
 }
 
 /// Bumped on any incompatible change of the contract; checked at registration.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest gRPC message either side accepts (a task lists every input range of its
 /// tensors; 64 MiB is far above any real task).
@@ -309,8 +308,8 @@ pub fn task_to_wire(
                         Some(pb::KernelParams {
                             work_dtype: kernel.work.name().into(),
                             out_dtype: kernel.out.name().into(),
-                            filter_wise: kernel.filter_wise,
                             reductions: kernel.reductions.name().into(),
+                            method: Some(method_to_wire(&kernel.method)),
                         }),
                         inputs.iter().map(slice).collect(),
                     ),
@@ -481,13 +480,10 @@ fn tensor_from_wire(
     }
     let op = match &j.kernel {
         Some(k) => {
-            if slices.len() < 3 {
-                return Err(bad("model_stock needs a base and two fine-tunes".into()));
-            }
-            let kernel = ModelStockParams {
+            let kernel = Kernel {
+                method: method_from_wire(k.method.as_ref(), slices.len()).map_err(bad)?,
                 work: parse_work(&k.work_dtype).map_err(|e| bad(e.0))?,
                 out: parse_work(&k.out_dtype).map_err(|e| bad(e.0))?,
-                filter_wise: k.filter_wise,
                 reductions: Reductions::from_name(&k.reductions)
                     .ok_or_else(|| bad(format!("unknown reduction order `{}`", k.reductions)))?,
             };
@@ -663,6 +659,76 @@ fn scales_from_wire(
         range: sc.start..sc.end,
         blocks,
     })
+}
+
+/// A kernel's method as the proto carries it.
+fn method_to_wire(m: &Method) -> pb::kernel_params::Method {
+    use pb::kernel_params::Method as W;
+    match m {
+        Method::ModelStock { filter_wise } => W::ModelStock(pb::ModelStock {
+            filter_wise: *filter_wise,
+        }),
+        Method::Linear { weights, normalize } => W::Linear(pb::Linear {
+            weights: weights.clone(),
+            normalize: *normalize,
+        }),
+        Method::TaskArithmetic {
+            weights,
+            normalize,
+            lambda,
+        } => W::TaskArithmetic(pb::TaskArithmetic {
+            weights: weights.clone(),
+            normalize: *normalize,
+            lambda: *lambda,
+        }),
+    }
+}
+
+/// A method from the wire, checked against the tensor's `inputs`: each method's arity, one
+/// value per input for per-input parameters.
+fn method_from_wire(
+    m: Option<&pb::kernel_params::Method>,
+    inputs: usize,
+) -> Result<Method, String> {
+    use pb::kernel_params::Method as W;
+    let per_input = |name: &str, v: &[f64]| {
+        if v.len() == inputs {
+            Ok(v.to_vec())
+        } else {
+            Err(format!("{} {name} values for {inputs} inputs", v.len()))
+        }
+    };
+    let at_least = |n: usize, what: &str| {
+        if inputs >= n {
+            Ok(())
+        } else {
+            Err(format!("{what}, got {inputs} inputs"))
+        }
+    };
+    match m {
+        None => Err("a merge without a method (a coordinator of another version?)".into()),
+        Some(W::ModelStock(p)) => {
+            at_least(3, "model_stock needs a base and two fine-tunes")?;
+            Ok(Method::ModelStock {
+                filter_wise: p.filter_wise,
+            })
+        }
+        Some(W::Linear(p)) => {
+            at_least(1, "linear needs an input")?;
+            Ok(Method::Linear {
+                weights: per_input("weight", &p.weights)?,
+                normalize: p.normalize,
+            })
+        }
+        Some(W::TaskArithmetic(p)) => {
+            at_least(2, "task_arithmetic needs a base and another model")?;
+            Ok(Method::TaskArithmetic {
+                weights: per_input("weight", &p.weights)?,
+                normalize: p.normalize,
+                lambda: p.lambda,
+            })
+        }
+    }
 }
 
 #[cfg(test)]

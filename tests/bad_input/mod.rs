@@ -60,7 +60,7 @@ const BAD: &[Bad] = &[
     Bad {
         name: "one fine-tune",
         setup: |d| tiny(d).replace(&format!("  - model: {}/ft2\n", d.display()), ""),
-        words: &["at least two"],
+        words: &["at least 2 models"],
     },
     Bad {
         name: "duplicated model",

@@ -15,7 +15,7 @@ use crate::util::*;
 
 /// The real-size synthetic set (1.4 GB), written once under the target directory and kept
 /// for later runs.
-fn real_set() -> &'static Path {
+pub(crate) fn real_set() -> &'static Path {
     static SET: OnceLock<PathBuf> = OnceLock::new();
     SET.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fidelity-set");
@@ -51,7 +51,7 @@ fn golden(case: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn hashes(dir: &Path) -> BTreeMap<String, String> {
+pub(crate) fn hashes(dir: &Path) -> BTreeMap<String, String> {
     read_checkpoint(dir)
         .into_iter()
         .map(|(k, (_, _, bytes))| {

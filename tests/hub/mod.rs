@@ -464,7 +464,7 @@ const REAL: &[(&str, Outcome)] = &[
     ),
     (
         "21-huatuoskywork-o1-llama-3.1-8b.yml",
-        Outcome::Refused("`slerp` is not implemented"),
+        Outcome::Refused("`slerp` is not implemented yet"),
     ),
     (
         "22-gemma-moon-2-9b-it.yml",
@@ -486,22 +486,16 @@ const REAL: &[(&str, Outcome)] = &[
         "26-neuralpipe-7b-ties.yml",
         Outcome::Refused("`ties` is not implemented"),
     ),
-    (
-        "27-llama2-13b-psyfighter2.yml",
-        Outcome::Refused("`task_arithmetic` is not implemented"),
-    ),
+    ("27-llama2-13b-psyfighter2.yml", Outcome::Merges),
     (
         "28-l3-umbral-mind-rp-v3.0-8b-task-arithmetic.yml",
-        Outcome::Refused("`task_arithmetic` is not implemented"),
+        Outcome::Merges,
     ),
     (
         "29-l3-umbral-mind-rp-v3.0-8b-breadcrumbs-ties.yml",
         Outcome::Refused("`breadcrumbs_ties` is not implemented"),
     ),
-    (
-        "30-mysticfusion-13b.yml",
-        Outcome::Refused("`linear` is not implemented"),
-    ),
+    ("30-mysticfusion-13b.yml", Outcome::Merges),
     ("31-miquliz-120b-v2.0.yml", Outcome::Refused("`slices`")),
     (
         "32-nemomix-unleashed-12b.yml",
@@ -588,5 +582,5 @@ fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
             }
         }
     }
-    assert_eq!(merged, 14, "model_stock configs merged");
+    assert_eq!(merged, 17, "configs merged");
 }

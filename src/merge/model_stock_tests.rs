@@ -1,8 +1,8 @@
 //! Kernel tests: hand-computed rounding, the special branches, and a straightforward
 //! reference implementation (whole tensors, no blocks, no threads) for N = 2..5.
 
-use super::numeric::{Bf16, Round, F16, F32};
 use super::*;
+use crate::merge::numeric::{self, Bf16, Round, F16, F32};
 use half::{bf16, f16};
 
 fn round(w: WorkDtype, x: f32) -> f32 {
@@ -539,9 +539,9 @@ fn the_baseline_build_gives_the_avx2_builds_bits() {
                     reductions,
                 };
                 let fast = run(k, &shape, &w, d);
-                simd::BASELINE.store(true, Ordering::Relaxed);
+                crate::merge::simd::BASELINE.store(true, Ordering::Relaxed);
                 let baseline = run(k, &shape, &w, d);
-                simd::BASELINE.store(false, Ordering::Relaxed);
+                crate::merge::simd::BASELINE.store(false, Ordering::Relaxed);
                 let what = format!("{d:?} {reductions:?} filter_wise={filter_wise}");
                 assert_bits_eq(&baseline, &fast, &what);
             }

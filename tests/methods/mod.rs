@@ -1,0 +1,254 @@
+//! mergekit's other methods against the real mergekit's goldens (`tests/fixtures/methods`,
+//! made with `mergekit-yaml -j 1`, see its README): every tensor bit for bit, embedded,
+//! streamed under a small memory limit on one thread, and on a 3-worker cluster; the
+//! card names the method; `plan` shows the resolved parameters.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::cluster::Cluster;
+use crate::util::*;
+
+fn dir() -> PathBuf {
+    root().join("tests/fixtures/methods")
+}
+
+/// Every golden case: (folder, what the model card calls the method).
+const CASES: &[(&str, &str)] = &[
+    ("linear_bf16", "[Linear](https://arxiv.org/abs/2203.05482)"),
+    ("linear_f32_base_listed", "[Linear]"),
+    ("linear_f16_base_appended", "[Linear]"),
+    (
+        "task_arithmetic_bf16",
+        "[Task Arithmetic](https://arxiv.org/abs/2212.04089)",
+    ),
+    ("task_arithmetic_f32_five", "[Task Arithmetic]"),
+    ("task_arithmetic_f16_filtered", "[Task Arithmetic]"),
+];
+
+/// Merge `case` (paths relative to the fixtures, as mergekit resolved them) with `extra`
+/// flags and compare every tensor, and the output files, with mergekit's.
+fn merge_equals_mergekit(case: &str, extra: &[&str]) -> TempDir {
+    let out = tmp();
+    let target = out.path().join("out");
+    let cfg = dir().join(case).join("config.yml");
+    let mut args = vec![
+        "merge",
+        cfg.to_str().unwrap(),
+        target.to_str().unwrap(),
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    assert_ok(&run_in(&dir(), &args, &[]));
+    let expected = dir().join(case).join("expected");
+    assert_eq!(
+        read_checkpoint(&target),
+        read_checkpoint(&expected),
+        "{case} {extra:?}"
+    );
+    assert_eq!(
+        std::fs::read(target.join("model.safetensors")).unwrap(),
+        std::fs::read(expected.join("model.safetensors")).unwrap(),
+        "{case}: the file is mergekit's, byte for byte"
+    );
+    out
+}
+
+#[test]
+fn every_method_equals_mergekit_bit_for_bit() {
+    for (case, card) in CASES {
+        let out = merge_equals_mergekit(case, &[]);
+        let readme = std::fs::read_to_string(out.path().join("out/README.md")).unwrap();
+        assert!(readme.contains(card), "{case}: {readme}");
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("out/config.json")).unwrap())
+                .unwrap();
+        let want: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir().join(case).join("expected/config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["dtype"], want["dtype"], "{case}");
+    }
+}
+
+/// The synth set of five fine-tunes with odd sizes (hidden 264: no tensor a multiple of 32
+/// elements, so torch's outer sums take their tail order), written once under the target
+/// directory.
+fn five_set() -> &'static Path {
+    static SET: OnceLock<PathBuf> = OnceLock::new();
+    SET.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("methods-five-set");
+        let done = dir.join("complete");
+        if !done.exists() {
+            let shape = mergefleet::synth::LlamaShape {
+                hidden: 264,
+                layers: 2,
+                intermediate: 701,
+                vocab: 1001,
+                heads: 4,
+                kv_heads: 2,
+                lm_head: true,
+            };
+            mergefleet::synth::write_set(&dir, &shape, 5, 1).unwrap();
+            std::fs::write(&done, "").unwrap();
+        }
+        dir
+    })
+}
+
+/// Merge sized case `case` (`tests/fixtures/methods/sized`) with `extra` flags and compare
+/// every tensor's SHA-256 with mergekit's.
+fn sized_equals_mergekit(case: &str, extra: &[&str]) {
+    let sets = tmp();
+    for (name, set) in [("real", crate::fidelity::real_set()), ("five", five_set())] {
+        std::os::unix::fs::symlink(set, sets.path().join(name)).unwrap();
+    }
+    let text = std::fs::read_to_string(dir().join("sized").join(format!("{case}.yml")))
+        .unwrap()
+        .replace("SETS/", &format!("{}/", sets.path().display()));
+    let cfg = sets.path().join("config.yml");
+    std::fs::write(&cfg, text).unwrap();
+    let out = sets.path().join("out");
+    let mut args = vec!["merge", cfg.to_str().unwrap(), out.to_str().unwrap(), "-q"];
+    args.extend_from_slice(extra);
+    assert_ok(&run(&args));
+    let all: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir().join("sized/mergekit_sha256.json")).unwrap())
+            .unwrap();
+    let want: BTreeMap<String, String> = all[case]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, t)| (k.clone(), t["sha256"].as_str().unwrap().to_string()))
+        .collect();
+    let got = crate::fidelity::hashes(&out);
+    let differ: Vec<&String> = want
+        .keys()
+        .filter(|k| got.get(*k) != Some(&want[*k]))
+        .collect();
+    assert!(
+        differ.is_empty() && got.len() == want.len(),
+        "{case} {extra:?}: differs from mergekit in {differ:?}"
+    );
+}
+
+#[test]
+fn real_size_tensors_equal_mergekit() {
+    // 65.5M-element embeddings and head, 11.5M-element MLP matrices (real set); five
+    // fine-tunes in float32 and float16 with odd sizes (five set).
+    for case in [
+        "real_linear_bf16",
+        "real_ta_f16",
+        "real_ta_bf16",
+        "five_ta_f32",
+        "five_linear_f32",
+        "five_linear_f16",
+    ] {
+        sized_equals_mergekit(case, &[]);
+    }
+}
+
+#[test]
+fn streamed_on_one_thread_the_bytes_do_not_change() {
+    // 4 MB: the five set's 264K-element embeddings (6 inputs x 4 B) stream in windows of a
+    // block; the real set's 65.5M-element embeddings in windows too, on one thread.
+    for case in ["five_ta_f32", "five_linear_f32", "five_linear_f16"] {
+        sized_equals_mergekit(
+            case,
+            &[
+                "--memory-limit",
+                "4MB",
+                "--task-size",
+                "1",
+                "--threads",
+                "1",
+            ],
+        );
+    }
+    sized_equals_mergekit(
+        "real_ta_bf16",
+        &["--memory-limit", "64MB", "--threads", "1"],
+    );
+}
+
+#[test]
+fn a_three_worker_cluster_equals_mergekit() {
+    for case in ["linear_bf16", "task_arithmetic_f32_five"] {
+        let c = Cluster::new(&dir(), vec![]);
+        let out = tmp();
+        let target = out.path().join("out");
+        let cfg = dir().join(case).join("config.yml");
+        let mut coord = c.coordinator(
+            cfg.to_str().unwrap(),
+            target.to_str().unwrap(),
+            &["--task-size", "1", "--out-shard-size", "100K"],
+            "coordinator.log",
+        );
+        let mut workers = c.workers(3, &[]);
+        assert_exit_ok(&mut coord, 120);
+        for w in &mut workers {
+            assert_exit_ok(w, 60);
+        }
+        assert_eq!(
+            read_checkpoint(&target),
+            read_checkpoint(&dir().join(case).join("expected")),
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn plan_shows_the_resolved_parameters() {
+    let cfg = dir().join("task_arithmetic_bf16/config.yml");
+    let o = run_in(&dir(), &["plan", cfg.to_str().unwrap()], &[]);
+    let t = text(&o);
+    assert_ok(&o);
+    assert!(t.contains("merge method: task_arithmetic"), "{t}");
+    // The gradient [0.9, 0.3, 0.6] over 3 layers: 0.9 at layer 0 and the embeddings, 0.3 at
+    // layer 1, 0.6 at layer 2; the base's weight is unused (0).
+    assert!(
+        t.contains("weight=[0.0,0.9,0.35,-0.2] normalize=true lambda=0.85"),
+        "{t}"
+    );
+    assert!(t.contains("weight=[0.0,0.3,0.35,-0.2]"), "{t}");
+    assert!(t.contains("weight=[0.0,0.6,0.35,-0.2]"), "{t}");
+    let o = run_in(&dir(), &["plan", cfg.to_str().unwrap(), "--json"], &[]);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["merge_method"], "task_arithmetic");
+    let layer1 = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "model.layers.1.mlp.up_proj.weight")
+        .unwrap();
+    assert_eq!(layer1["parameters"]["weight"][1], 0.3);
+}
+
+#[test]
+fn missing_and_bad_parameters_are_refused_naming_model_and_tensor() {
+    let work = tmp();
+    for (params, want) in [
+        ("", "missing required parameter `weight` for `./models/ft2`"),
+        ("    parameters: {weight: lots}\n", "`lots` is not a number"),
+    ] {
+        let cfg = work.path().join("c.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "models:\n  - model: ./models/ft1\n    parameters: {{weight: 0.5}}\n  - model: ./models/ft2\n{params}merge_method: linear\n"
+            ),
+        )
+        .unwrap();
+        let out = work.path().join("out");
+        let o = run_in(
+            &dir(),
+            &["merge", cfg.to_str().unwrap(), out.to_str().unwrap(), "-q"],
+            &[],
+        );
+        let t = assert_exit(&o, 2);
+        assert!(t.contains(want) && t.contains("tensor `"), "{t}");
+        assert!(!out.exists());
+    }
+}
