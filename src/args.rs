@@ -195,6 +195,11 @@ pub struct ShardArgs {
     /// `_scale_inv` scales, the base's block size), as the base was released.
     #[arg(long, value_parser = ["fp8"])]
     pub quantize: Option<String>,
+    /// The seed of the random stream dare and della draw from (mergekit's
+    /// `--random-seed`); without it a seed is drawn and printed, so the merge can be
+    /// repeated.
+    #[arg(long)]
+    pub random_seed: Option<u64>,
 }
 
 fn parse_reductions(s: &str) -> Result<Reductions, String> {
@@ -202,12 +207,39 @@ fn parse_reductions(s: &str) -> Result<Reductions, String> {
 }
 
 impl ShardArgs {
+    /// The plan options; without `--random-seed`, a seed drawn now.
     pub fn options(&self) -> PlanOptions {
+        self.options_seeded(|| {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        })
+    }
+
+    /// The plan options of a coordinator: without `--random-seed`, a seed derived from the
+    /// config and the output, so a coordinator its Job restarts draws the same numbers
+    /// and resumes its journal.
+    pub fn options_for(&self, config: &str, out: &str) -> PlanOptions {
+        self.options_seeded(|| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in config.bytes().chain([0]).chain(out.bytes()) {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x100_0000_01b3);
+            }
+            h
+        })
+    }
+
+    fn options_seeded(&self, seed: impl FnOnce() -> u64) -> PlanOptions {
         PlanOptions {
             out_shard_size: self.out_shard_size,
             task_size: self.task_size,
             reductions: self.reductions,
             quantize_fp8: self.quantize.is_some(),
+            // A 32-bit seed: torch seeds its generator with the low 32 bits anyway.
+            random_seed: self.random_seed.unwrap_or_else(|| seed() & 0xffff_ffff),
+            random_seed_given: self.random_seed.is_some(),
             ..PlanOptions::default()
         }
     }

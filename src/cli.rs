@@ -118,7 +118,7 @@ async fn run_coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         token,
         insecure: a.insecure,
         tls: a.tls_cert.zip(a.tls_key),
-        plan: a.shard.options(),
+        plan: a.shard.options_for(&yaml, &a.out),
         max_attempts: a.max_attempts,
         lease_timeout: a.lease_timeout,
         restart: a.restart,
@@ -306,6 +306,23 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
     if fp8 > 0 {
         println!(
             "FP8 inputs:     {fp8} block-FP8 weight(s) read with their scales and dequantized to bfloat16"
+        );
+    }
+    let whole = p
+        .tasks
+        .iter()
+        .flat_map(|t| &t.tensors)
+        .filter(|t| match &t.op {
+            mergefleet::plan::Op::Merge { kernel, .. } => {
+                kernel.streaming(&t.shape) == mergefleet::merge::Streaming::Whole
+            }
+            mergefleet::plan::Op::Copy { .. } => false,
+        })
+        .count();
+    if whole > 0 {
+        println!(
+            "streaming:      {} merges whole tensors (it selects or draws over each whole task vector): {whole} tensor(s) are never streamed in windows",
+            job.config.method.name()
         );
     }
     println!("tasks:          {}", p.tasks.len());

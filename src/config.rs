@@ -560,7 +560,7 @@ mod tests {
             ("models: [", "not valid YAML"),
             ("- 1\n", "top level"),
             ("models:\n  - model: a\n  - model: b\nbase_model: x\n", "merge_method"),
-            ("models:\n  - model: a\n  - model: b\nmerge_method: ties\nbase_model: x\n", "`ties`"),
+            ("models:\n  - model: a\n  - model: b\nmerge_method: slerp\nbase_model: x\n", "`slerp`"),
             ("models:\n  - model: a\n  - model: b\nmerge_method: avg\nbase_model: x\n", "not a mergekit method"),
             ("models:\n  - model: a\nmerge_method: task_arithmetic\n", "base_model"),
             ("models:\n  - model: x\nmerge_method: task_arithmetic\nbase_model: x\n", "at least 1 model besides"),

@@ -380,7 +380,12 @@ async fn stream_tensor(
         .as_ref()
         .map_or(0, |r| r.scales.end - r.scales.start);
     let fixed = job.scale_bytes() + scales_out;
-    let window = (budget.saturating_sub(fixed) / 2 / per_elem) as usize / unit * unit;
+    let window = if streaming == Some(Streaming::Whole) {
+        // Whole-tensor kernels run in one window; the plan checked that it fits.
+        numel.max(1)
+    } else {
+        (budget.saturating_sub(fixed) / 2 / per_elem) as usize / unit * unit
+    };
     if window == 0 {
         return Err(Error::Usage(format!(
             "--memory-limit is too small for tensor `{}`: it needs at least {} bytes",
@@ -439,6 +444,7 @@ async fn stream_tensor(
                 (Some(k), Some(Streaming::Rows(row))) => {
                     k.merge_rows(row, start / row, numel / row, &views, &mut out)
                 }
+                (Some(k), Some(Streaming::Whole)) => k.merge(&job.shape, &views, &mut out),
                 (Some(k), _) => {
                     let at = Window {
                         first: start,

@@ -10,10 +10,15 @@ pub(crate) mod numeric;
 pub(crate) mod simd;
 pub mod torch;
 
+mod gta;
 mod linear;
 mod model_stock;
+pub mod mt19937;
+pub mod stdsort;
 mod task_arithmetic;
 mod wide;
+
+pub use gta::{Family, Gta};
 
 pub use crate::dtype::WorkDtype;
 pub use model_stock::{ModelStock, Stats, StatsAcc};
@@ -99,6 +104,8 @@ pub enum MethodName {
     ModelStock,
     Linear,
     TaskArithmetic,
+    /// ties, dare, breadcrumbs, della and their variants.
+    Gta(Family),
 }
 
 /// What a method does with `base_model`.
@@ -112,7 +119,18 @@ pub enum BaseUse {
 }
 
 impl MethodName {
-    pub const ALL: &[MethodName] = &[Self::ModelStock, Self::Linear, Self::TaskArithmetic];
+    pub const ALL: &[MethodName] = &[
+        Self::ModelStock,
+        Self::Linear,
+        Self::TaskArithmetic,
+        Self::Gta(Family::Ties),
+        Self::Gta(Family::DareTies),
+        Self::Gta(Family::DareLinear),
+        Self::Gta(Family::Breadcrumbs),
+        Self::Gta(Family::BreadcrumbsTies),
+        Self::Gta(Family::Della),
+        Self::Gta(Family::DellaLinear),
+    ];
 
     pub fn from_name(s: &str) -> Option<Self> {
         Self::ALL.iter().copied().find(|m| m.name() == s)
@@ -122,6 +140,7 @@ impl MethodName {
             Self::ModelStock => "model_stock",
             Self::Linear => "linear",
             Self::TaskArithmetic => "task_arithmetic",
+            Self::Gta(f) => f.name(),
         }
     }
     /// The name mergekit's model card gives the method.
@@ -130,6 +149,7 @@ impl MethodName {
             Self::ModelStock => "Model Stock",
             Self::Linear => "Linear",
             Self::TaskArithmetic => "Task Arithmetic",
+            Self::Gta(f) => f.pretty_name(),
         }
     }
     /// The paper mergekit's model card links.
@@ -138,6 +158,7 @@ impl MethodName {
             Self::ModelStock => "https://arxiv.org/abs/2403.19522",
             Self::Linear => "https://arxiv.org/abs/2203.05482",
             Self::TaskArithmetic => "https://arxiv.org/abs/2212.04089",
+            Self::Gta(f) => f.reference_url(),
         }
     }
     /// The parameters the method declares, with their types, scopes and defaults.
@@ -146,11 +167,12 @@ impl MethodName {
             Self::ModelStock => model_stock::PARAMS,
             Self::Linear => linear::PARAMS,
             Self::TaskArithmetic => task_arithmetic::PARAMS,
+            Self::Gta(f) => f.params(),
         }
     }
     pub fn base_use(self) -> BaseUse {
         match self {
-            Self::ModelStock | Self::TaskArithmetic => BaseUse::Required,
+            Self::ModelStock | Self::TaskArithmetic | Self::Gta(_) => BaseUse::Required,
             Self::Linear => BaseUse::Input,
         }
     }
@@ -158,7 +180,7 @@ impl MethodName {
     pub fn min_inputs(self) -> usize {
         match self {
             Self::ModelStock => 2,
-            Self::Linear | Self::TaskArithmetic => 1,
+            Self::Linear | Self::TaskArithmetic | Self::Gta(_) => 1,
         }
     }
 }
@@ -177,6 +199,8 @@ pub enum Method {
         normalize: bool,
         lambda: f64,
     },
+    /// Inputs: base, then the others.
+    Gta(Gta),
 }
 
 impl Method {
@@ -197,13 +221,33 @@ impl Method {
                 ("normalize", json!(normalize)),
                 ("lambda", json!(lambda)),
             ],
+            Method::Gta(g) => {
+                let mut v = vec![
+                    ("weight", json!(g.weights)),
+                    ("density", json!(g.densities)),
+                ];
+                if let Some(extra) = g.family.extra() {
+                    v.push((extra, json!(g.extra)));
+                }
+                v.extend([
+                    ("normalize", json!(g.normalize)),
+                    ("rescale", json!(g.rescale)),
+                    ("lambda", json!(g.lambda)),
+                ]);
+                if g.family.random() {
+                    v.push(("random_offset", json!(g.offset)));
+                }
+                v
+            }
         }
     }
 
-    /// [`Self::values`] on one line.
+    /// [`Self::values`] on one line, without the random stream's offset (which differs
+    /// for every tensor).
     pub fn describe(&self) -> String {
         self.values()
             .iter()
+            .filter(|(k, _)| *k != "random_offset")
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(" ")
@@ -214,6 +258,7 @@ impl Method {
             Method::ModelStock { .. } => MethodName::ModelStock,
             Method::Linear { .. } => MethodName::Linear,
             Method::TaskArithmetic { .. } => MethodName::TaskArithmetic,
+            Method::Gta(g) => MethodName::Gta(g.family),
         }
     }
 }
@@ -228,6 +273,8 @@ pub enum Streaming {
     Rows(usize),
     /// A statistics pass over the whole tensor, then an elementwise pass.
     Statistics,
+    /// Only whole tensors (a selection or a random draw over the whole task vector).
+    Whole,
 }
 
 /// What a statistics pass leaves for the apply pass.
@@ -277,6 +324,16 @@ impl Kernel {
             Method::ModelStock { filter_wise: true } => Streaming::Rows(row_len(shape).max(1)),
             Method::ModelStock { .. } => Streaming::Statistics,
             Method::Linear { .. } | Method::TaskArithmetic { .. } => Streaming::Elementwise,
+            Method::Gta(_) => Streaming::Whole,
+        }
+    }
+
+    /// Memory the kernel needs besides its inputs and output, merging `inputs` inputs of
+    /// `numel` elements whole.
+    pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
+        match &self.method {
+            Method::Gta(g) => g.scratch_bytes(numel, inputs),
+            _ => 0,
         }
     }
 
@@ -287,7 +344,11 @@ impl Kernel {
             Streaming::Elementwise => {
                 self.apply(inputs, Window { first: 0, numel }, Prepared::Nothing, out)
             }
-            _ => self
+            Streaming::Whole => match &self.method {
+                Method::Gta(g) => gta::merge(self, g, shape, inputs, out),
+                _ => unreachable!("the whole-tensor kernels are listed here"),
+            },
+            Streaming::Rows(_) | Streaming::Statistics => self
                 .model_stock()
                 .expect("only model_stock gathers statistics")
                 .merge(shape, inputs, out),
@@ -317,6 +378,7 @@ impl Kernel {
             (Method::ModelStock { .. }, Prepared::Nothing) => {
                 unreachable!("model_stock's apply pass needs its ratio")
             }
+            (Method::Gta(_), _) => unreachable!("whole-tensor kernels are merged whole"),
         }
     }
 

@@ -4,7 +4,7 @@
 //! kernel takes them. Pure, like the rest of the plan.
 
 use crate::config::MergeConfig;
-use crate::merge::{BaseUse, Method, MethodName};
+use crate::merge::{BaseUse, Family, Gta, Method, MethodName, WorkDtype};
 use crate::params::{layer_of, resolve, ParamDef, ParamError, Scope};
 use crate::source::ModelSource;
 
@@ -37,6 +37,8 @@ pub(super) struct TensorMerge<'a> {
     pub order: &'a [usize],
     /// The tensor's layer position, for gradients.
     pub t: f64,
+    /// The random stream's seed (`--random-seed`), for the methods that draw.
+    pub seed: u64,
 }
 
 impl TensorMerge<'_> {
@@ -82,8 +84,9 @@ impl TensorMerge<'_> {
             .collect()
     }
 
-    /// The method of tensor `tensor`, its parameters resolved.
-    pub fn method(&self, tensor: &str) -> Result<Method, ParamError> {
+    /// The method of tensor `tensor`, merged in `work`, its parameters resolved and
+    /// checked. A random method's offset in the stream is set later, by [`set_offsets`].
+    pub fn method(&self, tensor: &str, work: WorkDtype) -> Result<Method, ParamError> {
         let flag = |p: &str| self.shared(p, tensor).map(|v| v != 0.0);
         Ok(match self.config.method {
             MethodName::ModelStock => Method::ModelStock {
@@ -98,6 +101,94 @@ impl TensorMerge<'_> {
                 normalize: flag("normalize")?,
                 lambda: self.shared("lambda", tensor)?,
             },
+            MethodName::Gta(family) => Method::Gta(self.gta(family, tensor, work)?),
         })
     }
+
+    fn gta(&self, family: Family, tensor: &str, work: WorkDtype) -> Result<Gta, ParamError> {
+        let bad = |param: &'static str, message: String| ParamError::Invalid {
+            param,
+            tensor: tensor.to_string(),
+            message,
+        };
+        if work == WorkDtype::F64 {
+            return Err(bad(
+                "dtype",
+                format!("{} runs in bfloat16, float16 or float32 here; mergekit itself computes its sparsification of float64 tensors in float32. Set `dtype` to one of them", family.name()),
+            ));
+        }
+        let densities = self.per_input("density", tensor)?;
+        let extra = match family.extra() {
+            Some(p) => self.per_input(p, tensor)?,
+            None => Vec::new(),
+        };
+        let has_base = self.config.base_model.is_some();
+        for (k, &i) in self.order.iter().enumerate() {
+            if has_base && i == 0 {
+                continue;
+            }
+            let model = &self.models[i].reference;
+            let d = densities[k];
+            if !(d > 0.0 && d <= 1.0) {
+                return Err(bad(
+                    "density",
+                    format!("{d} for `{model}`: a density is the fraction of the task vector kept, in (0, 1]"),
+                ));
+            }
+            match family.extra() {
+                Some("epsilon") if d < 1.0 && (d + extra[k] >= 1.0 || d - extra[k] <= 0.0) => {
+                    return Err(bad(
+                        "epsilon",
+                        format!(
+                            "{} with density {d} for `{model}`: density +- epsilon must stay inside (0, 1), as mergekit requires",
+                            extra[k]
+                        ),
+                    ))
+                }
+                Some("gamma") if !(0.0..=1.0).contains(&extra[k]) => {
+                    return Err(bad(
+                        "gamma",
+                        format!("{} for `{model}`: the fraction of largest deltas removed, in [0, 1]", extra[k]),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let flag = |p: &str| self.shared(p, tensor).map(|v| v != 0.0);
+        Ok(Gta {
+            family,
+            weights: self.per_input("weight", tensor)?,
+            densities,
+            extra,
+            normalize: flag("normalize")?,
+            rescale: flag("rescale")?,
+            lambda: self.shared("lambda", tensor)?,
+            seed: self.seed,
+            offset: 0,
+        })
+    }
+}
+
+/// Give each tensor of a random method its offset in the random stream: mergekit draws
+/// for tensors in name order (the order of `jobs`), for each input in turn. Whether any
+/// tensor draws.
+pub(super) fn set_offsets(jobs: &mut [super::TensorJob]) -> bool {
+    let mut offset = 0u64;
+    let mut draws = false;
+    for j in jobs {
+        let numel = j.numel();
+        if let super::Op::Merge { kernel, .. } = &mut j.op {
+            if let Method::Gta(g) = &mut kernel.method {
+                if g.family.random() {
+                    draws = true;
+                    g.offset = offset;
+                    offset += g.densities[1..]
+                        .iter()
+                        .map(|&d| g.family.draws(d, numel))
+                        .sum::<u64>();
+                }
+            }
+        }
+    }
+    draws
 }

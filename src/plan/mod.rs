@@ -86,6 +86,10 @@ pub struct PlanOptions {
     /// `--quantize fp8`: write every tensor that is block-FP8 in the base as FP8 again,
     /// with its scales, in the base's block size.
     pub quantize_fp8: bool,
+    /// The seed of the random stream (`--random-seed`) the random methods draw from.
+    pub random_seed: u64,
+    /// Whether the user chose the seed (else the plan says which one was drawn).
+    pub random_seed_given: bool,
 }
 
 impl Default for PlanOptions {
@@ -96,6 +100,8 @@ impl Default for PlanOptions {
             min_part: MIN_PART,
             reductions: Reductions::default(),
             quantize_fp8: false,
+            random_seed: 0,
+            random_seed_given: true,
         }
     }
 }
@@ -253,7 +259,15 @@ impl TensorJob {
         self.input_bytes()
             + self.dequantized_bytes()
             + self.requant_bytes()
+            + self.scratch_bytes()
             + (written.end - written.start)
+    }
+    /// Memory the kernel works in besides its inputs and output (whole-tensor methods).
+    pub fn scratch_bytes(&self) -> u64 {
+        match &self.op {
+            Op::Merge { kernel, inputs } => kernel.scratch_bytes(self.numel(), inputs.len()),
+            Op::Copy { .. } => 0,
+        }
     }
     /// Every byte this tensor writes: the tensor, and its scales when requantized.
     pub fn written(&self) -> Range<u64> {
@@ -289,6 +303,7 @@ impl TensorJob {
             Op::Merge { kernel, .. } => match kernel.streaming(&self.shape) {
                 Streaming::Rows(row) => row,
                 Streaming::Elementwise | Streaming::Statistics => BLOCK,
+                Streaming::Whole => self.numel().max(1),
             },
             Op::Copy { .. } => BLOCK,
         };
@@ -323,6 +338,11 @@ impl TensorJob {
     }
     /// The least memory that can merge this tensor: all of it, or two windows when streamed.
     pub fn min_memory(&self) -> u64 {
+        if let Op::Merge { kernel, .. } = &self.op {
+            if kernel.streaming(&self.shape) == Streaming::Whole {
+                return self.working_set();
+            }
+        }
         let (unit, per_elem) = self.window_unit();
         let scales_out = self
             .requant
@@ -606,8 +626,17 @@ pub fn plan(
             models,
             order: &order,
             t: crate::params::layer_t(crate::params::layer_of(name), layers),
+            seed: opts.random_seed,
         };
         jobs.push(tensor_job(name, slices, shape, base_dtype, &merge, opts)?);
+    }
+    let mut warnings = config.warnings.clone();
+    if method::set_offsets(&mut jobs) && !opts.random_seed_given {
+        warnings.push(format!(
+            "{} draws random numbers and no --random-seed was given: drew seed {s}; pass --random-seed {s} to repeat this merge",
+            config.method.name(),
+            s = opts.random_seed
+        ));
     }
     if opts.quantize_fp8 && jobs.iter().all(|j| j.requant.is_none()) {
         let out = jobs
@@ -619,7 +648,7 @@ pub fn plan(
             .unwrap_or("the configured dtype");
         return Err(PlanError::NothingToQuantize(base.reference.clone(), out));
     }
-    layout(jobs, inputs, config.warnings.clone(), opts)
+    layout(jobs, inputs, warnings, opts)
 }
 
 const LM_HEAD: &str = "lm_head.weight";
@@ -880,7 +909,7 @@ fn tensor_job(
             });
         let out = config.out_dtype.unwrap_or(work);
         let kernel = Kernel {
-            method: merge.method(name)?,
+            method: merge.method(name, work)?,
             work,
             out,
             reductions: opts.reductions,

@@ -17,7 +17,7 @@ use tonic::Status;
 
 use crate::dtype::{self, WorkDtype};
 use crate::fp8::Blocks;
-use crate::merge::{Kernel, Method, Reductions};
+use crate::merge::{Family, Gta, Kernel, Method, Reductions};
 use crate::plan::{
     InputFile, InputSlice, LoraSlice, MergePlan, Op, Requant, ScaleSlice, Task, TensorJob,
 };
@@ -681,6 +681,17 @@ fn method_to_wire(m: &Method) -> pb::kernel_params::Method {
             normalize: *normalize,
             lambda: *lambda,
         }),
+        Method::Gta(g) => W::Gta(pb::Gta {
+            family: g.family.name().into(),
+            weights: g.weights.clone(),
+            densities: g.densities.clone(),
+            extra: g.extra.clone(),
+            normalize: g.normalize,
+            rescale: g.rescale,
+            lambda: g.lambda,
+            seed: g.seed,
+            offset: g.offset,
+        }),
     }
 }
 
@@ -727,6 +738,33 @@ fn method_from_wire(
                 normalize: p.normalize,
                 lambda: p.lambda,
             })
+        }
+        Some(W::Gta(p)) => {
+            let family = Family::ALL
+                .iter()
+                .copied()
+                .find(|f| f.name() == p.family)
+                .ok_or_else(|| format!("unknown method `{}`", p.family))?;
+            at_least(2, "a task-arithmetic method needs a base and another model")?;
+            let densities = per_input("density", &p.densities)?;
+            if densities[1..].iter().any(|d| !(*d > 0.0 && *d <= 1.0)) {
+                return Err("a density outside (0, 1]".into());
+            }
+            let extra = match family.extra() {
+                Some(name) => per_input(name, &p.extra)?,
+                None => Vec::new(),
+            };
+            Ok(Method::Gta(Gta {
+                family,
+                weights: per_input("weight", &p.weights)?,
+                densities,
+                extra,
+                normalize: p.normalize,
+                rescale: p.rescale,
+                lambda: p.lambda,
+                seed: p.seed,
+                offset: p.offset,
+            }))
         }
     }
 }

@@ -25,6 +25,23 @@ const CASES: &[(&str, &str)] = &[
     ),
     ("task_arithmetic_f32_five", "[Task Arithmetic]"),
     ("task_arithmetic_f16_filtered", "[Task Arithmetic]"),
+    ("ties_bf16", "[TIES](https://arxiv.org/abs/2306.01708)"),
+    ("ties_f32_rescale", "[TIES]"),
+    ("ties_f16_filtered", "[TIES]"),
+    (
+        "dare_ties_bf16",
+        "[DARE TIES](https://arxiv.org/abs/2311.03099)",
+    ),
+    ("dare_linear_f16", "[Linear DARE]"),
+    ("dare_ties_f32_plain", "[DARE TIES]"),
+    (
+        "breadcrumbs_bf16",
+        "[Model Breadcrumbs](https://arxiv.org/abs/2312.06795)",
+    ),
+    ("breadcrumbs_ties_f32", "[Model Breadcrumbs with TIES]"),
+    ("della_bf16", "[DELLA](https://arxiv.org/abs/2406.11617)"),
+    ("della_linear_f32", "[Linear DELLA]"),
+    ("della_f16", "[DELLA]"),
 ];
 
 /// Merge `case` (paths relative to the fixtures, as mergekit resolved them) with `extra`
@@ -33,11 +50,14 @@ fn merge_equals_mergekit(case: &str, extra: &[&str]) -> TempDir {
     let out = tmp();
     let target = out.path().join("out");
     let cfg = dir().join(case).join("config.yml");
+    // mergekit's goldens were made with `--random-seed 0`.
     let mut args = vec![
         "merge",
         cfg.to_str().unwrap(),
         target.to_str().unwrap(),
         "-q",
+        "--random-seed",
+        "0",
     ];
     args.extend_from_slice(extra);
     assert_ok(&run_in(&dir(), &args, &[]));
@@ -110,7 +130,14 @@ fn sized_equals_mergekit(case: &str, extra: &[&str]) {
     let cfg = sets.path().join("config.yml");
     std::fs::write(&cfg, text).unwrap();
     let out = sets.path().join("out");
-    let mut args = vec!["merge", cfg.to_str().unwrap(), out.to_str().unwrap(), "-q"];
+    let mut args = vec![
+        "merge",
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "-q",
+        "--random-seed",
+        "0",
+    ];
     args.extend_from_slice(extra);
     assert_ok(&run(&args));
     let all: serde_json::Value =
@@ -144,6 +171,13 @@ fn real_size_tensors_equal_mergekit() {
         "five_ta_f32",
         "five_linear_f32",
         "five_linear_f16",
+        "real_ties_bf16",
+        "real_dare_ties_bf16",
+        "real_della_linear_f16",
+        "five_ties_f32",
+        "five_dare_linear_f16",
+        "five_breadcrumbs_ties_f32",
+        "five_della_f32",
     ] {
         sized_equals_mergekit(case, &[]);
     }
@@ -170,11 +204,60 @@ fn streamed_on_one_thread_the_bytes_do_not_change() {
         "real_ta_bf16",
         &["--memory-limit", "64MB", "--threads", "1"],
     );
+    // Whole-tensor methods under a limit that holds one tensor at a time.
+    for case in ["five_ties_f32", "five_dare_linear_f16", "five_della_f32"] {
+        sized_equals_mergekit(
+            case,
+            &[
+                "--memory-limit",
+                "24MB",
+                "--task-size",
+                "1",
+                "--threads",
+                "1",
+            ],
+        );
+    }
+}
+
+#[test]
+fn plan_says_which_methods_take_whole_tensors() {
+    let cfg = dir().join("ties_bf16/config.yml");
+    let o = run_in(&dir(), &["plan", cfg.to_str().unwrap()], &[]);
+    assert_ok(&o);
+    assert!(text(&o).contains("whole tensors"), "{}", text(&o));
+    // Below the largest tensor's whole working set, the merge is refused before it starts.
+    let out = tmp();
+    let target = out.path().join("out");
+    let o = run_in(
+        &dir(),
+        &[
+            "merge",
+            cfg.to_str().unwrap(),
+            target.to_str().unwrap(),
+            "--memory-limit",
+            "100K",
+        ],
+        &[],
+    );
+    let t = assert_exit(&o, 2);
+    assert!(
+        t.contains("--memory-limit") && t.contains("embed_tokens"),
+        "{t}"
+    );
+    assert!(!target.exists());
 }
 
 #[test]
 fn a_three_worker_cluster_equals_mergekit() {
-    for case in ["linear_bf16", "task_arithmetic_f32_five"] {
+    // The random methods' draws start at each tensor's own offset, whoever merges it.
+    for case in [
+        "linear_bf16",
+        "task_arithmetic_f32_five",
+        "dare_ties_bf16",
+        "della_bf16",
+        "ties_f32_rescale",
+    ] {
         let c = Cluster::new(&dir(), vec![]);
         let out = tmp();
         let target = out.path().join("out");
@@ -182,7 +265,14 @@ fn a_three_worker_cluster_equals_mergekit() {
         let mut coord = c.coordinator(
             cfg.to_str().unwrap(),
             target.to_str().unwrap(),
-            &["--task-size", "1", "--out-shard-size", "100K"],
+            &[
+                "--task-size",
+                "1",
+                "--out-shard-size",
+                "100K",
+                "--random-seed",
+                "0",
+            ],
             "coordinator.log",
         );
         let mut workers = c.workers(3, &[]);

@@ -1,0 +1,305 @@
+//! torch's CPU random stream: mt19937 seeded by `torch.manual_seed`, and the draws
+//! `torch.bernoulli` takes from it; with a jump ahead, so any tensor's draws can start
+//! where mergekit's would, on any worker, without drawing through the tensors before it.
+//!
+//! mergekit's random methods (dare, della) consume one stream across the whole merge, in
+//! tensor-name order. The plan gives each tensor its offset in that stream; here the
+//! generator jumps there in `O(log offset)` polynomial steps: the state after `J` steps is
+//! `g(A) s0` with `g = x^J mod P`, `P` the generator's characteristic polynomial (degree
+//! 19937, found once by Berlekamp-Massey from the stream itself) and `A` one step of the
+//! recurrence, applied by Horner's rule.
+
+use std::sync::OnceLock;
+
+const N: usize = 624;
+const M: usize = 397;
+const MATRIX_A: u32 = 0x9908_b0df;
+const UPPER: u32 = 0x8000_0000;
+const LOWER: u32 = 0x7fff_ffff;
+/// The dimension of the generator's state space (and the degree of `P`).
+const DEGREE: usize = 19937;
+
+/// mt19937 as torch's CPU generator runs it.
+#[derive(Clone)]
+pub struct Mt19937 {
+    mt: [u32; N],
+    next: usize,
+}
+
+/// One step of the recurrence: the word after `x[k], x[k+1], ..., x[k+397]`.
+#[inline(always)]
+fn recur(xk: u32, xk1: u32, xkm: u32) -> u32 {
+    let y = (xk & UPPER) | (xk1 & LOWER);
+    xkm ^ (y >> 1) ^ if xk1 & 1 == 1 { MATRIX_A } else { 0 }
+}
+
+fn init_state(seed: u64) -> [u32; N] {
+    let mut mt = [0u32; N];
+    mt[0] = seed as u32;
+    for i in 1..N {
+        mt[i] = 1_812_433_253u32
+            .wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30))
+            .wrapping_add(i as u32);
+    }
+    mt
+}
+
+impl Mt19937 {
+    /// `torch.manual_seed(seed)`: the standard `init_genrand` of the seed's low 32 bits.
+    pub fn new(seed: u64) -> Self {
+        Mt19937 {
+            mt: init_state(seed),
+            next: N,
+        }
+    }
+
+    /// The generator after `draws` 32-bit draws from `seed`.
+    pub fn at(seed: u64, draws: u64) -> Self {
+        Mt19937 {
+            mt: jump(&init_state(seed), draws),
+            next: N,
+        }
+    }
+
+    fn twist(&mut self) {
+        for i in 0..N {
+            self.mt[i] = recur(self.mt[i], self.mt[(i + 1) % N], self.mt[(i + M) % N]);
+        }
+        self.next = 0;
+    }
+
+    /// The next 32-bit draw.
+    #[inline]
+    pub fn next_u32(&mut self) -> u32 {
+        if self.next >= N {
+            self.twist();
+        }
+        let mut y = self.mt[self.next];
+        self.next += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^ (y >> 18)
+    }
+
+    /// One `torch.bernoulli` draw for probability `p` (a float32, bfloat16 or float16
+    /// probability, as float32): 24 random bits as a float in [0, 1), below `p`.
+    #[inline]
+    pub fn bernoulli(&mut self, p: f32) -> bool {
+        let u = (self.next_u32() & 0x00ff_ffff) as f32 * (1.0 / 16_777_216.0);
+        u < p
+    }
+}
+
+/// A polynomial over GF(2), bit `i` of the words the coefficient of `x^i`.
+type Poly = Vec<u64>;
+
+fn bit(p: &[u64], i: usize) -> bool {
+    p.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
+}
+
+fn degree(p: &[u64]) -> Option<usize> {
+    p.iter()
+        .rposition(|&w| w != 0)
+        .map(|i| i * 64 + 63 - p[i].leading_zeros() as usize)
+}
+
+/// The characteristic polynomial of mt19937's recurrence: the minimal polynomial of the
+/// top bit of its words (Berlekamp-Massey over 2 x 19937 of them).
+fn characteristic() -> &'static Poly {
+    static P: OnceLock<Poly> = OnceLock::new();
+    P.get_or_init(|| {
+        let n = 2 * DEGREE + 64;
+        // The sequence x[0], x[1], ... from any seed: the recurrence is the same.
+        let mut x: Vec<u32> = init_state(5489).to_vec();
+        while x.len() < n + N {
+            let k = x.len() - N;
+            x.push(recur(x[k], x[k + 1], x[k + M]));
+        }
+        let s: Vec<bool> = x[..n].iter().map(|w| w >> 31 == 1).collect();
+        berlekamp_massey(&s)
+    })
+}
+
+/// The shortest linear recurrence of a bit sequence: `C(x)` with `C(0) = 1`, returned as
+/// its reciprocal (the characteristic polynomial, leading coefficient at `x^L`).
+fn berlekamp_massey(s: &[bool]) -> Poly {
+    let words = s.len() / 64 + 2;
+    let mut c: Poly = vec![0; words];
+    let mut b: Poly = vec![0; words];
+    c[0] = 1;
+    b[0] = 1;
+    let (mut l, mut m) = (0usize, 1usize);
+    for n in 0..s.len() {
+        // The discrepancy: s[n] + sum_{i=1..L} c_i s[n-i].
+        let mut d = s[n];
+        for i in 1..=l {
+            if bit(&c, i) && s[n - i] {
+                d = !d;
+            }
+        }
+        if !d {
+            m += 1;
+            continue;
+        }
+        let t = c.clone();
+        // c += x^m b
+        for (i, &w) in b.iter().enumerate() {
+            if w == 0 {
+                continue;
+            }
+            let at = i * 64 + m;
+            let (q, r) = (at / 64, at % 64);
+            if q < words {
+                c[q] ^= w << r;
+            }
+            if r != 0 && q + 1 < words {
+                c[q + 1] ^= w >> (64 - r);
+            }
+        }
+        if 2 * l <= n {
+            l = n + 1 - l;
+            b = t;
+            m = 1;
+        } else {
+            m += 1;
+        }
+    }
+    // The characteristic polynomial: coefficient of x^(L - i) is c_i.
+    let mut p: Poly = vec![0; l / 64 + 1];
+    for i in 0..=l {
+        if bit(&c, i) {
+            let j = l - i;
+            p[j / 64] |= 1 << (j % 64);
+        }
+    }
+    p
+}
+
+/// `a` reduced modulo `p` (of degree `d`), in place.
+fn reduce(a: &mut Poly, p: &[u64], d: usize) {
+    while let Some(top) = degree(a) {
+        if top < d {
+            break;
+        }
+        let shift = top - d;
+        let (q, r) = (shift / 64, shift % 64);
+        for (i, &w) in p.iter().enumerate() {
+            if w == 0 {
+                continue;
+            }
+            a[i + q] ^= w << r;
+            if r != 0 && i + q + 1 < a.len() {
+                a[i + q + 1] ^= w >> (64 - r);
+            }
+        }
+    }
+    a.truncate(d / 64 + 1);
+}
+
+/// `x^e mod p`.
+fn power_of_x(e: u64, p: &[u64]) -> Poly {
+    let d = degree(p).expect("a nonzero polynomial");
+    let words = 2 * (d / 64 + 1) + 1;
+    let mut r: Poly = vec![0; words];
+    r[0] = 1;
+    for k in (0..64 - e.leading_zeros()).rev() {
+        // r = r^2: over GF(2), bit i moves to bit 2i.
+        let mut sq: Poly = vec![0; words];
+        for i in 0..=degree(&r).unwrap_or(0) {
+            if bit(&r, i) {
+                sq[2 * i / 64] |= 1 << (2 * i % 64);
+            }
+        }
+        r = sq;
+        if e >> k & 1 == 1 {
+            // r = r * x
+            let mut carry = 0;
+            for w in r.iter_mut() {
+                let next = *w >> 63;
+                *w = (*w << 1) | carry;
+                carry = next;
+            }
+        }
+        reduce(&mut r, p, d);
+        r.resize(words, 0);
+    }
+    r
+}
+
+/// The state window `x[J..J + 624]` from `x[0..624]`.
+fn jump(state: &[u32; N], draws: u64) -> [u32; N] {
+    if draws == 0 {
+        return *state;
+    }
+    let g = power_of_x(draws, characteristic());
+    // Horner: v = sum_i g_i A^i s, highest coefficient first. `buf` holds the window of
+    // v at `start`; a step appends the next word.
+    let mut buf = vec![0u32; 2 * N];
+    let mut start = 0;
+    for i in (0..=degree(&g).unwrap_or(0)).rev() {
+        // v = A v
+        if start + N == buf.len() {
+            buf.copy_within(start.., 0);
+            start = 0;
+        }
+        let w = recur(buf[start], buf[start + 1], buf[start + M]);
+        buf[start + N] = w;
+        start += 1;
+        if bit(&g, i) {
+            for (v, s) in buf[start..start + N].iter_mut().zip(state) {
+                *v ^= s;
+            }
+        }
+    }
+    let mut out = [0u32; N];
+    out.copy_from_slice(&buf[start..start + N]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_stream() {
+        // mt19937 from 5489: the C++ standard's check value is the 10000th output.
+        let mut g = Mt19937::new(5489);
+        let first = g.next_u32();
+        assert_eq!(first, 3_499_211_612);
+        for _ in 1..9999 {
+            g.next_u32();
+        }
+        assert_eq!(g.next_u32(), 4_123_659_995);
+    }
+
+    #[test]
+    fn the_characteristic_polynomial_has_the_generators_degree() {
+        assert_eq!(degree(characteristic()), Some(DEGREE));
+    }
+
+    #[test]
+    fn a_jump_lands_where_drawing_through_does() {
+        for (seed, draws) in [
+            (0u64, 1u64),
+            (0, 623),
+            (0, 624),
+            (7, 625),
+            (42, 100_003),
+            (3, 1_000_000),
+        ] {
+            let mut walked = Mt19937::new(seed);
+            for _ in 0..draws {
+                walked.next_u32();
+            }
+            let mut jumped = Mt19937::at(seed, draws);
+            for k in 0..2000 {
+                assert_eq!(
+                    jumped.next_u32(),
+                    walked.next_u32(),
+                    "seed {seed} +{draws}, draw {k}"
+                );
+            }
+        }
+    }
+}
