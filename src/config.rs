@@ -359,6 +359,15 @@ fn model_list(
         ));
     }
     let inputs = list.models.len() + usize::from(!required && base_model.is_some());
+    if let Some(max) = method.max_inputs().filter(|m| inputs > *m) {
+        return Err(key_err(
+            "models",
+            format!(
+                "{} takes exactly {max} model besides the base, found {inputs}",
+                method.name()
+            ),
+        ));
+    }
     if inputs < method.min_inputs() {
         let besides = if required { " besides the base" } else { "" };
         return Err(key_err(

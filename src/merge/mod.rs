@@ -14,6 +14,9 @@ mod gta;
 mod linear;
 mod model_stock;
 pub mod mt19937;
+mod nearswap;
+mod ram;
+mod sce;
 pub mod stdsort;
 mod task_arithmetic;
 mod wide;
@@ -106,6 +109,10 @@ pub enum MethodName {
     TaskArithmetic,
     /// ties, dare, breadcrumbs, della and their variants.
     Gta(Family),
+    Nearswap,
+    Ram,
+    RamplusTl,
+    Sce,
 }
 
 /// What a method does with `base_model`.
@@ -130,6 +137,10 @@ impl MethodName {
         Self::Gta(Family::BreadcrumbsTies),
         Self::Gta(Family::Della),
         Self::Gta(Family::DellaLinear),
+        Self::Nearswap,
+        Self::Ram,
+        Self::RamplusTl,
+        Self::Sce,
     ];
 
     pub fn from_name(s: &str) -> Option<Self> {
@@ -141,6 +152,10 @@ impl MethodName {
             Self::Linear => "linear",
             Self::TaskArithmetic => "task_arithmetic",
             Self::Gta(f) => f.name(),
+            Self::Nearswap => "nearswap",
+            Self::Ram => "ram",
+            Self::RamplusTl => "ramplus_tl",
+            Self::Sce => "sce",
         }
     }
     /// The name mergekit's model card gives the method.
@@ -150,6 +165,10 @@ impl MethodName {
             Self::Linear => "Linear",
             Self::TaskArithmetic => "Task Arithmetic",
             Self::Gta(f) => f.pretty_name(),
+            Self::Nearswap => "NearSwap",
+            Self::Ram => "Reinforced Agent Merging",
+            Self::RamplusTl => "Reinforced Agent Merging Plus (Tensor-Local)",
+            Self::Sce => "SCE",
         }
     }
     /// The paper mergekit's model card links.
@@ -159,6 +178,9 @@ impl MethodName {
             Self::Linear => "https://arxiv.org/abs/2203.05482",
             Self::TaskArithmetic => "https://arxiv.org/abs/2212.04089",
             Self::Gta(f) => f.reference_url(),
+            Self::Nearswap => "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+            Self::Ram | Self::RamplusTl => "https://arxiv.org/abs/2601.13572",
+            Self::Sce => "https://arxiv.org/abs/2408.07990",
         }
     }
     /// The parameters the method declares, with their types, scopes and defaults.
@@ -168,11 +190,21 @@ impl MethodName {
             Self::Linear => linear::PARAMS,
             Self::TaskArithmetic => task_arithmetic::PARAMS,
             Self::Gta(f) => f.params(),
+            Self::Nearswap => nearswap::PARAMS,
+            Self::Ram => ram::RAM_PARAMS,
+            Self::RamplusTl => ram::RAMPLUS_PARAMS,
+            Self::Sce => sce::PARAMS,
         }
     }
     pub fn base_use(self) -> BaseUse {
         match self {
-            Self::ModelStock | Self::TaskArithmetic | Self::Gta(_) => BaseUse::Required,
+            Self::ModelStock
+            | Self::TaskArithmetic
+            | Self::Gta(_)
+            | Self::Nearswap
+            | Self::Ram
+            | Self::RamplusTl
+            | Self::Sce => BaseUse::Required,
             Self::Linear => BaseUse::Input,
         }
     }
@@ -180,7 +212,27 @@ impl MethodName {
     pub fn min_inputs(self) -> usize {
         match self {
             Self::ModelStock => 2,
-            Self::Linear | Self::TaskArithmetic | Self::Gta(_) => 1,
+            _ => 1,
+        }
+    }
+    /// The most inputs besides a required base, when limited.
+    pub fn max_inputs(self) -> Option<usize> {
+        match self {
+            Self::Nearswap => Some(1),
+            _ => None,
+        }
+    }
+    /// Whether the method runs in float64 here (the others are refused in float64).
+    pub fn takes_float64(self) -> bool {
+        matches!(self, Self::ModelStock | Self::Linear | Self::TaskArithmetic)
+    }
+    /// The dtype of the method's result in working dtype `work`, before `out_dtype`:
+    /// `work`, except for ramplus_tl, whose float32 factors promote its result (mergekit
+    /// writes float32 tensors for it even with `dtype: bfloat16`).
+    pub fn result_dtype(self, work: WorkDtype) -> WorkDtype {
+        match self {
+            Self::RamplusTl => WorkDtype::F32,
+            _ => work,
         }
     }
 }
@@ -190,9 +242,14 @@ impl MethodName {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Method {
     /// Inputs: base, then the fine-tunes.
-    ModelStock { filter_wise: bool },
+    ModelStock {
+        filter_wise: bool,
+    },
     /// Inputs in mergekit's order, each with its weight.
-    Linear { weights: Vec<f64>, normalize: bool },
+    Linear {
+        weights: Vec<f64>,
+        normalize: bool,
+    },
     /// Inputs: base, then the others, each with its weight.
     TaskArithmetic {
         weights: Vec<f64>,
@@ -201,6 +258,22 @@ pub enum Method {
     },
     /// Inputs: base, then the others.
     Gta(Gta),
+    /// Inputs: base, then one other.
+    Nearswap {
+        t: f64,
+    },
+    /// Inputs: base, then the others.
+    Ram {
+        epsilon: f64,
+    },
+    RamplusTl {
+        r: f64,
+        alpha: f64,
+        epsilon: f64,
+    },
+    Sce {
+        select_topk: f64,
+    },
 }
 
 impl Method {
@@ -239,6 +312,14 @@ impl Method {
                 }
                 v
             }
+            Method::Nearswap { t } => vec![("t", json!(t))],
+            Method::Ram { epsilon } => vec![("epsilon", json!(epsilon))],
+            Method::RamplusTl { r, alpha, epsilon } => vec![
+                ("r", json!(r)),
+                ("alpha", json!(alpha)),
+                ("epsilon", json!(epsilon)),
+            ],
+            Method::Sce { select_topk } => vec![("select_topk", json!(select_topk))],
         }
     }
 
@@ -259,6 +340,10 @@ impl Method {
             Method::Linear { .. } => MethodName::Linear,
             Method::TaskArithmetic { .. } => MethodName::TaskArithmetic,
             Method::Gta(g) => MethodName::Gta(g.family),
+            Method::Nearswap { .. } => MethodName::Nearswap,
+            Method::Ram { .. } => MethodName::Ram,
+            Method::RamplusTl { .. } => MethodName::RamplusTl,
+            Method::Sce { .. } => MethodName::Sce,
         }
     }
 }
@@ -323,8 +408,11 @@ impl Kernel {
         match &self.method {
             Method::ModelStock { filter_wise: true } => Streaming::Rows(row_len(shape).max(1)),
             Method::ModelStock { .. } => Streaming::Statistics,
-            Method::Linear { .. } | Method::TaskArithmetic { .. } => Streaming::Elementwise,
-            Method::Gta(_) => Streaming::Whole,
+            Method::Linear { .. }
+            | Method::TaskArithmetic { .. }
+            | Method::Nearswap { .. }
+            | Method::Ram { .. } => Streaming::Elementwise,
+            Method::Gta(_) | Method::RamplusTl { .. } | Method::Sce { .. } => Streaming::Whole,
         }
     }
 
@@ -333,6 +421,9 @@ impl Kernel {
     pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
         match &self.method {
             Method::Gta(g) => g.scratch_bytes(numel, inputs),
+            // Every input's task vector as float32, and (sce) the variances and pairs.
+            Method::RamplusTl { .. } => (inputs * 4 * numel) as u64,
+            Method::Sce { .. } => ((inputs + 3) * 4 * numel) as u64,
             _ => 0,
         }
     }
@@ -346,6 +437,10 @@ impl Kernel {
             }
             Streaming::Whole => match &self.method {
                 Method::Gta(g) => gta::merge(self, g, shape, inputs, out),
+                Method::RamplusTl { r, alpha, epsilon } => {
+                    ram::merge_ramplus(self, (*r, *alpha, *epsilon), numel, inputs, out)
+                }
+                Method::Sce { select_topk } => sce::merge(self, *select_topk, numel, inputs, out),
                 _ => unreachable!("the whole-tensor kernels are listed here"),
             },
             Streaming::Rows(_) | Streaming::Statistics => self
@@ -378,7 +473,11 @@ impl Kernel {
             (Method::ModelStock { .. }, Prepared::Nothing) => {
                 unreachable!("model_stock's apply pass needs its ratio")
             }
-            (Method::Gta(_), _) => unreachable!("whole-tensor kernels are merged whole"),
+            (Method::Nearswap { t }, _) => nearswap::apply(self, *t, inputs, len, out),
+            (Method::Ram { epsilon }, _) => ram::apply_ram(self, *epsilon, inputs, at, len, out),
+            (Method::Gta(_) | Method::RamplusTl { .. } | Method::Sce { .. }, _) => {
+                unreachable!("whole-tensor kernels are merged whole")
+            }
         }
     }
 

@@ -87,7 +87,16 @@ impl TensorMerge<'_> {
     /// The method of tensor `tensor`, merged in `work`, its parameters resolved and
     /// checked. A random method's offset in the stream is set later, by [`set_offsets`].
     pub fn method(&self, tensor: &str, work: WorkDtype) -> Result<Method, ParamError> {
+        let name = self.config.method;
+        if work == WorkDtype::F64 && !name.takes_float64() {
+            return Err(ParamError::Invalid {
+                param: "dtype",
+                tensor: tensor.to_string(),
+                message: format!("{} runs in bfloat16, float16 or float32 here (mergekit computes parts of it in float32 even for float64 tensors); set `dtype` to one of them", name.name()),
+            });
+        }
         let flag = |p: &str| self.shared(p, tensor).map(|v| v != 0.0);
+        let value = |p: &str| self.shared(p, tensor);
         Ok(match self.config.method {
             MethodName::ModelStock => Method::ModelStock {
                 filter_wise: flag("filter_wise")?,
@@ -101,22 +110,28 @@ impl TensorMerge<'_> {
                 normalize: flag("normalize")?,
                 lambda: self.shared("lambda", tensor)?,
             },
-            MethodName::Gta(family) => Method::Gta(self.gta(family, tensor, work)?),
+            MethodName::Gta(family) => Method::Gta(self.gta(family, tensor)?),
+            MethodName::Nearswap => Method::Nearswap { t: value("t")? },
+            MethodName::Ram => Method::Ram {
+                epsilon: value("epsilon")?,
+            },
+            MethodName::RamplusTl => Method::RamplusTl {
+                r: value("r")?,
+                alpha: value("alpha")?,
+                epsilon: value("epsilon")?,
+            },
+            MethodName::Sce => Method::Sce {
+                select_topk: value("select_topk")?,
+            },
         })
     }
 
-    fn gta(&self, family: Family, tensor: &str, work: WorkDtype) -> Result<Gta, ParamError> {
+    fn gta(&self, family: Family, tensor: &str) -> Result<Gta, ParamError> {
         let bad = |param: &'static str, message: String| ParamError::Invalid {
             param,
             tensor: tensor.to_string(),
             message,
         };
-        if work == WorkDtype::F64 {
-            return Err(bad(
-                "dtype",
-                format!("{} runs in bfloat16, float16 or float32 here; mergekit itself computes its sparsification of float64 tensors in float32. Set `dtype` to one of them", family.name()),
-            ));
-        }
         let densities = self.per_input("density", tensor)?;
         let extra = match family.extra() {
             Some(p) => self.per_input(p, tensor)?,

@@ -907,7 +907,7 @@ fn tensor_job(
                 Some(w) if slices.iter().all(|s| s.value_dtype() == first) => w,
                 _ => WorkDtype::F32,
             });
-        let out = config.out_dtype.unwrap_or(work);
+        let out = config.out_dtype.unwrap_or(config.method.result_dtype(work));
         let kernel = Kernel {
             method: merge.method(name, work)?,
             work,

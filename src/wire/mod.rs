@@ -692,6 +692,16 @@ fn method_to_wire(m: &Method) -> pb::kernel_params::Method {
             seed: g.seed,
             offset: g.offset,
         }),
+        Method::Nearswap { t } => W::Nearswap(pb::Nearswap { t: *t }),
+        Method::Ram { epsilon } => W::Ram(pb::Ram { epsilon: *epsilon }),
+        Method::RamplusTl { r, alpha, epsilon } => W::RamplusTl(pb::RamplusTl {
+            r: *r,
+            alpha: *alpha,
+            epsilon: *epsilon,
+        }),
+        Method::Sce { select_topk } => W::Sce(pb::Sce {
+            select_topk: *select_topk,
+        }),
     }
 }
 
@@ -765,6 +775,32 @@ fn method_from_wire(
                 seed: p.seed,
                 offset: p.offset,
             }))
+        }
+        Some(W::Nearswap(p)) => {
+            if inputs != 2 {
+                return Err(format!(
+                    "nearswap takes a base and one model, got {inputs} inputs"
+                ));
+            }
+            Ok(Method::Nearswap { t: p.t })
+        }
+        Some(W::Ram(p)) => {
+            at_least(2, "ram needs a base and another model")?;
+            Ok(Method::Ram { epsilon: p.epsilon })
+        }
+        Some(W::RamplusTl(p)) => {
+            at_least(2, "ramplus_tl needs a base and another model")?;
+            Ok(Method::RamplusTl {
+                r: p.r,
+                alpha: p.alpha,
+                epsilon: p.epsilon,
+            })
+        }
+        Some(W::Sce(p)) => {
+            at_least(2, "sce needs a base and another model")?;
+            Ok(Method::Sce {
+                select_topk: p.select_topk,
+            })
         }
     }
 }

@@ -1,0 +1,192 @@
+//! ram and ramplus_tl (mergekit 0.1.5, `merge_methods/ram.py`): Reinforced Agent Merging.
+//!
+//! Per element, the task vectors `tv_i = x_i - base` larger than `epsilon` in magnitude
+//! count as contributions: a value only one model changes is kept whole, one several
+//! change is averaged over them. ramplus_tl scales the unique contributions of each model
+//! by `1 + r * clamp(shared_i / unique_i, 0, alpha)` (counts over the whole tensor) and,
+//! as in mergekit, computes in float32 from that product on, writing float32 tensors
+//! whatever the working dtype. ram is elementwise; ramplus_tl needs its counts first, so it
+//! takes whole tensors.
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
+use super::{par_windows, torch, InputView, Kernel, Window, WorkDtype};
+use crate::params::{Kind, ParamDef};
+
+pub const RAM_PARAMS: &[ParamDef] = &[ParamDef::shared("epsilon", Kind::Float, 1e-5)];
+pub const RAMPLUS_PARAMS: &[ParamDef] = &[
+    ParamDef::shared("r", Kind::Float, 0.1),
+    ParamDef::shared("alpha", Kind::Float, 0.2),
+    ParamDef::shared("epsilon", Kind::Float, 1e-5),
+];
+
+const MICRO: usize = 512;
+
+/// `stack(values).sum(dim=0)` of one element in a tensor of `dtype`: 16-bit dtypes add in
+/// float32 in model order; float32 takes torch's outer-sum order for the element's column.
+fn sum_models(dtype: Dtype, values: &[f32], col: usize, numel: usize) -> f32 {
+    if dtype == Dtype::F32 {
+        torch::outer_sum(values, col, numel)
+    } else {
+        values.iter().fold(0.0, |a, &x| a + x)
+    }
+}
+
+pub fn apply_ram(
+    k: &Kernel,
+    epsilon: f64,
+    inputs: &[InputView],
+    at: Window,
+    len: usize,
+    out: &mut [u8],
+) {
+    let od = k.out.st_dtype();
+    par_windows(len, k.out.size(), out, |start, len, out| {
+        let at = Window {
+            first: at.first + start,
+            numel: at.numel,
+        };
+        match k.work {
+            WorkDtype::BF16 => ram_range::<Bf16>(inputs, start, len, at, epsilon, od, out),
+            WorkDtype::F16 => ram_range::<F16>(inputs, start, len, at, epsilon, od, out),
+            WorkDtype::F32 => ram_range::<F32>(inputs, start, len, at, epsilon, od, out),
+            WorkDtype::F64 => unreachable!("the plan refuses float64 for ram"),
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ram_range<R: Round>(
+    inputs: &[InputView],
+    start: usize,
+    len: usize,
+    at: Window,
+    epsilon: f64,
+    od: Dtype,
+    out: &mut [u8],
+) {
+    let n = inputs.len() - 1;
+    let osz = out.len() / len.max(1);
+    let eps = R::round_f64(epsilon);
+    let mut base = [0f32; MICRO];
+    let mut tv = vec![[0f32; MICRO]; n];
+    let mut parts = vec![0f32; n];
+    let mut res = [0f32; MICRO];
+    let mut off = 0;
+    while off < len {
+        let m = MICRO.min(len - off);
+        decode::<R>(
+            inputs[0].bytes,
+            inputs[0].dtype,
+            start + off,
+            &mut base[..m],
+        );
+        for (i, t) in tv.iter_mut().enumerate() {
+            decode::<R>(
+                inputs[i + 1].bytes,
+                inputs[i + 1].dtype,
+                start + off,
+                &mut t[..m],
+            );
+            for k in 0..m {
+                t[k] = R::round(t[k] - base[k]);
+            }
+        }
+        for k in 0..m {
+            let count = tv.iter().filter(|t| t[k].abs() > eps).count();
+            for (p, t) in parts.iter_mut().zip(&tv) {
+                let z = R::round(t[k] * f32::from(u8::from(t[k].abs() > eps)));
+                let unique = R::round(z * f32::from(u8::from(count == 1)));
+                let shared =
+                    R::round(R::round(z * f32::from(u8::from(count > 1))) / count.max(1) as f32);
+                *p = R::round(unique + shared);
+            }
+            let merged = R::round(sum_models(R::DTYPE, &parts, at.first + off + k, at.numel));
+            res[k] = R::round(base[k] + merged);
+        }
+        encode_with::<R>(&res[..m], od, &mut out[off * osz..(off + m) * osz]);
+        off += m;
+    }
+}
+
+/// ramplus_tl over a whole tensor; its values are float32 (the output dtype the plan
+/// chose: float32, or `out_dtype`).
+pub fn merge_ramplus(
+    k: &Kernel,
+    (r, alpha, epsilon): (f64, f64, f64),
+    numel: usize,
+    inputs: &[InputView],
+    out: &mut [u8],
+) {
+    match k.work {
+        WorkDtype::BF16 => ramplus::<Bf16>(k, (r, alpha, epsilon), numel, inputs, out),
+        WorkDtype::F16 => ramplus::<F16>(k, (r, alpha, epsilon), numel, inputs, out),
+        WorkDtype::F32 => ramplus::<F32>(k, (r, alpha, epsilon), numel, inputs, out),
+        WorkDtype::F64 => unreachable!("the plan refuses float64 for ramplus_tl"),
+    }
+}
+
+fn ramplus<R: Round>(
+    k: &Kernel,
+    (r, alpha, epsilon): (f64, f64, f64),
+    numel: usize,
+    inputs: &[InputView],
+    out: &mut [u8],
+) {
+    let n = inputs.len() - 1;
+    let eps = R::round_f64(epsilon);
+    let mut base = vec![0f32; numel];
+    decode::<R>(inputs[0].bytes, inputs[0].dtype, 0, &mut base);
+    let tv: Vec<Vec<f32>> = inputs[1..]
+        .iter()
+        .map(|inp| {
+            let mut t = vec![0f32; numel];
+            decode::<R>(inp.bytes, inp.dtype, 0, &mut t);
+            t.par_iter_mut()
+                .zip(base.par_iter())
+                .for_each(|(t, b)| *t = R::round(*t - b));
+            t
+        })
+        .collect();
+    let count = |e: usize| tv.iter().filter(|t| t[e].abs() > eps).count();
+    // Per model: its contributions shared with others, and unique to it.
+    let lambda: Vec<f32> = (0..n)
+        .map(|i| {
+            let (shared, unique) = (0..numel)
+                .into_par_iter()
+                .filter(|&e| tv[i][e].abs() > eps)
+                .map(|e| if count(e) > 1 { (1u64, 0u64) } else { (0, 1) })
+                .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let rho = shared as f32 / (unique as f32).max(epsilon as f32);
+            1.0 + r as f32 * rho.clamp(0.0, alpha as f32)
+        })
+        .collect();
+    let od = k.out.st_dtype();
+    let osz = k.out.size();
+    const CHUNK: usize = 4096;
+    out.par_chunks_mut(CHUNK * osz)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let mut parts = vec![0f32; n];
+            let res: Vec<f32> = (0..out.len() / osz)
+                .map(|j| {
+                    let e = c * CHUNK + j;
+                    let cnt = count(e);
+                    for (i, p) in parts.iter_mut().enumerate() {
+                        let t = tv[i][e];
+                        let z = R::round(t * f32::from(u8::from(t.abs() > eps)));
+                        let unique = R::round(z * f32::from(u8::from(cnt == 1)));
+                        let shared = R::round(
+                            R::round(z * f32::from(u8::from(cnt > 1))) / cnt.max(1) as f32,
+                        );
+                        // From here on float32: the lambda tensor promotes.
+                        *p = unique * lambda[i] + shared;
+                    }
+                    base[e] + torch::outer_sum(&parts, e, numel)
+                })
+                .collect();
+            encode_with::<F32>(&res, od, out);
+        });
+}
