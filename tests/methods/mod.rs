@@ -41,6 +41,7 @@ const CASES: &[(&str, &str)] = &[
         "[Model Breadcrumbs](https://arxiv.org/abs/2312.06795)",
     ),
     ("breadcrumbs_ties_f32", "[Model Breadcrumbs with TIES]"),
+    ("breadcrumbs_f16", "[Model Breadcrumbs]"),
     ("della_bf16", "[DELLA](https://arxiv.org/abs/2406.11617)"),
     ("della_linear_f32", "[Linear DELLA]"),
     ("della_f16", "[DELLA]"),
@@ -49,17 +50,23 @@ const CASES: &[(&str, &str)] = &[
         "[NearSwap](https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)",
     ),
     ("nearswap_f32", "[NearSwap]"),
+    ("nearswap_f16", "[NearSwap]"),
     (
         "ram_bf16",
         "[Reinforced Agent Merging](https://arxiv.org/abs/2601.13572)",
     ),
     ("ram_f32_five", "[Reinforced Agent Merging]"),
+    ("ram_f16", "[Reinforced Agent Merging]"),
     (
         "ramplus_tl_bf16",
         "[Reinforced Agent Merging Plus (Tensor-Local)]",
     ),
     (
         "ramplus_tl_f16",
+        "[Reinforced Agent Merging Plus (Tensor-Local)]",
+    ),
+    (
+        "ramplus_tl_f32",
         "[Reinforced Agent Merging Plus (Tensor-Local)]",
     ),
     ("sce_bf16", "[SCE](https://arxiv.org/abs/2408.07990)"),
