@@ -495,7 +495,7 @@ async fn give_up(shared: &Shared, location: &Location) {
 async fn linger(shared: &Shared, max: Duration) {
     let start = Instant::now();
     let until = start + max;
-    let least = start + (crate::worker::backoff::MAX_DELAY + Duration::from_secs(1)).min(max);
+    let least = start + (crate::wire::WORKER_MAX_RETRY_DELAY + Duration::from_secs(1)).min(max);
     while Instant::now() < until {
         let waiting = shared
             .state

@@ -356,7 +356,8 @@ fn kernel_inputs(
     out
 }
 
-/// A tensor whose inputs and output exceed the budget: windows of whole blocks (or rows).
+/// A tensor whose inputs and output exceed the budget: windows of whole blocks (or rows),
+/// a statistics pass first when the kernel needs one, then the output window by window.
 async fn stream_tensor(
     job: &TensorJob,
     inputs: &InputFiles,
@@ -364,24 +365,69 @@ async fn stream_tensor(
     progress: &Progress,
     tx: &mpsc::Sender<Chunk>,
 ) -> Result<()> {
-    let slices = job.inputs();
     let out_size = dtype::size(job.dtype).expect("whole-byte dtype") as u64;
-    let (unit, per_elem) = job.window_unit();
-    let numel = job.numel();
     let kernel = match &job.op {
         Op::Merge { kernel, .. } => Some(Arc::new(kernel.clone())),
         Op::Copy { .. } => None,
     };
     let streaming = kernel.as_ref().map(|k| k.streaming(&job.shape));
-    // Half the budget for the window being computed, the rest for the chunk being written.
-    // The scales read (whole) and written (whole, when requantizing) stay for every window.
+    let windows = windows(job, budget, streaming)?;
+    let prepared = match (&kernel, streaming) {
+        (Some(k), Some(Streaming::Statistics)) => {
+            statistics_pass(job, k, inputs, &windows, progress).await?
+        }
+        _ => Prepared::Nothing,
+    };
+    // Requantized scales (a row of blocks per window) follow the weight, in order, once
+    // every window is written.
+    let mut scales = job
+        .requant
+        .as_ref()
+        .map(|r| vec![0u8; r.blocks.scale_bytes() as usize]);
+    for w in &windows {
+        let bytes = inputs
+            .fetch(&tensor_ranges(job, w.clone()), progress)
+            .await?;
+        let pass = OutputPass {
+            job: job.clone(),
+            kernel: kernel.clone(),
+            streaming,
+            prepared,
+        };
+        let pool = inputs.pool.clone();
+        let window = w.clone();
+        let (data, window_scales) = blocking(move || pass.window(&bytes, window, &pool)).await?;
+        if let (Some(all), Some(s), Some(r)) = (&mut scales, window_scales, &job.requant) {
+            let first = w.start / (r.blocks.block[0] * r.blocks.cols);
+            let at = first * r.blocks.scale_shape()[1] * 4;
+            all[at..at + s.len()].copy_from_slice(&s);
+        }
+        send(tx, job.out.start + w.start as u64 * out_size, data, None).await?;
+    }
+    if let (Some(all), Some(r)) = (scales, &job.requant) {
+        send(tx, r.scales.start, Bytes::from(all), None).await?;
+    }
+    progress.tensors_done.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The windows a tensor is streamed in: half the budget for the window being computed, the
+/// rest for the chunk being written; the scales read (whole) and written (whole, when
+/// requantizing) stay for every window. Whole-tensor kernels take one window (the plan
+/// checked that it fits).
+fn windows(
+    job: &TensorJob,
+    budget: u64,
+    streaming: Option<Streaming>,
+) -> Result<Vec<Range<usize>>> {
+    let numel = job.numel();
+    let (unit, per_elem) = job.window_unit();
     let scales_out = job
         .requant
         .as_ref()
         .map_or(0, |r| r.scales.end - r.scales.start);
     let fixed = job.scale_bytes() + scales_out;
     let window = if streaming == Some(Streaming::Whole) {
-        // Whole-tensor kernels run in one window; the plan checked that it fits.
         numel.max(1)
     } else {
         (budget.saturating_sub(fixed) / 2 / per_elem) as usize / unit * unit
@@ -393,92 +439,86 @@ async fn stream_tensor(
             job.min_memory()
         )));
     }
-    let windows: Vec<Range<usize>> = (0..numel)
+    Ok((0..numel)
         .step_by(window)
         .map(|s| s..(s + window).min(numel))
-        .collect();
-    let fetch_window = |w: &Range<usize>| {
-        let wanted = tensor_ranges(job, w.clone());
-        async move { inputs.fetch(&wanted, progress).await }
-    };
-    let prepared = match (&kernel, streaming) {
-        (Some(k), Some(Streaming::Statistics)) => {
-            // Pass 1: statistics over every window, in element order.
-            let mut acc = k.begin_stats(slices.len(), numel);
-            for w in &windows {
-                let bytes = fetch_window(w).await?;
-                let (k, job, pool) = (k.clone(), job.clone(), inputs.pool.clone());
-                let (start, len) = (w.start, w.len());
-                acc = blocking(move || {
-                    let values = kernel_inputs(&job, &bytes, start, &pool);
-                    k.feed_stats(&mut acc, &views(&values), len);
-                    acc
-                })
-                .await?;
-            }
-            k.finish_stats(&acc)
-        }
-        _ => Prepared::Nothing,
-    };
-    // Pass 2 (or the only pass): output window by window. Requantized scales (a row of
-    // blocks per window) follow the weight, in order, once every window is written.
-    let kernel_out = kernel.as_ref().map_or(job.dtype, |k| k.out.st_dtype());
-    let mut scales = job
-        .requant
-        .as_ref()
-        .map(|r| vec![0u8; r.blocks.scale_bytes() as usize]);
-    for w in &windows {
-        let bytes = fetch_window(w).await?;
+        .collect())
+}
+
+/// A statistics kernel's first pass: every window, in element order.
+async fn statistics_pass(
+    job: &TensorJob,
+    k: &Arc<crate::merge::Kernel>,
+    inputs: &InputFiles,
+    windows: &[Range<usize>],
+    progress: &Progress,
+) -> Result<Prepared> {
+    let mut acc = k.begin_stats(job.inputs().len(), job.numel());
+    for w in windows {
+        let bytes = inputs
+            .fetch(&tensor_ranges(job, w.clone()), progress)
+            .await?;
+        let (k, job, pool) = (k.clone(), job.clone(), inputs.pool.clone());
         let (start, len) = (w.start, w.len());
-        let job_here = job.clone();
-        let pool = inputs.pool.clone();
-        let kernel = kernel.clone();
-        let (data, window_scales) = blocking(move || {
-            let job = job_here;
-            let requant = job.requant.clone();
+        acc = blocking(move || {
             let values = kernel_inputs(&job, &bytes, start, &pool);
-            let size = dtype::size(kernel_out).expect("whole-byte dtype");
-            let mut out = pool.get(len * size);
-            let views = views(&values);
-            match (kernel, streaming) {
-                (Some(k), Some(Streaming::Rows(row))) => {
-                    k.merge_rows(row, start / row, numel / row, &views, &mut out)
-                }
-                (Some(k), Some(Streaming::Whole)) => k.merge(&job.shape, &views, &mut out),
-                (Some(k), _) => {
-                    let at = Window {
-                        first: start,
-                        numel,
-                    };
-                    k.apply(&views, at, prepared, &mut out)
-                }
-                (None, _) => out.copy_from_slice(&values[0].0),
-            }
-            match requant {
-                None => (pool.freeze(out), None),
-                Some(r) => {
-                    let block_rows = (len / r.blocks.cols).div_ceil(r.blocks.block[0]);
-                    let mut s = vec![0u8; block_rows * r.blocks.scale_shape()[1] * 4];
-                    let mut q = pool.get(len);
-                    r.blocks.quantize(&out, kernel_out, 0, &mut q, &mut s);
-                    drop(pool.freeze(out));
-                    (pool.freeze(q), Some(s))
-                }
-            }
+            k.feed_stats(&mut acc, &views(&values), len);
+            acc
         })
         .await?;
-        if let (Some(all), Some(s), Some(r)) = (&mut scales, window_scales, &job.requant) {
-            let first = start / (r.blocks.block[0] * r.blocks.cols);
-            let at = first * r.blocks.scale_shape()[1] * 4;
-            all[at..at + s.len()].copy_from_slice(&s);
+    }
+    Ok(k.finish_stats(&acc))
+}
+
+/// The output pass of a streamed tensor (or its only pass).
+struct OutputPass {
+    job: TensorJob,
+    kernel: Option<Arc<crate::merge::Kernel>>,
+    streaming: Option<Streaming>,
+    prepared: Prepared,
+}
+
+impl OutputPass {
+    /// One window's output bytes (quantized when requantizing) and, then, its scales.
+    fn window(
+        self,
+        bytes: &[Bytes],
+        w: Range<usize>,
+        pool: &Arc<BufferPool>,
+    ) -> (Bytes, Option<Vec<u8>>) {
+        let job = &self.job;
+        let (start, len, numel) = (w.start, w.len(), job.numel());
+        let kernel_out = self.kernel.as_ref().map_or(job.dtype, |k| k.out.st_dtype());
+        let values = kernel_inputs(job, bytes, start, pool);
+        let size = dtype::size(kernel_out).expect("whole-byte dtype");
+        let mut out = pool.get(len * size);
+        let views = views(&values);
+        match (&self.kernel, self.streaming) {
+            (Some(k), Some(Streaming::Rows(row))) => {
+                k.merge_rows(row, start / row, numel / row, &views, &mut out)
+            }
+            (Some(k), Some(Streaming::Whole)) => k.merge(&job.shape, &views, &mut out),
+            (Some(k), _) => {
+                let at = Window {
+                    first: start,
+                    numel,
+                };
+                k.apply(&views, at, self.prepared, &mut out)
+            }
+            (None, _) => out.copy_from_slice(&values[0].0),
         }
-        send(tx, job.out.start + w.start as u64 * out_size, data, None).await?;
+        match &job.requant {
+            None => (pool.freeze(out), None),
+            Some(r) => {
+                let block_rows = (len / r.blocks.cols).div_ceil(r.blocks.block[0]);
+                let mut s = vec![0u8; block_rows * r.blocks.scale_shape()[1] * 4];
+                let mut q = pool.get(len);
+                r.blocks.quantize(&out, kernel_out, 0, &mut q, &mut s);
+                drop(pool.freeze(out));
+                (pool.freeze(q), Some(s))
+            }
+        }
     }
-    if let (Some(all), Some(r)) = (scales, &job.requant) {
-        send(tx, r.scales.start, Bytes::from(all), None).await?;
-    }
-    progress.tensors_done.fetch_add(1, Ordering::Relaxed);
-    Ok(())
 }
 
 /// Input views over the kernel's inputs.
@@ -502,6 +542,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// Memory is counted in units of this many bytes (semaphores count in u32).
 const UNIT: u64 = 1 << 16;
 
+/// A task started: its id, the chunks it will write, and its handle.
+type Pending = (
+    usize,
+    mpsc::Receiver<Chunk>,
+    tokio::task::JoinHandle<Result<()>>,
+);
+
 /// Run a whole plan in this process: tasks pipelined, output written in file order.
 pub async fn run_plan(
     plan: &MergePlan,
@@ -512,94 +559,102 @@ pub async fn run_plan(
     progress: Arc<Progress>,
 ) -> Result<()> {
     let budget_units = memory_limit.div_ceil(UNIT).clamp(1, u32::MAX as u64) as u32;
-    let budget = budget_units as u64 * UNIT;
-    let sem = Arc::new(Semaphore::new(budget_units as usize));
-    type Pending = (
-        usize,
-        mpsc::Receiver<Chunk>,
-        tokio::task::JoinHandle<Result<()>>,
-    );
     let (htx, hrx) = mpsc::channel::<Pending>(depth.max(1));
-
-    let producer = async {
-        for task in &plan.tasks {
-            let want = task.working_set().min(budget);
-            let units = want.div_ceil(UNIT).clamp(1, budget_units as u64) as u32;
-            let permit = sem
-                .clone()
-                .acquire_many_owned(units)
-                .await
-                .map_err(|_| Error::Interrupted)?;
-            tracing::debug!(
-                task = task.id,
-                units,
-                free = sem.available_permits(),
-                "admitted"
-            );
-            let file = &plan.files[task.file];
-            let header = (task.out.start == 0).then(|| Arc::new(file.header.clone()));
-            let (ctx, crx) = mpsc::channel(1);
-            let h = tokio::spawn(run_task(
-                Arc::new(task.clone()),
-                header,
-                inputs.clone(),
-                budget,
-                progress.clone(),
-                ctx,
-                Some(permit),
-            ));
-            if htx.send((task.id, crx, h)).await.is_err() {
-                break;
-            }
-        }
-        drop(htx);
-        Ok::<_, Error>(())
-    };
-
-    let written_progress = progress.clone();
-    // The consumer owns the receiving end: if it fails, the channel closes and the producer
+    let producer = start_tasks(plan, inputs, budget_units, progress.clone(), htx);
+    // The writer owns the receiving end: if it fails, the channel closes and the producer
     // stops instead of waiting forever for room.
-    let consumer = async move {
-        let progress = written_progress;
-        let mut hrx = hrx;
-        while let Some((id, mut crx, handle)) = hrx.recv().await {
-            let task = &plan.tasks[id];
-            let file = &plan.files[task.file];
-            if id == file.tasks.start {
-                sink.create(&file.name, file.size).await?;
-            }
-            let mut written = task.out.start;
-            while let Some(chunk) = crx.recv().await {
-                if chunk.offset != written {
-                    return Err(Error::Internal(format!(
-                        "task {id} wrote offset {} of {} but {} was expected",
-                        chunk.offset, file.name, written
-                    )));
-                }
-                let n = chunk.data.len() as u64;
-                sink.write(&file.name, chunk.offset, chunk.data).await?;
-                written += n;
-                progress.written(n);
-                drop(chunk.permit);
-            }
-            handle
-                .await
-                .map_err(Error::panicked(format!("task {id}")))??;
-            if written != task.out.end {
-                return Err(Error::Internal(format!(
-                    "task {id} wrote {} bytes of {}, expected {}",
-                    written - task.out.start,
-                    file.name,
-                    task.out.end - task.out.start
-                )));
-            }
-            if id + 1 == file.tasks.end {
-                sink.finish(&file.name).await?;
-            }
-        }
-        Ok::<_, Error>(())
-    };
+    let consumer = write_in_order(plan, sink, progress, hrx);
     let (p, c) = tokio::join!(producer, consumer);
     c?;
     p
+}
+
+/// Start the tasks in order, each once its memory is admitted (in task order, so the
+/// pipeline cannot deadlock), handing each to the writer.
+async fn start_tasks(
+    plan: &MergePlan,
+    inputs: Arc<InputFiles>,
+    budget_units: u32,
+    progress: Arc<Progress>,
+    htx: mpsc::Sender<Pending>,
+) -> Result<()> {
+    let budget = budget_units as u64 * UNIT;
+    let sem = Arc::new(Semaphore::new(budget_units as usize));
+    for task in &plan.tasks {
+        let want = task.working_set().min(budget);
+        let units = want.div_ceil(UNIT).clamp(1, budget_units as u64) as u32;
+        let permit = sem
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| Error::Interrupted)?;
+        tracing::debug!(
+            task = task.id,
+            units,
+            free = sem.available_permits(),
+            "admitted"
+        );
+        let file = &plan.files[task.file];
+        let header = (task.out.start == 0).then(|| Arc::new(file.header.clone()));
+        let (ctx, crx) = mpsc::channel(1);
+        let h = tokio::spawn(run_task(
+            Arc::new(task.clone()),
+            header,
+            inputs.clone(),
+            budget,
+            progress.clone(),
+            ctx,
+            Some(permit),
+        ));
+        if htx.send((task.id, crx, h)).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Write every task's chunks in file order as they come, creating and finishing files
+/// around their tasks, and check each task wrote exactly its range.
+async fn write_in_order(
+    plan: &MergePlan,
+    sink: &Sink,
+    progress: Arc<Progress>,
+    mut hrx: mpsc::Receiver<Pending>,
+) -> Result<()> {
+    while let Some((id, mut crx, handle)) = hrx.recv().await {
+        let task = &plan.tasks[id];
+        let file = &plan.files[task.file];
+        if id == file.tasks.start {
+            sink.create(&file.name, file.size).await?;
+        }
+        let mut written = task.out.start;
+        while let Some(chunk) = crx.recv().await {
+            if chunk.offset != written {
+                return Err(Error::Internal(format!(
+                    "task {id} wrote offset {} of {} but {} was expected",
+                    chunk.offset, file.name, written
+                )));
+            }
+            let n = chunk.data.len() as u64;
+            sink.write(&file.name, chunk.offset, chunk.data).await?;
+            written += n;
+            progress.written(n);
+            drop(chunk.permit);
+        }
+        handle
+            .await
+            .map_err(Error::panicked(format!("task {id}")))??;
+        if written != task.out.end {
+            return Err(Error::Internal(format!(
+                "task {id} wrote {} bytes of {}, expected {}",
+                written - task.out.start,
+                file.name,
+                task.out.end - task.out.start
+            )));
+        }
+        if id + 1 == file.tasks.end {
+            sink.finish(&file.name).await?;
+        }
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::*;
 use crate::source::{SourceFile, TensorLoc};
 use crate::store::Stores;
+use safetensors::tensor::TensorInfo;
 
 fn model(name: &str, tensors: &[(&str, Dtype, &[usize])]) -> ModelSource {
     let location = Stores::new().resolve(&format!("/models/{name}")).unwrap();

@@ -509,7 +509,7 @@ async fn remove_old_checkpoint(location: &Location, marker: &str) -> Result<(), 
     if marker == INDEX_NAME {
         let url = location.child_display(INDEX_NAME);
         let json = read_small(store, &location.child(INDEX_NAME), &url).await?;
-        if let Ok(map) = checkpoint::parse_index(&json) {
+        if let Ok(map) = crate::index::parse_index(&json) {
             old.extend(map.into_values().filter(|f| is_plain_name(f)));
         }
     }

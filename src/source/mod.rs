@@ -250,7 +250,7 @@ async fn list_files(
     match head_size(store.as_ref(), &location.child(INDEX), index_url).await? {
         Some(_) => {
             let json = read_small(store.as_ref(), &location.child(INDEX), index_url).await?;
-            let map = tokio::task::spawn_blocking(move || crate::checkpoint::parse_index(&json))
+            let map = tokio::task::spawn_blocking(move || crate::index::parse_index(&json))
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
                 .map_err(|message| SourceError::Invalid {

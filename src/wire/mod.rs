@@ -33,6 +33,11 @@ pub mod pb {
 /// Bumped on any incompatible change of the contract; checked at registration.
 pub const PROTOCOL_VERSION: u32 = 4;
 
+/// The longest a worker waits between two tries of an unreachable coordinator. Part of the
+/// protocol: a coordinator lingers at least this long (plus a second) after the merge, so a
+/// worker in backoff still hears the outcome.
+pub const WORKER_MAX_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest gRPC message either side accepts (a task lists every input range of its
 /// tensors; 64 MiB is far above any real task).
 pub const MAX_MESSAGE: usize = 64 << 20;

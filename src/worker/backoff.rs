@@ -11,8 +11,8 @@ use crate::error::{Error, Result};
 /// The longest one call waits for an answer (lease long polls excepted).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The longest wait between two tries of an unreachable coordinator.
-pub const MAX_DELAY: Duration = Duration::from_secs(5);
+/// The longest wait between two tries of an unreachable coordinator: the protocol's.
+pub use crate::wire::WORKER_MAX_RETRY_DELAY as MAX_DELAY;
 
 /// Tracks how long the coordinator has been unreachable.
 pub struct Backoff {
