@@ -558,14 +558,7 @@ async fn main_loop(
                 }
             }
             _ = tick.tick() => {
-                let expired = shared.state.lock().expect("state").tick(Instant::now());
-                shared.metrics.lease_expiries.inc_by(expired.len() as u64);
-                for t in &expired {
-                    tracing::warn!("{}: lease expired (worker lost or stalled); the task goes back to the queue", describe(plan, t.0));
-                }
-                if !expired.is_empty() {
-                    shared.changed.notify_waiters();
-                }
+                expire_leases(shared);
                 if last_log.elapsed() >= Duration::from_secs(10) {
                     last_log = Instant::now();
                     log_progress(shared);
@@ -583,19 +576,39 @@ async fn main_loop(
         // At most one journal write per JOURNAL_EVERY: at 671B scale it lists ~46,000 tasks,
         // and a task finished after the last save is merely run again after a restart.
         if unsaved && last_save.elapsed() >= JOURNAL_EVERY {
-            let started = Instant::now();
-            let j = shared.journal.lock().expect("journal").clone();
-            let bytes = j.save(location_journal).await?;
-            tracing::debug!(
-                tasks = j.done.len(),
-                bytes,
-                ms = started.elapsed().as_secs_f64() * 1e3,
-                "journal saved"
-            );
+            save_journal(shared, location_journal).await?;
             unsaved = false;
             last_save = Instant::now();
         }
     }
+}
+
+/// Leases past their deadline go back to the queue, and the workers waiting are told.
+fn expire_leases(shared: &Shared) {
+    let expired = shared.state.lock().expect("state").tick(Instant::now());
+    shared.metrics.lease_expiries.inc_by(expired.len() as u64);
+    for t in &expired {
+        tracing::warn!(
+            "{}: lease expired (worker lost or stalled); the task goes back to the queue",
+            describe(&shared.plan, t.0)
+        );
+    }
+    if !expired.is_empty() {
+        shared.changed.notify_waiters();
+    }
+}
+
+async fn save_journal(shared: &Shared, location_journal: &Location) -> Result<()> {
+    let started = Instant::now();
+    let j = shared.journal.lock().expect("journal").clone();
+    let bytes = j.save(location_journal).await?;
+    tracing::debug!(
+        tasks = j.done.len(),
+        bytes,
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "journal saved"
+    );
+    Ok(())
 }
 
 /// Every task is done: complete the files not yet complete, then commit the checkpoint.

@@ -280,30 +280,10 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
                 ctx.metrics
                     .lease_wait_seconds
                     .observe(asked.elapsed().as_secs_f64());
-                let (task, attempt) = (received.id(), received.attempt);
-                let runner = Runner {
-                    client: &ctx.client,
-                    worker: me.worker,
-                    heartbeat: me.heartbeat_interval,
-                    stores: &ctx.stores,
-                    pool: &ctx.pool,
-                    memory_limit: ctx.opts.memory_limit,
-                    metrics: &ctx.metrics,
-                };
-                let end = runner.run(received, turn, &mut stopping).await;
-                let stopped = matches!(end, TaskEnd::Stopped);
-                let Some(outcome) = end.outcome(&ctx.opts.name) else {
-                    tracing::warn!(task = %task, attempt = %attempt, "the lease was lost (this worker was too slow or unreachable); dropping the task");
-                    continue;
-                };
-                if stopped {
-                    // Tell the coordinator if it answers soon; a stopping worker must not
-                    // outlive its grace period retrying.
-                    let report = ctx.report(report(me.worker, task, attempt, outcome));
-                    let _ = tokio::time::timeout(STOP_REPORT_TIMEOUT, report).await;
-                    return Err(Error::Interrupted);
+                match run_leased(&ctx, &me, received, turn, &mut stopping).await? {
+                    Some(ran) => ran,
+                    None => continue,
                 }
-                (task, attempt, outcome)
             }
             LeaseAnswer::Malformed {
                 task,
@@ -339,6 +319,40 @@ async fn slot(ctx: Arc<Ctx>) -> Result<()> {
             ctx.forget(me.worker).await;
         }
     }
+}
+
+/// Run a leased task: its outcome to report, or `None` when the lease was lost (nothing to
+/// report). A worker stopped mid-task reports it if the coordinator answers soon, then
+/// stops (a stopping worker must not outlive its grace period retrying).
+async fn run_leased(
+    ctx: &Ctx,
+    me: &Welcome,
+    received: crate::wire::Received,
+    turn: tokio::sync::OwnedSemaphorePermit,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<(TaskId, Attempt, TaskOutcome)>> {
+    let (task, attempt) = (received.id(), received.attempt);
+    let runner = Runner {
+        client: &ctx.client,
+        worker: me.worker,
+        heartbeat: me.heartbeat_interval,
+        stores: &ctx.stores,
+        pool: &ctx.pool,
+        memory_limit: ctx.opts.memory_limit,
+        metrics: &ctx.metrics,
+    };
+    let end = runner.run(received, turn, stopping).await;
+    let stopped = matches!(end, TaskEnd::Stopped);
+    let Some(outcome) = end.outcome(&ctx.opts.name) else {
+        tracing::warn!(task = %task, attempt = %attempt, "the lease was lost (this worker was too slow or unreachable); dropping the task");
+        return Ok(None);
+    };
+    if stopped {
+        let report = ctx.report(report(me.worker, task, attempt, outcome));
+        let _ = tokio::time::timeout(STOP_REPORT_TIMEOUT, report).await;
+        return Err(Error::Interrupted);
+    }
+    Ok(Some((task, attempt, outcome)))
 }
 
 fn report(worker: WorkerId, task: TaskId, attempt: Attempt, outcome: TaskOutcome) -> Report {
