@@ -205,9 +205,10 @@ pub struct Gta {
 
 impl Gta {
     /// Scratch memory for a tensor of `numel` elements and `inputs` inputs: every task
-    /// vector as float32, the sort's pairs, the output values.
+    /// vector as float32, the base's values, and each model's sort pairs (the models are
+    /// sparsified in parallel).
     pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
-        ((inputs + 1) * 4 * numel + 8 * numel) as u64
+        ((inputs + 1) * 4 * numel + 8 * numel * inputs.saturating_sub(1)) as u64
     }
 }
 
@@ -230,23 +231,32 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
     let numel: usize = shape.iter().product();
     let mut base = vec![0f32; numel];
     decode_all::<R>(&inputs[0], &mut base);
-    let mut rng = g.family.random().then(|| Mt19937::at(g.seed, g.offset));
-    // The task vectors, sparsified, then weighted: d_i = R(R(x_i - base) * w_i).
-    let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(inputs.len() - 1);
-    let mut w = Vec::with_capacity(inputs.len() - 1);
-    for (i, input) in inputs.iter().enumerate().skip(1) {
-        let mut d = vec![0f32; numel];
-        decode_all::<R>(input, &mut d);
-        d.par_iter_mut()
-            .zip(base.par_iter())
-            .for_each(|(d, b)| *d = r::<R>(*d - b));
-        let extra = g.extra.get(i).copied().unwrap_or(0.0);
-        sparsify::<R>(g, &mut d, shape, g.densities[i], extra, rng.as_mut());
-        let wi = R::round_f64(g.weights[i]);
-        d.par_iter_mut().for_each(|x| *x = r::<R>(*x * wi));
-        deltas.push(d);
-        w.push(wi);
+    // The task vectors, sparsified, then weighted: d_i = R(R(x_i - base) * w_i). Each
+    // model's draws follow the previous models' in the stream, so each starts at its own
+    // offset and the models run in parallel.
+    let mut starts = Vec::with_capacity(inputs.len());
+    let mut at = g.offset;
+    for i in 1..inputs.len() {
+        starts.push(at);
+        at += g.family.draws(g.densities[i], numel);
     }
+    let (deltas, w): (Vec<Vec<f32>>, Vec<f32>) = (1..inputs.len())
+        .into_par_iter()
+        .map(|i| {
+            let mut d = vec![0f32; numel];
+            decode_all::<R>(&inputs[i], &mut d);
+            d.par_iter_mut()
+                .zip(base.par_iter())
+                .for_each(|(d, b)| *d = r::<R>(*d - b));
+            let draws = g.family.draws(g.densities[i], numel) > 0;
+            let mut rng = draws.then(|| Mt19937::at(g.seed, starts[i - 1]));
+            let extra = g.extra.get(i).copied().unwrap_or(0.0);
+            sparsify::<R>(g, &mut d, shape, g.densities[i], extra, rng.as_mut());
+            let wi = R::round_f64(g.weights[i]);
+            d.par_iter_mut().for_each(|x| *x = r::<R>(*x * wi));
+            (d, wi)
+        })
+        .unzip();
     let n = deltas.len();
     let od = k.out.st_dtype();
     let osz = k.out.size();
@@ -374,7 +384,7 @@ fn sparsify<R: Round>(
             }
             let k = ((density * n as f64) as usize).max(1);
             let keep = selected(d, Order::Descending, 0, k);
-            mask_and_rescale(d, |i| keep[i], g.rescale, r::<R>, sum_width::<R>());
+            mask_and_rescale::<R>(d, |i| keep[i], g.rescale, sum_width::<R>());
         }
         Sparsify::MagnitudeOutliers => {
             if density >= 1.0 {
@@ -384,7 +394,7 @@ fn sparsify<R: Round>(
             let top = (extra * n as f64) as usize;
             let bottom = n.saturating_sub(target + top);
             let keep = selected(d, Order::Ascending, bottom, (bottom + target).min(n));
-            mask_and_rescale(d, |i| keep[i], g.rescale, r::<R>, sum_width::<R>());
+            mask_and_rescale::<R>(d, |i| keep[i], g.rescale, sum_width::<R>());
         }
         Sparsify::Random => {
             if density >= 1.0 {
@@ -402,7 +412,11 @@ fn sparsify<R: Round>(
             } else {
                 torch::LANES
             };
-            mask_and_rescale(d, |i| keep[i], g.rescale, rd::<R>, width);
+            if random_in_bf16::<R>() {
+                mask_and_rescale::<Bf16>(d, |i| keep[i], g.rescale, width);
+            } else {
+                mask_and_rescale::<F32>(d, |i| keep[i], g.rescale, width);
+            }
             // `.to(W)` of the float32 result (float16's case).
             d.par_iter_mut().for_each(|x| *x = r::<R>(*x));
         }
@@ -421,7 +435,11 @@ fn sparsify<R: Round>(
             } else {
                 torch::LANES
             };
-            mask_and_rescale(d, |i| keep[i], g.rescale, rd::<R>, width);
+            if random_in_bf16::<R>() {
+                mask_and_rescale::<Bf16>(d, |i| keep[i], g.rescale, width);
+            } else {
+                mask_and_rescale::<F32>(d, |i| keep[i], g.rescale, width);
+            }
             d.par_iter_mut().for_each(|x| *x = r::<R>(*x));
         }
     }
@@ -454,13 +472,13 @@ fn selected(d: &[f32], order: Order, from: usize, to: usize) -> Vec<bool> {
 /// `rescaled_masked_tensor(d, mask, l1 if rescale)`, in a working dtype rounded by
 /// `round` whose full sums take vectors of `width`: `masked = d * mask`; with rescale,
 /// `masked * (sum|d| / sum|masked|)` unless either sum is below 1e-7.
-fn mask_and_rescale(
+fn mask_and_rescale<W: Round>(
     d: &mut [f32],
     keep: impl Fn(usize) -> bool + Sync,
     rescale: bool,
-    round: fn(f32) -> f32,
     width: usize,
 ) {
+    let round = W::round;
     let full = |v: &[f32]| {
         let mut s = torch::CascadeSum::new(v.len(), width);
         let mut buf = Vec::with_capacity(4096);

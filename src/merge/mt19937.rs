@@ -130,14 +130,41 @@ fn berlekamp_massey(s: &[bool]) -> Poly {
     c[0] = 1;
     b[0] = 1;
     let (mut l, mut m) = (0usize, 1usize);
-    for n in 0..s.len() {
-        // The discrepancy: s[n] + sum_{i=1..L} c_i s[n-i].
-        let mut d = s[n];
-        for i in 1..=l {
-            if bit(&c, i) && s[n - i] {
-                d = !d;
-            }
+    // The sequence reversed, as bits: s[n - i] is bit (len - 1 - n + i) of `rev`, so a
+    // discrepancy is the parity of `c` AND a window of `rev`, 64 terms a word.
+    let len = s.len();
+    let mut rev: Poly = vec![0; len / 64 + 2];
+    for (k, &b) in s.iter().rev().enumerate() {
+        if b {
+            rev[k / 64] |= 1 << (k % 64);
         }
+    }
+    let window = |off: usize, j: usize| -> u64 {
+        let (q, r) = (off / 64 + j, off % 64);
+        let lo = rev.get(q).copied().unwrap_or(0) >> r;
+        let hi = if r == 0 {
+            0
+        } else {
+            rev.get(q + 1).copied().unwrap_or(0) << (64 - r)
+        };
+        lo | hi
+    };
+    for n in 0..len {
+        // The discrepancy: s[n] + sum_{i=1..L} c_i s[n-i]; bit i of the window at
+        // `len - 1 - n` is s[n - i] (bit 0 is s[n] itself, and c_0 = 1).
+        let off = len - 1 - n;
+        let mut acc = 0u64;
+        for (j, &word) in c.iter().enumerate().take(l / 64 + 1) {
+            let mut cw = word;
+            if j == l / 64 {
+                let top = l % 64;
+                if top < 63 {
+                    cw &= (1u64 << (top + 1)) - 1;
+                }
+            }
+            acc ^= cw & window(off, j);
+        }
+        let d = acc.count_ones() % 2 == 1;
         if !d {
             m += 1;
             continue;
