@@ -988,6 +988,83 @@ mod tests {
             .contains("do not fit"));
     }
 
+    #[test]
+    fn every_method_travels_and_is_checked() {
+        let gta = |family| {
+            Method::Gta(Gta {
+                family,
+                weights: vec![0.0, 0.5, 0.25],
+                densities: vec![0.0, 0.5, 1.0],
+                extra: match family {
+                    Family::Breadcrumbs | Family::Della => vec![0.0, 0.01, 0.02],
+                    _ => Vec::new(),
+                },
+                normalize: true,
+                rescale: false,
+                lambda: 0.9,
+                seed: 7,
+                offset: 123_456_789_012,
+            })
+        };
+        let methods = [
+            Method::ModelStock { filter_wise: true },
+            Method::Linear {
+                weights: vec![0.3, 0.2, 0.5],
+                normalize: false,
+            },
+            Method::TaskArithmetic {
+                weights: vec![0.0, 1.0, -0.5],
+                normalize: true,
+                lambda: 1.5,
+            },
+            gta(Family::Ties),
+            gta(Family::Breadcrumbs),
+            gta(Family::Della),
+            Method::Ram { epsilon: 1e-5 },
+            Method::RamplusTl {
+                r: 0.1,
+                alpha: 0.2,
+                epsilon: 1e-4,
+            },
+            Method::Sce { select_topk: 0.3 },
+        ];
+        for m in &methods {
+            let w = method_to_wire(m);
+            assert_eq!(&method_from_wire(Some(&w), 3).unwrap(), m);
+        }
+        let w = method_to_wire(&Method::Nearswap { t: 0.001 });
+        assert_eq!(
+            method_from_wire(Some(&w), 2).unwrap(),
+            Method::Nearswap { t: 0.001 }
+        );
+        // Values per input that do not fit the inputs, arities, unknown members.
+        let refused = |w: pb::kernel_params::Method, inputs: usize, words: &str| {
+            let e = method_from_wire(Some(&w), inputs).unwrap_err();
+            assert!(e.contains(words), "{e}");
+        };
+        refused(
+            method_to_wire(&methods[1]),
+            2,
+            "3 weight values for 2 inputs",
+        );
+        refused(method_to_wire(&methods[0]), 2, "model_stock needs");
+        refused(method_to_wire(&Method::Nearswap { t: 0.1 }), 3, "nearswap");
+        let mut bad = pb::kernel_params::Method::Gta(pb::Gta {
+            family: "tie".into(),
+            ..Default::default()
+        });
+        refused(bad.clone(), 3, "unknown method `tie`");
+        if let pb::kernel_params::Method::Gta(g) = &mut bad {
+            g.family = "ties".into();
+            g.weights = vec![0.0, 1.0, 1.0];
+            g.densities = vec![0.0, 0.5, 1.5];
+        }
+        refused(bad, 3, "density");
+        assert!(method_from_wire(None, 3)
+            .unwrap_err()
+            .contains("without a method"));
+    }
+
     /// Each way of breaking a valid wire task is an error naming what is wrong.
     fn malformed_tasks_are_refused(good: &pb::Task) {
         type Break = fn(&mut pb::Task);
