@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::mt19937::Mt19937;
-use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
+use super::numeric::{encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Order, Pair};
 use super::{torch, InputView, Kernel, WorkDtype};
 use crate::params::{Kind, ParamDef, Scope};
@@ -229,8 +229,7 @@ fn r<R: Round>(x: f32) -> f32 {
 
 fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView], out: &mut [u8]) {
     let numel: usize = shape.iter().product();
-    let mut base = vec![0f32; numel];
-    decode_all::<R>(&inputs[0], &mut base);
+    let (base, tvs) = super::task_vectors::<R>(inputs, numel);
     // The task vectors, sparsified, then weighted: d_i = R(R(x_i - base) * w_i). Each
     // model's draws follow the previous models' in the stream, so each starts at its own
     // offset and the models run in parallel.
@@ -240,14 +239,11 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
         starts.push(at);
         at += g.family.draws(g.densities[i], numel);
     }
-    let (deltas, w): (Vec<Vec<f32>>, Vec<f32>) = (1..inputs.len())
+    let (deltas, w): (Vec<Vec<f32>>, Vec<f32>) = tvs
         .into_par_iter()
-        .map(|i| {
-            let mut d = vec![0f32; numel];
-            decode_all::<R>(&inputs[i], &mut d);
-            d.par_iter_mut()
-                .zip(base.par_iter())
-                .for_each(|(d, b)| *d = r::<R>(*d - b));
+        .enumerate()
+        .map(|(k, mut d)| {
+            let i = k + 1;
             let draws = g.family.draws(g.densities[i], numel) > 0;
             let mut rng = draws.then(|| Mt19937::at(g.seed, starts[i - 1]));
             let extra = g.extra.get(i).copied().unwrap_or(0.0);
@@ -262,12 +258,7 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
     let osz = k.out.size();
     // Without consensus the divisor is one number: the weights' sum.
     let plain_div = {
-        let width = if R::DTYPE == Dtype::F32 {
-            torch::LANES
-        } else {
-            2 * torch::LANES
-        };
-        let mut s = torch::CascadeSum::new(n, width);
+        let mut s = torch::CascadeSum::new(n, torch::sum_width(R::DTYPE));
         s.feed(&w);
         let div = r::<R>(s.finish());
         if div.abs() < r::<R>(1e-8) {
@@ -292,19 +283,22 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
                     *ci = d[e];
                 }
                 let (mixed, div) = if g.family.consensus() {
-                    let s = r::<R>(sum_models::<R>(&col, e, numel));
+                    let s = r::<R>(torch::sum_models(R::DTYPE, &col, e, numel));
                     let majority = if s >= 0.0 { 1.0 } else { -1.0 };
                     for i in 0..n {
-                        let keep = sign(col[i]) == majority;
+                        let keep = torch::sign(col[i]) == majority;
                         let m = if keep { 1.0 } else { 0.0 };
                         col[i] = r::<R>(col[i] * m);
                         masked_w[i] = r::<R>(w[i] * m);
                     }
-                    let mixed = r::<R>(sum_models::<R>(&col, e, numel));
-                    let div = r::<R>(sum_models::<R>(&masked_w, e, numel));
+                    let mixed = r::<R>(torch::sum_models(R::DTYPE, &col, e, numel));
+                    let div = r::<R>(torch::sum_models(R::DTYPE, &masked_w, e, numel));
                     (mixed, if div == 0.0 { 1.0 } else { div })
                 } else {
-                    (r::<R>(sum_models::<R>(&col, e, numel)), plain_div)
+                    (
+                        r::<R>(torch::sum_models(R::DTYPE, &col, e, numel)),
+                        plain_div,
+                    )
                 };
                 let mut mixed = mixed;
                 if g.normalize {
@@ -317,35 +311,6 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
             }
             encode_with::<R>(&res, od, out);
         });
-}
-
-/// torch's `sign`: 1, -1, or 0 (zeros and NaN), compared with the majority sign.
-#[inline(always)]
-fn sign(x: f32) -> f32 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        0.0
-    }
-}
-
-/// `stack(values).sum(dim=0)` of one element: 16-bit dtypes add in float32 in model
-/// order; float32 takes torch's outer-sum order for the element's column.
-#[inline(always)]
-fn sum_models<R: Round>(values: &[f32], col: usize, numel: usize) -> f32 {
-    if R::DTYPE == Dtype::F32 {
-        torch::outer_sum(values, col, numel)
-    } else {
-        values.iter().fold(0.0, |a, &x| a + x)
-    }
-}
-
-fn decode_all<R: Round>(input: &InputView, out: &mut [f32]) {
-    out.par_chunks_mut(1 << 16)
-        .enumerate()
-        .for_each(|(c, o)| decode::<R>(input.bytes, input.dtype, c << 16, o));
 }
 
 /// The dtype mergekit's random sparsifiers work in: bfloat16 stays, others are float32.
@@ -384,7 +349,7 @@ fn sparsify<R: Round>(
             }
             let k = ((density * n as f64) as usize).max(1);
             let keep = selected(d, Order::Descending, 0, k);
-            mask_and_rescale::<R>(d, |i| keep[i], g.rescale, sum_width::<R>());
+            mask_and_rescale::<R>(d, |i| keep[i], g.rescale, torch::sum_width(R::DTYPE));
         }
         Sparsify::MagnitudeOutliers => {
             if density >= 1.0 {
@@ -394,7 +359,7 @@ fn sparsify<R: Round>(
             let top = (extra * n as f64) as usize;
             let bottom = n.saturating_sub(target + top);
             let keep = selected(d, Order::Ascending, bottom, (bottom + target).min(n));
-            mask_and_rescale::<R>(d, |i| keep[i], g.rescale, sum_width::<R>());
+            mask_and_rescale::<R>(d, |i| keep[i], g.rescale, torch::sum_width(R::DTYPE));
         }
         Sparsify::Random => {
             if density >= 1.0 {
@@ -407,18 +372,7 @@ fn sparsify<R: Round>(
                 density as f32
             };
             let keep: Vec<bool> = (0..n).map(|_| rng.bernoulli(p)).collect();
-            let width = if random_in_bf16::<R>() {
-                2 * torch::LANES
-            } else {
-                torch::LANES
-            };
-            if random_in_bf16::<R>() {
-                mask_and_rescale::<Bf16>(d, |i| keep[i], g.rescale, width);
-            } else {
-                mask_and_rescale::<F32>(d, |i| keep[i], g.rescale, width);
-            }
-            // `.to(W)` of the float32 result (float16's case).
-            d.par_iter_mut().for_each(|x| *x = r::<R>(*x));
+            mask_and_rescale_random::<R>(d, &keep, g.rescale);
         }
         Sparsify::DellaMagprune => {
             if density >= 1.0 {
@@ -430,27 +384,20 @@ fn sparsify<R: Round>(
             }
             let rng = rng.expect("a random sparsifier has its stream");
             let keep = della_mask::<R>(d, shape, density, extra, rng);
-            let width = if random_in_bf16::<R>() {
-                2 * torch::LANES
-            } else {
-                torch::LANES
-            };
-            if random_in_bf16::<R>() {
-                mask_and_rescale::<Bf16>(d, |i| keep[i], g.rescale, width);
-            } else {
-                mask_and_rescale::<F32>(d, |i| keep[i], g.rescale, width);
-            }
-            d.par_iter_mut().for_each(|x| *x = r::<R>(*x));
+            mask_and_rescale_random::<R>(d, &keep, g.rescale);
         }
     }
 }
 
-fn sum_width<R: Round>() -> usize {
-    if R::DTYPE == Dtype::F32 {
-        torch::LANES
+/// A random sparsifier's mask and rescale, in its working dtype (bfloat16 stays, the
+/// others work in float32), then `.to(W)`.
+fn mask_and_rescale_random<R: Round>(d: &mut [f32], keep: &[bool], rescale: bool) {
+    if random_in_bf16::<R>() {
+        mask_and_rescale::<Bf16>(d, |i| keep[i], rescale, torch::sum_width(Dtype::BF16));
     } else {
-        2 * torch::LANES
+        mask_and_rescale::<F32>(d, |i| keep[i], rescale, torch::sum_width(Dtype::F32));
     }
+    d.par_iter_mut().for_each(|x| *x = r::<R>(*x));
 }
 
 /// Which elements sit at ranks `from..to` of `|d|` (float32) sorted in `order` by torch's

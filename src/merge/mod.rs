@@ -534,3 +534,31 @@ fn par_windows(
         .enumerate()
         .for_each(|(b, out)| f(b * BLOCK, out.len() / size, out));
 }
+
+/// A whole tensor's base values and task vectors `R(x_i - base)`, each decoded to the
+/// working dtype `R` (the whole-tensor kernels start from these).
+fn task_vectors<R: numeric::Round>(
+    inputs: &[InputView],
+    numel: usize,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    use rayon::prelude::*;
+    let decode_all = |input: &InputView, out: &mut [f32]| {
+        out.par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(c, o)| numeric::decode::<R>(input.bytes, input.dtype, c * BLOCK, o));
+    };
+    let mut base = vec![0f32; numel];
+    decode_all(&inputs[0], &mut base);
+    let tv = inputs[1..]
+        .par_iter()
+        .map(|inp| {
+            let mut t = vec![0f32; numel];
+            decode_all(inp, &mut t);
+            t.par_iter_mut()
+                .zip(base.par_iter())
+                .for_each(|(t, b)| *t = R::round(*t - b));
+            t
+        })
+        .collect();
+    (base, tv)
+}

@@ -24,16 +24,6 @@ pub const RAMPLUS_PARAMS: &[ParamDef] = &[
 
 const MICRO: usize = 512;
 
-/// `stack(values).sum(dim=0)` of one element in a tensor of `dtype`: 16-bit dtypes add in
-/// float32 in model order; float32 takes torch's outer-sum order for the element's column.
-fn sum_models(dtype: Dtype, values: &[f32], col: usize, numel: usize) -> f32 {
-    if dtype == Dtype::F32 {
-        torch::outer_sum(values, col, numel)
-    } else {
-        values.iter().fold(0.0, |a, &x| a + x)
-    }
-}
-
 pub fn apply_ram(
     k: &Kernel,
     epsilon: f64,
@@ -103,7 +93,12 @@ fn ram_range<R: Round>(
                     R::round(R::round(z * f32::from(u8::from(count > 1))) / count.max(1) as f32);
                 *p = R::round(unique + shared);
             }
-            let merged = R::round(sum_models(R::DTYPE, &parts, at.first + off + k, at.numel));
+            let merged = R::round(torch::sum_models(
+                R::DTYPE,
+                &parts,
+                at.first + off + k,
+                at.numel,
+            ));
             res[k] = R::round(base[k] + merged);
         }
         encode_with::<R>(&res[..m], od, &mut out[off * osz..(off + m) * osz]);
@@ -137,19 +132,7 @@ fn ramplus<R: Round>(
 ) {
     let n = inputs.len() - 1;
     let eps = R::round_f64(epsilon);
-    let mut base = vec![0f32; numel];
-    decode::<R>(inputs[0].bytes, inputs[0].dtype, 0, &mut base);
-    let tv: Vec<Vec<f32>> = inputs[1..]
-        .iter()
-        .map(|inp| {
-            let mut t = vec![0f32; numel];
-            decode::<R>(inp.bytes, inp.dtype, 0, &mut t);
-            t.par_iter_mut()
-                .zip(base.par_iter())
-                .for_each(|(t, b)| *t = R::round(*t - b));
-            t
-        })
-        .collect();
+    let (base, tv) = super::task_vectors::<R>(inputs, numel);
     let count = |e: usize| tv.iter().filter(|t| t[e].abs() > eps).count();
     // Per model: its contributions shared with others, and unique to it.
     let lambda: Vec<f32> = (0..n)

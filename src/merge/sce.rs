@@ -9,9 +9,8 @@
 //! weighted mean. The selection and the means need the whole tensor.
 
 use rayon::prelude::*;
-use safetensors::Dtype;
 
-use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
+use super::numeric::{encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Pair};
 use super::{torch, InputView, Kernel, WorkDtype};
 use crate::params::{Kind, ParamDef};
@@ -30,22 +29,6 @@ pub fn merge(k: &Kernel, select_topk: f64, numel: usize, inputs: &[InputView], o
     }
 }
 
-fn width<R: Round>() -> usize {
-    if R::DTYPE == Dtype::F32 {
-        torch::LANES
-    } else {
-        2 * torch::LANES
-    }
-}
-
-fn sum_models<R: Round>(values: &[f32], col: usize, numel: usize) -> f32 {
-    if R::DTYPE == Dtype::F32 {
-        torch::outer_sum(values, col, numel)
-    } else {
-        values.iter().fold(0.0, |a, &x| a + x)
-    }
-}
-
 fn merge_in<R: Round>(
     k: &Kernel,
     select_topk: f64,
@@ -54,19 +37,7 @@ fn merge_in<R: Round>(
     out: &mut [u8],
 ) {
     let n = inputs.len() - 1;
-    let mut base = vec![0f32; numel];
-    decode::<R>(inputs[0].bytes, inputs[0].dtype, 0, &mut base);
-    let mut tv: Vec<Vec<f32>> = inputs[1..]
-        .iter()
-        .map(|inp| {
-            let mut t = vec![0f32; numel];
-            decode::<R>(inp.bytes, inp.dtype, 0, &mut t);
-            t.par_iter_mut()
-                .zip(base.par_iter())
-                .for_each(|(t, b)| *t = R::round(*t - b));
-            t
-        })
-        .collect();
+    let (base, mut tv) = super::task_vectors::<R>(inputs, numel);
     if select_topk < 1.0 {
         let keep = topk_mask::<R>(&tv, select_topk);
         for t in &mut tv {
@@ -79,7 +50,7 @@ fn merge_in<R: Round>(
     let mut w: Vec<f32> = tv
         .iter()
         .map(|t| {
-            let mut s = torch::CascadeSum::new(numel, width::<R>());
+            let mut s = torch::CascadeSum::new(numel, torch::sum_width(R::DTYPE));
             let mut sq = Vec::with_capacity(4096);
             for c in t.chunks(4096) {
                 sq.clear();
@@ -89,7 +60,7 @@ fn merge_in<R: Round>(
             R::round(s.finish() / numel as f32)
         })
         .collect();
-    let mut total = torch::CascadeSum::new(n, width::<R>());
+    let mut total = torch::CascadeSum::new(n, torch::sum_width(R::DTYPE));
     total.feed(&w);
     let ws = R::round(total.finish());
     if ws.abs() < 1e-6 {
@@ -114,21 +85,15 @@ fn merge_in<R: Round>(
                     for (ci, t) in col.iter_mut().zip(&tv) {
                         *ci = t[e];
                     }
-                    let s = R::round(sum_models::<R>(&col, e, numel));
+                    let s = R::round(torch::sum_models(R::DTYPE, &col, e, numel));
                     let majority = if s >= 0.0 { 1.0 } else { -1.0 };
                     for i in 0..n {
-                        let sign = if col[i] > 0.0 {
-                            1.0
-                        } else if col[i] < 0.0 {
-                            -1.0
-                        } else {
-                            0.0
-                        };
-                        ew[i] = R::round(w[i] * f32::from(u8::from(sign == majority)));
+                        let agrees = torch::sign(col[i]) == majority;
+                        ew[i] = R::round(w[i] * f32::from(u8::from(agrees)));
                         col[i] = R::round(col[i] * ew[i]);
                     }
-                    let merged = R::round(sum_models::<R>(&col, e, numel));
-                    let div = R::round(sum_models::<R>(&ew, e, numel)).max(floor);
+                    let merged = R::round(torch::sum_models(R::DTYPE, &col, e, numel));
+                    let div = R::round(torch::sum_models(R::DTYPE, &ew, e, numel)).max(floor);
                     R::round(base[e] + R::round(merged / div))
                 })
                 .collect();

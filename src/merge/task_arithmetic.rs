@@ -80,12 +80,7 @@ pub fn apply(
 /// lambda as the float32 scalar torch multiplies by.
 fn coefficients<R: Round>(weights: &[f64], normalize: bool, lambda: f64) -> Coefficients<f32> {
     let w: Vec<f32> = weights.iter().map(|&w| R::round_f64(w)).collect();
-    let width = if R::DTYPE == Dtype::F32 {
-        torch::LANES
-    } else {
-        2 * torch::LANES
-    };
-    let mut s = torch::CascadeSum::new(w.len(), width);
+    let mut s = torch::CascadeSum::new(w.len(), torch::sum_width(R::DTYPE));
     s.feed(&w);
     let div = R::round(s.finish());
     Coefficients {
@@ -100,17 +95,6 @@ mod simd {
     use crate::twice;
 
     twice!(generic apply_range(inputs: &[InputView], start: usize, len: usize, at: Window, c: &Coefficients<f32>, od: Dtype, out: &mut [u8]));
-}
-
-/// torch's `stack(d).sum(dim=0)` of one element: 16-bit dtypes add in float32 in model
-/// order; float32 takes the outer-sum order of the element's column.
-#[inline(always)]
-fn sum_models<R: Round>(d: &[f32], col: usize, numel: usize) -> f32 {
-    if R::DTYPE == Dtype::F32 {
-        torch::outer_sum(d, col, numel)
-    } else {
-        d.iter().fold(0.0, |a, &x| a + x)
-    }
 }
 
 #[inline(always)]
@@ -150,7 +134,12 @@ fn apply_range<R: Round>(
             for (ci, di) in col.iter_mut().zip(&d) {
                 *ci = di[k];
             }
-            let mut mixed = R::round(sum_models::<R>(&col, at.first + off + k, at.numel));
+            let mut mixed = R::round(torch::sum_models(
+                R::DTYPE,
+                &col,
+                at.first + off + k,
+                at.numel,
+            ));
             if let Some(div) = c.divisor {
                 mixed = R::round(mixed / div);
             }

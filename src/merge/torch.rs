@@ -376,6 +376,39 @@ pub fn outer_sum(values: &[f32], col: usize, outputs: usize) -> f32 {
     }
 }
 
+/// `torch.stack(values).sum(dim=0)` for element `col` of a tensor of `numel` elements held
+/// in `dtype`: bfloat16 and float16 add in float32 in model order; float32 takes the
+/// outer-sum order of the element's column ([`outer_sum`]). Not rounded.
+pub fn sum_models(dtype: safetensors::Dtype, values: &[f32], col: usize, numel: usize) -> f32 {
+    if dtype == safetensors::Dtype::F32 {
+        outer_sum(values, col, numel)
+    } else {
+        values.iter().fold(0.0, |a, &x| a + x)
+    }
+}
+
+/// torch's `sign`: 1, -1, or 0 (for zeros and NaN).
+#[inline(always)]
+pub fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// Elements per vector of torch's sums over a tensor held in `dtype` ([`CascadeSum`]'s
+/// width): 8 float32 lanes, 16 for the 16-bit dtypes.
+pub fn sum_width(dtype: safetensors::Dtype) -> usize {
+    if dtype == safetensors::Dtype::F32 {
+        LANES
+    } else {
+        2 * LANES
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
