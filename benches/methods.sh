@@ -15,6 +15,8 @@ DIR=${1:-/tmp/mergefleet-methods}
 RUNS=${2:-3}
 cargo build --release -q --bin mergefleet --example synth
 BIN=target/release/mergefleet
+OUT=$(mktemp -d)   # the merges' output: never beside the user's DIR
+trap 'rm -rf "$OUT"' EXIT
 [ -f "$DIR/model_stock.yml" ] || target/release/examples/synth "$DIR" --layers 1 >/dev/null
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 config() { # METHOD PARAMS-PER-MODEL TOP-PARAMS
@@ -35,11 +37,10 @@ for spec in \
   cfg=$(mktemp --suffix .yml); config "$method" "$per" "$top" > "$cfg"
   times=(); rss=""
   for _ in $(seq "$RUNS"); do
-    line=$("$BIN" merge "$cfg" "$DIR-out" --overwrite --random-seed 0 2>/dev/null | grep merged)
+    line=$("$BIN" merge "$cfg" "$OUT/merged" --overwrite --random-seed 0 2>/dev/null | grep merged)
     times+=("$(sed 's/.* in \([0-9.]*\) s.*/\1/' <<<"$line")")
     rss=$(sed 's/.*peak RSS //' <<<"$line")
   done
   printf '%-16s %8s %10s\n' "$method" "$(printf '%s\n' "${times[@]}" | median)" "$rss"
   rm -f "$cfg"
 done
-rm -rf "$DIR-out"

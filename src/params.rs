@@ -96,6 +96,9 @@ pub fn parse_setting(v: &Value, key: &str) -> Result<Setting, String> {
             Ok(Setting::Filtered(out))
         }
         Value::Mapping(_) => Ok(Setting::Filtered(vec![conditional(v, key)?])),
+        Value::Sequence(items) if items.is_empty() => Err(format!(
+            "`{key}` is an empty list: give a value, a gradient of numbers, or `{{filter, value}}` entries"
+        )),
         Value::Sequence(items) => Ok(Setting::List(
             items
                 .iter()
@@ -127,6 +130,9 @@ fn conditional(v: &Value, key: &str) -> Result<(Option<String>, Setting), String
     };
     let value = match m.get("value") {
         None => return Err(format!("`{key}` has no `value`")),
+        Some(Value::Sequence(items)) if items.is_empty() => {
+            return Err(format!("`{key}.value` is an empty list"))
+        }
         Some(Value::Sequence(items)) => Setting::List(
             items
                 .iter()

@@ -101,10 +101,7 @@ impl TensorMerge<'_> {
             MethodName::ModelStock => Method::ModelStock {
                 filter_wise: flag("filter_wise")?,
             },
-            MethodName::Linear => Method::Linear {
-                weights: self.per_input("weight", tensor)?,
-                normalize: flag("normalize")?,
-            },
+            MethodName::Linear => self.linear(tensor)?,
             MethodName::TaskArithmetic => Method::TaskArithmetic {
                 weights: self.per_input("weight", tensor)?,
                 normalize: flag("normalize")?,
@@ -124,6 +121,26 @@ impl TensorMerge<'_> {
                 select_topk: value("select_topk")?,
             },
         })
+    }
+
+    /// linear: with `normalize`, weights summing to zero would divide by zero (mergekit
+    /// writes inf and NaN): refused. The sum is the kernel's (float32, torch's order).
+    fn linear(&self, tensor: &str) -> Result<Method, ParamError> {
+        let weights = self.per_input("weight", tensor)?;
+        let normalize = self.shared("normalize", tensor)? != 0.0;
+        let w32: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
+        let mut sum = crate::merge::torch::CascadeSum::new(w32.len(), crate::merge::torch::LANES);
+        sum.feed(&w32);
+        if normalize && sum.finish() == 0.0 {
+            return Err(ParamError::Invalid {
+                param: "weight",
+                tensor: tensor.to_string(),
+                message: format!(
+                    "the weights {weights:?} sum to zero and `normalize` divides by their sum; set other weights or `normalize: false`"
+                ),
+            });
+        }
+        Ok(Method::Linear { weights, normalize })
     }
 
     fn gta(&self, family: Family, tensor: &str) -> Result<Gta, ParamError> {

@@ -396,6 +396,14 @@ fn missing_and_bad_parameters_are_refused_naming_model_and_tensor() {
             "`lots` is not a number",
         ),
         (
+            format!("{m}    parameters: {{weight: -0.5}}\nmerge_method: linear\n"),
+            "sum to zero",
+        ),
+        (
+            format!("{m}    parameters: {{weight: []}}\nmerge_method: linear\n"),
+            "models[1].parameters.weight` is an empty list",
+        ),
+        (
             format!("{m}merge_method: ties\nbase_model: ./models/base\nparameters: {{weight: 1, density: 1.5}}\n"),
             "1.5 for `./models/ft1`",
         ),
