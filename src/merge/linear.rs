@@ -4,8 +4,8 @@
 //! at the end: the weights arrive as float32, `acc = fma(x_i, w_i, acc)` over the inputs in
 //! order (torch's `addcmul_` is fused on its AVX2 and AVX-512 kernels), then, with
 //! `normalize` (the default), `acc / sum(w)` with the weights summed as torch sums a short
-//! row. There is no guard against weights summing to zero: mergekit writes inf/NaN, and so
-//! do we, faithfully.
+//! row. Weights summing to zero under `normalize` (mergekit writes inf/NaN) are refused by
+//! the plan.
 
 use super::numeric::{decode, encode_with, map_round, Bf16, Round, F16, F32};
 use super::{par_windows, torch, wide, InputView, Kernel, WorkDtype};
