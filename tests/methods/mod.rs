@@ -164,9 +164,9 @@ fn five_set() -> &'static Path {
     })
 }
 
-/// Merge sized case `case` (`tests/fixtures/methods/sized`) with `extra` flags and compare
-/// every tensor's SHA-256 with mergekit's.
-fn sized_equals_mergekit(case: &str, extra: &[&str]) {
+/// Sized case `case` (`tests/fixtures/methods/sized`) with its sets linked into a fresh
+/// folder: the folder, the config and the output path.
+fn sized_case(case: &str) -> (TempDir, PathBuf, PathBuf) {
     let sets = tmp();
     for (name, set) in [("real", crate::fidelity::real_set()), ("five", five_set())] {
         std::os::unix::fs::symlink(set, sets.path().join(name)).unwrap();
@@ -177,6 +177,35 @@ fn sized_equals_mergekit(case: &str, extra: &[&str]) {
     let cfg = sets.path().join("config.yml");
     std::fs::write(&cfg, text).unwrap();
     let out = sets.path().join("out");
+    (sets, cfg, out)
+}
+
+/// Every tensor of the merge in `out` has the SHA-256 mergekit's has for sized `case`.
+fn assert_sized_hashes(case: &str, out: &Path, how: &str) {
+    let all: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir().join("sized/mergekit_sha256.json")).unwrap())
+            .unwrap();
+    let want: BTreeMap<String, String> = all[case]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, t)| (k.clone(), t["sha256"].as_str().unwrap().to_string()))
+        .collect();
+    let got = crate::fidelity::hashes(out);
+    let differ: Vec<&String> = want
+        .keys()
+        .filter(|k| got.get(*k) != Some(&want[*k]))
+        .collect();
+    assert!(
+        differ.is_empty() && got.len() == want.len(),
+        "{case} {how}: differs from mergekit in {differ:?}"
+    );
+}
+
+/// Merge sized case `case` embedded with `extra` flags and compare every tensor's SHA-256
+/// with mergekit's.
+fn sized_equals_mergekit(case: &str, extra: &[&str]) {
+    let (_sets, cfg, out) = sized_case(case);
     let mut args = vec![
         "merge",
         cfg.to_str().unwrap(),
@@ -187,24 +216,7 @@ fn sized_equals_mergekit(case: &str, extra: &[&str]) {
     ];
     args.extend_from_slice(extra);
     assert_ok(&run(&args));
-    let all: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir().join("sized/mergekit_sha256.json")).unwrap())
-            .unwrap();
-    let want: BTreeMap<String, String> = all[case]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, t)| (k.clone(), t["sha256"].as_str().unwrap().to_string()))
-        .collect();
-    let got = crate::fidelity::hashes(&out);
-    let differ: Vec<&String> = want
-        .keys()
-        .filter(|k| got.get(*k) != Some(&want[*k]))
-        .collect();
-    assert!(
-        differ.is_empty() && got.len() == want.len(),
-        "{case} {extra:?}: differs from mergekit in {differ:?}"
-    );
+    assert_sized_hashes(case, &out, &format!("{extra:?}"));
 }
 
 #[test]
@@ -351,6 +363,35 @@ fn a_three_worker_cluster_equals_mergekit() {
                 "{case}: {name}"
             );
         }
+    }
+}
+
+#[test]
+fn real_size_tensors_on_three_workers_equal_mergekit() {
+    // Tasks of one tensor spread the draws and the selections over three processes; each
+    // random tensor starts at its own offset in the stream, each selection replays the
+    // whole tensor's sort. The real set's 65.5M-element embeddings go to one worker whole.
+    for case in [
+        "real_dare_ties_bf16",
+        "five_ties_f32",
+        "five_della_f32",
+        "five_sce_f32",
+        "five_ta_f32",
+    ] {
+        let (sets, cfg, out) = sized_case(case);
+        let c = Cluster::new(sets.path(), vec![]);
+        let mut coord = c.coordinator(
+            cfg.to_str().unwrap(),
+            out.to_str().unwrap(),
+            &["--task-size", "1", "--random-seed", "0"],
+            "coordinator.log",
+        );
+        let mut workers = c.workers(3, &[]);
+        assert_exit_ok(&mut coord, 600);
+        for w in &mut workers {
+            assert_exit_ok(w, 60);
+        }
+        assert_sized_hashes(case, &out, "on 3 workers");
     }
 }
 
