@@ -248,18 +248,32 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
             let mut rng = draws.then(|| Mt19937::at(g.seed, starts[i - 1]));
             let extra = g.extra.get(i).copied().unwrap_or(0.0);
             sparsify::<R>(g, &mut d, shape, g.densities[i], extra, rng.as_mut());
-            let wi = R::round_f64(g.weights[i]);
-            d.par_iter_mut().for_each(|x| *x = r::<R>(*x * wi));
-            (d, wi)
+            (d, R::round_f64(g.weights[i]))
         })
         .unzip();
-    let n = deltas.len();
+    combine::<R>(k, g, &base, &deltas, &w, out);
+}
+
+/// The merge of the sparsified task vectors into `out`, a run of elements at a time so
+/// each step is one loop over a run: weighted deltas `d_i = R(tv_i * w_i)`; with the sign
+/// consensus, only the deltas agreeing with the sign of their sum count and their weights
+/// alone divide; else the weights' sum divides. Then lambda and the base.
+fn combine<R: Round>(
+    k: &Kernel,
+    g: &Gta,
+    base: &[f32],
+    tvs: &[Vec<f32>],
+    w: &[f32],
+    out: &mut [u8],
+) {
+    let (n, numel) = (tvs.len(), base.len());
+    let dtype = R::DTYPE;
     let od = k.out.st_dtype();
     let osz = k.out.size();
     // Without consensus the divisor is one number: the weights' sum.
     let plain_div = {
-        let mut s = torch::CascadeSum::new(n, torch::sum_width(R::DTYPE));
-        s.feed(&w);
+        let mut s = torch::CascadeSum::new(n, torch::sum_width(dtype));
+        s.feed(w);
         let div = r::<R>(s.finish());
         if div.abs() < r::<R>(1e-8) {
             1.0
@@ -268,48 +282,57 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
         }
     };
     let lambda = (g.lambda != 1.0).then_some(g.lambda as f32);
-    const CHUNK: usize = 4096;
-    out.par_chunks_mut(CHUNK * osz)
+    const RUN: usize = 1024;
+    out.par_chunks_mut(RUN * osz)
         .enumerate()
         .for_each(|(c, out)| {
-            let start = c * CHUNK;
+            let start = c * RUN;
             let len = out.len() / osz;
-            let mut col = vec![0f32; n];
-            let mut masked_w = vec![0f32; n];
-            let mut res = vec![0f32; len];
-            for (j, res) in res.iter_mut().enumerate() {
-                let e = start + j;
-                for (ci, d) in col.iter_mut().zip(&deltas) {
-                    *ci = d[e];
+            let mut d = vec![0f32; n * len];
+            for ((d, tv), &wi) in d.chunks_exact_mut(len).zip(tvs).zip(w) {
+                for (d, &t) in d.iter_mut().zip(&tv[start..start + len]) {
+                    *d = r::<R>(t * wi);
                 }
-                let (mixed, div) = if g.family.consensus() {
-                    let s = r::<R>(torch::sum_models(R::DTYPE, &col, e, numel));
-                    let majority = if s >= 0.0 { 1.0 } else { -1.0 };
-                    for i in 0..n {
-                        let keep = torch::sign(col[i]) == majority;
-                        let m = if keep { 1.0 } else { 0.0 };
-                        col[i] = r::<R>(col[i] * m);
-                        masked_w[i] = r::<R>(w[i] * m);
+            }
+            let mut mixed = vec![0f32; len];
+            let mut div = vec![plain_div; len];
+            if g.family.consensus() {
+                let mut majority = vec![0f32; len];
+                torch::sum_models_run(dtype, &d, start, numel, &mut majority);
+                for s in &mut majority {
+                    *s = if r::<R>(*s) >= 0.0 { 1.0 } else { -1.0 };
+                }
+                // The kept deltas and their weights (`x * 0` keeps the sign of zero).
+                let mut kept_w = vec![0f32; n * len];
+                for ((d, kw), &wi) in d
+                    .chunks_exact_mut(len)
+                    .zip(kept_w.chunks_exact_mut(len))
+                    .zip(w)
+                {
+                    for ((d, kw), &m) in d.iter_mut().zip(kw).zip(&majority) {
+                        let keep = if torch::sign(*d) == m { 1.0 } else { 0.0 };
+                        *d = r::<R>(*d * keep);
+                        *kw = r::<R>(wi * keep);
                     }
-                    let mixed = r::<R>(torch::sum_models(R::DTYPE, &col, e, numel));
-                    let div = r::<R>(torch::sum_models(R::DTYPE, &masked_w, e, numel));
-                    (mixed, if div == 0.0 { 1.0 } else { div })
-                } else {
-                    (
-                        r::<R>(torch::sum_models(R::DTYPE, &col, e, numel)),
-                        plain_div,
-                    )
-                };
-                let mut mixed = mixed;
+                }
+                torch::sum_models_run(dtype, &kept_w, start, numel, &mut div);
+                for v in &mut div {
+                    let s = r::<R>(*v);
+                    *v = if s == 0.0 { 1.0 } else { s };
+                }
+            }
+            torch::sum_models_run(dtype, &d, start, numel, &mut mixed);
+            for ((m, &dv), &b) in mixed.iter_mut().zip(&div).zip(&base[start..start + len]) {
+                let mut x = r::<R>(*m);
                 if g.normalize {
-                    mixed = r::<R>(mixed / div);
+                    x = r::<R>(x / dv);
                 }
                 if let Some(l) = lambda {
-                    mixed = r::<R>(mixed * l);
+                    x = r::<R>(x * l);
                 }
-                *res = r::<R>(base[e] + mixed);
+                *m = r::<R>(b + x);
             }
-            encode_with::<R>(&res, od, out);
+            encode_with::<R>(&mixed, od, out);
         });
 }
 
@@ -404,14 +427,14 @@ fn mask_and_rescale_random<R: Round>(d: &mut [f32], keep: &[bool], rescale: bool
 /// `sort`/`argsort`.
 fn selected(d: &[f32], order: Order, from: usize, to: usize) -> Vec<bool> {
     let mut pairs: Vec<Pair> = d
-        .iter()
+        .par_iter()
         .enumerate()
-        .map(|(i, x)| (x.abs(), i as u32))
+        .map(|(i, x)| stdsort::pair(x.abs(), i, order))
         .collect();
-    stdsort::select(&mut pairs, order, &[from, to]);
+    stdsort::select(&mut pairs, &[from, to]);
     let mut keep = vec![false; d.len()];
-    for p in &pairs[from..to] {
-        keep[p.1 as usize] = true;
+    for &p in &pairs[from..to] {
+        keep[stdsort::index(p)] = true;
     }
     keep
 }
@@ -483,12 +506,12 @@ fn della_mask<R: Round>(
             let mut pairs: Vec<Pair> = row
                 .iter()
                 .enumerate()
-                .map(|(i, x)| (x.abs(), i as u32))
+                .map(|(i, x)| stdsort::pair(x.abs(), i, Order::Ascending))
                 .collect();
-            stdsort::sort(&mut pairs, Order::Ascending);
+            stdsort::sort(&mut pairs);
             let mut rank = vec![0f32; row.len()];
-            for (pos, p) in pairs.iter().enumerate() {
-                rank[p.1 as usize] = rd::<R>(rd::<R>(pos as f32) + 1.0);
+            for (pos, &p) in pairs.iter().enumerate() {
+                rank[stdsort::index(p)] = rd::<R>(rd::<R>(pos as f32) + 1.0);
             }
             let min = rank.iter().copied().fold(f32::INFINITY, f32::min);
             let max = rank.iter().copied().fold(f32::NEG_INFINITY, f32::max);

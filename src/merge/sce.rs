@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use super::numeric::{encode_with, Bf16, Round, F16, F32};
-use super::stdsort::{self, Pair};
+use super::stdsort::{self, Order, Pair};
 use super::{torch, InputView, Kernel, WorkDtype};
 use crate::params::{Kind, ParamDef};
 
@@ -126,12 +126,12 @@ fn topk_mask<R: Round>(tv: &[Vec<f32>], select_topk: f64) -> Vec<bool> {
         return keep;
     }
     let mut pairs: Vec<Pair> = var
-        .iter()
+        .par_iter()
         .enumerate()
-        .map(|(i, v)| (v.abs(), i as u32))
+        .map(|(i, v)| stdsort::pair(v.abs(), i, Order::Descending))
         .collect();
-    for p in stdsort::topk_set(&mut pairs, k) {
-        keep[p.1 as usize] = true;
+    for &p in stdsort::topk_set(&mut pairs, k) {
+        keep[stdsort::index(p)] = true;
     }
     keep
 }

@@ -387,6 +387,38 @@ pub fn sum_models(dtype: safetensors::Dtype, values: &[f32], col: usize, numel: 
     }
 }
 
+/// [`sum_models`] for a run of elements `start..start + out.len()`: model `i`'s values at
+/// `rows[i * len..(i + 1) * len]` with `len = out.len()`. The 16-bit dtypes' sums run down
+/// the models a vector of elements at a time (the same additions, in the same order).
+pub fn sum_models_run(
+    dtype: safetensors::Dtype,
+    rows: &[f32],
+    start: usize,
+    numel: usize,
+    out: &mut [f32],
+) {
+    let len = out.len();
+    if len == 0 {
+        return;
+    }
+    if dtype == safetensors::Dtype::F32 {
+        let mut col = vec![0f32; rows.len() / len];
+        for (j, o) in out.iter_mut().enumerate() {
+            for (c, row) in col.iter_mut().zip(rows.chunks_exact(len)) {
+                *c = row[j];
+            }
+            *o = outer_sum(&col, start + j, numel);
+        }
+    } else {
+        out.fill(0.0);
+        for row in rows.chunks_exact(len) {
+            for (o, x) in out.iter_mut().zip(row) {
+                *o += x;
+            }
+        }
+    }
+}
+
 /// torch's `sign`: 1, -1, or 0 (for zeros and NaN).
 #[inline(always)]
 pub fn sign(x: f32) -> f32 {
