@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end benchmark of embedded mode against the I/O floor.
 #
-#   benches/e2e.sh [DIR] [RUNS]
+#   benches/e2e.sh [DIR] [RUNS] [all|methods]
 #
 # Writes a synthetic set into DIR (default /tmp/mergefleet-bench; kept for later runs):
 # base + 3 fine-tunes, bfloat16, hidden 2048, 8 layers, intermediate 5632, vocab 32000
@@ -13,11 +13,16 @@
 # dtype (the floor's write alone swings 2x here, so one run's ratio says little), and
 # float16's time per byte relative to bfloat16's. Then the set block-FP8 (DIR-fp8, written
 # once) merged into bfloat16 and into FP8 (`--quantize fp8`), with their throughput per
-# output element relative to bfloat16's.
+# output element relative to bfloat16's. Then every merge method on the bfloat16 set
+# (benches/methods.lib.sh: typical parameters, `--random-seed 0`), RUNS merges each right
+# after its floor, and the medians; with MERGEKIT_RUN=path/to/run_mergekit.sh also
+# mergekit's time for each (one run, `-j 1`). `methods` as the third argument runs only
+# that part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/mergefleet-bench}
 RUNS=${2:-5}
+PART=${3:-all}
 cargo build --release -q --bin mergefleet --example synth
 BIN=target/release/mergefleet
 [ -f "$DIR/model_stock.yml" ] || target/release/examples/synth "$DIR" >/dev/null
@@ -49,6 +54,7 @@ floor() {
   cat "${SET[@]}" > /dev/null; t3=$(now)
   echo "$(calc "$t3 - $t2") $(calc "$t1 - $t0")"
 }
+if [ "$PART" = all ]; then
 : > "$DIR/floor.bfloat16"; : > "$DIR/floor.float16"; : > "$DIR/wall.bfloat16"; : > "$DIR/wall.float16"
 for i in $(seq "$RUNS"); do
   for set in "$DIR" "$DIR-f16"; do
@@ -88,3 +94,34 @@ echo "bfloat16 inputs:            runs $(paste -sd' ' "$DIR/bf16.t") s, median $
 echo "fp8 inputs, bfloat16 out:   runs $(paste -sd' ' "$DIR/fp8.t") s, median $f s, $(calc "$b/$f")x bfloat16's throughput per output element"
 echo "fp8 inputs, --quantize fp8: runs $(paste -sd' ' "$DIR/fp8q.t") s, median $q s, $(calc "$b/$q")x"
 rm -f "$DIR/bf16.t" "$DIR/fp8.t" "$DIR/fp8q.t"
+fi
+
+# Every method on the bfloat16 set. A first merge warms the set and sizes the floor's
+# write (ram and ramplus_tl write float32).
+. benches/methods.lib.sh
+printf '%-16s %9s %9s %7s %10s %12s\n' method merge_s floor_s ratio peak_rss mergekit_s
+for spec in "${METHOD_SPECS[@]}"; do
+  method=${spec%%|*}
+  cfg="$DIR/method.yml"; method_config "$DIR" "$spec" > "$cfg"
+  "$BIN" merge "$cfg" "$OUT" -q --overwrite --random-seed 0 >/dev/null
+  out_bytes=$(cat "$OUT"/*.safetensors | wc -c)
+  : > "$DIR/m.wall"; : > "$DIR/m.floor"; rss=""
+  for i in $(seq "$RUNS"); do
+    read -r read_s write_s < <(floor "$DIR")
+    calc "$read_s + $write_s" >> "$DIR/m.floor"; echo >> "$DIR/m.floor"
+    sync
+    line=$("$BIN" merge "$cfg" "$OUT" -q --overwrite --random-seed 0)
+    echo "$line" | sed -E 's/.* in ([0-9.]+) s .*/\1/' >> "$DIR/m.wall"
+    rss=$(echo "$line" | sed -E 's/.*peak RSS (.*)$/\1/')
+  done
+  mk="-"
+  if [ -n "${MERGEKIT_RUN:-}" ]; then
+    method_config "$DIR" "$spec" . > "$DIR/mergekit.yml"
+    t0=$(now)
+    MK_CWD="$DIR" "$MERGEKIT_RUN" "$DIR/mergekit.yml" "$DIR/mergekit-out" >/dev/null 2>&1 && mk=$(calc "$(now) - $t0")
+    rm -rf "$DIR/mergekit-out" "$DIR/mergekit.yml"
+  fi
+  w=$(median < "$DIR/m.wall"); f=$(median < "$DIR/m.floor")
+  printf '%-16s %9s %9s %6sx %10s %12s\n' "$method" "$w" "$f" "$(calc "$w/$f")" "$rss" "$mk"
+done
+rm -f "$DIR/m.wall" "$DIR/m.floor" "$cfg"

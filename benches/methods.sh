@@ -19,22 +19,13 @@ OUT=$(mktemp -d)   # the merges' output: never beside the user's DIR
 trap 'rm -rf "$OUT"' EXIT
 [ -f "$DIR/model_stock.yml" ] || target/release/examples/synth "$DIR" --layers 1 >/dev/null
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-config() { # METHOD PARAMS-PER-MODEL TOP-PARAMS
-  printf 'models:\n'
-  for m in ft1 ft2 ft3; do printf '  - model: %s/%s\n    parameters: {%s}\n' "$DIR" "$m" "$2"; done
-  printf 'merge_method: %s\nbase_model: %s/base\nparameters: {%s}\ndtype: bfloat16\n' "$1" "$DIR" "$3"
-}
+. benches/methods.lib.sh
 s=$(date +%s.%N); cat "$DIR"/*/model.safetensors >/dev/null; e=$(date +%s.%N)
 echo "read floor: $(awk "BEGIN { printf \"%.2f\", $e - $s }") s for $(du -shc "$DIR"/*/model.safetensors | tail -1 | cut -f1)"
 printf '%-16s %8s %10s\n' method median_s peak_rss
-for spec in \
-  "model_stock||" "linear||weight: 0.25" "task_arithmetic|weight: 0.3|" \
-  "ties|weight: 0.5, density: 0.5|" "dare_ties|weight: 0.5, density: 0.5|" \
-  "dare_linear|weight: 0.3, density: 0.6|" "breadcrumbs|weight: 0.5, density: 0.6|" \
-  "della|weight: 0.5, density: 0.5|epsilon: 0.1" "sce||select_topk: 0.4" \
-  "ram||" "ramplus_tl||" ; do
-  IFS='|' read -r method per top <<<"$spec"
-  cfg=$(mktemp --suffix .yml); config "$method" "$per" "$top" > "$cfg"
+for spec in "${METHOD_SPECS[@]}"; do
+  method=${spec%%|*}
+  cfg=$(mktemp --suffix .yml); method_config "$DIR" "$spec" > "$cfg"
   times=(); rss=""
   for _ in $(seq "$RUNS"); do
     line=$("$BIN" merge "$cfg" "$OUT/merged" --overwrite --random-seed 0 2>/dev/null | grep merged)

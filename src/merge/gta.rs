@@ -310,7 +310,7 @@ fn combine<R: Round>(
                     .zip(w)
                 {
                     for ((d, kw), &m) in d.iter_mut().zip(kw).zip(&majority) {
-                        let keep = if torch::sign(*d) == m { 1.0 } else { 0.0 };
+                        let keep = (torch::sign(*d) == m) as u8 as f32;
                         *d = r::<R>(*d * keep);
                         *kw = r::<R>(wi * keep);
                     }
@@ -460,9 +460,12 @@ fn mask_and_rescale<W: Round>(
         round(s.finish())
     };
     let before = if rescale { full(d) } else { 0.0 };
-    d.par_iter_mut().enumerate().for_each(|(i, x)| {
-        // `x * 0` keeps the sign of zero, as torch's product does.
-        *x = round(*x * if keep(i) { 1.0 } else { 0.0 });
+    // `x * 1` and `x * 0` are exact (the latter keeps the sign of zero, as torch's product
+    // does): no rounding.
+    d.par_chunks_mut(4096).enumerate().for_each(|(c, xs)| {
+        for (j, x) in xs.iter_mut().enumerate() {
+            *x *= keep(c * 4096 + j) as u8 as f32;
+        }
     });
     if !rescale {
         return;

@@ -237,16 +237,7 @@ fn partition_masked(v: &mut [Pair], first: usize, last: usize) -> usize {
     let words = n.div_ceil(64);
     let mut stop_l = vec![0u64; words];
     let mut stop_r = vec![0u64; words];
-    for (w, chunk) in v[base..last].chunks(64).enumerate() {
-        let (mut l, mut r) = (0u64, 0u64);
-        for (j, &x) in chunk.iter().enumerate() {
-            let k = key(x);
-            l |= ((k >= p) as u64) << j;
-            r |= ((k <= p) as u64) << j;
-        }
-        stop_l[w] = l;
-        stop_r[w] = r;
-    }
+    simd::stop_masks(&v[base..last], p, &mut stop_l, &mut stop_r);
     // Positions relative to `base`; `hi` is one past the range the left scan may search.
     let (mut lo, mut hi) = (0usize, n);
     loop {
@@ -262,6 +253,43 @@ fn partition_masked(v: &mut [Pair], first: usize, last: usize) -> usize {
             _ => return base + l,
         }
     }
+}
+
+/// The bits of [`partition_masked`]: for each element of `v`, whether `key >= p` (in
+/// `stop_l`) and whether `key <= p` (in `stop_r`), 64 to a word. The comparisons go to
+/// bytes first and eight bytes become eight bits by one multiplication, so the loop is a
+/// vector loop.
+#[inline(always)]
+fn stop_masks(v: &[Pair], p: u32, stop_l: &mut [u64], stop_r: &mut [u64]) {
+    let pack = |b: &[u8]| {
+        let mut m = 0u64;
+        for (i, c) in b.chunks_exact(8).enumerate() {
+            let x = u64::from_le_bytes(c.try_into().expect("eight bytes"));
+            // Byte i (0 or 1) lands on bit 56 + i; nothing carries into those bits.
+            m |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * i);
+        }
+        m
+    };
+    let (mut l, mut r) = ([0u8; 64], [0u8; 64]);
+    for ((chunk, sl), sr) in v.chunks(64).zip(stop_l).zip(stop_r) {
+        l.fill(0);
+        r.fill(0);
+        for ((&x, l), r) in chunk.iter().zip(&mut l).zip(&mut r) {
+            let k = key(x);
+            *l = (k >= p) as u8;
+            *r = (k <= p) as u8;
+        }
+        *sl = pack(&l);
+        *sr = pack(&r);
+    }
+}
+
+/// The hot loop compiled twice (see [`super::simd`]).
+mod simd {
+    use super::*;
+    use crate::twice;
+
+    twice!(stop_masks(v: &[Pair], p: u32, stop_l: &mut [u64], stop_r: &mut [u64]) => super::stop_masks(v, p, stop_l, stop_r));
 }
 
 /// The first set bit of `m` in `from..to`.
