@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use super::mt19937::Mt19937;
+use super::mt19937;
 use super::numeric::{encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Order, Pair};
 use super::{torch, InputView, Kernel, WorkDtype};
@@ -245,9 +245,9 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
         .map(|(k, mut d)| {
             let i = k + 1;
             let draws = g.family.draws(g.densities[i], numel) > 0;
-            let mut rng = draws.then(|| Mt19937::at(g.seed, starts[i - 1]));
+            let stream = draws.then_some(starts[i - 1]);
             let extra = g.extra.get(i).copied().unwrap_or(0.0);
-            sparsify::<R>(g, &mut d, shape, g.densities[i], extra, rng.as_mut());
+            sparsify::<R>(g, &mut d, shape, g.densities[i], extra, stream);
             (d, R::round_f64(g.weights[i]))
         })
         .unzip();
@@ -358,7 +358,7 @@ fn sparsify<R: Round>(
     shape: &[usize],
     density: f64,
     extra: f64,
-    rng: Option<&mut Mt19937>,
+    stream: Option<u64>,
 ) {
     let n = d.len();
     match g.family.sparsify() {
@@ -388,13 +388,14 @@ fn sparsify<R: Round>(
             if density >= 1.0 {
                 return;
             }
-            let rng = rng.expect("a random sparsifier has its stream");
+            let start = stream.expect("a random sparsifier has its stream");
             let p = if random_in_bf16::<R>() {
                 Bf16::round_f64(density)
             } else {
                 density as f32
             };
-            let keep: Vec<bool> = (0..n).map(|_| rng.bernoulli(p)).collect();
+            let mut keep = vec![false; n];
+            mt19937::bernoulli_par(g.seed, start, &mut keep, |_| p);
             mask_and_rescale_random::<R>(d, &keep, g.rescale);
         }
         Sparsify::DellaMagprune => {
@@ -405,8 +406,8 @@ fn sparsify<R: Round>(
                 d.fill(0.0);
                 return;
             }
-            let rng = rng.expect("a random sparsifier has its stream");
-            let keep = della_mask::<R>(d, shape, density, extra, rng);
+            let start = stream.expect("a random sparsifier has its stream");
+            let keep = della_mask::<R>(d, shape, density, extra, (g.seed, start));
             mask_and_rescale_random::<R>(d, &keep, g.rescale);
         }
     }
@@ -488,7 +489,7 @@ fn della_mask<R: Round>(
     shape: &[usize],
     density: f64,
     epsilon: f64,
-    rng: &mut Mt19937,
+    (seed, start): (u64, u64),
 ) -> Vec<bool> {
     let cols = match shape {
         [] => 1,
@@ -527,5 +528,7 @@ fn della_mask<R: Round>(
                 .collect::<Vec<_>>()
         })
         .collect();
-    probs.iter().map(|&p| rng.bernoulli(p)).collect()
+    let mut keep = vec![false; probs.len()];
+    mt19937::bernoulli_par(seed, start, &mut keep, |i| probs[i]);
+    keep
 }

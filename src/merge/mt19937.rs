@@ -91,6 +91,34 @@ impl Mt19937 {
     }
 }
 
+/// Draws per segment of [`bernoulli_par`]: 8M draws take about 20 ms, a step from one
+/// segment's start to the next (a fixed polynomial, applied) about 3 ms.
+const SEGMENT: usize = 1 << 23;
+
+/// `torch.bernoulli` for `out.len()` elements, element `i` with probability `p(i)`, from
+/// draw `start` of the stream of `seed`: the same values as drawing them one after another,
+/// drawn in segments on every core, each from its own start.
+pub fn bernoulli_par(seed: u64, start: u64, out: &mut [bool], p: impl Fn(usize) -> f32 + Sync) {
+    use rayon::prelude::*;
+    static STEP: OnceLock<Poly> = OnceLock::new();
+    let step = STEP.get_or_init(|| power_of_x(SEGMENT as u64));
+    let mut starts = Vec::with_capacity(out.len().div_ceil(SEGMENT));
+    let mut g = Mt19937::at(seed, start);
+    for _ in 0..out.len().div_ceil(SEGMENT) {
+        let next = apply(&g.mt, step);
+        starts.push(g);
+        g = Mt19937 { mt: next, next: N };
+    }
+    out.par_chunks_mut(SEGMENT)
+        .zip(starts)
+        .enumerate()
+        .for_each(|(s, (out, mut g))| {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = g.bernoulli(p(s * SEGMENT + j));
+            }
+        });
+}
+
 /// A polynomial over GF(2), bit `i` of the words the coefficient of `x^i`.
 type Poly = Vec<u64>;
 
@@ -203,7 +231,9 @@ fn berlekamp_massey(s: &[bool]) -> Poly {
     p
 }
 
-/// `a` reduced modulo `p` (of degree `d`), in place.
+/// `a` reduced modulo `p` (of degree `d`), in place, a bit at a time (the tests' check of
+/// [`Reducer`]).
+#[cfg(test)]
 fn reduce(a: &mut Poly, p: &[u64], d: usize) {
     while let Some(top) = degree(a) {
         if top < d {
@@ -224,19 +254,108 @@ fn reduce(a: &mut Poly, p: &[u64], d: usize) {
     a.truncate(d / 64 + 1);
 }
 
-/// `x^e mod p`.
-fn power_of_x(e: u64, p: &[u64]) -> Poly {
-    let d = degree(p).expect("a nonzero polynomial");
-    let words = 2 * (d / 64 + 1) + 1;
+/// Reduction modulo the characteristic polynomial eight bits at a time: `table[b]` is
+/// `b(x) * x^d mod P`, so the eight coefficients at `d + s..d + s + 8` are replaced by
+/// `table[b] * x^s`, whose degree stays below `d + s`; top down, that is a full reduction in
+/// `d / 8` word-wide XORs instead of one per set bit.
+struct Reducer {
+    d: usize,
+    words: usize,
+    table: Vec<u64>,
+}
+
+impl Reducer {
+    fn get() -> &'static Reducer {
+        static R: OnceLock<Reducer> = OnceLock::new();
+        R.get_or_init(|| {
+            let p = characteristic();
+            let d = degree(p).expect("a nonzero polynomial");
+            let words = d / 64 + 1;
+            // x^(d + j) mod P for j = 0..8: x^d = P - x^d, then times x, reduced.
+            let mut powers: Vec<Vec<u64>> = Vec::with_capacity(8);
+            let mut cur = p[..words].to_vec();
+            cur[d / 64] &= !(1u64 << (d % 64));
+            for _ in 0..8 {
+                powers.push(cur.clone());
+                let mut carry = 0;
+                for w in cur.iter_mut() {
+                    let next = *w >> 63;
+                    *w = (*w << 1) | carry;
+                    carry = next;
+                }
+                if cur[d / 64] >> (d % 64) & 1 == 1 {
+                    for (c, &w) in cur.iter_mut().zip(p) {
+                        *c ^= w;
+                    }
+                }
+            }
+            let mut table = vec![0u64; 256 * words];
+            for b in 1usize..256 {
+                let low = b & (b - 1);
+                let j = (b ^ low).trailing_zeros() as usize;
+                for k in 0..words {
+                    table[b * words + k] = table[low * words + k] ^ powers[j][k];
+                }
+            }
+            Reducer { d, words, table }
+        })
+    }
+
+    /// `a mod P`, truncated to the residue's words.
+    fn reduce(&self, a: &mut Poly) {
+        let d = self.d;
+        let Some(top) = degree(a) else {
+            a.truncate(self.words);
+            return;
+        };
+        if top >= d {
+            for m in (0..=(top - d) / 8).rev() {
+                let at = d + 8 * m;
+                let b = bits8(a, at);
+                if b == 0 {
+                    continue;
+                }
+                // Clear the eight coefficients, then add table[b] * x^(8m).
+                a[at / 64] &= !(0xffu64 << (at % 64));
+                if at % 64 > 56 {
+                    a[at / 64 + 1] &= !(0xffu64 >> (64 - at % 64));
+                }
+                let row = &self.table[b * self.words..(b + 1) * self.words];
+                let (q, r) = ((8 * m) / 64, (8 * m) % 64);
+                for (i, &w) in row.iter().enumerate() {
+                    a[i + q] ^= w << r;
+                    if r != 0 {
+                        a[i + q + 1] ^= w >> (64 - r);
+                    }
+                }
+            }
+        }
+        a.truncate(self.words);
+    }
+}
+
+/// The eight coefficients of `a` at `at..at + 8`.
+fn bits8(a: &[u64], at: usize) -> usize {
+    let (w, r) = (at / 64, at % 64);
+    let mut v = a[w] >> r;
+    if r > 56 {
+        v |= a.get(w + 1).copied().unwrap_or(0) << (64 - r);
+    }
+    (v & 0xff) as usize
+}
+
+/// `x^e mod P`, P the characteristic polynomial.
+fn power_of_x(e: u64) -> Poly {
+    let red = Reducer::get();
+    let words = 2 * red.words + 1;
     let mut r: Poly = vec![0; words];
     r[0] = 1;
     for k in (0..64 - e.leading_zeros()).rev() {
         // r = r^2: over GF(2), bit i moves to bit 2i.
         let mut sq: Poly = vec![0; words];
-        for i in 0..=degree(&r).unwrap_or(0) {
-            if bit(&r, i) {
-                sq[2 * i / 64] |= 1 << (2 * i % 64);
-            }
+        for (i, &w) in r.iter().enumerate().take(red.words) {
+            sq[2 * i] = spread(w as u32);
+            sq[2 * i + 1] = spread((w >> 32) as u32);
         }
         r = sq;
         if e >> k & 1 == 1 {
@@ -248,10 +367,20 @@ fn power_of_x(e: u64, p: &[u64]) -> Poly {
                 carry = next;
             }
         }
-        reduce(&mut r, p, d);
+        red.reduce(&mut r);
         r.resize(words, 0);
     }
     r
+}
+
+/// The bits of `x` at the even positions of a word: `x(t)^2` over GF(2).
+fn spread(x: u32) -> u64 {
+    let mut v = x as u64;
+    v = (v | (v << 16)) & 0x0000_ffff_0000_ffff;
+    v = (v | (v << 8)) & 0x00ff_00ff_00ff_00ff;
+    v = (v | (v << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    v = (v | (v << 2)) & 0x3333_3333_3333_3333;
+    (v | (v << 1)) & 0x5555_5555_5555_5555
 }
 
 /// The state window `x[J..J + 624]` from `x[0..624]`.
@@ -259,12 +388,16 @@ fn jump(state: &[u32; N], draws: u64) -> [u32; N] {
     if draws == 0 {
         return *state;
     }
-    let g = power_of_x(draws, characteristic());
+    apply(state, &power_of_x(draws))
+}
+
+/// `g(A) s`: the window `g` steps on when `g = x^J mod P`.
+fn apply(state: &[u32; N], g: &[u64]) -> [u32; N] {
     // Horner: v = sum_i g_i A^i s, highest coefficient first. `buf` holds the window of
     // v at `start`; a step appends the next word.
     let mut buf = vec![0u32; 2 * N];
     let mut start = 0;
-    for i in (0..=degree(&g).unwrap_or(0)).rev() {
+    for i in (0..=degree(g).unwrap_or(0)).rev() {
         // v = A v
         if start + N == buf.len() {
             buf.copy_within(start.., 0);
@@ -273,7 +406,7 @@ fn jump(state: &[u32; N], draws: u64) -> [u32; N] {
         let w = recur(buf[start], buf[start + 1], buf[start + M]);
         buf[start + N] = w;
         start += 1;
-        if bit(&g, i) {
+        if bit(g, i) {
             for (v, s) in buf[start..start + N].iter_mut().zip(state) {
                 *v ^= s;
             }
@@ -298,6 +431,39 @@ mod tests {
             g.next_u32();
         }
         assert_eq!(g.next_u32(), 4_123_659_995);
+    }
+
+    #[test]
+    fn segmented_draws_are_the_streams_draws() {
+        let n = 2 * SEGMENT + 12_345;
+        let p = |i: usize| (i % 10) as f32 / 10.0;
+        let mut par = vec![false; n];
+        bernoulli_par(9, 777, &mut par, p);
+        let mut g = Mt19937::at(9, 777);
+        let walked: Vec<bool> = (0..n).map(|i| g.bernoulli(p(i))).collect();
+        assert!(par == walked);
+    }
+
+    #[test]
+    fn the_table_reduction_is_the_bitwise_one() {
+        let p = characteristic();
+        let d = degree(p).unwrap();
+        let mut s = 12345u64;
+        for len in [1usize, 200, 311, 312, 400, 623, 624] {
+            let mut a: Poly = (0..len)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    s
+                })
+                .collect();
+            a.resize(2 * (d / 64 + 1) + 1, 0);
+            let mut b = a.clone();
+            reduce(&mut a, p, d);
+            Reducer::get().reduce(&mut b);
+            assert_eq!(a, b, "{len} words");
+        }
     }
 
     #[test]

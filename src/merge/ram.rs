@@ -61,8 +61,9 @@ fn ram_range<R: Round>(
     let osz = out.len() / len.max(1);
     let eps = R::round_f64(epsilon);
     let mut base = [0f32; MICRO];
-    let mut tv = vec![[0f32; MICRO]; n];
-    let mut parts = vec![0f32; n];
+    // The models' task vectors, then their parts, model `i` at `i * m..(i + 1) * m`.
+    let mut tv = vec![0f32; n * MICRO];
+    let mut count = [0f32; MICRO];
     let mut res = [0f32; MICRO];
     let mut off = 0;
     while off < len {
@@ -73,33 +74,33 @@ fn ram_range<R: Round>(
             start + off,
             &mut base[..m],
         );
-        for (i, t) in tv.iter_mut().enumerate() {
-            decode::<R>(
-                inputs[i + 1].bytes,
-                inputs[i + 1].dtype,
-                start + off,
-                &mut t[..m],
-            );
-            for k in 0..m {
-                t[k] = R::round(t[k] - base[k]);
+        count[..m].fill(0.0);
+        for (i, t) in tv[..n * m].chunks_exact_mut(m).enumerate() {
+            decode::<R>(inputs[i + 1].bytes, inputs[i + 1].dtype, start + off, t);
+            for ((t, b), c) in t.iter_mut().zip(&base[..m]).zip(&mut count[..m]) {
+                *t = R::round(*t - b);
+                *c += (t.abs() > eps) as u8 as f32;
             }
         }
-        for k in 0..m {
-            let count = tv.iter().filter(|t| t[k].abs() > eps).count();
-            for (p, t) in parts.iter_mut().zip(&tv) {
-                let z = R::round(t[k] * f32::from(u8::from(t[k].abs() > eps)));
-                let unique = R::round(z * f32::from(u8::from(count == 1)));
-                let shared =
-                    R::round(R::round(z * f32::from(u8::from(count > 1))) / count.max(1) as f32);
-                *p = R::round(unique + shared);
+        // Each loop runs over the run: the products by 0 or 1 are exact (no rounding), the
+        // shares' division rounds once.
+        for t in tv[..n * m].chunks_exact_mut(m) {
+            for (t, &c) in t.iter_mut().zip(&count[..m]) {
+                let z = *t * (t.abs() > eps) as u8 as f32;
+                let unique = z * (c == 1.0) as u8 as f32;
+                let shared = R::round(z * (c > 1.0) as u8 as f32 / c.max(1.0));
+                *t = R::round(unique + shared);
             }
-            let merged = R::round(torch::sum_models(
-                R::DTYPE,
-                &parts,
-                at.first + off + k,
-                at.numel,
-            ));
-            res[k] = R::round(base[k] + merged);
+        }
+        torch::sum_models_run(
+            R::DTYPE,
+            &tv[..n * m],
+            at.first + off,
+            at.numel,
+            &mut res[..m],
+        );
+        for (r, b) in res[..m].iter_mut().zip(&base[..m]) {
+            *r = R::round(b + R::round(*r));
         }
         encode_with::<R>(&res[..m], od, &mut out[off * osz..(off + m) * osz]);
         off += m;

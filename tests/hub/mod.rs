@@ -4,6 +4,7 @@
 //! what to do; 429s are waited out; a redirect to another host never gets the token; and
 //! the real huggingface_hub client fills a cache that mergefleet merges from offline.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -423,9 +424,9 @@ enum Outcome {
 }
 
 /// Each real config of `tests/fixtures/configs` (verbatim, sources in SOURCES.md) against
-/// stand-in models and adapters published under its Hub ids: the model_stock ones merge
-/// (LoRA adapters from the Hub included), the rest are refused naming the key or method not
-/// implemented yet.
+/// stand-in models and adapters published under its Hub ids: those that merge (LoRA
+/// adapters from the Hub included) give mergekit's tensors bit for bit, the rest are
+/// refused naming the key or method not implemented yet.
 const REAL: &[(&str, Outcome)] = &[
     ("01-halu-8b-llama3-blackroot.yml", Outcome::Merges),
     ("02-mistralsmall-creative-24b.yml", Outcome::Merges),
@@ -516,6 +517,9 @@ fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
         .map(|e| e["file"].as_str().unwrap())
         .collect();
     assert_eq!(files, REAL.iter().map(|(f, _)| *f).collect::<Vec<_>>());
+    // make_goldens.py there: mergekit's tensors for each config from the same stand-ins.
+    let mergekit: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("mergekit_sha256.json")).unwrap()).unwrap();
     let hub = HubServer::start();
     // Stand-ins: the golden fixtures' small bf16 models in turn, and for every id named
     // after a `+` a rank-8 PEFT adapter made for them (tests/fixtures/lora).
@@ -553,13 +557,33 @@ fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
         let out = work.path().join(file);
         let o = run_in(
             work.path(),
-            &["merge", cfg.to_str().unwrap(), out.to_str().unwrap(), "-q"],
+            &[
+                "merge",
+                cfg.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "-q",
+                "--random-seed",
+                "0",
+            ],
             &env,
         );
         match outcome {
             Outcome::Merges => {
                 assert_exit(&o, 0);
                 assert!(looks_complete(&out), "{file}");
+                // What the real mergekit made of the same config from the same stand-ins.
+                let want: BTreeMap<String, String> =
+                    serde_json::from_value(mergekit[*file].clone())
+                        .unwrap_or_else(|_| panic!("{file}: no mergekit golden"));
+                let got = crate::fidelity::hashes(&out);
+                let differ: Vec<&String> = want
+                    .keys()
+                    .filter(|k| got.get(*k) != Some(&want[*k]))
+                    .collect();
+                assert!(
+                    differ.is_empty() && got.len() == want.len(),
+                    "{file}: differs from mergekit in {differ:?}"
+                );
                 assert_eq!(
                     std::fs::read(out.join("mergekit_config.yml")).unwrap(),
                     std::fs::read(&cfg).unwrap(),
