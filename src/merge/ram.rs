@@ -134,14 +134,35 @@ fn ramplus<R: Round>(
     let n = inputs.len() - 1;
     let eps = R::round_f64(epsilon);
     let (base, tv) = super::task_vectors::<R>(inputs, numel);
-    let count = |e: usize| tv.iter().filter(|t| t[e].abs() > eps).count();
+    // How many models change each element by more than epsilon.
+    let mut counts = vec![0u16; numel];
+    counts
+        .par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, counts)| {
+            let start = c << 16;
+            for t in &tv {
+                for (n, x) in counts.iter_mut().zip(&t[start..]) {
+                    *n += (x.abs() > eps) as u16;
+                }
+            }
+        });
     // Per model: its contributions shared with others, and unique to it.
-    let lambda: Vec<f32> = (0..n)
-        .map(|i| {
-            let (shared, unique) = (0..numel)
-                .into_par_iter()
-                .filter(|&e| tv[i][e].abs() > eps)
-                .map(|e| if count(e) > 1 { (1u64, 0u64) } else { (0, 1) })
+    let lambda: Vec<f32> = tv
+        .par_iter()
+        .map(|t| {
+            let (shared, unique) = t
+                .par_chunks(1 << 16)
+                .zip(counts.par_chunks(1 << 16))
+                .map(|(t, c)| {
+                    let (mut shared, mut unique) = (0u64, 0u64);
+                    for (x, &c) in t.iter().zip(c) {
+                        let counted = (x.abs() > eps) as u64;
+                        shared += counted & (c > 1) as u64;
+                        unique += counted & (c <= 1) as u64;
+                    }
+                    (shared, unique)
+                })
                 .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
             let rho = shared as f32 / (unique as f32).max(epsilon as f32);
             1.0 + r as f32 * rho.clamp(0.0, alpha as f32)
@@ -149,28 +170,29 @@ fn ramplus<R: Round>(
         .collect();
     let od = k.out.st_dtype();
     let osz = k.out.size();
-    const CHUNK: usize = 4096;
-    out.par_chunks_mut(CHUNK * osz)
+    const RUN: usize = 1024;
+    out.par_chunks_mut(RUN * osz)
         .enumerate()
         .for_each(|(c, out)| {
-            let mut parts = vec![0f32; n];
-            let res: Vec<f32> = (0..out.len() / osz)
-                .map(|j| {
-                    let e = c * CHUNK + j;
-                    let cnt = count(e);
-                    for (i, p) in parts.iter_mut().enumerate() {
-                        let t = tv[i][e];
-                        let z = R::round(t * f32::from(u8::from(t.abs() > eps)));
-                        let unique = R::round(z * f32::from(u8::from(cnt == 1)));
-                        let shared = R::round(
-                            R::round(z * f32::from(u8::from(cnt > 1))) / cnt.max(1) as f32,
-                        );
-                        // From here on float32: the lambda tensor promotes.
-                        *p = unique * lambda[i] + shared;
-                    }
-                    base[e] + torch::outer_sum(&parts, e, numel)
-                })
-                .collect();
+            let start = c * RUN;
+            let len = out.len() / osz;
+            let counts = &counts[start..start + len];
+            let mut parts = vec![0f32; n * len];
+            for ((p, t), &l) in parts.chunks_exact_mut(len).zip(&tv).zip(&lambda) {
+                for ((p, &t), &cnt) in p.iter_mut().zip(&t[start..start + len]).zip(counts) {
+                    let cnt = cnt as f32;
+                    let z = t * (t.abs() > eps) as u8 as f32;
+                    let unique = z * (cnt == 1.0) as u8 as f32;
+                    let shared = R::round(z * (cnt > 1.0) as u8 as f32 / cnt.max(1.0));
+                    // From here on float32: the lambda tensor promotes.
+                    *p = unique * l + shared;
+                }
+            }
+            let mut res = vec![0f32; len];
+            torch::sum_models_run(Dtype::F32, &parts, start, numel, &mut res);
+            for (r, b) in res.iter_mut().zip(&base[start..start + len]) {
+                *r += b;
+            }
             encode_with::<F32>(&res, od, out);
         });
 }

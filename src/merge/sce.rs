@@ -48,7 +48,7 @@ fn merge_in<R: Round>(
     }
     // Each model's weight: mean(tv^2) over the tensor, normalised by the weights' sum.
     let mut w: Vec<f32> = tv
-        .iter()
+        .par_iter()
         .map(|t| {
             let mut s = torch::CascadeSum::new(numel, torch::sum_width(R::DTYPE));
             let mut sq = Vec::with_capacity(4096);
@@ -73,31 +73,42 @@ fn merge_in<R: Round>(
     let floor = R::round(1e-6);
     let od = k.out.st_dtype();
     let osz = k.out.size();
-    const CHUNK: usize = 4096;
-    out.par_chunks_mut(CHUNK * osz)
+    // A run of elements per loop (see gta's combine): the sign consensus, then the kept
+    // deltas weighted and their weights' sum, floored.
+    const RUN: usize = 1024;
+    out.par_chunks_mut(RUN * osz)
         .enumerate()
         .for_each(|(c, out)| {
-            let mut col = vec![0f32; n];
-            let mut ew = vec![0f32; n];
-            let res: Vec<f32> = (0..out.len() / osz)
-                .map(|j| {
-                    let e = c * CHUNK + j;
-                    for (ci, t) in col.iter_mut().zip(&tv) {
-                        *ci = t[e];
-                    }
-                    let s = R::round(torch::sum_models(R::DTYPE, &col, e, numel));
-                    let majority = if s >= 0.0 { 1.0 } else { -1.0 };
-                    for i in 0..n {
-                        let agrees = torch::sign(col[i]) == majority;
-                        ew[i] = R::round(w[i] * f32::from(u8::from(agrees)));
-                        col[i] = R::round(col[i] * ew[i]);
-                    }
-                    let merged = R::round(torch::sum_models(R::DTYPE, &col, e, numel));
-                    let div = R::round(torch::sum_models(R::DTYPE, &ew, e, numel)).max(floor);
-                    R::round(base[e] + R::round(merged / div))
-                })
-                .collect();
-            encode_with::<R>(&res, od, out);
+            let start = c * RUN;
+            let len = out.len() / osz;
+            let mut d = vec![0f32; n * len];
+            for (d, t) in d.chunks_exact_mut(len).zip(&tv) {
+                d.copy_from_slice(&t[start..start + len]);
+            }
+            let mut majority = vec![0f32; len];
+            torch::sum_models_run(R::DTYPE, &d, start, numel, &mut majority);
+            for s in &mut majority {
+                *s = if R::round(*s) >= 0.0 { 1.0 } else { -1.0 };
+            }
+            let mut ew = vec![0f32; n * len];
+            for ((d, ew), &wi) in d
+                .chunks_exact_mut(len)
+                .zip(ew.chunks_exact_mut(len))
+                .zip(&w)
+            {
+                for ((d, ew), &m) in d.iter_mut().zip(ew).zip(&majority) {
+                    *ew = R::round(wi * (torch::sign(*d) == m) as u8 as f32);
+                    *d = R::round(*d * *ew);
+                }
+            }
+            let (mut merged, mut div) = (vec![0f32; len], vec![0f32; len]);
+            torch::sum_models_run(R::DTYPE, &d, start, numel, &mut merged);
+            torch::sum_models_run(R::DTYPE, &ew, start, numel, &mut div);
+            for ((m, &dv), &b) in merged.iter_mut().zip(&div).zip(&base[start..start + len]) {
+                let dv = R::round(dv).max(floor);
+                *m = R::round(b + R::round(R::round(*m) / dv));
+            }
+            encode_with::<R>(&merged, od, out);
         });
 }
 

@@ -111,8 +111,8 @@ fn apply_range<R: Round>(
     let osz = out.len() / len.max(1);
     let mut base = [0f32; MICRO];
     let mut x = [0f32; MICRO];
-    let mut d = vec![[0f32; MICRO]; n];
-    let mut col = vec![0f32; n];
+    // The weighted task vectors, model `i` at `i * m..(i + 1) * m`.
+    let mut d = vec![0f32; n * MICRO];
     let mut off = 0;
     while off < len {
         let m = MICRO.min(len - off);
@@ -122,31 +122,24 @@ fn apply_range<R: Round>(
             start + off,
             &mut base[..m],
         );
-        for (i, di) in d.iter_mut().enumerate() {
+        for (i, di) in d[..n * m].chunks_exact_mut(m).enumerate() {
             let inp = &inputs[i + 1];
             decode::<R>(inp.bytes, inp.dtype, start + off, &mut x[..m]);
             let w = c.weights[i];
-            for k in 0..m {
-                di[k] = R::round(R::round(x[k] - base[k]) * w);
+            for ((d, x), b) in di.iter_mut().zip(&x[..m]).zip(&base[..m]) {
+                *d = R::round(R::round(x - b) * w);
             }
         }
-        for k in 0..m {
-            for (ci, di) in col.iter_mut().zip(&d) {
-                *ci = di[k];
-            }
-            let mut mixed = R::round(torch::sum_models(
-                R::DTYPE,
-                &col,
-                at.first + off + k,
-                at.numel,
-            ));
+        torch::sum_models_run(R::DTYPE, &d[..n * m], at.first + off, at.numel, &mut x[..m]);
+        for (x, b) in x[..m].iter_mut().zip(&base[..m]) {
+            let mut mixed = R::round(*x);
             if let Some(div) = c.divisor {
                 mixed = R::round(mixed / div);
             }
             if let Some(l) = c.lambda {
                 mixed = R::round(mixed * l);
             }
-            x[k] = R::round(base[k] + mixed);
+            *x = R::round(b + mixed);
         }
         encode_with::<R>(&x[..m], od, &mut out[off * osz..(off + m) * osz]);
         off += m;
