@@ -23,6 +23,7 @@ pub mod exec;
 pub mod fp8;
 pub mod header;
 pub mod hub;
+pub mod hugepages;
 pub mod index;
 pub mod job;
 pub mod lora;

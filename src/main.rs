@@ -8,6 +8,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOC: mergefleet::hugepages::HugePages = mergefleet::hugepages::HugePages;
+
 /// Log lines on stderr (text or JSON, filtered by RUST_LOG, default info), and object_store's
 /// retries counted for the metrics whatever RUST_LOG says.
 fn init_logs(format: mergefleet::args::LogFormat) {

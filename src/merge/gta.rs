@@ -503,31 +503,31 @@ fn della_mask<R: Round>(
         (density - epsilon) as f32
     });
     let eps = epsilon as f32;
-    // The probabilities of every row (sorting is per row and independent: in parallel).
-    let probs: Vec<f32> = d
-        .par_chunks(cols)
-        .flat_map_iter(|row| {
-            let mut pairs: Vec<Pair> = row
-                .iter()
-                .enumerate()
-                .map(|(i, x)| stdsort::pair(x.abs(), i, Order::Ascending))
-                .collect();
-            stdsort::sort(&mut pairs);
-            let mut rank = vec![0f32; row.len()];
+    // The probabilities of every row (sorting is per row and independent: in parallel),
+    // each row's ranks first, in place.
+    let mut probs = vec![0f32; d.len()];
+    probs
+        .par_chunks_mut(cols)
+        .zip(d.par_chunks(cols))
+        .for_each_init(Vec::new, |pairs: &mut Vec<Pair>, (prob, row)| {
+            pairs.clear();
+            pairs.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(i, x)| stdsort::pair(x.abs(), i, Order::Ascending)),
+            );
+            stdsort::sort(pairs);
             for (pos, &p) in pairs.iter().enumerate() {
-                rank[stdsort::index(p)] = rd::<R>(rd::<R>(pos as f32) + 1.0);
+                prob[stdsort::index(p)] = rd::<R>(rd::<R>(pos as f32) + 1.0);
             }
-            let min = rank.iter().copied().fold(f32::INFINITY, f32::min);
-            let max = rank.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let min = prob.iter().copied().fold(f32::INFINITY, f32::min);
+            let max = prob.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let span = rd::<R>(max - min);
-            rank.into_iter()
-                .map(move |rk| {
-                    let norm = rd::<R>(rd::<R>(rk - min) / span).clamp(0.0, 1.0);
-                    rd::<R>(base_p + rd::<R>(rd::<R>(norm * 2.0) * eps))
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
+            for p in prob.iter_mut() {
+                let norm = rd::<R>(rd::<R>(*p - min) / span).clamp(0.0, 1.0);
+                *p = rd::<R>(base_p + rd::<R>(rd::<R>(norm * 2.0) * eps));
+            }
+        });
     let mut keep = vec![false; probs.len()];
     mt19937::bernoulli_par(seed, start, &mut keep, |i| probs[i]);
     keep

@@ -202,7 +202,7 @@ fn median_to_first(v: &mut [Pair], first: usize, last: usize) {
 }
 
 /// Ranges longer than this are partitioned from masks.
-const MASKED: usize = 256;
+const MASKED: usize = 64;
 
 /// `__unguarded_partition(first + 1, last, first)`, as written.
 fn partition_scalar(v: &mut [Pair], first: usize, last: usize) -> usize {
@@ -235,16 +235,25 @@ fn partition_masked(v: &mut [Pair], first: usize, last: usize) -> usize {
     let base = first + 1;
     let n = last - base;
     let words = n.div_ceil(64);
-    let mut stop_l = vec![0u64; words];
-    let mut stop_r = vec![0u64; words];
-    simd::stop_masks(&v[base..last], p, &mut stop_l, &mut stop_r);
+    // Up to 4096 elements, the masks live on the stack.
+    let (mut small_l, mut small_r) = ([0u64; 64], [0u64; 64]);
+    let (mut big_l, mut big_r) = (Vec::new(), Vec::new());
+    let (stop_l, stop_r) = if words <= 64 {
+        (&mut small_l[..words], &mut small_r[..words])
+    } else {
+        big_l.resize(words, 0);
+        big_r.resize(words, 0);
+        (&mut big_l[..], &mut big_r[..])
+    };
+    simd::stop_masks(&v[base..last], p, stop_l, stop_r);
+    let (stop_l, stop_r) = (&*stop_l, &*stop_r);
     // Positions relative to `base`; `hi` is one past the range the left scan may search.
     let (mut lo, mut hi) = (0usize, n);
     loop {
-        let Some(l) = next_set(&stop_l, lo, hi) else {
+        let Some(l) = next_set(stop_l, lo, hi) else {
             return base + hi;
         };
-        match prev_set(&stop_r, l, hi) {
+        match prev_set(stop_r, l, hi) {
             Some(r) if r > l => {
                 v.swap(base + l, base + r);
                 lo = l + 1;
@@ -463,7 +472,7 @@ mod tests {
 
     #[test]
     fn the_masked_partition_makes_the_scalar_ones_swaps() {
-        for n in [258, 300, 1000, 4097, 20000] {
+        for n in [66, 100, 258, 300, 1000, 4097, 20000] {
             for seed in 0..20 {
                 let mut a = ties(n, seed * 31 + n as u64, Order::Descending);
                 let first = (seed % 3) as usize * 5;
