@@ -1,23 +1,70 @@
-//! Large scratch buffers backed by transparent huge pages.
+//! Large scratch buffers: kept for the next tensor, and backed by transparent huge pages.
 //!
 //! The whole-tensor methods allocate several buffers the size of a tensor (task vectors,
-//! sort pairs, masks) for every tensor; glibc serves each from a fresh mapping and frees it
-//! back, so every 4 KiB page of every buffer costs a fault and a clearing on first touch:
-//! on the real-size set that was 40% of a merge's CPU time. Asking for huge pages on such
-//! mappings (`MADV_HUGEPAGE`, honoured where the kernel's THP mode is `madvise` or
-//! `always`) makes those faults 512 times fewer. Only allocations of at least 32 MiB are
-//! touched; everything else goes to the system allocator unchanged.
+//! sort pairs, masks) for every tensor; glibc serves each from a fresh mapping and unmaps
+//! it when freed, so every page of every buffer costs the kernel a fault and a clearing
+//! (on the 4 GB bench set, ties spent a third of its CPU time there). So a freed block of
+//! at least 32 MiB is kept, and an allocation of exactly its size and alignment (the next
+//! tensor of the same shape) takes it back. Memory stays what the plan counted: a large
+//! allocation that no kept block fits first frees kept blocks of at least its size (or all
+//! of them), so kept and live bytes together never exceed the most ever live at once. New
+//! large mappings ask for huge pages
+//! (`MADV_HUGEPAGE`, honoured where the kernel's THP mode is `madvise` or `always`), 512
+//! times fewer faults. Everything smaller goes to the system allocator unchanged.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Mutex;
 
-/// The system allocator, with huge pages asked for on large allocations.
+/// The system allocator, with large blocks kept for reuse and backed by huge pages.
 pub struct HugePages;
 
 const LARGE: usize = 32 << 20;
 const HUGE: usize = 2 << 20;
+/// Kept blocks at most (a tensor's buffers: the base, each model's task vector and pairs).
+const KEEP: usize = 32;
+
+/// A freed large block: address, size, alignment.
+type Block = (usize, usize, usize);
+
+/// The kept blocks and how many there are (no allocation inside the allocator).
+static KEPT: Mutex<([Block; KEEP], usize)> = Mutex::new(([(0, 0, 0); KEEP], 0));
+
+/// A kept block of exactly `layout`, or none, after freeing kept blocks to make room.
+fn take(layout: Layout) -> Option<*mut u8> {
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let (blocks, len) = &mut *kept;
+    let want = (layout.size(), layout.align());
+    if let Some(i) = blocks[..*len].iter().position(|b| (b.1, b.2) == want) {
+        let p = blocks[i].0;
+        blocks[i] = blocks[*len - 1];
+        *len -= 1;
+        return Some(p as *mut u8);
+    }
+    // Free kept blocks, largest first, until as many bytes as the new block's are freed
+    // (or none is left): kept plus live bytes never exceed the most ever live.
+    let mut freed = 0;
+    while freed < layout.size() && *len > 0 {
+        let i = (0..*len)
+            .max_by_key(|&i| blocks[i].1)
+            .expect("a kept block");
+        let (p, size, align) = blocks[i];
+        blocks[i] = blocks[*len - 1];
+        *len -= 1;
+        freed += size;
+        // SAFETY: each kept block came from `System` with exactly this layout and is
+        // owned by no one.
+        unsafe { System.dealloc(p as *mut u8, Layout::from_size_align_unchecked(size, align)) };
+    }
+    None
+}
 
 unsafe impl GlobalAlloc for HugePages {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() >= LARGE {
+            if let Some(p) = take(layout) {
+                return p;
+            }
+        }
         // SAFETY: forwarded unchanged; the caller upholds `GlobalAlloc::alloc`'s contract.
         let p = unsafe { System.alloc(layout) };
         advise(p, layout.size());
@@ -25,6 +72,13 @@ unsafe impl GlobalAlloc for HugePages {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() >= LARGE {
+            if let Some(p) = take(layout) {
+                // SAFETY: the block is `layout.size()` bytes, ours alone.
+                unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
+                return p;
+            }
+        }
         // SAFETY: as above.
         let p = unsafe { System.alloc_zeroed(layout) };
         advise(p, layout.size());
@@ -32,6 +86,15 @@ unsafe impl GlobalAlloc for HugePages {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if layout.size() >= LARGE {
+            let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+            let (blocks, len) = &mut *kept;
+            if *len < KEEP {
+                blocks[*len] = (ptr as usize, layout.size(), layout.align());
+                *len += 1;
+                return;
+            }
+        }
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
