@@ -550,6 +550,19 @@ fn tensor_job(
             out,
             reductions: opts.reductions,
         };
+        // The whole-tensor methods index a tensor's elements with 32 bits (sort pairs).
+        let numel: usize = shape.iter().product();
+        if kernel.streaming(shape) == Streaming::Whole && numel > u32::MAX as usize {
+            return Err(ParamError::Invalid {
+                param: "merge_method",
+                tensor: name.to_string(),
+                message: format!(
+                    "{} takes whole tensors of at most 2^32 elements here; this one has {numel}",
+                    config.method.name()
+                ),
+            }
+            .into());
+        }
         (
             out.st_dtype(),
             Op::Merge {

@@ -61,20 +61,26 @@ pub(crate) fn hashes(dir: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The checkpoint in `out` has exactly the tensors of `want` (name -> SHA-256), each
+/// with its hash; `what` names the case in the message.
 #[track_caller]
-fn assert_golden(case: &str, out: &Path) {
-    let want = golden(case);
+pub(crate) fn assert_hashes(what: &str, want: &BTreeMap<String, String>, out: &Path) {
     let got = hashes(out);
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
         want.keys().collect::<Vec<_>>(),
-        "{case}"
+        "{what}: tensor names"
     );
     let differ: Vec<&String> = want.keys().filter(|k| got[*k] != want[*k]).collect();
     assert!(
         differ.is_empty(),
-        "{case}: differs from mergekit in {differ:?}"
+        "{what}: differs from mergekit in {differ:?}"
     );
+}
+
+#[track_caller]
+fn assert_golden(case: &str, out: &Path) {
+    assert_hashes(case, &golden(case), out);
 }
 
 /// A config for the real set in `dtype`, optionally filter_wise.

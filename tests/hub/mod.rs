@@ -575,15 +575,7 @@ fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
                 let want: BTreeMap<String, String> =
                     serde_json::from_value(mergekit[*file].clone())
                         .unwrap_or_else(|_| panic!("{file}: no mergekit golden"));
-                let got = crate::fidelity::hashes(&out);
-                let differ: Vec<&String> = want
-                    .keys()
-                    .filter(|k| got.get(*k) != Some(&want[*k]))
-                    .collect();
-                assert!(
-                    differ.is_empty() && got.len() == want.len(),
-                    "{file}: differs from mergekit in {differ:?}"
-                );
+                crate::fidelity::assert_hashes(file, &want, &out);
                 assert_eq!(
                     std::fs::read(out.join("mergekit_config.yml")).unwrap(),
                     std::fs::read(&cfg).unwrap(),

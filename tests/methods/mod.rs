@@ -191,15 +191,7 @@ fn assert_sized_hashes(case: &str, out: &Path, how: &str) {
         .iter()
         .map(|(k, t)| (k.clone(), t["sha256"].as_str().unwrap().to_string()))
         .collect();
-    let got = crate::fidelity::hashes(out);
-    let differ: Vec<&String> = want
-        .keys()
-        .filter(|k| got.get(*k) != Some(&want[*k]))
-        .collect();
-    assert!(
-        differ.is_empty() && got.len() == want.len(),
-        "{case} {how}: differs from mergekit in {differ:?}"
-    );
+    crate::fidelity::assert_hashes(&format!("{case} {how}"), &want, out);
 }
 
 /// Merge sized case `case` embedded with `extra` flags and compare every tensor's SHA-256
@@ -480,5 +472,36 @@ fn missing_and_bad_parameters_are_refused_naming_model_and_tensor() {
         let t = assert_exit(&o, 2);
         assert!(t.contains(want), "{yaml}\nwanted `{want}` in: {t}");
         assert!(!out.exists());
+    }
+}
+
+#[test]
+fn whole_tensors_past_32_bit_indices_are_refused_by_the_plan() {
+    // A 2^32 + 1 element tensor (sparse files: only the headers are real) cannot be
+    // selected among with 32-bit sort indices; ties refuses it naming tensor and method,
+    // task_arithmetic (streamed) plans it.
+    let work = tmp();
+    let big = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![(1usize << 32) + 1],
+        safetensors::Dtype::BF16,
+    )];
+    for m in ["base", "ft1"] {
+        mergefleet::synth::write_sparse_model(&work.path().join(m), &big, 1).unwrap();
+    }
+    let cfg = work.path().join("config.yml");
+    for (method, refused) in [("ties", true), ("task_arithmetic", false)] {
+        std::fs::write(
+            &cfg,
+            format!("models:\n  - model: ./ft1\n    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: {method}\nbase_model: ./base\ndtype: bfloat16\n"),
+        )
+        .unwrap();
+        let o = run_in(work.path(), &["plan", cfg.to_str().unwrap()], &[]);
+        if refused {
+            let t = assert_exit(&o, 2);
+            assert!(t.contains("2^32") && t.contains("embed_tokens"), "{t}");
+        } else {
+            assert_ok(&o);
+        }
     }
 }
