@@ -209,7 +209,19 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) {
 }
 
 impl Drop for HubServer {
+    /// SIGTERM, nginx's fast shutdown: the master stops its worker too (a SIGKILL would
+    /// leave the worker running, orphaned, with the port). SIGKILL after 10 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
