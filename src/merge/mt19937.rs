@@ -45,8 +45,10 @@ fn init_state(seed: u64) -> [u32; N] {
 }
 
 impl Mt19937 {
-    /// `torch.manual_seed(seed)`: the standard `init_genrand` of the seed's low 32 bits.
-    pub fn new(seed: u64) -> Self {
+    /// `torch.manual_seed(seed)`: the standard `init_genrand` of the seed's low 32 bits
+    /// (the kernels start at an offset, [`Mt19937::at`]; the tests walk from here).
+    #[cfg(test)]
+    fn new(seed: u64) -> Self {
         Mt19937 {
             mt: init_state(seed),
             next: N,

@@ -11,7 +11,7 @@
 //! side of the set's bounds, not their order: [`select`] replays introsort but follows only
 //! the partitions that straddle a bound, which is what `std::sort` would have put there,
 //! in expected linear time. Its large partitions are replayed from bit masks of the
-//! comparisons with the pivot ([`partition_masked`]): the same swaps, without a branch per
+//! comparisons with the pivot (`partition_masked`): the same swaps, without a branch per
 //! element.
 
 /// An element: an order-preserving key of its value in the high half (the requested order
@@ -114,14 +114,8 @@ pub fn nth_element(v: &mut [Pair], nth: usize) {
     insertion_sort(&mut v[first..last]);
 }
 
-/// `std::partial_sort(v, v + middle, v + len, comp)`.
-pub fn partial_sort(v: &mut [Pair], middle: usize) {
-    heap_select(v, middle);
-    sort_heap(&mut v[..middle]);
-}
-
 /// The indices `torch.topk(x, k, largest=True)` returns, as a set (in no useful order):
-/// `partial_sort` when `k * 64 <= n`, else `nth_element` at `k - 1`. The pairs are keyed
+/// `partial_sort`'s heap selection when `k * 64 <= n`, else `nth_element` at `k - 1`. The pairs are keyed
 /// [`Order::Descending`].
 pub fn topk_set(v: &mut [Pair], k: usize) -> &[Pair] {
     if k == 0 {

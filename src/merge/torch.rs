@@ -378,8 +378,10 @@ pub fn outer_sum(values: &[f32], col: usize, outputs: usize) -> f32 {
 
 /// `torch.stack(values).sum(dim=0)` for element `col` of a tensor of `numel` elements held
 /// in `dtype`: bfloat16 and float16 add in float32 in model order; float32 takes the
-/// outer-sum order of the element's column ([`outer_sum`]). Not rounded.
-pub fn sum_models(dtype: safetensors::Dtype, values: &[f32], col: usize, numel: usize) -> f32 {
+/// outer-sum order of the element's column ([`outer_sum`]). Not rounded. The kernels take
+/// a run at a time ([`sum_models_run`]); this is the definition the tests hold it to.
+#[cfg(test)]
+fn sum_models(dtype: safetensors::Dtype, values: &[f32], col: usize, numel: usize) -> f32 {
     if dtype == safetensors::Dtype::F32 {
         outer_sum(values, col, numel)
     } else {
@@ -387,7 +389,8 @@ pub fn sum_models(dtype: safetensors::Dtype, values: &[f32], col: usize, numel: 
     }
 }
 
-/// [`sum_models`] for a run of elements `start..start + out.len()`: model `i`'s values at
+/// `torch.stack(values).sum(dim=0)` in its per-element order (the tests' `sum_models`) for
+/// a run of elements `start..start + out.len()`: model `i`'s values at
 /// `rows[i * len..(i + 1) * len]` with `len = out.len()`. The 16-bit dtypes' sums run down
 /// the models a vector of elements at a time (the same additions, in the same order).
 pub fn sum_models_run(
