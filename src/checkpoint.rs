@@ -54,7 +54,17 @@ pub fn index_json(plan: &MergePlan) -> Vec<u8> {
 /// transformers 5 (which mergekit saves the config with) reads a `torch_dtype` key as
 /// `dtype` and writes only `dtype`, so that is the one key written.
 /// The error names no file: the caller knows which one it read.
-pub fn config_json(base: &[u8], dtype: Option<&str>, fp8: bool) -> Result<Vec<u8>, String> {
+///
+/// `layers` (a sliced merge): for each output layer, the input layer it is made from. The
+/// layer count is set to their number, as mergekit sets it, and every top-level list with
+/// one entry per input layer (`layer_types`, ...) is rebuilt to match, which mergekit
+/// leaves stale (and transformers then refuses).
+pub fn config_json(
+    base: &[u8],
+    dtype: Option<&str>,
+    fp8: bool,
+    layers: Option<&[usize]>,
+) -> Result<Vec<u8>, String> {
     let mut v: Value =
         serde_json::from_slice(base).map_err(|e| format!("config.json is not valid JSON: {e}"))?;
     let obj = v
@@ -65,6 +75,27 @@ pub fn config_json(base: &[u8], dtype: Option<&str>, fp8: bool) -> Result<Vec<u8
     // Written as FP8 again (`fp8`), it keeps it.
     if !fp8 {
         obj.remove("quantization_config");
+    }
+    if let Some(layers) = layers {
+        let keys = ["num_hidden_layers", "n_layer", "num_layers", "n_layers"];
+        let Some((key, old)) = keys
+            .iter()
+            .find_map(|k| Some((*k, obj.get(*k)?.as_u64()? as usize)))
+        else {
+            return Err(format!(
+                "config.json has no layer count ({}) to set for the {} sliced layers",
+                keys.join(", "),
+                layers.len()
+            ));
+        };
+        obj.insert(key.into(), layers.len().into());
+        for v in obj.values_mut() {
+            if let Value::Array(items) = v {
+                if items.len() == old && old > 0 && layers.iter().all(|&l| l < old) {
+                    *items = layers.iter().map(|&l| items[l].clone()).collect();
+                }
+            }
+        }
     }
     let legacy = obj.remove("torch_dtype");
     let kept = obj.remove("dtype").or(legacy);
@@ -111,13 +142,15 @@ pub fn model_card(config: &MergeConfig, hub: &[String]) -> String {
 This is a merge of pre-trained language models created with mergefleet {version}, which \
 reproduces [mergekit](https://github.com/arcee-ai/mergekit)'s merge methods.\n\n\
 ## Merge Details\n### Merge Method\n\n\
-This model was merged using the [{method}]({url}) merge method{base}.\n\n\
+This model was merged using the {method} merge method{base}.\n\n\
 ### Models Merged\n\nThe following models were included in the merge:\n{models}\n\
 ### Configuration\n\nThe following YAML configuration was used to produce this model:\n\n\
 ```yaml\n{yaml}\n```\n",
         version = env!("CARGO_PKG_VERSION"),
-        method = config.method.pretty_name(),
-        url = config.method.reference_url(),
+        method = match config.method.reference_url() {
+            Some(url) => format!("[{}]({url})", config.method.pretty_name()),
+            None => config.method.pretty_name().to_string(),
+        },
         base = config
             .base_model
             .as_ref()
@@ -143,9 +176,11 @@ mod tests {
     fn config_json_drops_quantization() {
         let base = br#"{"dtype": "bfloat16", "quantization_config": {"quant_method": "fp8"}, "hidden_size": 8}"#;
         let out: Value =
-            serde_json::from_slice(&config_json(base, Some("float16"), false).unwrap()).unwrap();
+            serde_json::from_slice(&config_json(base, Some("float16"), false, None).unwrap())
+                .unwrap();
         assert!(out.get("quantization_config").is_none(), "{out}");
-        let kept: Value = serde_json::from_slice(&config_json(base, None, true).unwrap()).unwrap();
+        let kept: Value =
+            serde_json::from_slice(&config_json(base, None, true, None).unwrap()).unwrap();
         assert_eq!(kept["quantization_config"]["quant_method"], "fp8");
         assert_eq!(
             (out["dtype"].as_str(), out["hidden_size"].as_u64()),
@@ -154,9 +189,22 @@ mod tests {
     }
 
     #[test]
+    fn config_json_of_a_sliced_merge_counts_its_layers() {
+        let base = br#"{"num_hidden_layers": 4, "layer_types": ["s", "f", "s", "f"], "architectures": ["X"]}"#;
+        let v: Value = serde_json::from_slice(
+            &config_json(base, None, false, Some(&[0, 1, 1, 2, 3, 3])).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["num_hidden_layers"], 6);
+        assert_eq!(v["layer_types"], json!(["s", "f", "f", "s", "f", "f"]));
+        assert_eq!(v["architectures"], json!(["X"]));
+        assert!(config_json(br#"{"a": 1}"#, None, false, Some(&[0])).is_err());
+    }
+
+    #[test]
     fn config_json_records_dtype_as_transformers_5_writes_it() {
         let parse = |raw: &[u8], d: Option<&str>| -> Value {
-            serde_json::from_slice(&config_json(raw, d, false).unwrap()).unwrap()
+            serde_json::from_slice(&config_json(raw, d, false, None).unwrap()).unwrap()
         };
         // A legacy `torch_dtype` key becomes `dtype`, set or kept.
         let v = parse(br#"{"a":1,"torch_dtype":"float32"}"#, Some("bfloat16"));
@@ -177,10 +225,10 @@ mod tests {
             v.get("dtype").is_none() && v.get("torch_dtype").is_none(),
             "{v}"
         );
-        assert!(config_json(b"[", None, false)
+        assert!(config_json(b"[", None, false, None)
             .unwrap_err()
             .starts_with("config.json is not valid JSON"));
-        assert!(config_json(b"[1]", None, false).is_err());
+        assert!(config_json(b"[1]", None, false, None).is_err());
     }
 
     #[test]

@@ -41,6 +41,13 @@ pub fn threads(args: &Command) -> usize {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     mergefleet::hub::configure(!cli.no_hf_cache);
+    // MKL's float32 acos/sin/cos, when the environment names it: refused now if unusable.
+    if mergefleet::merge::vml::init().map_err(|e| mergefleet::Error::Usage(e.to_string()))? {
+        tracing::info!(
+            "float32 acos/sin/cos from MKL ({})",
+            mergefleet::merge::vml::ENV
+        );
+    }
     match cli.command {
         Command::Merge(a) => run_merge(a).await,
         Command::Coordinator(a) => run_coordinator(a).await,
@@ -261,6 +268,7 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
             "merge_method": job.config.method.name(),
             "base_model": job.config.base_model.as_ref().map(|b| &b.text),
             "models": job.config.models.iter().map(|m| &m.text).collect::<Vec<_>>(),
+            "layers": layers_json(job),
             "tensors": tensors,
             "files": files,
             "tasks": p.tasks.len(),
@@ -283,6 +291,7 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
         println!("model:        {m}");
     }
     println!();
+    print_layer_map(job);
     print_parameter_groups(p);
     for t in p.tasks.iter().flat_map(|t| &t.tensors) {
         let how = match t.op {
@@ -354,6 +363,53 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
     for w in &p.warnings {
         println!("warning: {w}");
     }
+}
+
+/// A sliced merge's output layers, one line per slice: which layers of which models.
+fn print_layer_map(job: &Job) {
+    let models: Vec<&mergefleet::config::ModelRef> = job.config.all_models().collect();
+    let mut k = 0;
+    if job.plan.layers.is_empty() {
+        return;
+    }
+    println!("output layers (slices):");
+    for (s, slice) in job.config.slices.iter().enumerate() {
+        let n = slice.len();
+        let sources: Vec<String> = slice
+            .sources
+            .iter()
+            .map(|src| {
+                format!(
+                    "`{}` layers {}..{}",
+                    models[src.model], src.layers.start, src.layers.end
+                )
+            })
+            .collect();
+        let span = match n {
+            0 => "(none)".to_string(),
+            1 => format!("{k}"),
+            _ => format!("{k}..{}", k + n),
+        };
+        println!("  {span:<10} slice {s}: {}", sources.join(" + "));
+        k += n;
+    }
+    println!();
+}
+
+fn layers_json(job: &Job) -> serde_json::Value {
+    let models: Vec<&mergefleet::config::ModelRef> = job.config.all_models().collect();
+    job.plan
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(k, l)| {
+            json!({
+                "output": k,
+                "slice": l.slice,
+                "sources": l.sources.iter().map(|(m, layer)| json!({"model": models[*m].text, "layer": layer})).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
 }
 
 /// The resolved parameters, one line per run of tensors (in name order) that share them.

@@ -54,10 +54,43 @@ pub struct MergeConfig {
     pub warnings: Vec<String>,
     /// The YAML exactly as given, written to `mergekit_config.yml`.
     pub source_yaml: String,
+    /// The output slices of a `slices:` config (empty for a `models:` one). Their models
+    /// are [`Self::all_models`]: the base, then every other source model by first mention.
+    pub slices: Vec<Slice>,
+}
+
+/// One output slice: consecutive output layers, each merged from one layer of every source.
+#[derive(Debug, Clone)]
+pub struct Slice {
+    pub sources: Vec<SliceSource>,
+    /// The slice's base among its sources (an index into `sources`): its own `base_model`,
+    /// else the config's, when the method uses a base.
+    pub base: Option<usize>,
+    pub parameters: Params,
+}
+
+/// A source of a slice: layers `layers` of model `model` (an index into
+/// [`MergeConfig::all_models`]), with its own `parameters`.
+#[derive(Debug, Clone)]
+pub struct SliceSource {
+    pub model: usize,
+    pub layers: std::ops::Range<usize>,
+    pub parameters: Params,
+}
+
+impl Slice {
+    /// Its number of layers (every source spans the same number).
+    pub fn len(&self) -> usize {
+        self.sources[0].layers.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 const TOP_KEYS: &[&str] = &[
     "models",
+    "slices",
     "base_model",
     "merge_method",
     "dtype",
@@ -66,7 +99,6 @@ const TOP_KEYS: &[&str] = &[
 ];
 
 const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
-    ("slices", "slice-wise merges are not implemented; list whole models under `models`"),
     ("modules", "module-wise merges are not implemented; list whole models under `models`"),
     ("tokenizer", "tokenizer merging is not implemented; remove the key to copy the base model's tokenizer"),
     ("tokenizer_source", "tokenizer merging is not implemented; remove the key to copy the base model's tokenizer"),
@@ -89,7 +121,29 @@ impl MergeConfig {
         check_top_keys(&map, &mut warnings)?;
         let method = method(&map)?;
         let base_model = base_model(&map, method)?;
-        let list = model_list(&map, method, base_model.as_ref(), &mut warnings)?;
+        let (list, slices) = match (map.get("models"), map.get("slices")) {
+            (Some(_), Some(_)) => {
+                return Err(key_err(
+                    "slices",
+                    "give either `models` or `slices`, not both (mergekit refuses both too)",
+                ))
+            }
+            (None, Some(v)) => {
+                let (models, slices) = slice_list(v, method, base_model.as_ref(), &mut warnings)?;
+                let n = models.len();
+                let list = ModelList {
+                    models,
+                    params: vec![Vec::new(); n],
+                    base_position: None,
+                    base_params: Vec::new(),
+                };
+                (list, slices)
+            }
+            _ => (
+                model_list(&map, method, base_model.as_ref(), &mut warnings)?,
+                Vec::new(),
+            ),
+        };
         let parameters = params_at(map.get("parameters"), "parameters", method, &mut warnings)?;
         Ok(MergeConfig {
             method,
@@ -98,6 +152,7 @@ impl MergeConfig {
             model_params: list.params,
             base_position: list.base_position,
             base_params: list.base_params,
+            slices,
             parameters,
             dtype: opt_dtype(map.get("dtype"), "dtype")?,
             out_dtype: opt_dtype(map.get("out_dtype"), "out_dtype")?,
@@ -416,6 +471,210 @@ fn model_entry(
     }
 }
 
+/// `slices`, read: the models they name (besides the base, by first mention) and each
+/// slice's sources. Checked as mergekit checks each slice: sources spanning the same number
+/// of layers, no model twice, the base among the sources when the method uses one, and the
+/// method's number of inputs.
+fn slice_list(
+    v: &Value,
+    method: MethodName,
+    base_model: Option<&ModelRef>,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<ModelRef>, Vec<Slice>), ConfigError> {
+    let Value::Sequence(entries) = v else {
+        return Err(key_err(
+            "slices",
+            "must be a list of `{sources: [{model: PATH_OR_URL, layer_range: [A, B]}, ...]}`",
+        ));
+    };
+    if entries.is_empty() {
+        return Err(key_err("slices", "is empty: list at least one slice"));
+    }
+    let mut models: Vec<ModelRef> = Vec::new();
+    // The index in `MergeConfig::all_models` of a model, added when first seen.
+    let has_base = usize::from(base_model.is_some());
+    let mut index_of = |m: &ModelRef| -> usize {
+        if base_model.is_some_and(|b| same_model(m, b)) {
+            return 0;
+        }
+        match models.iter().position(|x| same_model(x, m)) {
+            Some(i) => i + has_base,
+            None => {
+                models.push(m.clone());
+                models.len() - 1 + has_base
+            }
+        }
+    };
+    let mut slices = Vec::with_capacity(entries.len());
+    for (si, entry) in entries.iter().enumerate() {
+        let key = format!("slices[{si}]");
+        let Value::Mapping(e) = entry else {
+            return Err(key_err(&key, "must be a mapping with `sources`"));
+        };
+        for (k, v) in e {
+            match yaml_key(k).as_str() {
+                "sources" | "base_model" | "parameters" => {}
+                "residual_weight" if !v.is_null() => warnings.push(format!(
+                    "ignoring `{key}.residual_weight`: mergekit 0.1.5 reads it but never uses it"
+                )),
+                "residual_weight" => {}
+                other => warnings.push(format!("ignoring unknown key `{key}.{other}`")),
+            }
+        }
+        let Some(Value::Sequence(srcs)) = e.get("sources") else {
+            return Err(key_err(
+                &key,
+                "has no `sources` list; write `sources: [{model: PATH_OR_URL, layer_range: [A, B]}]`",
+            ));
+        };
+        if srcs.is_empty() {
+            return Err(key_err(format!("{key}.sources"), "is empty"));
+        }
+        let mut sources: Vec<SliceSource> = Vec::with_capacity(srcs.len());
+        let mut refs: Vec<ModelRef> = Vec::with_capacity(srcs.len());
+        for (j, src) in srcs.iter().enumerate() {
+            let skey = format!("{key}.sources[{j}]");
+            let Value::Mapping(sm) = src else {
+                return Err(key_err(
+                    &skey,
+                    "must be `{model: PATH_OR_URL, layer_range: [A, B]}`",
+                ));
+            };
+            for (k, _) in sm {
+                let k = yaml_key(k);
+                if !matches!(k.as_str(), "model" | "layer_range" | "parameters") {
+                    warnings.push(format!("ignoring unknown key `{skey}.{k}`"));
+                }
+            }
+            let m = sm
+                .get("model")
+                .ok_or_else(|| key_err(&skey, "has no `model`"))?;
+            let m = model_ref(m, &format!("{skey}.model"))?;
+            if refs.iter().any(|r| same_model(r, &m)) {
+                return Err(key_err(
+                    &skey,
+                    format!("model `{m}` is a source of this slice twice; mergekit refuses duplicate merge inputs"),
+                ));
+            }
+            let layers = layer_range(sm.get("layer_range"), &format!("{skey}.layer_range"))?;
+            if let Some(first) = sources.first() {
+                if layers.len() != first.layers.len() {
+                    return Err(key_err(
+                        &key,
+                        format!(
+                            "its sources span different numbers of layers ({} and {}); every source of a slice must give the same number",
+                            first.layers.len(),
+                            layers.len()
+                        ),
+                    ));
+                }
+            }
+            let parameters = params_at(
+                sm.get("parameters"),
+                &format!("{skey}.parameters"),
+                method,
+                warnings,
+            )?;
+            sources.push(SliceSource {
+                model: index_of(&m),
+                layers,
+                parameters,
+            });
+            refs.push(m);
+        }
+        let slice_base = match e.get("base_model") {
+            None | Some(Value::Null) => base_model.cloned(),
+            Some(v) => Some(model_ref(v, &format!("{key}.base_model"))?),
+        };
+        // A method that takes the base as one more input ignores it in a slice (mergekit
+        // adds it only to a `models:` list).
+        let base = match (method.base_use(), &slice_base) {
+            (BaseUse::Input, _) => None,
+            (BaseUse::Required, None) => {
+                return Err(key_err(
+                    &key,
+                    format!("{} needs a base model: set `base_model` (at the top or in the slice)", method.name()),
+                ))
+            }
+            (_, Some(b)) => match refs.iter().position(|r| same_model(r, b)) {
+                Some(p) => Some(p),
+                None => {
+                    return Err(key_err(
+                        &key,
+                        format!("the base model `{b}` is not one of its sources; mergekit needs the base among a slice's inputs"),
+                    ))
+                }
+            },
+        };
+        let inputs = sources.len();
+        let counted = inputs - usize::from(method.base_use() == BaseUse::Required);
+        if let Some(max) = method.max_inputs().filter(|m| counted > *m) {
+            return Err(key_err(
+                &key,
+                format!(
+                    "{} takes at most {max} input{} per slice{}, found {counted}",
+                    method.name(),
+                    if max == 1 { "" } else { "s" },
+                    besides(method)
+                ),
+            ));
+        }
+        if counted < method.min_inputs() {
+            return Err(key_err(
+                &key,
+                format!(
+                    "{} needs at least {} input{} per slice{}, found {counted}",
+                    method.name(),
+                    method.min_inputs(),
+                    if method.min_inputs() == 1 { "" } else { "s" },
+                    besides(method)
+                ),
+            ));
+        }
+        let parameters = params_at(
+            e.get("parameters"),
+            &format!("{key}.parameters"),
+            method,
+            warnings,
+        )?;
+        slices.push(Slice {
+            sources,
+            base,
+            parameters,
+        });
+    }
+    Ok((models, slices))
+}
+
+fn besides(method: MethodName) -> &'static str {
+    if method.base_use() == BaseUse::Required {
+        " besides the base"
+    } else {
+        ""
+    }
+}
+
+/// `layer_range: [A, B]`: layers A to B-1.
+fn layer_range(v: Option<&Value>, key: &str) -> Result<std::ops::Range<usize>, ConfigError> {
+    let bad = || {
+        key_err(
+            key,
+            "must be `[A, B]`: two whole numbers, A <= B, the layers A to B-1",
+        )
+    };
+    let Some(Value::Sequence(r)) = v else {
+        return Err(bad());
+    };
+    let n = |v: &Value| v.as_u64().map(|n| n as usize);
+    match r.as_slice() {
+        [a, b] => match (n(a), n(b)) {
+            (Some(a), Some(b)) if a <= b => Ok(a..b),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
 /// A `parameters` mapping at `key`: each setting read (its values are checked against the
 /// parameter's type per tensor, in the plan); names the method does not declare warned
 /// about, as mergekit ignores them.
@@ -569,7 +828,8 @@ mod tests {
             ("models: [", "not valid YAML"),
             ("- 1\n", "top level"),
             ("models:\n  - model: a\n  - model: b\nbase_model: x\n", "merge_method"),
-            ("models:\n  - model: a\n  - model: b\nmerge_method: slerp\nbase_model: x\n", "`slerp`"),
+            ("models:\n  - model: a\n  - model: b\nmerge_method: karcher\nbase_model: x\n", "`karcher`"),
+            ("models:\n  - model: a\n  - model: b\nmerge_method: slerp\nbase_model: x\n", "exactly 1 model besides the base"),
             ("models:\n  - model: a\n  - model: b\nmerge_method: avg\nbase_model: x\n", "not a mergekit method"),
             ("models:\n  - model: a\nmerge_method: task_arithmetic\n", "base_model"),
             ("models:\n  - model: x\nmerge_method: task_arithmetic\nbase_model: x\n", "at least 1 model besides"),
@@ -588,18 +848,43 @@ mod tests {
             let e = err(yaml);
             assert!(e.contains(want), "{yaml:?}: {e}");
         }
-        for key in [
-            "slices",
-            "modules",
-            "tokenizer",
-            "tokenizer_source",
-            "chat_template",
-        ] {
+        for key in ["modules", "tokenizer", "tokenizer_source", "chat_template"] {
             let e = err(&format!("{OK}{key}: x\n"));
             assert!(
                 e.contains(&format!("`{key}`")) && e.contains("not supported"),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn slices_are_read_and_checked_per_slice() {
+        let c = MergeConfig::from_yaml(
+            "slices:\n  - sources:\n      - {model: a, layer_range: [0, 2]}\n      - {model: base, layer_range: [1, 3], parameters: {weight: 0.3}}\n  - sources:\n      - {model: b, layer_range: [2, 4]}\n      - {model: a, layer_range: [0, 2]}\n    base_model: b\n    parameters: {weight: 0.5}\nmerge_method: ties\nbase_model: base\n",
+        )
+        .unwrap();
+        let texts: Vec<&str> = c.all_models().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["base", "a", "b"]);
+        assert_eq!(c.slices.len(), 2);
+        let (s0, s1) = (&c.slices[0], &c.slices[1]);
+        assert_eq!((s0.sources[0].model, s0.sources[1].model), (1, 0));
+        assert_eq!(s0.sources[1].layers, 1..3);
+        assert_eq!((s0.base, s1.base, s1.len()), (Some(1), Some(0), 2));
+        assert_eq!(s0.sources[1].parameters.len(), 1);
+        assert_eq!(s1.parameters.len(), 1);
+        let src = |a: &str, b: &str| format!("      - {{model: {a}, layer_range: {b}}}\n");
+        let cases = [
+            (format!("slices:\n  - sources:\n{}{}merge_method: ties\nbase_model: a\n", src("a", "[0, 2]"), src("b", "[0, 3]")), "slices[0]", "different numbers of layers"),
+            (format!("slices:\n  - sources:\n{}{}merge_method: ties\nbase_model: c\n", src("a", "[0, 2]"), src("b", "[0, 2]")), "slices[0]", "not one of its sources"),
+            (format!("slices:\n  - sources:\n{}{}  - sources:\n{}{}merge_method: ties\nbase_model: a\n", src("a", "[0, 1]"), src("b", "[0, 1]"), src("a", "[1, 2]"), src("a", "[2, 3]")), "slices[1]", "twice"),
+            (format!("slices:\n  - sources:\n{}{}{}merge_method: nearswap\nbase_model: a\nparameters: {{t: 0.1}}\n", src("a", "[0, 1]"), src("b", "[0, 1]"), src("c", "[0, 1]")), "slices[0]", "at most 1"),
+            (format!("slices:\n  - sources:\n{}merge_method: ties\n", src("a", "[0, 1]")), "base_model", "missing"),
+            (format!("slices:\n  - sources:\n{}merge_method: linear\n", src("a", "[2, 1]")), "layer_range", "A <= B"),
+            (format!("models: [a]\nslices:\n  - sources:\n{}merge_method: linear\n", src("a", "[0, 1]")), "slices", "not both"),
+        ];
+        for (yaml, key, words) in &cases {
+            let e = err(yaml);
+            assert!(e.contains(key) && e.contains(words), "{yaml}: {e}");
         }
     }
 

@@ -280,7 +280,9 @@ async fn output_config_json(
     let raw = read_small(store, &path, &url).await?;
     // mergekit records the configured dtype only (`out_dtype`, else `dtype`).
     let dtype = config.out_dtype.or(config.dtype).map(|d| d.name());
-    let out = checkpoint::config_json(&raw, dtype, plan.writes_fp8())
+    let layers: Vec<usize> = plan.layers.iter().map(|l| l.sources[0].1).collect();
+    let layers = (!config.slices.is_empty()).then_some(layers.as_slice());
+    let out = checkpoint::config_json(&raw, dtype, plan.writes_fp8(), layers)
         .map_err(|message| SourceError::Invalid { file: url, message })?;
     Ok(Some(Bytes::from(out)))
 }

@@ -445,7 +445,8 @@ fn windows(
         .collect())
 }
 
-/// A statistics kernel's first pass: every window, in element order.
+/// A statistics kernel's passes before its output pass: each over every window, in
+/// element order.
 async fn statistics_pass(
     job: &TensorJob,
     k: &Arc<crate::merge::Kernel>,
@@ -453,7 +454,23 @@ async fn statistics_pass(
     windows: &[Range<usize>],
     progress: &Progress,
 ) -> Result<Prepared> {
-    let mut acc = k.begin_stats(job.inputs().len(), job.numel());
+    let mut prepared = Prepared::Nothing;
+    for pass in 0..k.stats_passes() {
+        prepared = one_pass(job, k, inputs, windows, progress, pass, prepared).await?;
+    }
+    Ok(prepared)
+}
+
+async fn one_pass(
+    job: &TensorJob,
+    k: &Arc<crate::merge::Kernel>,
+    inputs: &InputFiles,
+    windows: &[Range<usize>],
+    progress: &Progress,
+    pass: usize,
+    prior: Prepared,
+) -> Result<Prepared> {
+    let mut acc = k.begin_stats(pass, prior, job.inputs().len(), job.numel());
     for w in windows {
         let bytes = inputs
             .fetch(&tensor_ranges(job, w.clone()), progress)

@@ -15,16 +15,19 @@ mod linear;
 mod model_stock;
 pub mod mt19937;
 mod nearswap;
+mod passthrough;
 mod ram;
 mod sce;
+mod slerp;
 pub mod stdsort;
 mod task_arithmetic;
+pub mod vml;
 mod wide;
 
 pub use gta::{Family, Gta};
 
 pub use crate::dtype::WorkDtype;
-pub use model_stock::{ModelStock, Stats, StatsAcc};
+pub use model_stock::{ModelStock, Stats};
 /// Encode float values to a dtype's little-endian bytes (round to nearest even).
 pub use numeric::encode;
 
@@ -113,6 +116,8 @@ pub enum MethodName {
     Ram,
     RamplusTl,
     Sce,
+    Slerp,
+    Passthrough,
 }
 
 /// What a method does with `base_model`.
@@ -141,6 +146,8 @@ impl MethodName {
         Self::Ram,
         Self::RamplusTl,
         Self::Sce,
+        Self::Slerp,
+        Self::Passthrough,
     ];
 
     pub fn from_name(s: &str) -> Option<Self> {
@@ -156,6 +163,8 @@ impl MethodName {
             Self::Ram => "ram",
             Self::RamplusTl => "ramplus_tl",
             Self::Sce => "sce",
+            Self::Slerp => "slerp",
+            Self::Passthrough => "passthrough",
         }
     }
     /// The name mergekit's model card gives the method.
@@ -169,11 +178,13 @@ impl MethodName {
             Self::Ram => "Reinforced Agent Merging",
             Self::RamplusTl => "Reinforced Agent Merging Plus (Tensor-Local)",
             Self::Sce => "SCE",
+            Self::Slerp => "SLERP",
+            Self::Passthrough => "Passthrough",
         }
     }
-    /// The paper mergekit's model card links.
-    pub fn reference_url(self) -> &'static str {
-        match self {
+    /// The paper mergekit's model card links, if any.
+    pub fn reference_url(self) -> Option<&'static str> {
+        Some(match self {
             Self::ModelStock => "https://arxiv.org/abs/2403.19522",
             Self::Linear => "https://arxiv.org/abs/2203.05482",
             Self::TaskArithmetic => "https://arxiv.org/abs/2212.04089",
@@ -181,7 +192,9 @@ impl MethodName {
             Self::Nearswap => "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
             Self::Ram | Self::RamplusTl => "https://arxiv.org/abs/2601.13572",
             Self::Sce => "https://arxiv.org/abs/2408.07990",
-        }
+            Self::Slerp => "https://en.wikipedia.org/wiki/Slerp",
+            Self::Passthrough => return None,
+        })
     }
     /// The parameters the method declares, with their types, scopes and defaults.
     pub fn params(self) -> &'static [ParamDef] {
@@ -194,6 +207,8 @@ impl MethodName {
             Self::Ram => ram::RAM_PARAMS,
             Self::RamplusTl => ram::RAMPLUS_PARAMS,
             Self::Sce => sce::PARAMS,
+            Self::Slerp => slerp::PARAMS,
+            Self::Passthrough => passthrough::PARAMS,
         }
     }
     pub fn base_use(self) -> BaseUse {
@@ -204,8 +219,9 @@ impl MethodName {
             | Self::Nearswap
             | Self::Ram
             | Self::RamplusTl
-            | Self::Sce => BaseUse::Required,
-            Self::Linear => BaseUse::Input,
+            | Self::Sce
+            | Self::Slerp => BaseUse::Required,
+            Self::Linear | Self::Passthrough => BaseUse::Input,
         }
     }
     /// The fewest inputs besides a required base (every input for the others).
@@ -218,13 +234,16 @@ impl MethodName {
     /// The most inputs besides a required base, when limited.
     pub fn max_inputs(self) -> Option<usize> {
         match self {
-            Self::Nearswap => Some(1),
+            Self::Nearswap | Self::Slerp | Self::Passthrough => Some(1),
             _ => None,
         }
     }
     /// Whether the method runs in float64 here (the others are refused in float64).
     pub fn takes_float64(self) -> bool {
-        matches!(self, Self::ModelStock | Self::Linear | Self::TaskArithmetic)
+        matches!(
+            self,
+            Self::ModelStock | Self::Linear | Self::TaskArithmetic | Self::Passthrough
+        )
     }
     /// The dtype of the method's result in working dtype `work`, before `out_dtype`:
     /// `work`, except for ramplus_tl, whose float32 factors promote its result (mergekit
@@ -274,6 +293,14 @@ pub enum Method {
     Sce {
         select_topk: f64,
     },
+    /// Inputs: base, then the other.
+    Slerp {
+        t: f64,
+    },
+    /// One input, scaled when `scale` is set.
+    Passthrough {
+        scale: Option<f64>,
+    },
 }
 
 impl Method {
@@ -320,6 +347,8 @@ impl Method {
                 ("epsilon", json!(epsilon)),
             ],
             Method::Sce { select_topk } => vec![("select_topk", json!(select_topk))],
+            Method::Slerp { t } => vec![("t", json!(t))],
+            Method::Passthrough { scale } => vec![("scale", json!(scale))],
         }
     }
 
@@ -344,6 +373,8 @@ impl Method {
             Method::Ram { .. } => MethodName::Ram,
             Method::RamplusTl { .. } => MethodName::RamplusTl,
             Method::Sce { .. } => MethodName::Sce,
+            Method::Slerp { .. } => MethodName::Slerp,
+            Method::Passthrough { .. } => MethodName::Passthrough,
         }
     }
 }
@@ -356,7 +387,8 @@ pub enum Streaming {
     Elementwise,
     /// Rows of this many elements are independent: windows of whole rows, one pass.
     Rows(usize),
-    /// A statistics pass over the whole tensor, then an elementwise pass.
+    /// Statistics passes over the whole tensor ([`Kernel::stats_passes`]), then an
+    /// elementwise pass.
     Statistics,
     /// Only whole tensors (a selection or a random draw over the whole task vector).
     Whole,
@@ -369,6 +401,16 @@ pub enum Prepared {
     Nothing,
     /// model_stock's interpolation ratio.
     Ratio(f64),
+    /// slerp's first pass: the norms of the base and the other input.
+    SlerpNorms(f32, f32),
+    /// slerp's second pass: the coefficients of the base and the other input.
+    Coefficients(f32, f32),
+}
+
+/// A statistics pass in progress.
+pub enum StatsAcc {
+    ModelStock(model_stock::StatsAcc),
+    Slerp(slerp::Acc),
 }
 
 /// Where a window lies in its tensor (some of torch's sums treat the last elements apart).
@@ -408,10 +450,12 @@ impl Kernel {
         match &self.method {
             Method::ModelStock { filter_wise: true } => Streaming::Rows(row_len(shape).max(1)),
             Method::ModelStock { .. } => Streaming::Statistics,
+            Method::Slerp { .. } => Streaming::Statistics,
             Method::Linear { .. }
             | Method::TaskArithmetic { .. }
             | Method::Nearswap { .. }
-            | Method::Ram { .. } => Streaming::Elementwise,
+            | Method::Ram { .. }
+            | Method::Passthrough { .. } => Streaming::Elementwise,
             Method::Gta(_) | Method::RamplusTl { .. } | Method::Sce { .. } => Streaming::Whole,
         }
     }
@@ -443,9 +487,18 @@ impl Kernel {
                 Method::Sce { select_topk } => sce::merge(self, *select_topk, numel, inputs, out),
                 _ => unreachable!("the whole-tensor kernels are listed here"),
             },
+            Streaming::Statistics if self.model_stock().is_none() => {
+                let mut prepared = Prepared::Nothing;
+                for pass in 0..self.stats_passes() {
+                    let mut acc = self.begin_stats(pass, prepared, inputs.len(), numel);
+                    self.feed_stats(&mut acc, inputs, numel);
+                    prepared = self.finish_stats(&acc);
+                }
+                self.apply(inputs, Window { first: 0, numel }, prepared, out)
+            }
             Streaming::Rows(_) | Streaming::Statistics => self
                 .model_stock()
-                .expect("only model_stock gathers statistics")
+                .expect("model_stock merges by rows")
                 .merge(shape, inputs, out),
         }
     }
@@ -470,10 +523,17 @@ impl Kernel {
                 },
                 _,
             ) => task_arithmetic::apply(self, weights, *normalize, *lambda, inputs, at, len, out),
-            (Method::ModelStock { .. }, Prepared::Nothing) => {
+            (Method::ModelStock { .. }, _) => {
                 unreachable!("model_stock's apply pass needs its ratio")
             }
             (Method::Nearswap { t }, _) => nearswap::apply(self, *t, inputs, len, out),
+            (Method::Passthrough { scale }, _) => {
+                passthrough::apply(self, *scale, inputs, len, out)
+            }
+            (Method::Slerp { .. }, Prepared::Coefficients(ca, cb)) => {
+                slerp::apply(self, (ca, cb), inputs, len, out)
+            }
+            (Method::Slerp { .. }, _) => unreachable!("slerp's apply pass needs its coefficients"),
             (Method::Ram { epsilon }, _) => ram::apply_ram(self, *epsilon, inputs, at, len, out),
             (Method::Gta(_) | Method::RamplusTl { .. } | Method::Sce { .. }, _) => {
                 unreachable!("whole-tensor kernels are merged whole")
@@ -496,27 +556,56 @@ impl Kernel {
             .merge_rows(row, first_row, rows, inputs, out)
     }
 
-    /// Start a [`Streaming::Statistics`] pass over `inputs` inputs of `numel` elements.
-    pub fn begin_stats(&self, inputs: usize, numel: usize) -> StatsAcc {
-        self.model_stock()
-            .expect("only model_stock gathers statistics")
-            .begin_stats(inputs - 1, numel)
+    /// How many statistics passes a [`Streaming::Statistics`] kernel makes before its
+    /// output pass (each pass reads the whole tensor in element order).
+    pub fn stats_passes(&self) -> usize {
+        match &self.method {
+            Method::Slerp { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// Start statistics pass `pass` over `inputs` inputs of `numel` elements; `prior` is
+    /// the previous pass's result.
+    pub fn begin_stats(
+        &self,
+        pass: usize,
+        prior: Prepared,
+        inputs: usize,
+        numel: usize,
+    ) -> StatsAcc {
+        match (&self.method, self.model_stock()) {
+            (_, Some(ms)) => StatsAcc::ModelStock(ms.begin_stats(inputs - 1, numel)),
+            (Method::Slerp { .. }, None) => {
+                debug_assert_eq!(pass == 0, prior == Prepared::Nothing);
+                StatsAcc::Slerp(slerp::begin(prior, numel))
+            }
+            _ => unreachable!("only the statistics kernels gather statistics"),
+        }
     }
 
     /// The next `len` elements of a statistics pass, in order.
     pub fn feed_stats(&self, acc: &mut StatsAcc, inputs: &[InputView], len: usize) {
-        self.model_stock()
-            .expect("only model_stock gathers statistics")
-            .feed_stats(acc, inputs, 0, len)
+        match acc {
+            StatsAcc::ModelStock(a) => self
+                .model_stock()
+                .expect("model_stock's statistics")
+                .feed_stats(a, inputs, 0, len),
+            StatsAcc::Slerp(a) => slerp::feed(self, a, inputs, len),
+        }
     }
 
-    /// The statistics pass's result, for the apply pass.
+    /// The statistics pass's result, for the next pass.
     pub fn finish_stats(&self, acc: &StatsAcc) -> Prepared {
-        Prepared::Ratio(
-            self.model_stock()
-                .expect("only model_stock gathers statistics")
-                .finish_ratio(acc, 0, 1),
-        )
+        match (acc, &self.method) {
+            (StatsAcc::ModelStock(a), _) => Prepared::Ratio(
+                self.model_stock()
+                    .expect("model_stock's statistics")
+                    .finish_ratio(a, 0, 1),
+            ),
+            (StatsAcc::Slerp(a), Method::Slerp { t }) => slerp::finish(a, *t),
+            (StatsAcc::Slerp(_), _) => unreachable!("slerp's statistics"),
+        }
     }
 }
 

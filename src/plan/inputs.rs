@@ -4,6 +4,7 @@
 
 use safetensors::Dtype;
 
+use super::sources::OutTensor;
 use super::{InputFile, InputSlice, LoraSlice, PlanError, ScaleSlice};
 use crate::dtype::is_float;
 use crate::fp8::{Blocks, SCALE_SUFFIX};
@@ -13,7 +14,7 @@ const VOCAB_HINT: &str =
     ": the vocabularies differ. mergekit refuses this too; align the vocabularies \
 (mergekit's `tokenizer` config resizes embeddings) before merging";
 
-const LM_HEAD: &str = "lm_head.weight";
+pub(super) const LM_HEAD: &str = "lm_head.weight";
 const EMBED: &str = "model.embed_tokens.weight";
 
 /// Every input file, numbered across models, and for each model its files' numbers (its
@@ -67,17 +68,19 @@ pub(super) fn tensor_names(models: &[ModelSource]) -> Vec<&str> {
     names
 }
 
-/// Tensor `name` in every model (base first), checked to agree with the base in shape and
-/// in being a float; with the base's shape and dtype. A model without lm_head lends its
-/// embedding (tied weights).
+/// The inputs of output tensor `out`, in its order, checked to agree with the first in
+/// shape and in being a float; with the first's shape and dtype. A model without lm_head
+/// lends its embedding (tied weights).
 pub(super) fn input_slices<'a>(
-    name: &str,
+    out: &OutTensor,
     models: &'a [ModelSource],
     file_ids: &[Vec<usize>],
 ) -> Result<(Vec<InputSlice>, &'a [usize], Dtype), PlanError> {
-    let mut slices = Vec::with_capacity(models.len());
+    let mut slices = Vec::with_capacity(out.inputs.len());
     let mut base_meta: Option<(&[usize], Dtype)> = None;
-    for (mi, m) in models.iter().enumerate() {
+    for input in &out.inputs {
+        let (mi, name) = (input.model, input.tensor.as_str());
+        let m = &models[mi];
         let tied = name == LM_HEAD && !m.tensors.contains_key(LM_HEAD);
         let t = m
             .tensors

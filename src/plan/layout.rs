@@ -64,6 +64,7 @@ pub(super) fn layout(
         weight_map,
         total_size,
         warnings,
+        layers: Vec::new(),
     })
 }
 

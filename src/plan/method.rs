@@ -4,10 +4,11 @@
 //! kernel takes them. Pure, like the rest of the plan.
 
 use crate::config::MergeConfig;
-use crate::merge::{BaseUse, Family, Gta, Method, MethodName, WorkDtype};
+use crate::merge::{Family, Gta, Method, MethodName, WorkDtype};
 use crate::params::{layer_of, resolve, ParamDef, ParamError, Scope};
 use crate::source::ModelSource;
 
+use super::sources::OutTensor;
 use super::InputSlice;
 
 /// The layers of a model whose tensors are `names`: one past the highest layer index.
@@ -19,30 +20,21 @@ pub(super) fn layer_count(names: &[&str]) -> usize {
         .map_or(0, |l| l + 1)
 }
 
-/// The kernel's inputs as indices into [`MergeConfig::all_models`]: the base first, then
-/// the others, for methods that take task vectors from the base; mergekit's own order
-/// (as listed, the base last when not listed) for the others.
-pub(super) fn input_order(config: &MergeConfig) -> Vec<usize> {
-    match config.method.base_use() {
-        BaseUse::Required => (0..=config.models.len()).collect(),
-        BaseUse::Input => config.mergekit_order(),
-    }
-}
-
 /// What resolving one tensor's method needs.
 pub(super) struct TensorMerge<'a> {
     pub config: &'a MergeConfig,
     /// As [`MergeConfig::all_models`] numbers them.
     pub models: &'a [ModelSource],
-    pub order: &'a [usize],
-    /// The tensor's layer position, for gradients.
-    pub t: f64,
+    /// The output tensor: its inputs, their parameter levels, its layer position.
+    pub tensor: &'a OutTensor<'a>,
+    /// The kernel's inputs, as indices into the tensor's inputs.
+    pub order: Vec<usize>,
     /// The random stream's seed (`--random-seed`), for the methods that draw.
     pub seed: u64,
 }
 
 impl TensorMerge<'_> {
-    /// The input slices (in model order) in the kernel's order.
+    /// The input slices (in the tensor's order) in the kernel's order.
     pub fn ordered(&self, slices: Vec<InputSlice>) -> Vec<InputSlice> {
         let mut slices: Vec<Option<InputSlice>> = slices.into_iter().map(Some).collect();
         self.order
@@ -62,24 +54,28 @@ impl TensorMerge<'_> {
 
     /// A shared parameter for the output tensor `tensor`.
     fn shared(&self, param: &str, tensor: &str) -> Result<f64, ParamError> {
-        let levels = [&self.config.parameters];
-        Ok(resolve(self.def(param), &levels, tensor, self.t, "")?.0)
+        let t = self.tensor;
+        Ok(resolve(self.def(param), &t.shared, tensor, t.t, "")?.0)
+    }
+
+    /// Whether kernel input `k` is the base.
+    fn is_base(&self, k: usize) -> bool {
+        self.tensor.base == Some(self.order[k])
     }
 
     /// A per-input parameter for each input, in the kernel's order (0 for the base of a
-    /// parameter that skips it).
-    fn per_input(&self, param: &str, tensor: &str) -> Result<Vec<f64>, ParamError> {
+    /// parameter that skips it). Each input's value sees that input's tensor name.
+    fn per_input(&self, param: &str) -> Result<Vec<f64>, ParamError> {
         let def = self.def(param);
-        let has_base = self.config.base_model.is_some();
-        self.order
-            .iter()
-            .map(|&i| {
-                if def.scope == Scope::NonBase && has_base && i == 0 {
+        let t = self.tensor;
+        (0..self.order.len())
+            .map(|k| {
+                if def.scope == Scope::NonBase && self.is_base(k) {
                     return Ok(0.0);
                 }
-                let levels = self.config.levels(i);
-                let model = &self.models[i].reference;
-                Ok(resolve(def, &levels, tensor, self.t, model)?.0)
+                let input = &t.inputs[self.order[k]];
+                let model = &self.models[input.model].reference;
+                Ok(resolve(def, &input.levels, &input.tensor, t.t, model)?.0)
             })
             .collect()
     }
@@ -103,7 +99,7 @@ impl TensorMerge<'_> {
             },
             MethodName::Linear => self.linear(tensor)?,
             MethodName::TaskArithmetic => Method::TaskArithmetic {
-                weights: self.per_input("weight", tensor)?,
+                weights: self.per_input("weight")?,
                 normalize: flag("normalize")?,
                 lambda: self.shared("lambda", tensor)?,
             },
@@ -120,13 +116,18 @@ impl TensorMerge<'_> {
             MethodName::Sce => Method::Sce {
                 select_topk: value("select_topk")?,
             },
+            MethodName::Slerp => Method::Slerp { t: value("t")? },
+            // NaN stands for an unset scale (mergekit's None).
+            MethodName::Passthrough => Method::Passthrough {
+                scale: Some(self.per_input("scale")?[0]).filter(|s| !s.is_nan()),
+            },
         })
     }
 
     /// linear: with `normalize`, weights summing to zero would divide by zero (mergekit
     /// writes inf and NaN): refused. The sum is the kernel's (float32, torch's order).
     fn linear(&self, tensor: &str) -> Result<Method, ParamError> {
-        let weights = self.per_input("weight", tensor)?;
+        let weights = self.per_input("weight")?;
         let normalize = self.shared("normalize", tensor)? != 0.0;
         let w32: Vec<f32> = weights.iter().map(|&w| w as f32).collect();
         let mut sum = crate::merge::torch::CascadeSum::new(w32.len(), crate::merge::torch::LANES);
@@ -149,17 +150,16 @@ impl TensorMerge<'_> {
             tensor: tensor.to_string(),
             message,
         };
-        let densities = self.per_input("density", tensor)?;
+        let densities = self.per_input("density")?;
         let extra = match family.extra() {
-            Some(p) => self.per_input(p, tensor)?,
+            Some(p) => self.per_input(p)?,
             None => Vec::new(),
         };
-        let has_base = self.config.base_model.is_some();
-        for (k, &i) in self.order.iter().enumerate() {
-            if has_base && i == 0 {
+        for k in 0..self.order.len() {
+            if self.is_base(k) {
                 continue;
             }
-            let model = &self.models[i].reference;
+            let model = &self.models[self.tensor.inputs[self.order[k]].model].reference;
             let d = densities[k];
             if !(d > 0.0 && d <= 1.0) {
                 return Err(bad(
@@ -189,7 +189,7 @@ impl TensorMerge<'_> {
         let flag = |p: &str| self.shared(p, tensor).map(|v| v != 0.0);
         Ok(Gta {
             family,
-            weights: self.per_input("weight", tensor)?,
+            weights: self.per_input("weight")?,
             densities,
             extra,
             normalize: flag("normalize")?,
@@ -202,12 +202,13 @@ impl TensorMerge<'_> {
 }
 
 /// Give each tensor of a random method its offset in the random stream: mergekit draws
-/// for tensors in name order (the order of `jobs`), for each input in turn. Whether any
-/// tensor draws.
-pub(super) fn set_offsets(jobs: &mut [super::TensorJob]) -> bool {
+/// for tensors in the order of their largest input name (`order`, indices into `jobs`),
+/// for each input in turn. Whether any tensor draws.
+pub(super) fn set_offsets(jobs: &mut [super::TensorJob], order: &[usize]) -> bool {
     let mut offset = 0u64;
     let mut draws = false;
-    for j in jobs {
+    for &i in order {
+        let j = &mut jobs[i];
         let numel = j.numel();
         if let super::Op::Merge { kernel, .. } = &mut j.op {
             if let Method::Gta(g) = &mut kernel.method {

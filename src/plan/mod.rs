@@ -21,8 +21,11 @@ use crate::source::ModelSource;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PlanError {
-    #[error("tensor `{tensor}` is in the base model but missing from `{model}`")]
+    #[error("tensor `{tensor}` is missing from `{model}`, which the merge takes it from")]
     MissingTensor { tensor: String, model: String },
+    /// An output slice that cannot be planned (`slices[N]` of the config).
+    #[error("config key `slices[{slice}]`: {message}")]
+    Slice { slice: usize, message: String },
     #[error("tensor `{tensor}` has shape {shape:?} in `{model}`{via} but {base_shape:?} in the base model{hint}")]
     ShapeMismatch {
         tensor: String,
@@ -408,6 +411,16 @@ pub struct MergePlan {
     /// Sum of tensor data bytes (the index's `total_size`).
     pub total_size: u64,
     pub warnings: Vec<String>,
+    /// A sliced merge's output layers, in order (empty for a `models:` merge).
+    pub layers: Vec<OutLayer>,
+}
+
+/// One output layer of a sliced merge: the slice it belongs to and, for each of the slice's
+/// sources, the model (as [`MergeConfig::all_models`] numbers them) and its input layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutLayer {
+    pub slice: usize,
+    pub sources: Vec<(usize, usize)>,
 }
 
 impl MergePlan {
@@ -474,22 +487,28 @@ pub fn plan(
     }
     let (inputs, file_ids) = input_files(models);
     let names = tensor_names(models);
-    let layers = method::layer_count(&names);
-    let order = method::input_order(config);
+    let outputs = sources::output_tensors(config, models, &names)?;
     let mut jobs: Vec<TensorJob> = Vec::new();
-    for name in names {
-        let (slices, shape, base_dtype) = input_slices(name, models, &file_ids)?;
+    for out in &outputs {
+        let (slices, shape, base_dtype) = input_slices(out, models, &file_ids)?;
         let merge = method::TensorMerge {
             config,
             models,
-            order: &order,
-            t: crate::params::layer_t(crate::params::layer_of(name), layers),
+            tensor: out,
+            order: sources::kernel_order(config, out),
             seed: opts.random_seed,
         };
-        jobs.push(tensor_job(name, slices, shape, base_dtype, &merge, opts)?);
+        jobs.push(tensor_job(
+            &out.name, slices, shape, base_dtype, &merge, opts,
+        )?);
     }
     let mut warnings = config.warnings.clone();
-    if method::set_offsets(&mut jobs) && !opts.random_seed_given {
+    let draw_order = {
+        let mut o: Vec<usize> = (0..outputs.len()).collect();
+        o.sort_by(|&a, &b| outputs[a].draw_key().cmp(outputs[b].draw_key()));
+        o
+    };
+    if method::set_offsets(&mut jobs, &draw_order) && !opts.random_seed_given {
         warnings.push(format!(
             "{} draws random numbers and no --random-seed was given: drew seed {s}; pass --random-seed {s} to repeat this merge",
             config.method.name(),
@@ -506,7 +525,23 @@ pub fn plan(
             .unwrap_or("the configured dtype");
         return Err(PlanError::NothingToQuantize(base.reference.clone(), out));
     }
-    layout(jobs, inputs, warnings, opts)
+    let mut plan = layout(jobs, inputs, warnings, opts)?;
+    plan.layers = config
+        .slices
+        .iter()
+        .enumerate()
+        .flat_map(|(s, slice)| {
+            (0..slice.len()).map(move |i| OutLayer {
+                slice: s,
+                sources: slice
+                    .sources
+                    .iter()
+                    .map(|src| (src.model, src.layers.start + i))
+                    .collect(),
+            })
+        })
+        .collect();
+    Ok(plan)
 }
 
 /// What to do with one tensor: merge floats in the working dtype (the config's, else the
@@ -571,7 +606,8 @@ fn tensor_job(
             },
         )
     } else {
-        let input = slices.swap_remove(0);
+        // Not a float: copied from the base, else the first input.
+        let input = slices.swap_remove(merge.tensor.base.unwrap_or(0));
         (base_dtype, Op::Copy { input })
     };
     // --quantize fp8: what is FP8 in the base is written as FP8, in the base's blocks.
@@ -609,6 +645,7 @@ mod check;
 mod inputs;
 mod layout;
 mod method;
+mod sources;
 
 use inputs::{input_files, input_slices, tensor_names};
 use layout::layout;

@@ -707,6 +707,8 @@ fn method_to_wire(m: &Method) -> pb::kernel_params::Method {
         Method::Sce { select_topk } => W::Sce(pb::Sce {
             select_topk: *select_topk,
         }),
+        Method::Slerp { t } => W::Slerp(pb::Slerp { t: *t }),
+        Method::Passthrough { scale } => W::Passthrough(pb::Passthrough { scale: *scale }),
     }
 }
 
@@ -788,6 +790,20 @@ fn method_from_wire(
                 ));
             }
             Ok(Method::Nearswap { t: p.t })
+        }
+        Some(W::Slerp(p)) => {
+            if inputs != 2 {
+                return Err(format!(
+                    "slerp takes a base and one model, got {inputs} inputs"
+                ));
+            }
+            Ok(Method::Slerp { t: p.t })
+        }
+        Some(W::Passthrough(p)) => {
+            if inputs != 1 {
+                return Err(format!("passthrough takes one input, got {inputs}"));
+            }
+            Ok(Method::Passthrough { scale: p.scale })
         }
         Some(W::Ram(p)) => {
             at_least(2, "ram needs a base and another model")?;

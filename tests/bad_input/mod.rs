@@ -54,8 +54,8 @@ const BAD: &[Bad] = &[
     },
     Bad {
         name: "unknown method",
-        setup: |d| tiny(d).replace("model_stock", "slerp"),
-        words: &["merge_method", "slerp"],
+        setup: |d| tiny(d).replace("model_stock", "karcher"),
+        words: &["merge_method", "karcher", "not implemented yet"],
     },
     Bad {
         name: "one fine-tune",
@@ -68,9 +68,9 @@ const BAD: &[Bad] = &[
         words: &["listed twice"],
     },
     Bad {
-        name: "slices",
+        name: "slices and models",
         setup: |d| tiny(d) + "slices: []\n",
-        words: &["`slices`", "not supported"],
+        words: &["`slices`", "not both"],
     },
     Bad {
         name: "tokenizer_source",

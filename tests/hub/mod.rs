@@ -442,10 +442,7 @@ const REAL: &[(&str, Outcome)] = &[
         Outcome::Refused("`tokenizer_source`"),
     ),
     ("11-bestofllama3-8b-stock.yml", Outcome::Merges),
-    (
-        "12-1parammyl-8b-modelstock.yml",
-        Outcome::Refused("`slices`"),
-    ),
+    ("12-1parammyl-8b-modelstock.yml", Outcome::Merges),
     (
         "13-llama-3.1-8b-athena-apollo-exp.yml",
         Outcome::Refused("`tokenizer_source`"),
@@ -454,19 +451,19 @@ const REAL: &[(&str, Outcome)] = &[
     ("15-neuralsynthesis-7b-v0.1.yml", Outcome::Merges),
     ("16-mn-hekate-filter-weights.yml", Outcome::Merges),
     ("17-huatuogpt-o1-8b-lora-stock.yml", Outcome::Merges),
+    // Its base is not a source of its slice: mergekit refuses it too.
     (
         "18-mistral-ft-optimized-1218.yml",
-        Outcome::Refused("`slices`"),
+        Outcome::Refused(
+            "`slices[0]`: the base model `mistralai/Mistral-7B-v0.1` is not one of its sources",
+        ),
     ),
-    ("19-xwin-mlewd-13b-v0.2.yml", Outcome::Refused("`slices`")),
+    ("19-xwin-mlewd-13b-v0.2.yml", Outcome::Merges),
     (
         "20-sauerkrautlm-una-solar-instruct.yml",
-        Outcome::Refused("`slices`"),
+        Outcome::Refused("`tokenizer_source`"),
     ),
-    (
-        "21-huatuoskywork-o1-llama-3.1-8b.yml",
-        Outcome::Refused("`slerp` is not implemented yet"),
-    ),
+    ("21-huatuoskywork-o1-llama-3.1-8b.yml", Outcome::Merges),
     (
         "22-gemma-moon-2-9b-it.yml",
         Outcome::Refused("not supported"),
@@ -488,7 +485,10 @@ const REAL: &[(&str, Outcome)] = &[
         Outcome::Merges,
     ),
     ("30-mysticfusion-13b.yml", Outcome::Merges),
-    ("31-miquliz-120b-v2.0.yml", Outcome::Refused("`slices`")),
+    (
+        "31-miquliz-120b-v2.0.yml",
+        Outcome::Refused("`tokenizer_source`"),
+    ),
     (
         "32-nemomix-unleashed-12b.yml",
         Outcome::Refused("not supported"),
@@ -502,8 +502,59 @@ const REAL: &[(&str, Outcome)] = &[
         "34-bio-saul-dolphin-beagle-breadcrumbs.yml",
         Outcome::Merges,
     ),
-    ("35-neuralpipe-9b-merged.yml", Outcome::Refused("`slices`")),
+    ("35-neuralpipe-9b-merged.yml", Outcome::Merges),
 ];
+
+/// The ids of the `slices:` configs and of every config sharing an id with them.
+fn deep_ids(dir: &Path, sources: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    let ids: Vec<(bool, Vec<String>)> = sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let sliced = std::fs::read_to_string(dir.join(e["file"].as_str().unwrap()))
+                .unwrap()
+                .contains("slices:");
+            let ids = serde_json::from_value(e["hub_ids"].clone()).unwrap();
+            (sliced, ids)
+        })
+        .collect();
+    let mut deep = std::collections::BTreeSet::new();
+    loop {
+        let before = deep.len();
+        for (sliced, list) in &ids {
+            if *sliced || list.iter().any(|i| deep.contains(i)) {
+                deep.extend(list.iter().cloned());
+            }
+        }
+        if deep.len() == before {
+            return deep;
+        }
+    }
+}
+
+/// The 80-layer stand-ins (`synth`: hidden 16, base + 3 fine-tunes), written once.
+fn deep_set() -> &'static Path {
+    static SET: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SET.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hub-deep-stand-ins");
+        let done = dir.join("complete");
+        if !done.exists() {
+            let shape = mergefleet::synth::LlamaShape {
+                hidden: 16,
+                layers: 80,
+                intermediate: 32,
+                vocab: 64,
+                heads: 2,
+                kv_heads: 1,
+                lm_head: true,
+            };
+            mergefleet::synth::write_set(&dir, &shape, 3, 1).unwrap();
+            std::fs::write(&done, "").unwrap();
+        }
+        dir
+    })
+}
 
 #[test]
 fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
@@ -533,16 +584,25 @@ fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
         })
         .collect();
     let models = ["base", "ft1", "ft2", "ft3"].map(|m| fixtures().join("models").join(m));
+    // The sliced configs reach layer 80: their ids, and those of the configs sharing an id
+    // with them, get 80-layer stand-ins in the same turn (make_goldens.py does the same).
+    let deep_models = ["base", "ft1", "ft2", "ft3"].map(|m| deep_set().join(m));
+    let deep = deep_ids(&dir, &sources);
     let adapter = root().join("tests/fixtures/lora/adapters/bf16_r8");
     let mut published = std::collections::BTreeSet::new();
     for e in sources.as_array().unwrap() {
         for id in e["hub_ids"].as_array().unwrap() {
             let id = id.as_str().unwrap();
             if published.insert(id.to_string()) {
+                let turn = if deep.contains(id) {
+                    &deep_models
+                } else {
+                    &models
+                };
                 let src = if adapters.contains(id) {
                     &adapter
                 } else {
-                    &models[published.len() % models.len()]
+                    &turn[published.len() % turn.len()]
                 };
                 hub.publish(id, "main", src);
             }
@@ -590,5 +650,5 @@ fn real_configs_run_unchanged_against_stand_ins_on_the_hub() {
             }
         }
     }
-    assert_eq!(merged, 22, "configs merged");
+    assert_eq!(merged, 26, "configs merged");
 }

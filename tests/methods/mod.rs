@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 use crate::cluster::Cluster;
 use crate::util::*;
 
+mod slices;
+
 fn dir() -> PathBuf {
     root().join("tests/fixtures/methods")
 }
@@ -72,6 +74,16 @@ const CASES: &[(&str, &str)] = &[
     ("sce_bf16", "[SCE](https://arxiv.org/abs/2408.07990)"),
     ("sce_f32_all", "[SCE]"),
     ("sce_f16", "[SCE]"),
+    ("slerp_bf16", "[SLERP](https://en.wikipedia.org/wiki/Slerp)"),
+    ("slerp_f16_slices", "[SLERP]"),
+    ("slerp_f32_gradient", "[SLERP]"),
+    ("slerp_f32_gpt2_slices", "[SLERP]"),
+    (
+        "passthrough_bf16_frankenmerge",
+        "using the Passthrough merge method",
+    ),
+    ("passthrough_f32_gpt2", "Passthrough"),
+    ("passthrough_f16_gpt2_plain", "Passthrough"),
 ];
 
 /// mergekit's output for small case `case`: the SHA-256 of its file and of each tensor,
@@ -85,6 +97,34 @@ fn sha256(b: &[u8]) -> String {
         .iter()
         .map(|x| format!("{x:02x}"))
         .collect()
+}
+
+/// MKL's single library, whose float32 acos/sin/cos torch uses (`.ci/run` installs PyPI's
+/// `mkl==2024.2.2` in its venv; `MERGEFLEET_MKL_RT` to use another).
+pub fn mkl_rt() -> PathBuf {
+    if let Ok(p) = std::env::var("MERGEFLEET_MKL_RT") {
+        return p.into();
+    }
+    let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+    let p = PathBuf::from(tmp).join("mergefleet-ci-venv/lib/libmkl_rt.so.2");
+    assert!(
+        p.exists(),
+        "{} is missing: run .ci/run once (it installs mkl==2024.2.2 there) or set MERGEFLEET_MKL_RT",
+        p.display()
+    );
+    p
+}
+
+/// The environment a case's merge runs in: MKL's transcendental functions for the
+/// spherical methods (their float32 bits depend on them, and now and then a 16-bit
+/// rounding does: one float16 tensor of `five_slerp_f16` without them).
+fn case_env(case: &str) -> Vec<(String, String)> {
+    if case.contains("slerp") {
+        vec![("MERGEFLEET_MKL_RT".into(), mkl_rt().display().to_string())]
+    } else {
+        // Not inherited from the test's environment either: the C library's functions.
+        vec![("MERGEFLEET_MKL_RT".into(), String::new())]
+    }
 }
 
 /// Merge `case` (paths relative to the fixtures, as mergekit resolved them) with `extra`
@@ -103,7 +143,7 @@ fn merge_equals_mergekit(case: &str, extra: &[&str]) -> TempDir {
         "0",
     ];
     args.extend_from_slice(extra);
-    assert_ok(&run_in(&dir(), &args, &[]));
+    assert_ok(&run_in(&dir(), &args, &case_env(case)));
     let want = expected(case);
     let got = crate::fidelity::hashes(&target);
     let tensors = want["tensors"].as_object().unwrap();
@@ -207,7 +247,7 @@ fn sized_equals_mergekit(case: &str, extra: &[&str]) {
         "0",
     ];
     args.extend_from_slice(extra);
-    assert_ok(&run(&args));
+    assert_ok(&run_in(&root(), &args, &case_env(case)));
     assert_sized_hashes(case, &out, &format!("{extra:?}"));
 }
 
@@ -234,6 +274,11 @@ fn real_size_tensors_equal_mergekit() {
         "real_ramplus_tl_bf16",
         "five_sce_f32",
         "five_ram_f32",
+        // slerp's norms and cosine over 2^20-element chunks (63 of them for the embeddings).
+        "real_slerp_bf16",
+        "real_slerp_f32",
+        "five_slerp_f16",
+        "five_passthrough_f32",
     ] {
         sized_equals_mergekit(case, &[]);
     }
