@@ -16,7 +16,7 @@
 # output element relative to bfloat16's. Then every merge method on the bfloat16 set
 # (benches/methods.lib.sh: typical parameters, `--random-seed 0`), RUNS merges each right
 # after its floor, and the medians; with MERGEKIT_RUN=path/to/run_mergekit.sh also
-# mergekit's time for each (one run, `-j 1`). `methods` as the third argument runs only
+# mergekit's time for each (one run, `-j 1`); METHODS="slerp ties" runs only those. `methods` as the third argument runs only
 # that part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,12 @@ BIN=target/release/mergefleet
 [ -f "$DIR/model_stock.yml" ] || target/release/examples/synth "$DIR" >/dev/null
 [ -f "$DIR-f16/model_stock.yml" ] || target/release/examples/synth "$DIR-f16" --f16 >/dev/null
 # The input files of the set in $1, into SET.
-inputs() { SET=("$1"/base/*.safetensors "$1"/ft1/*.safetensors "$1"/ft2/*.safetensors "$1"/ft3/*.safetensors); }
+# inputs DIR [MODEL ...]: SET = the weight files of those models of set DIR (default: all).
+inputs() {
+  local d=$1 m; shift
+  SET=()
+  for m in "${@:-base ft1 ft2 ft3}"; do for m in $m; do SET+=("$d/$m"/*.safetensors); done; done
+}
 inputs "$DIR"; INPUTS=("${SET[@]}")
 calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
 now() { date +%s.%N; }
@@ -40,13 +45,14 @@ rm -rf "$OUT"
 "$BIN" merge "$DIR/model_stock.yml" "$OUT" -q >/dev/null
 out_bytes=$(cat "$OUT"/*.safetensors | wc -c)
 echo "input $(calc "$in_bytes/1e9") GB, output $(calc "$out_bytes/1e9") GB, $(nproc) cores"
-# The floor now for set $1: write the output's bytes once, then read every input from the
-# page cache. The inputs are read twice and the second read timed: the first brings back
-# pages this VM paged out while they were idle, and both warm the set for the merge.
+# The floor now for set $1 (models $2..., default all): write the output's bytes once, then
+# read every input from the page cache. The inputs are read twice and the second read timed:
+# the first brings back pages this VM paged out while they were idle, and both warm the set
+# for the merge.
 floor() {
   sync
   local t0 t1 t2 t3
-  inputs "$1"
+  inputs "$@"
   t0=$(now); head -c "$out_bytes" /dev/zero > "$DIR/zero.bin"; t1=$(now)
   rm -f "$DIR/zero.bin"
   sync
@@ -102,12 +108,14 @@ fi
 printf '%-16s %9s %9s %7s %10s %12s\n' method merge_s floor_s ratio peak_rss mergekit_s
 for spec in "${METHOD_SPECS[@]}"; do
   method=${spec%%|*}
+  case " ${METHODS:-$method} " in *" $method "*) ;; *) continue ;; esac
   cfg="$DIR/method.yml"; method_config "$DIR" "$spec" > "$cfg"
   "$BIN" merge "$cfg" "$OUT" -q --overwrite --random-seed 0 >/dev/null
   out_bytes=$(cat "$OUT"/*.safetensors | wc -c)
   : > "$DIR/m.wall"; : > "$DIR/m.floor"; rss=""
   for i in $(seq "$RUNS"); do
-    read -r read_s write_s < <(floor "$DIR")
+    # shellcheck disable=SC2046  # the models read, one word each
+    read -r read_s write_s < <(floor "$DIR" $(method_models "$spec"))
     calc "$read_s + $write_s" >> "$DIR/m.floor"; echo >> "$DIR/m.floor"
     sync
     line=$("$BIN" merge "$cfg" "$OUT" -q --overwrite --random-seed 0)

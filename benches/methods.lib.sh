@@ -7,15 +7,30 @@ METHOD_SPECS=(
   "ties|weight: 0.5, density: 0.5|" "dare_ties|weight: 0.5, density: 0.5|"
   "dare_linear|weight: 0.3, density: 0.6|" "breadcrumbs|weight: 0.5, density: 0.6|"
   "della|weight: 0.5, density: 0.5|epsilon: 0.1" "sce||select_topk: 0.4"
-  "ram||" "ramplus_tl||"
+  "ram||" "ramplus_tl||" "slerp||t: 0.4" "passthrough||"
 )
 
+# method_models SPEC: the models the method's config reads.
+method_models() {
+  case ${1%%|*} in
+    slerp) echo base ft1 ;;
+    passthrough) echo ft1 ;;
+    *) echo base ft1 ft2 ft3 ;;
+  esac
+}
+
 # method_config DIR SPEC [PREFIX]: the config on stdout. Model paths are PREFIX/ft1 and so
-# on (default DIR; mergekit wants paths relative to its working directory).
+# on (default DIR; mergekit wants paths relative to its working directory). slerp takes ft1
+# onto the base, passthrough copies ft1 alone.
 method_config() {
-  local method per top prefix=${3:-$1}
+  local method per top prefix=${3:-$1} m
   IFS='|' read -r method per top <<<"$2"
   printf 'models:\n'
-  for m in ft1 ft2 ft3; do printf '  - model: %s/%s\n    parameters: {%s}\n' "$prefix" "$m" "$per"; done
-  printf 'merge_method: %s\nbase_model: %s/base\nparameters: {%s}\ndtype: bfloat16\n' "$method" "$prefix" "$top"
+  for m in $(method_models "$2"); do
+    [ "$m" = base ] && continue
+    printf '  - model: %s/%s\n    parameters: {%s}\n' "$prefix" "$m" "$per"
+  done
+  printf 'merge_method: %s\n' "$method"
+  [ "$method" = passthrough ] || printf 'base_model: %s/base\n' "$prefix"
+  printf 'parameters: {%s}\ndtype: bfloat16\n' "$top"
 }
