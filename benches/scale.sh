@@ -10,6 +10,9 @@
 #   - the coordinator: peak RSS once it has planned, prepared the 275 output files
 #     (sparse) and is serving, and its `status` answer;
 #   - the largest and mean task message (from the scale test, which asserts a bound);
+#   - a 120B-class frankenmerge (DIR-frankenmerge: two Llama-2-70B-layout models, sparse, and
+#     Goliath-120B's passthrough stack of them): `plan` wall time and peak RSS, and what it
+#     reads and writes;
 #   - the control plane under load (examples/fleet_load.rs): a real coordinator and WORKERS
 #     (default 256) simulated workers over gRPC on loopback that lease, heartbeat and report
 #     every task without moving data: completions per second, the coordinator's CPU seconds
@@ -27,6 +30,13 @@ for i in $(seq "$RUNS"); do
   /usr/bin/time -f "plan: %e s wall, %M KB peak RSS" "$BIN" plan "$DIR/model_stock.yml" 2>&1 >/dev/null | tail -1
 done
 "$BIN" plan "$DIR/model_stock.yml" | grep -E "^(tensors|tasks|bytes)"
+
+FM="$DIR-frankenmerge"
+[ -f "$FM/frankenmerge.yml" ] || target/release/examples/synth "$FM" --frankenmerge-sparse >/dev/null
+for i in $(seq "$RUNS"); do
+  /usr/bin/time -f "frankenmerge plan: %e s wall, %M KB peak RSS" "$BIN" plan "$FM/frankenmerge.yml" 2>&1 >/dev/null | tail -1
+done
+"$BIN" plan "$FM/frankenmerge.yml" | grep -E "^(tensors|tasks|bytes|output file model-00001)|slice 8"
 
 OUT="$DIR/out"
 rm -rf "$OUT"

@@ -37,6 +37,10 @@ struct Args {
     /// Instead: a 671B-class DeepSeek-V3 layout (163 sparse files per model, headers only).
     #[arg(long)]
     deepseek_sparse: bool,
+    /// Instead: two Llama-2-70B-layout models (sparse, headers only) and a 120B-class
+    /// passthrough frankenmerge of them (`frankenmerge.yml`).
+    #[arg(long)]
+    frankenmerge_sparse: bool,
     /// Write the models block-FP8, as DeepSeek ships them: every `*_proj.weight` F8_E4M3
     /// with 128x128-block `_scale_inv` scales.
     #[arg(long, conflicts_with = "f16")]
@@ -59,6 +63,8 @@ fn main() -> std::io::Result<()> {
     };
     if a.deepseek_sparse {
         mergefleet::synth::write_sparse_deepseek_set(&a.dir, a.fine_tunes)?;
+    } else if a.frankenmerge_sparse {
+        mergefleet::synth::write_sparse_frankenmerge_set(&a.dir)?;
     } else {
         write_set(&a.dir, &shape, a.fine_tunes, a.shards)?;
         let models =
@@ -85,6 +91,11 @@ fn main() -> std::io::Result<()> {
             )?;
         }
     }
-    println!("wrote {}", a.dir.join("model_stock.yml").display());
+    let cfg = if a.frankenmerge_sparse {
+        "frankenmerge.yml"
+    } else {
+        "model_stock.yml"
+    };
+    println!("wrote {}", a.dir.join(cfg).display());
     Ok(())
 }

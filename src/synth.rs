@@ -296,14 +296,15 @@ pub fn deepseek_v3_tensors() -> Vec<(String, Vec<usize>, Dtype)> {
     t
 }
 
-/// Write a model's headers, index and config with no data: each file is extended to its
-/// full size as a sparse file, so a 1.3 TB checkpoint takes a few megabytes of disk. Enough
-/// for everything that reads only headers (`plan`, the coordinator). Tensors are spread over
-/// `files` files in order, balanced by bytes.
+/// Write a model's headers, index and `config` (config.json) with no data: each file is
+/// extended to its full size as a sparse file, so a 1.3 TB checkpoint takes a few megabytes
+/// of disk. Enough for everything that reads only headers (`plan`, the coordinator). Tensors
+/// are spread over `files` files in order, balanced by bytes.
 pub fn write_sparse_model(
     dir: &Path,
     tensors: &[(String, Vec<usize>, Dtype)],
     files: usize,
+    config: &serde_json::Value,
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let bytes =
@@ -343,7 +344,12 @@ pub fn write_sparse_model(
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())?;
-    let config = serde_json::json!({
+    std::fs::write(dir.join("config.json"), config.to_string())
+}
+
+/// DeepSeek-V3's config.json (block FP8).
+fn deepseek_v3_config() -> serde_json::Value {
+    serde_json::json!({
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
         "hidden_size": 7168,
@@ -357,8 +363,7 @@ pub fn write_sparse_model(
             "activation_scheme": "dynamic",
             "weight_block_size": [128, 128],
         },
-    });
-    std::fs::write(dir.join("config.json"), config.to_string())
+    })
 }
 
 /// A 671B-class set under `dir`: `base/` and `ft1/`..`ftN/` with the DeepSeek-V3 layout in
@@ -369,7 +374,7 @@ pub fn write_sparse_deepseek_set(dir: &Path, fine_tunes: usize) -> std::io::Resu
     for name in
         std::iter::once("base".to_string()).chain((1..=fine_tunes).map(|i| format!("ft{i}")))
     {
-        write_sparse_model(&dir.join(&name), &tensors, 163)?;
+        write_sparse_model(&dir.join(&name), &tensors, 163, &deepseek_v3_config())?;
         if name != "base" {
             yaml.push_str(&format!("  - model: {}\n", dir.join(&name).display()));
         }
@@ -379,6 +384,54 @@ pub fn write_sparse_deepseek_set(dir: &Path, fine_tunes: usize) -> std::io::Resu
         dir.join("base").display()
     ));
     std::fs::write(dir.join("model_stock.yml"), yaml)
+}
+
+/// A 120B-class frankenmerge under `dir`: two Llama-2-70B-layout models `a/` and `b/` (80
+/// layers, hidden 8192, bfloat16, 29 sparse files each) and `frankenmerge.yml`, the
+/// passthrough stack of Goliath-120B (interleaved 16-layer ranges of both: 137 layers).
+pub fn write_sparse_frankenmerge_set(dir: &Path) -> std::io::Result<()> {
+    let shape = LlamaShape {
+        hidden: 8192,
+        layers: 80,
+        intermediate: 28672,
+        vocab: 32000,
+        heads: 64,
+        kv_heads: 8,
+        lm_head: true,
+    };
+    let tensors: Vec<(String, Vec<usize>, Dtype)> = shape
+        .tensors()
+        .into_iter()
+        .map(|(n, s)| (n, s, Dtype::BF16))
+        .collect();
+    let config: serde_json::Value =
+        serde_json::from_str(&shape.config_json()).expect("a JSON config");
+    let mut yaml = String::from("slices:\n");
+    for (i, (a, b)) in [
+        (0, 16),
+        (8, 24),
+        (17, 32),
+        (25, 40),
+        (33, 48),
+        (41, 56),
+        (49, 64),
+        (57, 72),
+        (65, 80),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let m = if i % 2 == 0 { "a" } else { "b" };
+        yaml.push_str(&format!(
+            "  - sources:\n      - model: {}\n        layer_range: [{a}, {b}]\n",
+            dir.join(m).display()
+        ));
+    }
+    yaml.push_str("merge_method: passthrough\ndtype: bfloat16\n");
+    for m in ["a", "b"] {
+        write_sparse_model(&dir.join(m), &tensors, 29, &config)?;
+    }
+    std::fs::write(dir.join("frankenmerge.yml"), yaml)
 }
 
 /// Turn the bfloat16 model in `dir` into block FP8 as DeepSeek ships its checkpoints: every

@@ -532,7 +532,13 @@ fn whole_tensors_past_32_bit_indices_are_refused_by_the_plan() {
         safetensors::Dtype::BF16,
     )];
     for m in ["base", "ft1"] {
-        mergefleet::synth::write_sparse_model(&work.path().join(m), &big, 1).unwrap();
+        mergefleet::synth::write_sparse_model(
+            &work.path().join(m),
+            &big,
+            1,
+            &serde_json::json!({}),
+        )
+        .unwrap();
     }
     let cfg = work.path().join("config.yml");
     for (method, refused) in [("ties", true), ("task_arithmetic", false)] {

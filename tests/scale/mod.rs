@@ -1,7 +1,8 @@
 //! A 671B-class merge plan (DeepSeek-V3 layout as released: 91,991 tensors, the big
 //! matrices block FP8 with their scales, in 163 files per model, as sparse files, so nothing
 //! real is stored): `mergefleet plan` handles it, with and without `--quantize fp8`, the
-//! plan keeps its invariants, and every task message stays small. Time and memory are measured by
+//! plan keeps its invariants, and every task message stays small; a 120B-class frankenmerge
+//! (two 70B-layout models stacked) plans its 137 layers. Time and memory are measured by
 //! `benches/scale.sh`, not asserted here.
 
 use mergefleet::job::Job;
@@ -77,5 +78,43 @@ fn plan_671b_class_layout() {
     assert!(
         max <= TASK_MESSAGE_BOUND && TASK_MESSAGE_BOUND < MAX_MESSAGE,
         "a task message of {max} bytes"
+    );
+}
+
+#[test]
+fn plan_120b_class_frankenmerge() {
+    // Goliath-120B's stack of two 70B-layout models: 137 layers, each input layer read once
+    // per use, the output (larger than either input) sharded as mergekit shards it.
+    let dir = tmp();
+    mergefleet::synth::write_sparse_frankenmerge_set(dir.path()).unwrap();
+    let yaml = std::fs::read_to_string(dir.path().join("frankenmerge.yml")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let opts = PlanOptions::default();
+    let job = rt.block_on(Job::load(&yaml, &Stores::new(), opts)).unwrap();
+    let plan = &job.plan;
+    assert_eq!(plan.layers.len(), 137);
+    assert_eq!(plan.weight_map.len(), 137 * 9 + 3);
+    let (h, i, kv) = (8192u64, 28672u64, 1024u64);
+    let layer = 2 * (2 * h * h + 2 * kv * h + 3 * i * h + 2 * h);
+    let edges = 2 * (2 * 32000 * h + h);
+    assert_eq!(plan.bytes_read(), 137 * layer + edges);
+    assert_eq!(plan.total_size, 137 * layer + edges);
+    let sizes: Vec<u64> = plan
+        .inputs
+        .iter()
+        .map(|f| std::fs::metadata(&f.url).unwrap().len())
+        .collect();
+    plan.check(&opts, |i| sizes[i]).unwrap();
+    // mergekit's 5 GB shards.
+    assert!(plan.files.len() >= 47, "{}", plan.files.len());
+    let o = run(&[
+        "plan",
+        dir.path().join("frankenmerge.yml").to_str().unwrap(),
+    ]);
+    assert_ok(&o);
+    assert!(
+        text(&o).contains("122..137   slice 8:") && text(&o).contains("layers 65..80"),
+        "{}",
+        text(&o)
     );
 }
