@@ -406,25 +406,31 @@ fn model_list(
         list.models.push(m);
         list.params.push(params);
     }
-    let required = method.base_use() == BaseUse::Required;
-    if let (true, Some(_), Some(b)) = (required, list.base_position, base_model) {
+    let apart = method.base_use().apart();
+    if let (true, Some(_), Some(b)) = (apart, list.base_position, base_model) {
         warnings.push(format!(
             "the base model `{b}` is also listed under `models`; {} uses it as the base only",
             method.name()
         ));
     }
-    let inputs = list.models.len() + usize::from(!required && base_model.is_some());
+    let inputs = list.models.len() + usize::from(!apart && base_model.is_some());
+    let besides = if apart { " besides the base" } else { "" };
     if let Some(max) = method.max_inputs().filter(|m| inputs > *m) {
+        let how = if max == method.min_inputs() {
+            "exactly"
+        } else {
+            "at most"
+        };
         return Err(key_err(
             "models",
             format!(
-                "{} takes exactly {max} model besides the base, found {inputs}",
-                method.name()
+                "{} takes {how} {max} model{}{besides}, found {inputs}",
+                method.name(),
+                if max == 1 { "" } else { "s" }
             ),
         ));
     }
     if inputs < method.min_inputs() {
-        let besides = if required { " besides the base" } else { "" };
         return Err(key_err(
             "models",
             format!(
@@ -589,7 +595,7 @@ fn slice_list(
         // A method that takes the base as one more input ignores it in a slice (mergekit
         // adds it only to a `models:` list).
         let base = match (method.base_use(), &slice_base) {
-            (BaseUse::Input, _) => None,
+            (BaseUse::Input, _) | (BaseUse::Optional, None) => None,
             (BaseUse::Required, None) => {
                 return Err(key_err(
                     &key,
@@ -607,7 +613,7 @@ fn slice_list(
             },
         };
         let inputs = sources.len();
-        let counted = inputs - usize::from(method.base_use() == BaseUse::Required);
+        let counted = inputs - usize::from(base.is_some());
         if let Some(max) = method.max_inputs().filter(|m| counted > *m) {
             return Err(key_err(
                 &key,
@@ -647,7 +653,7 @@ fn slice_list(
 }
 
 fn besides(method: MethodName) -> &'static str {
-    if method.base_use() == BaseUse::Required {
+    if method.base_use().apart() {
         " besides the base"
     } else {
         ""
@@ -828,7 +834,7 @@ mod tests {
             ("models: [", "not valid YAML"),
             ("- 1\n", "top level"),
             ("models:\n  - model: a\n  - model: b\nbase_model: x\n", "merge_method"),
-            ("models:\n  - model: a\n  - model: b\nmerge_method: karcher\nbase_model: x\n", "`karcher`"),
+            ("models:\n  - model: a\n  - model: b\nmerge_method: arcee_fusion\nbase_model: x\n", "`arcee_fusion`"),
             ("models:\n  - model: a\n  - model: b\nmerge_method: slerp\nbase_model: x\n", "exactly 1 model besides the base"),
             ("models:\n  - model: a\n  - model: b\nmerge_method: avg\nbase_model: x\n", "not a mergekit method"),
             ("models:\n  - model: a\nmerge_method: task_arithmetic\n", "base_model"),

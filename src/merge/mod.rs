@@ -11,10 +11,13 @@ pub(crate) mod simd;
 pub mod torch;
 
 mod gta;
+mod karcher;
 mod linear;
 mod model_stock;
 pub mod mt19937;
+mod multislerp;
 mod nearswap;
+mod nuslerp;
 mod passthrough;
 mod ram;
 mod sce;
@@ -25,6 +28,8 @@ pub mod vml;
 mod wide;
 
 pub use gta::{Family, Gta};
+pub use multislerp::Multislerp;
+pub use nuslerp::Nuslerp;
 
 pub use crate::dtype::WorkDtype;
 pub use model_stock::{ModelStock, Stats};
@@ -117,6 +122,9 @@ pub enum MethodName {
     RamplusTl,
     Sce,
     Slerp,
+    Nuslerp,
+    Multislerp,
+    Karcher,
     Passthrough,
 }
 
@@ -128,6 +136,16 @@ pub enum BaseUse {
     /// Optional; when set and not listed under `models`, mergekit adds it as one more input
     /// like the others.
     Input,
+    /// Optional; when set, merged apart from the others (task vectors are taken from it).
+    Optional,
+}
+
+impl BaseUse {
+    /// Whether the base, when there is one, is apart from the other inputs (first in the
+    /// kernel's order, not counted among the models).
+    pub fn apart(self) -> bool {
+        matches!(self, BaseUse::Required | BaseUse::Optional)
+    }
 }
 
 impl MethodName {
@@ -147,6 +165,9 @@ impl MethodName {
         Self::RamplusTl,
         Self::Sce,
         Self::Slerp,
+        Self::Nuslerp,
+        Self::Multislerp,
+        Self::Karcher,
         Self::Passthrough,
     ];
 
@@ -164,6 +185,9 @@ impl MethodName {
             Self::RamplusTl => "ramplus_tl",
             Self::Sce => "sce",
             Self::Slerp => "slerp",
+            Self::Nuslerp => "nuslerp",
+            Self::Multislerp => "multislerp",
+            Self::Karcher => "karcher",
             Self::Passthrough => "passthrough",
         }
     }
@@ -179,6 +203,9 @@ impl MethodName {
             Self::RamplusTl => "Reinforced Agent Merging Plus (Tensor-Local)",
             Self::Sce => "SCE",
             Self::Slerp => "SLERP",
+            Self::Nuslerp => "NuSLERP",
+            Self::Multislerp => "Multi-SLERP",
+            Self::Karcher => "Karcher Mean",
             Self::Passthrough => "Passthrough",
         }
     }
@@ -193,7 +220,9 @@ impl MethodName {
             Self::Ram | Self::RamplusTl => "https://arxiv.org/abs/2601.13572",
             Self::Sce => "https://arxiv.org/abs/2408.07990",
             Self::Slerp => "https://en.wikipedia.org/wiki/Slerp",
-            Self::Passthrough => return None,
+            Self::Multislerp => "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+            Self::Karcher => "https://arxiv.org/abs/2603.04972",
+            Self::Nuslerp | Self::Passthrough => return None,
         })
     }
     /// The parameters the method declares, with their types, scopes and defaults.
@@ -208,6 +237,9 @@ impl MethodName {
             Self::RamplusTl => ram::RAMPLUS_PARAMS,
             Self::Sce => sce::PARAMS,
             Self::Slerp => slerp::PARAMS,
+            Self::Nuslerp => nuslerp::PARAMS,
+            Self::Multislerp => multislerp::PARAMS,
+            Self::Karcher => karcher::PARAMS,
             Self::Passthrough => passthrough::PARAMS,
         }
     }
@@ -221,13 +253,14 @@ impl MethodName {
             | Self::RamplusTl
             | Self::Sce
             | Self::Slerp => BaseUse::Required,
-            Self::Linear | Self::Passthrough => BaseUse::Input,
+            Self::Linear | Self::Passthrough | Self::Karcher => BaseUse::Input,
+            Self::Nuslerp | Self::Multislerp => BaseUse::Optional,
         }
     }
     /// The fewest inputs besides a required base (every input for the others).
     pub fn min_inputs(self) -> usize {
         match self {
-            Self::ModelStock => 2,
+            Self::ModelStock | Self::Nuslerp => 2,
             _ => 1,
         }
     }
@@ -235,6 +268,7 @@ impl MethodName {
     pub fn max_inputs(self) -> Option<usize> {
         match self {
             Self::Nearswap | Self::Slerp | Self::Passthrough => Some(1),
+            Self::Nuslerp => Some(2),
             _ => None,
         }
     }
@@ -297,6 +331,15 @@ pub enum Method {
     Slerp {
         t: f64,
     },
+    /// Inputs: the base when there is one, then the two others.
+    Nuslerp(nuslerp::Nuslerp),
+    /// Inputs: the base when there is one, then the others.
+    Multislerp(multislerp::Multislerp),
+    /// Inputs in mergekit's order, each weighing the same.
+    Karcher {
+        max_iter: usize,
+        tol: f64,
+    },
     /// One input, scaled when `scale` is set.
     Passthrough {
         scale: Option<f64>,
@@ -348,6 +391,11 @@ impl Method {
             ],
             Method::Sce { select_topk } => vec![("select_topk", json!(select_topk))],
             Method::Slerp { t } => vec![("t", json!(t))],
+            Method::Nuslerp(n) => n.values(),
+            Method::Multislerp(m) => m.values(),
+            Method::Karcher { max_iter, tol } => {
+                vec![("max_iter", json!(max_iter)), ("tol", json!(tol))]
+            }
             Method::Passthrough { scale } => vec![("scale", json!(scale))],
         }
     }
@@ -374,6 +422,9 @@ impl Method {
             Method::RamplusTl { .. } => MethodName::RamplusTl,
             Method::Sce { .. } => MethodName::Sce,
             Method::Slerp { .. } => MethodName::Slerp,
+            Method::Nuslerp(_) => MethodName::Nuslerp,
+            Method::Multislerp(_) => MethodName::Multislerp,
+            Method::Karcher { .. } => MethodName::Karcher,
             Method::Passthrough { .. } => MethodName::Passthrough,
         }
     }
@@ -405,12 +456,25 @@ pub enum Prepared {
     SlerpNorms(f32, f32),
     /// slerp's second pass: the coefficients of the base and the other input.
     Coefficients(f32, f32),
+    /// nuslerp's first pass: the norms of its two inputs (task vectors), in W.
+    Norms(f32, f32),
+    /// nuslerp's second pass: the sines of its two coefficients and of the angle, the
+    /// weights `1 - t` and `t` as float32, and whether the inputs are collinear.
+    Nuslerp {
+        s0: f32,
+        s1: f32,
+        sin: f32,
+        a: f32,
+        b: f32,
+        colinear: bool,
+    },
 }
 
 /// A statistics pass in progress.
 pub enum StatsAcc {
     ModelStock(model_stock::StatsAcc),
     Slerp(slerp::Acc),
+    Nuslerp(Box<nuslerp::Acc>),
 }
 
 /// Where a window lies in its tensor (some of torch's sums treat the last elements apart).
@@ -451,12 +515,17 @@ impl Kernel {
             Method::ModelStock { filter_wise: true } => Streaming::Rows(row_len(shape).max(1)),
             Method::ModelStock { .. } => Streaming::Statistics,
             Method::Slerp { .. } => Streaming::Statistics,
+            Method::Nuslerp(n) => n.streaming(shape),
             Method::Linear { .. }
             | Method::TaskArithmetic { .. }
             | Method::Nearswap { .. }
             | Method::Ram { .. }
             | Method::Passthrough { .. } => Streaming::Elementwise,
-            Method::Gta(_) | Method::RamplusTl { .. } | Method::Sce { .. } => Streaming::Whole,
+            Method::Gta(_)
+            | Method::RamplusTl { .. }
+            | Method::Sce { .. }
+            | Method::Multislerp(_)
+            | Method::Karcher { .. } => Streaming::Whole,
         }
     }
 
@@ -468,6 +537,7 @@ impl Kernel {
             // Every input's task vector as float32, and (sce) the variances and pairs.
             Method::RamplusTl { .. } => (inputs * 4 * numel) as u64,
             Method::Sce { .. } => ((inputs + 3) * 4 * numel) as u64,
+            Method::Karcher { .. } => karcher::scratch_bytes(numel, inputs),
             _ => 0,
         }
     }
@@ -485,8 +555,15 @@ impl Kernel {
                     ram::merge_ramplus(self, (*r, *alpha, *epsilon), numel, inputs, out)
                 }
                 Method::Sce { select_topk } => sce::merge(self, *select_topk, numel, inputs, out),
+                Method::Multislerp(m) => m.merge(self, numel, inputs, out),
+                Method::Karcher { max_iter, tol } => {
+                    karcher::merge(self, *max_iter, *tol, numel, inputs, out)
+                }
                 _ => unreachable!("the whole-tensor kernels are listed here"),
             },
+            Streaming::Rows(row) if self.model_stock().is_none() => {
+                self.merge_rows(row, 0, numel / row.max(1), inputs, out)
+            }
             Streaming::Statistics if self.model_stock().is_none() => {
                 let mut prepared = Prepared::Nothing;
                 for pass in 0..self.stats_passes() {
@@ -534,10 +611,19 @@ impl Kernel {
                 slerp::apply(self, (ca, cb), inputs, len, out)
             }
             (Method::Slerp { .. }, _) => unreachable!("slerp's apply pass needs its coefficients"),
-            (Method::Ram { epsilon }, _) => ram::apply_ram(self, *epsilon, inputs, at, len, out),
-            (Method::Gta(_) | Method::RamplusTl { .. } | Method::Sce { .. }, _) => {
-                unreachable!("whole-tensor kernels are merged whole")
+            (Method::Nuslerp(n), Prepared::Nuslerp { .. }) => {
+                n.apply(self, prepared, inputs, len, out)
             }
+            (Method::Nuslerp(_), _) => unreachable!("nuslerp's apply pass needs its coefficients"),
+            (Method::Ram { epsilon }, _) => ram::apply_ram(self, *epsilon, inputs, at, len, out),
+            (
+                Method::Gta(_)
+                | Method::RamplusTl { .. }
+                | Method::Sce { .. }
+                | Method::Multislerp(_)
+                | Method::Karcher { .. },
+                _,
+            ) => unreachable!("whole-tensor kernels are merged whole"),
         }
     }
 
@@ -551,16 +637,20 @@ impl Kernel {
         inputs: &[InputView],
         out: &mut [u8],
     ) {
-        self.model_stock()
-            .expect("only model_stock merges by rows")
-            .merge_rows(row, first_row, rows, inputs, out)
+        match &self.method {
+            Method::Nuslerp(n) => n.merge_rows(self, row, inputs, out),
+            _ => self
+                .model_stock()
+                .expect("model_stock merges by rows")
+                .merge_rows(row, first_row, rows, inputs, out),
+        }
     }
 
     /// How many statistics passes a [`Streaming::Statistics`] kernel makes before its
     /// output pass (each pass reads the whole tensor in element order).
     pub fn stats_passes(&self) -> usize {
         match &self.method {
-            Method::Slerp { .. } => 2,
+            Method::Slerp { .. } | Method::Nuslerp(_) => 2,
             _ => 1,
         }
     }
@@ -580,6 +670,7 @@ impl Kernel {
                 debug_assert_eq!(pass == 0, prior == Prepared::Nothing);
                 StatsAcc::Slerp(slerp::begin(prior, numel))
             }
+            (Method::Nuslerp(n), None) => StatsAcc::Nuslerp(Box::new(n.begin(self, prior, numel))),
             _ => unreachable!("only the statistics kernels gather statistics"),
         }
     }
@@ -592,6 +683,7 @@ impl Kernel {
                 .expect("model_stock's statistics")
                 .feed_stats(a, inputs, 0, len),
             StatsAcc::Slerp(a) => slerp::feed(self, a, inputs, len),
+            StatsAcc::Nuslerp(a) => a.feed(self, inputs, len),
         }
     }
 
@@ -605,6 +697,8 @@ impl Kernel {
             ),
             (StatsAcc::Slerp(a), Method::Slerp { t }) => slerp::finish(a, *t),
             (StatsAcc::Slerp(_), _) => unreachable!("slerp's statistics"),
+            (StatsAcc::Nuslerp(a), Method::Nuslerp(n)) => n.finish(self, a),
+            (StatsAcc::Nuslerp(_), _) => unreachable!("nuslerp's statistics"),
         }
     }
 }

@@ -68,17 +68,20 @@ pub(super) fn tensor_names(models: &[ModelSource]) -> Vec<&str> {
     names
 }
 
-/// The inputs of output tensor `out`, in its order, checked to agree with the first in
-/// shape and in being a float; with the first's shape and dtype. A model without lm_head
-/// lends its embedding (tied weights).
+/// The inputs of output tensor `out`, in its order, checked to agree with the base (else
+/// the first input) in shape and in being a float; with the base's shape and dtype. A
+/// model without lm_head lends its embedding (tied weights).
 pub(super) fn input_slices<'a>(
     out: &OutTensor,
     models: &'a [ModelSource],
     file_ids: &[Vec<usize>],
 ) -> Result<(Vec<InputSlice>, &'a [usize], Dtype), PlanError> {
-    let mut slices = Vec::with_capacity(out.inputs.len());
+    let mut slices: Vec<Option<InputSlice>> = vec![None; out.inputs.len()];
     let mut base_meta: Option<(&[usize], Dtype)> = None;
-    for input in &out.inputs {
+    let first = out.base.unwrap_or(0);
+    let order = std::iter::once(first).chain((0..out.inputs.len()).filter(|&k| k != first));
+    for k in order {
+        let input = &out.inputs[k];
         let (mi, name) = (input.model, input.tensor.as_str());
         let m = &models[mi];
         let tied = name == LM_HEAD && !m.tensors.contains_key(LM_HEAD);
@@ -128,7 +131,7 @@ pub(super) fn input_slices<'a>(
             }
         }
         let lora = lora_slice(if tied { EMBED } else { name }, m, t, &file_ids[mi])?;
-        slices.push(InputSlice {
+        slices[k] = Some(InputSlice {
             file: file_ids[mi][t.file],
             range: t.start..t.end,
             dtype: t.dtype,
@@ -137,6 +140,10 @@ pub(super) fn input_slices<'a>(
         });
     }
     let (shape, dtype) = base_meta.expect("at least one model");
+    let slices = slices
+        .into_iter()
+        .map(|s| s.expect("every input"))
+        .collect();
     Ok((slices, shape, dtype))
 }
 

@@ -63,6 +63,15 @@ impl TensorMerge<'_> {
         self.tensor.base == Some(self.order[k])
     }
 
+    /// A per-input parameter of the inputs besides the base, in the kernel's order.
+    fn non_base(&self, param: &str) -> Result<Vec<f64>, ParamError> {
+        let all = self.per_input(param)?;
+        Ok((0..all.len())
+            .filter(|&k| !self.is_base(k))
+            .map(|k| all[k])
+            .collect())
+    }
+
     /// A per-input parameter for each input, in the kernel's order (0 for the base of a
     /// parameter that skips it). Each input's value sees that input's tensor name.
     fn per_input(&self, param: &str) -> Result<Vec<f64>, ParamError> {
@@ -117,6 +126,16 @@ impl TensorMerge<'_> {
                 select_topk: value("select_topk")?,
             },
             MethodName::Slerp => Method::Slerp { t: value("t")? },
+            MethodName::Nuslerp => self.nuslerp(tensor)?,
+            MethodName::Karcher => Method::Karcher {
+                max_iter: value("max_iter")?.max(0.0) as usize,
+                tol: value("tol")?,
+            },
+            MethodName::Multislerp => Method::Multislerp(crate::merge::Multislerp {
+                weights: self.non_base("weight")?,
+                normalize: flag("normalize_weights")?,
+                eps: value("eps")?,
+            }),
             // NaN stands for an unset scale (mergekit's None).
             MethodName::Passthrough => Method::Passthrough {
                 scale: Some(self.per_input("scale")?[0]).filter(|s| !s.is_nan()),
@@ -142,6 +161,27 @@ impl TensorMerge<'_> {
             });
         }
         Ok(Method::Linear { weights, normalize })
+    }
+
+    /// nuslerp: `t` from the two non-base weights as mergekit computes it (Python floats);
+    /// rows along the first axis (a transposed, strided sum) are refused.
+    fn nuslerp(&self, tensor: &str) -> Result<Method, ParamError> {
+        let w = self.non_base("weight")?;
+        let total = w[0] + w[1];
+        let t = if total.abs() < 1e-6 {
+            0.5
+        } else {
+            w[1] / total
+        };
+        let flatten = self.shared("nuslerp_flatten", tensor)? != 0.0;
+        if !flatten && self.shared("nuslerp_row_wise", tensor)? != 0.0 {
+            return Err(ParamError::Invalid {
+                param: "nuslerp_row_wise",
+                tensor: tensor.to_string(),
+                message: "rows along the first axis (mergekit transposes the tensor and sums it strided, in an order not reproduced here) are not supported; use `nuslerp_flatten` (the default) or rows along the last axis".into(),
+            });
+        }
+        Ok(Method::Nuslerp(crate::merge::Nuslerp { t, flatten }))
     }
 
     fn gta(&self, family: Family, tensor: &str) -> Result<Gta, ParamError> {

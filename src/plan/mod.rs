@@ -555,7 +555,8 @@ fn tensor_job(
     opts: PlanOptions,
 ) -> Result<TensorJob, PlanError> {
     let config = merge.config;
-    let slices_base_scale = slices[0].scale.as_ref().map(|s| s.blocks);
+    let base = merge.tensor.base.unwrap_or(0);
+    let slices_base_scale = slices[base].scale.as_ref().map(|s| s.blocks);
     // Low-precision floats are weights, not integers to copy; merging them needs their
     // block scales, which model_stock here does not apply. Refuse rather than copy
     // the base's bytes and call it a merge.
@@ -571,7 +572,7 @@ fn tensor_job(
         });
     }
     let (dtype, op) = if is_float(base_dtype) {
-        let first = slices[0].value_dtype();
+        let first = slices[base].value_dtype();
         let work = config
             .dtype
             .unwrap_or_else(|| match WorkDtype::from_st(first) {
@@ -607,7 +608,7 @@ fn tensor_job(
         )
     } else {
         // Not a float: copied from the base, else the first input.
-        let input = slices.swap_remove(merge.tensor.base.unwrap_or(0));
+        let input = slices.swap_remove(base);
         (base_dtype, Op::Copy { input })
     };
     // --quantize fp8: what is FP8 in the base is written as FP8, in the base's blocks.

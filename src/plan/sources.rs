@@ -14,7 +14,6 @@ use std::collections::BTreeSet;
 use super::inputs::LM_HEAD;
 use super::PlanError;
 use crate::config::{MergeConfig, Slice};
-use crate::merge::BaseUse;
 use crate::params::{layer_t, Params};
 use crate::source::ModelSource;
 
@@ -317,8 +316,8 @@ fn is_scale_of_fp8(m: &ModelSource, name: &str) -> bool {
 /// first for the methods that take task vectors from it, else mergekit's order.
 pub(super) fn kernel_order(config: &MergeConfig, t: &OutTensor) -> Vec<usize> {
     let n = t.inputs.len();
-    match (config.method.base_use(), t.base) {
-        (BaseUse::Required, Some(b)) => std::iter::once(b)
+    match (config.method.base_use().apart(), t.base) {
+        (true, Some(b)) => std::iter::once(b)
             .chain((0..n).filter(|&i| i != b))
             .collect(),
         _ => (0..n).collect(),

@@ -708,6 +708,19 @@ fn method_to_wire(m: &Method) -> pb::kernel_params::Method {
             select_topk: *select_topk,
         }),
         Method::Slerp { t } => W::Slerp(pb::Slerp { t: *t }),
+        Method::Karcher { max_iter, tol } => W::Karcher(pb::Karcher {
+            max_iter: *max_iter as u64,
+            tol: *tol,
+        }),
+        Method::Multislerp(m) => W::Multislerp(pb::Multislerp {
+            weights: m.weights.clone(),
+            normalize: m.normalize,
+            eps: m.eps,
+        }),
+        Method::Nuslerp(n) => W::Nuslerp(pb::Nuslerp {
+            t: n.t,
+            flatten: n.flatten,
+        }),
         Method::Passthrough { scale } => W::Passthrough(pb::Passthrough { scale: *scale }),
     }
 }
@@ -798,6 +811,38 @@ fn method_from_wire(
                 ));
             }
             Ok(Method::Slerp { t: p.t })
+        }
+        Some(W::Karcher(p)) => {
+            at_least(1, "karcher needs an input")?;
+            Ok(Method::Karcher {
+                max_iter: usize::try_from(p.max_iter)
+                    .map_err(|_| "karcher's max_iter".to_string())?,
+                tol: p.tol,
+            })
+        }
+        Some(W::Multislerp(p)) => {
+            let n = p.weights.len();
+            if n == 0 || !(n..=n + 1).contains(&inputs) {
+                return Err(format!(
+                    "multislerp: {n} weights for {inputs} inputs (one per model besides an optional base)"
+                ));
+            }
+            Ok(Method::Multislerp(crate::merge::Multislerp {
+                weights: p.weights.clone(),
+                normalize: p.normalize,
+                eps: p.eps,
+            }))
+        }
+        Some(W::Nuslerp(p)) => {
+            if !(2..=3).contains(&inputs) {
+                return Err(format!(
+                    "nuslerp takes two models and an optional base, got {inputs} inputs"
+                ));
+            }
+            Ok(Method::Nuslerp(crate::merge::Nuslerp {
+                t: p.t,
+                flatten: p.flatten,
+            }))
         }
         Some(W::Passthrough(p)) => {
             if inputs != 1 {

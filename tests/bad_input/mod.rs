@@ -54,8 +54,8 @@ const BAD: &[Bad] = &[
     },
     Bad {
         name: "unknown method",
-        setup: |d| tiny(d).replace("model_stock", "karcher"),
-        words: &["merge_method", "karcher", "not implemented yet"],
+        setup: |d| tiny(d).replace("model_stock", "arcee_fusion"),
+        words: &["merge_method", "arcee_fusion", "not implemented yet"],
     },
     Bad {
         name: "one fine-tune",

@@ -78,6 +78,22 @@ const CASES: &[(&str, &str)] = &[
     ("slerp_f16_slices", "[SLERP]"),
     ("slerp_f32_gradient", "[SLERP]"),
     ("slerp_f32_gpt2_slices", "[SLERP]"),
+    ("nuslerp_bf16_base", "using the NuSLERP merge method"),
+    ("nuslerp_f32_rows", "NuSLERP"),
+    ("nuslerp_f16_plain", "NuSLERP"),
+    (
+        "multislerp_bf16_base",
+        "[Multi-SLERP](https://goddard.blog/posts/multislerp-wow-what-a-cool-idea)",
+    ),
+    ("multislerp_f32_plain", "[Multi-SLERP]"),
+    ("multislerp_f16_three", "[Multi-SLERP]"),
+    (
+        "karcher_bf16",
+        "[Karcher Mean](https://arxiv.org/abs/2603.04972)",
+    ),
+    ("karcher_far_bf16", "[Karcher Mean]"),
+    ("karcher_f16_iter", "[Karcher Mean]"),
+    ("karcher_f32", "[Karcher Mean]"),
     (
         "passthrough_bf16_frankenmerge",
         "using the Passthrough merge method",
@@ -116,10 +132,10 @@ pub fn mkl_rt() -> PathBuf {
 }
 
 /// The environment a case's merge runs in: MKL's transcendental functions for the
-/// spherical methods (their float32 bits depend on them, and now and then a 16-bit
+/// spherical methods (slerp, nuslerp, multislerp, karcher) (their float32 bits depend on them, and now and then a 16-bit
 /// rounding does: one float16 tensor of `five_slerp_f16` without them).
 fn case_env(case: &str) -> Vec<(String, String)> {
-    if case.contains("slerp") {
+    if case.contains("slerp") || case.contains("karcher") {
         vec![("MERGEFLEET_MKL_RT".into(), mkl_rt().display().to_string())]
     } else {
         // Not inherited from the test's environment either: the C library's functions.
@@ -279,6 +295,10 @@ fn real_size_tensors_equal_mergekit() {
         "real_slerp_f32",
         "five_slerp_f16",
         "five_passthrough_f32",
+        "real_nuslerp_bf16",
+        "five_nuslerp_f32",
+        "five_multislerp_f32",
+        "real_multislerp_bf16",
     ] {
         sized_equals_mergekit(case, &[]);
     }

@@ -1,6 +1,6 @@
-//! `slices:` (layer surgery) and the methods that use it most, slerp and passthrough:
-//! transformers (the real client) loads the merges, `plan` shows the layer map, bad slices
-//! are refused naming the slice, and the goldens hold streamed and on three workers.
+//! `slices:` (layer surgery) and the spherical methods and passthrough: transformers (the
+//! real client) loads the sliced merges, `plan` shows the layer map, bad slices and
+//! parameters are refused naming them, and the goldens hold streamed and on three workers.
 
 use super::*;
 
@@ -91,7 +91,7 @@ fn plan_shows_the_output_layer_map() {
 }
 
 #[test]
-fn bad_slices_are_refused_naming_the_slice() {
+fn bad_slices_and_spherical_parameters_are_refused_naming_them() {
     let work = tmp();
     let models = dir().join("models");
     let cases = [
@@ -115,6 +115,18 @@ fn bad_slices_are_refused_naming_the_slice() {
             "models:\n  - model: M/ft1\n  - model: M/base\nmerge_method: slerp\nbase_model: M/base\n",
             &["missing required parameter `t`"][..],
         ),
+        (
+            "models:\n  - model: M/ft1\n    parameters: {weight: 1}\n  - model: M/ft2\n    parameters: {weight: 1}\nmerge_method: nuslerp\nparameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n",
+            &["nuslerp_row_wise", "not supported"][..],
+        ),
+        (
+            "models:\n  - model: M/ft1\n  - model: M/ft2\n  - model: M/ft3\nmerge_method: nuslerp\nparameters: {weight: 1}\n",
+            &["`models`", "nuslerp takes exactly 2 models"][..],
+        ),
+        (
+            "models:\n  - model: M/ft1\n  - model: M/ft2\nmerge_method: multislerp\nbase_model: M/base\n",
+            &["missing required parameter `weight`", "ft1"][..],
+        ),
     ];
     for (yaml, words) in cases {
         let cfg = work.path().join("config.yml");
@@ -132,7 +144,7 @@ fn bad_slices_are_refused_naming_the_slice() {
 #[test]
 fn sliced_and_spherical_merges_stream_and_spread_over_workers() {
     // Windows smaller than slerp's 2^20-element chunks, crossing their bounds, on one
-    // thread: the norms, the cosine and the output are the same.
+    // thread: the norms, the cosine and the output are the same (nuslerp's too).
     sized_equals_mergekit(
         "real_slerp_bf16",
         &["--memory-limit", "48MB", "--threads", "1"],
@@ -148,10 +160,18 @@ fn sliced_and_spherical_merges_stream_and_spread_over_workers() {
             "1",
         ],
     );
+    sized_equals_mergekit(
+        "real_nuslerp_bf16",
+        &["--memory-limit", "48MB", "--threads", "1"],
+    );
     for case in [
         "slerp_f16_slices",
         "slerp_f32_gpt2_slices",
         "passthrough_bf16_frankenmerge",
+        "nuslerp_bf16_base",
+        "nuslerp_f32_rows",
+        "multislerp_f16_three",
+        "karcher_far_bf16",
     ] {
         merge_equals_mergekit(
             case,
@@ -189,9 +209,6 @@ fn sliced_and_spherical_merges_stream_and_spread_over_workers() {
         }
         let cfg: serde_json::Value =
             serde_json::from_slice(&std::fs::read(target.join("config.json")).unwrap()).unwrap();
-        assert!(
-            cfg["num_hidden_layers"].is_u64() || cfg["n_layer"].is_u64(),
-            "{cfg}"
-        );
+        assert_eq!(cfg["dtype"], expected(case)["config_dtype"], "{case}");
     }
 }
