@@ -145,6 +145,11 @@ impl MergeConfig {
             ),
         };
         let parameters = params_at(map.get("parameters"), "parameters", method, &mut warnings)?;
+        if method == MethodName::ArceeFusion {
+            warnings.push(
+                "arcee_fusion is not bit for bit: mergekit's own result depends on the CPU (its softmax); mergefleet keeps mergekit's elements but for some whose importance is within rounding of the threshold (docs/numerics.md)".into(),
+            );
+        }
         Ok(MergeConfig {
             method,
             base_model,

@@ -10,6 +10,7 @@ pub(crate) mod numeric;
 pub(crate) mod simd;
 pub mod torch;
 
+mod arcee_fusion;
 mod gta;
 mod karcher;
 mod linear;
@@ -27,6 +28,7 @@ mod task_arithmetic;
 pub mod vml;
 mod wide;
 
+pub use arcee_fusion::draws as arcee_fusion_draws;
 pub use gta::{Family, Gta};
 pub use multislerp::Multislerp;
 pub use nuslerp::Nuslerp;
@@ -125,6 +127,7 @@ pub enum MethodName {
     Nuslerp,
     Multislerp,
     Karcher,
+    ArceeFusion,
     Passthrough,
 }
 
@@ -168,6 +171,7 @@ impl MethodName {
         Self::Nuslerp,
         Self::Multislerp,
         Self::Karcher,
+        Self::ArceeFusion,
         Self::Passthrough,
     ];
 
@@ -188,6 +192,7 @@ impl MethodName {
             Self::Nuslerp => "nuslerp",
             Self::Multislerp => "multislerp",
             Self::Karcher => "karcher",
+            Self::ArceeFusion => "arcee_fusion",
             Self::Passthrough => "passthrough",
         }
     }
@@ -206,6 +211,7 @@ impl MethodName {
             Self::Nuslerp => "NuSLERP",
             Self::Multislerp => "Multi-SLERP",
             Self::Karcher => "Karcher Mean",
+            Self::ArceeFusion => "Arcee Fusion",
             Self::Passthrough => "Passthrough",
         }
     }
@@ -222,6 +228,7 @@ impl MethodName {
             Self::Slerp => "https://en.wikipedia.org/wiki/Slerp",
             Self::Multislerp => "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
             Self::Karcher => "https://arxiv.org/abs/2603.04972",
+            Self::ArceeFusion => "https://arcee.ai",
             Self::Nuslerp | Self::Passthrough => return None,
         })
     }
@@ -240,6 +247,7 @@ impl MethodName {
             Self::Nuslerp => nuslerp::PARAMS,
             Self::Multislerp => multislerp::PARAMS,
             Self::Karcher => karcher::PARAMS,
+            Self::ArceeFusion => arcee_fusion::PARAMS,
             Self::Passthrough => passthrough::PARAMS,
         }
     }
@@ -252,7 +260,8 @@ impl MethodName {
             | Self::Ram
             | Self::RamplusTl
             | Self::Sce
-            | Self::Slerp => BaseUse::Required,
+            | Self::Slerp
+            | Self::ArceeFusion => BaseUse::Required,
             Self::Linear | Self::Passthrough | Self::Karcher => BaseUse::Input,
             Self::Nuslerp | Self::Multislerp => BaseUse::Optional,
         }
@@ -267,7 +276,7 @@ impl MethodName {
     /// The most inputs besides a required base, when limited.
     pub fn max_inputs(self) -> Option<usize> {
         match self {
-            Self::Nearswap | Self::Slerp | Self::Passthrough => Some(1),
+            Self::Nearswap | Self::Slerp | Self::Passthrough | Self::ArceeFusion => Some(1),
             Self::Nuslerp => Some(2),
             _ => None,
         }
@@ -284,7 +293,7 @@ impl MethodName {
     /// writes float32 tensors for it even with `dtype: bfloat16`).
     pub fn result_dtype(self, work: WorkDtype) -> WorkDtype {
         match self {
-            Self::RamplusTl => WorkDtype::F32,
+            Self::RamplusTl | Self::ArceeFusion => WorkDtype::F32,
             _ => work,
         }
     }
@@ -335,6 +344,12 @@ pub enum Method {
     Nuslerp(nuslerp::Nuslerp),
     /// Inputs: the base when there is one, then the others.
     Multislerp(multislerp::Multislerp),
+    /// Inputs: base, then the other. Tensors over 2^20 elements draw from the random
+    /// stream at `offset`.
+    ArceeFusion {
+        seed: u64,
+        offset: u64,
+    },
     /// Inputs in mergekit's order, each weighing the same.
     Karcher {
         max_iter: usize,
@@ -396,6 +411,7 @@ impl Method {
             Method::Karcher { max_iter, tol } => {
                 vec![("max_iter", json!(max_iter)), ("tol", json!(tol))]
             }
+            Method::ArceeFusion { offset, .. } => vec![("random_offset", json!(offset))],
             Method::Passthrough { scale } => vec![("scale", json!(scale))],
         }
     }
@@ -425,6 +441,7 @@ impl Method {
             Method::Nuslerp(_) => MethodName::Nuslerp,
             Method::Multislerp(_) => MethodName::Multislerp,
             Method::Karcher { .. } => MethodName::Karcher,
+            Method::ArceeFusion { .. } => MethodName::ArceeFusion,
             Method::Passthrough { .. } => MethodName::Passthrough,
         }
     }
@@ -525,7 +542,8 @@ impl Kernel {
             | Method::RamplusTl { .. }
             | Method::Sce { .. }
             | Method::Multislerp(_)
-            | Method::Karcher { .. } => Streaming::Whole,
+            | Method::Karcher { .. }
+            | Method::ArceeFusion { .. } => Streaming::Whole,
         }
     }
 
@@ -538,6 +556,7 @@ impl Kernel {
             Method::RamplusTl { .. } => (inputs * 4 * numel) as u64,
             Method::Sce { .. } => ((inputs + 3) * 4 * numel) as u64,
             Method::Karcher { .. } => karcher::scratch_bytes(numel, inputs),
+            Method::ArceeFusion { .. } => arcee_fusion::scratch_bytes(numel),
             _ => 0,
         }
     }
@@ -558,6 +577,9 @@ impl Kernel {
                 Method::Multislerp(m) => m.merge(self, numel, inputs, out),
                 Method::Karcher { max_iter, tol } => {
                     karcher::merge(self, *max_iter, *tol, numel, inputs, out)
+                }
+                Method::ArceeFusion { seed, offset } => {
+                    arcee_fusion::merge(self, *seed, *offset, shape, inputs, out)
                 }
                 _ => unreachable!("the whole-tensor kernels are listed here"),
             },
@@ -621,7 +643,8 @@ impl Kernel {
                 | Method::RamplusTl { .. }
                 | Method::Sce { .. }
                 | Method::Multislerp(_)
-                | Method::Karcher { .. },
+                | Method::Karcher { .. }
+                | Method::ArceeFusion { .. },
                 _,
             ) => unreachable!("whole-tensor kernels are merged whole"),
         }

@@ -1,11 +1,11 @@
-//! float32 `acos`, `sin` and `cos` as torch computes them.
+//! float32 `acos`, `sin`, `cos`, `exp` and `ln` as torch computes them.
 //!
 //! torch's float32 transcendental functions on CPU are Intel MKL's vector math (VML), whose
 //! last bit differs from the C library's on a few percent of inputs; slerp's coefficients
 //! come from four such calls per tensor, so a float32 slerp is bit-exact only with MKL's.
 //! MKL is not ours to ship: a user who wants those bits points `MERGEFLEET_MKL_RT` at the
 //! `libmkl_rt.so.2` of the MKL torch bundles (2024.2, e.g. PyPI's `mkl==2024.2.2`), and we
-//! call its `vsAcos`/`vsSin`/`vsCos` on one element. Without it, the C library's functions
+//! call its `vsAcos`/`vsSin`/`vsCos`/`vsExp`/`vsLn` on one element. Without it, the C library's functions
 //! are used (16-bit results are nearly always the same; see docs/numerics.md).
 
 use std::ffi::{c_char, c_int, c_void, CString};
@@ -20,6 +20,8 @@ struct Vml {
     acos: Unary,
     sin: Unary,
     cos: Unary,
+    exp: Unary,
+    ln: Unary,
 }
 
 static VML: OnceLock<Option<Vml>> = OnceLock::new();
@@ -78,6 +80,8 @@ fn load(path: &str) -> Result<Vml, VmlError> {
         acos: sym("vsAcos")?,
         sin: sym("vsSin")?,
         cos: sym("vsCos")?,
+        exp: sym("vsExp")?,
+        ln: sym("vsLn")?,
     })
 }
 
@@ -123,4 +127,12 @@ pub fn sin(x: f32) -> f32 {
 
 pub fn cos(x: f32) -> f32 {
     call(|v| v.cos, x, f32::cos)
+}
+
+pub fn exp(x: f32) -> f32 {
+    call(|v| v.exp, x, f32::exp)
+}
+
+pub fn ln(x: f32) -> f32 {
+    call(|v| v.ln, x, f32::ln)
 }

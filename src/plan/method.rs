@@ -127,6 +127,10 @@ impl TensorMerge<'_> {
             },
             MethodName::Slerp => Method::Slerp { t: value("t")? },
             MethodName::Nuslerp => self.nuslerp(tensor)?,
+            MethodName::ArceeFusion => Method::ArceeFusion {
+                seed: self.seed,
+                offset: 0,
+            },
             MethodName::Karcher => Method::Karcher {
                 max_iter: value("max_iter")?.max(0.0) as usize,
                 tol: value("tol")?,
@@ -251,8 +255,8 @@ pub(super) fn set_offsets(jobs: &mut [super::TensorJob], order: &[usize]) -> boo
         let j = &mut jobs[i];
         let numel = j.numel();
         if let super::Op::Merge { kernel, .. } = &mut j.op {
-            if let Method::Gta(g) = &mut kernel.method {
-                if g.family.random() {
+            match &mut kernel.method {
+                Method::Gta(g) if g.family.random() => {
                     draws = true;
                     g.offset = offset;
                     offset += g.densities[1..]
@@ -260,6 +264,13 @@ pub(super) fn set_offsets(jobs: &mut [super::TensorJob], order: &[usize]) -> boo
                         .map(|&d| g.family.draws(d, numel))
                         .sum::<u64>();
                 }
+                Method::ArceeFusion { offset: at, .. } => {
+                    let n = crate::merge::arcee_fusion_draws(numel);
+                    draws |= n > 0;
+                    *at = offset;
+                    offset += n;
+                }
+                _ => {}
             }
         }
     }

@@ -708,6 +708,10 @@ fn method_to_wire(m: &Method) -> pb::kernel_params::Method {
             select_topk: *select_topk,
         }),
         Method::Slerp { t } => W::Slerp(pb::Slerp { t: *t }),
+        Method::ArceeFusion { seed, offset } => W::ArceeFusion(pb::ArceeFusion {
+            seed: *seed,
+            offset: *offset,
+        }),
         Method::Karcher { max_iter, tol } => W::Karcher(pb::Karcher {
             max_iter: *max_iter as u64,
             tol: *tol,
@@ -811,6 +815,17 @@ fn method_from_wire(
                 ));
             }
             Ok(Method::Slerp { t: p.t })
+        }
+        Some(W::ArceeFusion(p)) => {
+            if inputs != 2 {
+                return Err(format!(
+                    "arcee_fusion takes a base and one model, got {inputs} inputs"
+                ));
+            }
+            Ok(Method::ArceeFusion {
+                seed: p.seed,
+                offset: p.offset,
+            })
         }
         Some(W::Karcher(p)) => {
             at_least(1, "karcher needs an input")?;

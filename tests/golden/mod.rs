@@ -300,7 +300,7 @@ fn plan_prints_what_a_merge_would_do() {
 }
 
 /// A float tensor's values, widened exactly to f64.
-fn values(dtype: &str, bytes: &[u8]) -> Vec<f64> {
+pub(crate) fn values(dtype: &str, bytes: &[u8]) -> Vec<f64> {
     match dtype {
         "BF16" => bytes
             .chunks_exact(2)
