@@ -330,7 +330,7 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
         .count();
     if whole > 0 {
         println!(
-            "streaming:      {} merges whole tensors (it selects or draws over each whole task vector): {whole} tensor(s) are never streamed in windows",
+            "streaming:      {} merges whole tensors (each output element depends on the whole tensor): {whole} tensor(s) are never streamed in windows",
             job.config.method.name()
         );
     }

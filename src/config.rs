@@ -839,7 +839,6 @@ mod tests {
             ("models: [", "not valid YAML"),
             ("- 1\n", "top level"),
             ("models:\n  - model: a\n  - model: b\nbase_model: x\n", "merge_method"),
-            ("models:\n  - model: a\n  - model: b\nmerge_method: arcee_fusion\nbase_model: x\n", "`arcee_fusion`"),
             ("models:\n  - model: a\n  - model: b\nmerge_method: slerp\nbase_model: x\n", "exactly 1 model besides the base"),
             ("models:\n  - model: a\n  - model: b\nmerge_method: avg\nbase_model: x\n", "not a mergekit method"),
             ("models:\n  - model: a\nmerge_method: task_arithmetic\n", "base_model"),

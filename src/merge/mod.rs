@@ -557,6 +557,8 @@ impl Kernel {
             Method::Sce { .. } => ((inputs + 3) * 4 * numel) as u64,
             Method::Karcher { .. } => karcher::scratch_bytes(numel, inputs),
             Method::ArceeFusion { .. } => arcee_fusion::scratch_bytes(numel),
+            // Rows along the first axis: both inputs as float32, whole.
+            Method::Nuslerp(n) if n.row_wise => (8 * numel) as u64,
             _ => 0,
         }
     }
@@ -581,6 +583,7 @@ impl Kernel {
                 Method::ArceeFusion { seed, offset } => {
                     arcee_fusion::merge(self, *seed, *offset, shape, inputs, out)
                 }
+                Method::Nuslerp(n) => n.merge_columns(self, shape, inputs, out),
                 _ => unreachable!("the whole-tensor kernels are listed here"),
             },
             Streaming::Rows(row) if self.model_stock().is_none() => {

@@ -8,13 +8,13 @@
 //! R(u_0 u_1)), -1, 1)` (a cascade sum), collinear where `R(1 - R(cos^2)) <= R(1e-16)`;
 //! `th = R(acos(cos))`, `out = R(R(R(sin(R(th (1-t))) v_0) + R(sin(R(th t)) v_1)) / R(sin th))`,
 //! or `R(R(v_0 (1-t)) + R(v_1 t))` when collinear; with a base `v_i = R(x_i - base)` and
-//! `R(base + out)`. `nuslerp_row_wise` (rows along the first axis, through a transpose whose
-//! strided sums are not reproduced) is refused by the plan.
+//! `R(base + out)`. `nuslerp_row_wise` takes rows along the first axis (the columns),
+//! through a transpose whose strided sums torch takes in their own orders (whole tensors).
 
 use rayon::prelude::*;
 
 use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
-use super::torch::{CascadeSum, NormSum, LANES};
+use super::torch::{outer_sum, CascadeSum, NormSum, LANES};
 use super::{par_windows, row_len, vml, InputView, Kernel, Prepared, Streaming, WorkDtype};
 use crate::params::{Kind, ParamDef, Scope};
 
@@ -32,8 +32,10 @@ pub struct Nuslerp {
     /// `w1 / (w0 + w1)` (0.5 when the weights sum to about zero), in float64 as Python
     /// computes it.
     pub t: f64,
-    /// One row of the whole tensor (else rows along the last axis).
+    /// One row of the whole tensor (else rows along an axis).
     pub flatten: bool,
+    /// Without `flatten`: rows along the first axis (else the last).
+    pub row_wise: bool,
 }
 
 /// A statistics pass over a flattened tensor: the two norms, then the cosine.
@@ -74,12 +76,15 @@ impl Nuslerp {
         vec![
             ("t", serde_json::json!(self.t)),
             ("nuslerp_flatten", serde_json::json!(self.flatten)),
+            ("nuslerp_row_wise", serde_json::json!(self.row_wise)),
         ]
     }
 
     pub fn streaming(&self, shape: &[usize]) -> Streaming {
         if self.flatten {
             Streaming::Statistics
+        } else if self.row_wise && shape.len() > 1 {
+            Streaming::Whole
         } else {
             Streaming::Rows(row_len(shape).max(1))
         }
@@ -138,6 +143,69 @@ impl Nuslerp {
             WorkDtype::F16 => apply_range::<F16>(p, inputs, start, len, od, out),
             _ => apply_range::<F32>(p, inputs, start, len, od, out),
         })
+    }
+
+    /// `nuslerp_row_wise`: rows along the first axis, i.e. each column of the tensor seen as
+    /// `[rows, numel / rows]`, on its own. torch reduces the transposed tensor strided: each
+    /// column's norm is a sequential float32 sum of squares down the rows, its cosine
+    /// torch's outer sum (`torch::outer_sum`: float32 by column group, 16-bit sequential).
+    pub fn merge_columns(&self, k: &Kernel, shape: &[usize], inputs: &[InputView], out: &mut [u8]) {
+        match k.work {
+            WorkDtype::BF16 => self.columns_r::<Bf16>(k, shape, inputs, out),
+            WorkDtype::F16 => self.columns_r::<F16>(k, shape, inputs, out),
+            _ => self.columns_r::<F32>(k, shape, inputs, out),
+        }
+    }
+
+    fn columns_r<R: Round>(
+        &self,
+        k: &Kernel,
+        shape: &[usize],
+        inputs: &[InputView],
+        out: &mut [u8],
+    ) {
+        let numel: usize = shape.iter().product();
+        let rows = shape[0].max(1);
+        let cols = numel / rows;
+        let (mut v0, mut v1) = (vec![0f32; numel], vec![0f32; numel]);
+        v0.par_chunks_mut(MICRO)
+            .zip(v1.par_chunks_mut(MICRO))
+            .enumerate()
+            .for_each(|(c, (a, b))| values::<R>(inputs, c * MICRO, a, b));
+        let floor = R::round(1e-7);
+        let prepared: Vec<Prepared> = (0..cols)
+            .into_par_iter()
+            .map(|c| {
+                let col = |v: &[f32]| (0..rows).map(|r| v[r * cols + c]).collect::<Vec<f32>>();
+                let (a, b) = (col(&v0), col(&v1));
+                let norm = |x: &[f32]| {
+                    let s = x.iter().fold(0f32, |s, v| s + v * v);
+                    R::round(s.sqrt()).max(floor)
+                };
+                let (na, nb) = (norm(&a), norm(&b));
+                let p: Vec<f32> = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| R::round(R::round(x / na) * R::round(y / nb)))
+                    .collect();
+                let dot = if R::DTYPE == safetensors::Dtype::F32 {
+                    outer_sum(&p, c, cols)
+                } else {
+                    p.iter().fold(0f32, |s, v| s + v)
+                };
+                self.coefficients::<R>(dot)
+            })
+            .collect();
+        let od = k.out.st_dtype();
+        let osz = k.out.size();
+        out.par_chunks_mut(cols * osz)
+            .enumerate()
+            .for_each(|(r, o)| {
+                let start = r * cols;
+                for (c, p) in prepared.iter().enumerate() {
+                    apply_range::<R>(*p, inputs, start + c, 1, od, &mut o[c * osz..(c + 1) * osz]);
+                }
+            });
     }
 
     /// Rows of `row` elements, each on its own (`inputs` and `out` hold whole rows).

@@ -168,7 +168,7 @@ impl TensorMerge<'_> {
     }
 
     /// nuslerp: `t` from the two non-base weights as mergekit computes it (Python floats);
-    /// rows along the first axis (a transposed, strided sum) are refused.
+    /// `nuslerp_row_wise` counts only without `nuslerp_flatten`, as in mergekit.
     fn nuslerp(&self, tensor: &str) -> Result<Method, ParamError> {
         let w = self.non_base("weight")?;
         let total = w[0] + w[1];
@@ -178,14 +178,12 @@ impl TensorMerge<'_> {
             w[1] / total
         };
         let flatten = self.shared("nuslerp_flatten", tensor)? != 0.0;
-        if !flatten && self.shared("nuslerp_row_wise", tensor)? != 0.0 {
-            return Err(ParamError::Invalid {
-                param: "nuslerp_row_wise",
-                tensor: tensor.to_string(),
-                message: "rows along the first axis (mergekit transposes the tensor and sums it strided, in an order not reproduced here) are not supported; use `nuslerp_flatten` (the default) or rows along the last axis".into(),
-            });
-        }
-        Ok(Method::Nuslerp(crate::merge::Nuslerp { t, flatten }))
+        let row_wise = !flatten && self.shared("nuslerp_row_wise", tensor)? != 0.0;
+        Ok(Method::Nuslerp(crate::merge::Nuslerp {
+            t,
+            flatten,
+            row_wise,
+        }))
     }
 
     fn gta(&self, family: Family, tensor: &str) -> Result<Gta, ParamError> {

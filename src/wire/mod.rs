@@ -724,6 +724,7 @@ fn method_to_wire(m: &Method) -> pb::kernel_params::Method {
         Method::Nuslerp(n) => W::Nuslerp(pb::Nuslerp {
             t: n.t,
             flatten: n.flatten,
+            row_wise: n.row_wise,
         }),
         Method::Passthrough { scale } => W::Passthrough(pb::Passthrough { scale: *scale }),
     }
@@ -857,6 +858,7 @@ fn method_from_wire(
             Ok(Method::Nuslerp(crate::merge::Nuslerp {
                 t: p.t,
                 flatten: p.flatten,
+                row_wise: p.row_wise,
             }))
         }
         Some(W::Passthrough(p)) => {

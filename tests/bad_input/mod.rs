@@ -54,8 +54,8 @@ const BAD: &[Bad] = &[
     },
     Bad {
         name: "unknown method",
-        setup: |d| tiny(d).replace("model_stock", "arcee_fusion"),
-        words: &["merge_method", "arcee_fusion", "not implemented yet"],
+        setup: |d| tiny(d).replace("model_stock", "model_soup"),
+        words: &["merge_method", "model_soup", "not a mergekit method"],
     },
     Bad {
         name: "one fine-tune",

@@ -286,17 +286,7 @@ fn a_429_burst_is_waited_out_and_a_redirect_to_another_host_gets_no_token() {
 /// The Python with huggingface_hub that `.ci/run` installs (`MERGEFLEET_HF_PYTHON` to use
 /// another).
 fn hf_python() -> PathBuf {
-    if let Ok(p) = std::env::var("MERGEFLEET_HF_PYTHON") {
-        return p.into();
-    }
-    let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
-    let p = PathBuf::from(tmp).join("mergefleet-ci-venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: run .ci/run once (it installs huggingface_hub there) or set MERGEFLEET_HF_PYTHON",
-        p.display()
-    );
-    p
+    ci_venv("bin/python", "MERGEFLEET_HF_PYTHON", "huggingface_hub")
 }
 
 /// Fill `cache` from `hub` with the real huggingface_hub client, as mergekit would

@@ -81,6 +81,8 @@ const CASES: &[(&str, &str)] = &[
     ("nuslerp_bf16_base", "using the NuSLERP merge method"),
     ("nuslerp_f32_rows", "NuSLERP"),
     ("nuslerp_f16_plain", "NuSLERP"),
+    ("nuslerp_bf16_row_wise", "NuSLERP"),
+    ("nuslerp_f32_row_wise", "NuSLERP"),
     (
         "multislerp_bf16_base",
         "[Multi-SLERP](https://goddard.blog/posts/multislerp-wow-what-a-cool-idea)",
@@ -118,17 +120,11 @@ fn sha256(b: &[u8]) -> String {
 /// MKL's single library, whose float32 acos/sin/cos torch uses (`.ci/run` installs PyPI's
 /// `mkl==2024.2.2` in its venv; `MERGEFLEET_MKL_RT` to use another).
 pub fn mkl_rt() -> PathBuf {
-    if let Ok(p) = std::env::var("MERGEFLEET_MKL_RT") {
-        return p.into();
-    }
-    let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
-    let p = PathBuf::from(tmp).join("mergefleet-ci-venv/lib/libmkl_rt.so.2");
-    assert!(
-        p.exists(),
-        "{} is missing: run .ci/run once (it installs mkl==2024.2.2 there) or set MERGEFLEET_MKL_RT",
-        p.display()
-    );
-    p
+    ci_venv(
+        "lib/libmkl_rt.so.2",
+        "MERGEFLEET_MKL_RT",
+        "PyPI's mkl==2024.2.2",
+    )
 }
 
 /// MKL's transcendental functions loaded.
@@ -384,6 +380,45 @@ fn plan_says_which_methods_take_whole_tensors() {
     assert!(!target.exists());
 }
 
+/// Small case `case` merged by a coordinator and 3 workers (a task per tensor, small
+/// shards, `--random-seed 0`), every tensor and config.json's dtype compared with mergekit's.
+fn three_workers_equal_mergekit(case: &str) {
+    let c = Cluster::new(&dir(), vec![]);
+    let out = tmp();
+    let target = out.path().join("out");
+    let cfg = dir().join(case).join("config.yml");
+    let mut coord = c.coordinator(
+        cfg.to_str().unwrap(),
+        target.to_str().unwrap(),
+        &[
+            "--task-size",
+            "1",
+            "--out-shard-size",
+            "100K",
+            "--random-seed",
+            "0",
+        ],
+        "coordinator.log",
+    );
+    let mut workers = c.workers(3, &case_env(case));
+    assert_exit_ok(&mut coord, 120);
+    for w in &mut workers {
+        assert_exit_ok(w, 60);
+    }
+    let want = expected(case);
+    let got = crate::fidelity::hashes(&target);
+    for (name, t) in want["tensors"].as_object().unwrap() {
+        assert_eq!(
+            got.get(name).map(String::as_str),
+            t["sha256"].as_str(),
+            "{case}: {name}"
+        );
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(target.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], want["config_dtype"], "{case}");
+}
+
 #[test]
 fn a_three_worker_cluster_equals_mergekit() {
     // The random methods' draws start at each tensor's own offset, whoever merges it.
@@ -394,37 +429,7 @@ fn a_three_worker_cluster_equals_mergekit() {
         "della_bf16",
         "ties_f32_rescale",
     ] {
-        let c = Cluster::new(&dir(), vec![]);
-        let out = tmp();
-        let target = out.path().join("out");
-        let cfg = dir().join(case).join("config.yml");
-        let mut coord = c.coordinator(
-            cfg.to_str().unwrap(),
-            target.to_str().unwrap(),
-            &[
-                "--task-size",
-                "1",
-                "--out-shard-size",
-                "100K",
-                "--random-seed",
-                "0",
-            ],
-            "coordinator.log",
-        );
-        let mut workers = c.workers(3, &[]);
-        assert_exit_ok(&mut coord, 120);
-        for w in &mut workers {
-            assert_exit_ok(w, 60);
-        }
-        let want = expected(case);
-        let got = crate::fidelity::hashes(&target);
-        for (name, t) in want["tensors"].as_object().unwrap() {
-            assert_eq!(
-                got.get(name).map(String::as_str),
-                t["sha256"].as_str(),
-                "{case}: {name}"
-            );
-        }
+        three_workers_equal_mergekit(case);
     }
 }
 

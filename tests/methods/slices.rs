@@ -7,26 +7,39 @@ use super::*;
 /// The Python with torch and transformers that `.ci/run` installs
 /// (`MERGEFLEET_TORCH_PYTHON` to use another).
 fn torch_python() -> PathBuf {
-    if let Ok(p) = std::env::var("MERGEFLEET_TORCH_PYTHON") {
-        return p.into();
-    }
-    let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
-    let p = PathBuf::from(tmp).join("mergefleet-ci-venv/bin/python");
-    assert!(p.exists(), "{} is missing: run .ci/run once", p.display());
-    p
+    ci_venv(
+        "bin/python",
+        "MERGEFLEET_TORCH_PYTHON",
+        "torch and transformers",
+    )
 }
 
 #[test]
-fn transformers_loads_sliced_merges() {
+fn transformers_loads_sliced_and_spherical_merges() {
     // (case, output layers): a LLaMA frankenmerge, a GPT-2 one (`transformer.h.N`,
-    // `n_layer`), slerp over two slices of each layout.
+    // `n_layer`), slerp over two slices of each layout; the spherical methods and
+    // arcee_fusion (float32 tensors under a bfloat16 config, as mergekit writes them).
     for (case, layers) in [
         ("passthrough_bf16_frankenmerge", 5),
         ("passthrough_f16_gpt2_plain", 5),
         ("slerp_f16_slices", 3),
         ("slerp_f32_gpt2_slices", 4),
+        ("slerp_bf16", 3),
+        ("nuslerp_bf16_row_wise", 3),
+        ("multislerp_f16_three", 3),
+        ("karcher_bf16", 3),
+        ("arcee_fusion_bf16", 3),
     ] {
-        let out = merge_equals_mergekit(case, &[]);
+        let out = tmp();
+        let target = out.path().join("out");
+        let cfg = dir().join(case).join("config.yml");
+        let args = [
+            "merge",
+            cfg.to_str().unwrap(),
+            target.to_str().unwrap(),
+            "-q",
+        ];
+        assert_ok(&run_in(&dir(), &args, &case_env(case)));
         let script = r#"
 import json, sys, torch, transformers
 m, info = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)
@@ -116,10 +129,6 @@ fn bad_slices_and_spherical_parameters_are_refused_naming_them() {
             &["missing required parameter `t`"][..],
         ),
         (
-            "models:\n  - model: M/ft1\n    parameters: {weight: 1}\n  - model: M/ft2\n    parameters: {weight: 1}\nmerge_method: nuslerp\nparameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n",
-            &["nuslerp_row_wise", "not supported"][..],
-        ),
-        (
             "models:\n  - model: M/ft1\n  - model: M/ft2\n  - model: M/ft3\nmerge_method: nuslerp\nparameters: {weight: 1}\n",
             &["`models`", "nuslerp takes exactly 2 models"][..],
         ),
@@ -184,31 +193,6 @@ fn sliced_and_spherical_merges_stream_and_spread_over_workers() {
                 "1",
             ],
         );
-        let c = Cluster::new(&dir(), vec![]);
-        let out = tmp();
-        let target = out.path().join("out");
-        let cfg = dir().join(case).join("config.yml");
-        let mut coord = c.coordinator(
-            cfg.to_str().unwrap(),
-            target.to_str().unwrap(),
-            &["--task-size", "1", "--out-shard-size", "100K"],
-            "coordinator.log",
-        );
-        let mut workers = c.workers(3, &case_env(case));
-        assert_exit_ok(&mut coord, 120);
-        for w in &mut workers {
-            assert_exit_ok(w, 60);
-        }
-        let got = crate::fidelity::hashes(&target);
-        for (name, t) in expected(case)["tensors"].as_object().unwrap() {
-            assert_eq!(
-                got.get(name).map(String::as_str),
-                t["sha256"].as_str(),
-                "{case}: {name}"
-            );
-        }
-        let cfg: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(target.join("config.json")).unwrap()).unwrap();
-        assert_eq!(cfg["dtype"], expected(case)["config_dtype"], "{case}");
+        three_workers_equal_mergekit(case);
     }
 }

@@ -88,6 +88,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A file of the Python virtualenv `.ci/run` installs (`$TMPDIR/mergefleet-ci-venv/REL`), or
+/// the path the environment variable `var` names instead; `what` says what it is for.
+pub fn ci_venv(rel: &str, var: &str, what: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(var) {
+        return p.into();
+    }
+    let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+    let p = PathBuf::from(tmp).join("mergefleet-ci-venv").join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: run .ci/run once (it installs {what} there) or set {var}",
+        p.display()
+    );
+    p
+}
+
 /// True when `dir` holds something that looks like a finished checkpoint.
 pub fn looks_complete(dir: &Path) -> bool {
     dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists()
