@@ -18,9 +18,9 @@
 use rayon::prelude::*;
 
 use super::mt19937::Mt19937;
-use super::numeric::{decode, Bf16, Round, F16, F32};
+use super::numeric::{Bf16, Round, F16, F32};
 use super::torch::{sum_width, CascadeSum};
-use super::{row_len, vml, InputView, Kernel, WorkDtype, BLOCK};
+use super::{decode_whole, row_len, vml, InputView, Kernel, WorkDtype, BLOCK};
 use crate::params::ParamDef;
 
 pub const PARAMS: &[ParamDef] = &[];
@@ -79,14 +79,13 @@ fn merge_r<R: Round>(
 ) {
     let numel: usize = shape.iter().product();
     let row = row_len(shape).max(1);
-    let decode_all = |x: &InputView| {
-        let mut v = vec![0f32; numel];
-        v.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(c, o)| decode::<R>(x.bytes, x.dtype, c * BLOCK, o));
-        v
-    };
-    let (base, x) = (decode_all(&inputs[0]), decode_all(&inputs[1]));
+    if numel == 0 {
+        return;
+    }
+    let (base, x) = (
+        decode_whole::<R>(&inputs[0], numel),
+        decode_whole::<R>(&inputs[1], numel),
+    );
     // The importances, row by row.
     let mut imp = vec![0f32; numel];
     imp.par_chunks_mut(row)

@@ -14,9 +14,9 @@
 
 use rayon::prelude::*;
 
-use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
+use super::numeric::{encode_with, Bf16, Round, F16, F32};
 use super::torch::{CascadeSum, NormSum, LANES};
-use super::{vml, InputView, Kernel, WorkDtype, BLOCK};
+use super::{decode_whole, vml, InputView, Kernel, WorkDtype, BLOCK};
 use crate::params::{Kind, ParamDef};
 
 pub const PARAMS: &[ParamDef] = &[
@@ -75,13 +75,7 @@ fn merge_r<R: Round>(
     out: &mut [u8],
 ) {
     let od = k.out.st_dtype();
-    let decode_all = |x: &InputView| {
-        let mut v = vec![0f32; numel];
-        v.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(c, o)| decode::<R>(x.bytes, x.dtype, c * BLOCK, o));
-        v
-    };
+    let decode_all = |x: &InputView| decode_whole::<R>(x, numel);
     let write = |v: &[f32], out: &mut [u8]| {
         let osz = out.len() / numel.max(1);
         out.par_chunks_mut(BLOCK * osz)
@@ -89,6 +83,9 @@ fn merge_r<R: Round>(
             .for_each(|(o, v)| encode_with::<R>(v, od, o));
     };
     let n = inputs.len();
+    if numel == 0 {
+        return;
+    }
     if n == 1 {
         return write(&decode_all(&inputs[0]), out);
     }

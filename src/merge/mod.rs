@@ -744,6 +744,16 @@ fn par_windows(
         .for_each(|(b, out)| f(b * BLOCK, out.len() / size, out));
 }
 
+/// A whole input of `numel` elements decoded to the working dtype `R`, in parallel.
+fn decode_whole<R: numeric::Round>(input: &InputView, numel: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut v = vec![0f32; numel];
+    v.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(c, o)| numeric::decode::<R>(input.bytes, input.dtype, c * BLOCK, o));
+    v
+}
+
 /// A whole tensor's base values and task vectors `R(x_i - base)`, each decoded to the
 /// working dtype `R` (the whole-tensor kernels start from these).
 fn task_vectors<R: numeric::Round>(
@@ -751,18 +761,11 @@ fn task_vectors<R: numeric::Round>(
     numel: usize,
 ) -> (Vec<f32>, Vec<Vec<f32>>) {
     use rayon::prelude::*;
-    let decode_all = |input: &InputView, out: &mut [f32]| {
-        out.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(c, o)| numeric::decode::<R>(input.bytes, input.dtype, c * BLOCK, o));
-    };
-    let mut base = vec![0f32; numel];
-    decode_all(&inputs[0], &mut base);
+    let base = decode_whole::<R>(&inputs[0], numel);
     let tv = inputs[1..]
         .par_iter()
         .map(|inp| {
-            let mut t = vec![0f32; numel];
-            decode_all(inp, &mut t);
+            let mut t = decode_whole::<R>(inp, numel);
             t.par_iter_mut()
                 .zip(base.par_iter())
                 .for_each(|(t, b)| *t = R::round(*t - b));
@@ -770,4 +773,65 @@ fn task_vectors<R: numeric::Round>(
         })
         .collect();
     (base, tv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An empty tensor (a zero-length axis, first or last) merges to nothing, never a panic,
+    /// whatever the method and however it streams.
+    #[test]
+    fn empty_tensors_merge_to_nothing() {
+        let methods = [
+            Method::Slerp { t: 0.3 },
+            Method::Nuslerp(Nuslerp {
+                t: 0.5,
+                flatten: true,
+                row_wise: false,
+            }),
+            Method::Nuslerp(Nuslerp {
+                t: 0.5,
+                flatten: false,
+                row_wise: false,
+            }),
+            Method::Nuslerp(Nuslerp {
+                t: 0.5,
+                flatten: false,
+                row_wise: true,
+            }),
+            Method::Multislerp(Multislerp {
+                weights: vec![0.5, 0.5],
+                normalize: true,
+                eps: 1e-8,
+            }),
+            Method::Karcher {
+                max_iter: 10,
+                tol: 1e-5,
+            },
+            Method::ArceeFusion { seed: 0, offset: 0 },
+            Method::Passthrough { scale: Some(0.5) },
+        ];
+        for method in methods {
+            let kernel = Kernel {
+                out: method.name().result_dtype(WorkDtype::BF16),
+                method,
+                work: WorkDtype::BF16,
+                reductions: Reductions::Torch,
+            };
+            let view = InputView {
+                bytes: &[],
+                dtype: Dtype::BF16,
+            };
+            let inputs = [view, view, view];
+            let n = match &kernel.method {
+                Method::Passthrough { .. } => 1,
+                Method::Slerp { .. } | Method::ArceeFusion { .. } => 2,
+                _ => 3,
+            };
+            for shape in [[0usize, 4], [4, 0]] {
+                kernel.merge(&shape, &inputs[..n], &mut []);
+            }
+        }
+    }
 }

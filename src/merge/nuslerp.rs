@@ -165,6 +165,9 @@ impl Nuslerp {
         out: &mut [u8],
     ) {
         let numel: usize = shape.iter().product();
+        if numel == 0 {
+            return;
+        }
         let rows = shape[0].max(1);
         let cols = numel / rows;
         let (mut v0, mut v1) = (vec![0f32; numel], vec![0f32; numel]);
