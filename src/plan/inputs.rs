@@ -45,20 +45,11 @@ pub(super) fn input_files(models: &[ModelSource]) -> (Vec<InputFile>, Vec<Vec<us
 /// read), plus lm_head when any model has one (tied embeddings).
 pub(super) fn tensor_names(models: &[ModelSource]) -> Vec<&str> {
     let base = &models[0];
-    let is_scale = |name: &str| {
-        name.strip_suffix(SCALE_SUFFIX).is_some_and(|w| {
-            base.fp8_block.is_some()
-                && base
-                    .tensors
-                    .get(w)
-                    .is_some_and(|t| t.dtype == Dtype::F8_E4M3)
-        })
-    };
     let mut names: Vec<&str> = base
         .tensors
         .keys()
         .map(String::as_str)
-        .filter(|n| !is_scale(n))
+        .filter(|n| !super::sources::is_scale_of_fp8(base, n))
         .collect();
     if !base.tensors.contains_key(LM_HEAD) && models.iter().any(|m| m.tensors.contains_key(LM_HEAD))
     {

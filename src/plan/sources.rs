@@ -302,7 +302,7 @@ fn source_input<'a>(
 }
 
 /// The float32 scales of a block-FP8 weight, read with the weight rather than merged.
-fn is_scale_of_fp8(m: &ModelSource, name: &str) -> bool {
+pub(super) fn is_scale_of_fp8(m: &ModelSource, name: &str) -> bool {
     name.strip_suffix(crate::fp8::SCALE_SUFFIX)
         .is_some_and(|w| {
             m.fp8_block.is_some()
