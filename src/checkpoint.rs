@@ -64,6 +64,7 @@ pub fn config_json(
     dtype: Option<&str>,
     fp8: bool,
     layers: Option<&[usize]>,
+    vocab_size: Option<usize>,
 ) -> Result<Vec<u8>, String> {
     let mut v: Value =
         serde_json::from_slice(base).map_err(|e| format!("config.json is not valid JSON: {e}"))?;
@@ -94,6 +95,23 @@ pub fn config_json(
                 if items.len() == old && old > 0 && layers.iter().all(|&l| l < old) {
                     *items = layers.iter().map(|&l| items[l].clone()).collect();
                 }
+            }
+        }
+    }
+    // A merged vocabulary: its size (padded), where the architecture keeps it (mergekit's
+    // `vocab_size_config_key`: `vocab_size`, or `text_config.vocab_size` for the
+    // multimodal configs that keep it there).
+    if let Some(n) = vocab_size {
+        let nested = !obj.contains_key("vocab_size")
+            && obj
+                .get("text_config")
+                .is_some_and(|t| t.get("vocab_size").is_some());
+        match obj.get_mut("text_config") {
+            Some(Value::Object(t)) if nested => {
+                t.insert("vocab_size".into(), n.into());
+            }
+            _ => {
+                obj.insert("vocab_size".into(), n.into());
             }
         }
     }
@@ -176,11 +194,11 @@ mod tests {
     fn config_json_drops_quantization() {
         let base = br#"{"dtype": "bfloat16", "quantization_config": {"quant_method": "fp8"}, "hidden_size": 8}"#;
         let out: Value =
-            serde_json::from_slice(&config_json(base, Some("float16"), false, None).unwrap())
+            serde_json::from_slice(&config_json(base, Some("float16"), false, None, None).unwrap())
                 .unwrap();
         assert!(out.get("quantization_config").is_none(), "{out}");
         let kept: Value =
-            serde_json::from_slice(&config_json(base, None, true, None).unwrap()).unwrap();
+            serde_json::from_slice(&config_json(base, None, true, None, None).unwrap()).unwrap();
         assert_eq!(kept["quantization_config"]["quant_method"], "fp8");
         assert_eq!(
             (out["dtype"].as_str(), out["hidden_size"].as_u64()),
@@ -192,19 +210,35 @@ mod tests {
     fn config_json_of_a_sliced_merge_counts_its_layers() {
         let base = br#"{"num_hidden_layers": 4, "layer_types": ["s", "f", "s", "f"], "architectures": ["X"]}"#;
         let v: Value = serde_json::from_slice(
-            &config_json(base, None, false, Some(&[0, 1, 1, 2, 3, 3])).unwrap(),
+            &config_json(base, None, false, Some(&[0, 1, 1, 2, 3, 3]), None).unwrap(),
         )
         .unwrap();
         assert_eq!(v["num_hidden_layers"], 6);
         assert_eq!(v["layer_types"], json!(["s", "f", "f", "s", "f", "f"]));
         assert_eq!(v["architectures"], json!(["X"]));
-        assert!(config_json(br#"{"a": 1}"#, None, false, Some(&[0])).is_err());
+        assert!(config_json(br#"{"a": 1}"#, None, false, Some(&[0]), None).is_err());
+    }
+
+    #[test]
+    fn config_json_of_a_merged_vocabulary_has_its_size_where_the_architecture_keeps_it() {
+        let get = |raw: &[u8]| -> Value {
+            serde_json::from_slice(&config_json(raw, None, false, None, Some(384)).unwrap())
+                .unwrap()
+        };
+        assert_eq!(get(br#"{"vocab_size": 320}"#)["vocab_size"], 384);
+        // Multimodal configs (Gemma 3, Mistral 3) keep it under text_config.
+        let v = get(br#"{"text_config": {"vocab_size": 320}}"#);
+        assert_eq!(
+            (&v["text_config"]["vocab_size"], v.get("vocab_size")),
+            (&json!(384), None)
+        );
+        assert_eq!(get(br#"{"a": 1}"#)["vocab_size"], 384);
     }
 
     #[test]
     fn config_json_records_dtype_as_transformers_5_writes_it() {
         let parse = |raw: &[u8], d: Option<&str>| -> Value {
-            serde_json::from_slice(&config_json(raw, d, false, None).unwrap()).unwrap()
+            serde_json::from_slice(&config_json(raw, d, false, None, None).unwrap()).unwrap()
         };
         // A legacy `torch_dtype` key becomes `dtype`, set or kept.
         let v = parse(br#"{"a":1,"torch_dtype":"float32"}"#, Some("bfloat16"));
@@ -225,10 +259,10 @@ mod tests {
             v.get("dtype").is_none() && v.get("torch_dtype").is_none(),
             "{v}"
         );
-        assert!(config_json(b"[", None, false, None)
+        assert!(config_json(b"[", None, false, None, None)
             .unwrap_err()
             .starts_with("config.json is not valid JSON"));
-        assert!(config_json(b"[1]", None, false, None).is_err());
+        assert!(config_json(b"[1]", None, false, None, None).is_err());
     }
 
     #[test]

@@ -269,6 +269,7 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
             "base_model": job.config.base_model.as_ref().map(|b| &b.text),
             "models": job.config.models.iter().map(|m| &m.text).collect::<Vec<_>>(),
             "layers": layers_json(job),
+            "vocabulary": vocab_json(job),
             "tensors": tensors,
             "files": files,
             "tasks": p.tasks.len(),
@@ -292,6 +293,7 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
     }
     println!();
     print_layer_map(job);
+    print_vocabulary(job);
     print_parameter_groups(p);
     for t in p.tasks.iter().flat_map(|t| &t.tensors) {
         let how = match t.op {
@@ -321,17 +323,16 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
         .tasks
         .iter()
         .flat_map(|t| &t.tensors)
-        .filter(|t| match &t.op {
-            mergefleet::plan::Op::Merge { kernel, .. } => {
-                kernel.streaming(&t.shape) == mergefleet::merge::Streaming::Whole
-            }
-            mergefleet::plan::Op::Copy { .. } => false,
-        })
+        .filter(|t| t.whole())
         .count();
     if whole > 0 {
         println!(
-            "streaming:      {} merges whole tensors (each output element depends on the whole tensor): {whole} tensor(s) are never streamed in windows",
-            job.config.method.name()
+            "streaming:      {whole} tensor(s) are merged whole, never in windows ({})",
+            if job.vocab.is_some() {
+                "realigned vocabulary rows, or a method whose output elements depend on the whole tensor"
+            } else {
+                "each output element depends on the whole tensor"
+            }
         );
     }
     println!("tasks:          {}", p.tasks.len());
@@ -363,6 +364,50 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
     for w in &p.warnings {
         println!("warning: {w}");
     }
+}
+
+/// A merged vocabulary: its size, which model each token comes from first, and the tokens
+/// no model has.
+fn print_vocabulary(job: &Job) {
+    let Some(v) = &job.vocab else { return };
+    let models: Vec<&mergefleet::config::ModelRef> = job.config.all_models().collect();
+    let (counts, none) = v.origins();
+    let padded = if v.padded > v.size() {
+        format!(", {} rows with padding", v.padded)
+    } else {
+        String::new()
+    };
+    println!("vocabulary ({}): {} tokens{padded}", v.spec.key, v.size());
+    for (m, n) in counts.iter().enumerate() {
+        if *n > 0 {
+            println!("  {n:>8} from `{}`", models[m]);
+        }
+    }
+    if !none.is_empty() {
+        println!(
+            "  {:>8} no model has: {}",
+            none.len(),
+            none.iter()
+                .map(|t| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    println!();
+}
+
+fn vocab_json(job: &Job) -> serde_json::Value {
+    let Some(v) = &job.vocab else {
+        return serde_json::Value::Null;
+    };
+    let models: Vec<&mergefleet::config::ModelRef> = job.config.all_models().collect();
+    let (counts, none) = v.origins();
+    json!({
+        "size": v.size(),
+        "padded": v.padded,
+        "from": counts.iter().enumerate().map(|(m, n)| json!({"model": models[m].text, "tokens": n})).collect::<Vec<_>>(),
+        "in_no_model": none,
+    })
 }
 
 /// A sliced merge's output layers, one line per slice: which layers of which models.

@@ -187,6 +187,36 @@ pub fn f16_bits(x: f32) -> u16 {
     sign | mag
 }
 
+/// Element `i` of `bytes` (a float tensor in `d`) as f64; 0 for a dtype that is not one of
+/// the four float dtypes. For the few elements handled one at a time (vocabulary rows).
+pub fn read_f64(bytes: &[u8], d: Dtype, i: usize) -> f64 {
+    let at = |n: usize| &bytes[i * n..(i + 1) * n];
+    match d {
+        Dtype::BF16 => {
+            f32::from_bits((u16::from_le_bytes([at(2)[0], at(2)[1]]) as u32) << 16) as f64
+        }
+        Dtype::F16 => f16_to_f32(u16::from_le_bytes([at(2)[0], at(2)[1]])) as f64,
+        Dtype::F32 => f32::from_le_bytes(at(4).try_into().unwrap_or([0; 4])) as f64,
+        Dtype::F64 => f64::from_le_bytes(at(8).try_into().unwrap_or([0; 8])),
+        _ => 0.0,
+    }
+}
+
+/// Write `x` as element `i` of `out` in `d`, rounding as torch's casts do (through float32
+/// for the 16-bit dtypes).
+pub fn write_f64(out: &mut [u8], d: Dtype, i: usize, x: f64) {
+    match d {
+        Dtype::BF16 => {
+            let b = (bf16_round(x as f32).to_bits() >> 16) as u16;
+            out[2 * i..2 * i + 2].copy_from_slice(&b.to_le_bytes());
+        }
+        Dtype::F16 => out[2 * i..2 * i + 2].copy_from_slice(&f16_bits(x as f32).to_le_bytes()),
+        Dtype::F32 => out[4 * i..4 * i + 4].copy_from_slice(&(x as f32).to_le_bytes()),
+        Dtype::F64 => out[8 * i..8 * i + 8].copy_from_slice(&x.to_le_bytes()),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,8 @@ pub enum Error {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
+    Vocab(#[from] crate::vocab::VocabError),
+    #[error(transparent)]
     Sink(#[from] SinkError),
     /// A command-line argument or option the user must change.
     #[error("invalid argument: {0}")]
@@ -106,6 +108,7 @@ impl Error {
         match self {
             Error::Config(_)
             | Error::Plan(_)
+            | Error::Vocab(_)
             | Error::Usage(_)
             | Error::ReadFile { .. }
             | Error::Listen { .. }

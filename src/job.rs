@@ -11,12 +11,13 @@ use futures::future::try_join_all;
 use crate::checkpoint;
 use crate::config::{ConfigError, MergeConfig};
 use crate::error::Result;
-use crate::plan::{plan, MergePlan, PlanOptions};
+use crate::plan::{plan_with_vocab, MergePlan, PlanOptions};
 use crate::resolve;
 use crate::sink::{Sink, SinkError, INDEX_NAME};
 use crate::source::adapter::open_adapter;
 use crate::source::{open_model, ModelSource, SourceError};
 use crate::store::{head_size, read_small, Location, Stores};
+use crate::vocab::{build, files, Vocabulary};
 
 /// A planned merge.
 pub struct Job {
@@ -28,6 +29,11 @@ pub struct Job {
     pub config_json: Option<Bytes>,
     /// The paths (as written) of the models read from the Hugging Face Hub, for the card.
     pub hub_models: Vec<String>,
+    /// The merged vocabulary (`tokenizer_source` / `tokenizer`).
+    pub vocab: Option<Vocabulary>,
+    /// The output's tokenizer files, made at load time (a vocabulary merge or a
+    /// `chat_template`); otherwise the base's are copied as they are.
+    pub tokenizer_files: Option<Vec<(String, Bytes)>>,
 }
 
 impl Job {
@@ -72,8 +78,15 @@ impl Job {
                 model.adapter = Some(open_adapter(stores, &a.spec, &l.to_string()).await?);
             }
         }
-        let plan = plan(&config, &models, opts)?;
-        let config_json = output_config_json(&models[0].location, &config, &plan).await?;
+        let (vocab, tokenizer_files) = tokenizer(&mut config, &locations).await?;
+        let plan = plan_with_vocab(&config, &models, vocab.as_ref(), opts)?;
+        let config_json = output_config_json(
+            &models[0].location,
+            &config,
+            &plan,
+            vocab.as_ref().map(|v| v.padded),
+        )
+        .await?;
         let mut hub_models: Vec<String> = Vec::new();
         for ((m, p), a) in config.all_models().zip(&pinned).zip(&adapters) {
             let named = std::iter::once((&m.model.path, Some(p)))
@@ -90,6 +103,8 @@ impl Job {
             plan,
             config_json,
             hub_models,
+            vocab,
+            tokenizer_files,
         })
     }
 
@@ -138,7 +153,10 @@ impl Job {
                 base.child_display("config.json")
             )),
         }
-        if copy_tokenizer {
+        // A merged vocabulary brings its own tokenizer files (mergekit saves the tokenizer it
+        // built, whatever --no-copy-tokenizer says); otherwise the base's are copied, with a
+        // configured chat template written over them.
+        if copy_tokenizer && self.vocab.is_none() {
             for name in checkpoint::COPIED_FILES {
                 let url = base.child_display(name);
                 if head_size(store, &base.child(name), &url).await?.is_some() {
@@ -146,6 +164,18 @@ impl Job {
                     sink.put(name, data).await?;
                 }
             }
+        }
+        match &self.tokenizer_files {
+            Some(files) if copy_tokenizer || self.vocab.is_some() => {
+                for (name, data) in files {
+                    sink.put(name, data.clone()).await?;
+                }
+            }
+            Some(_) => warnings.push(
+                "`chat_template` is not written: --no-copy-tokenizer leaves the tokenizer out"
+                    .into(),
+            ),
+            None => {}
         }
         sink.put(
             "mergekit_config.yml",
@@ -270,6 +300,7 @@ async fn output_config_json(
     base: &Location,
     config: &MergeConfig,
     plan: &MergePlan,
+    vocab_size: Option<usize>,
 ) -> Result<Option<Bytes>> {
     let store = base.store.as_ref();
     let url = base.child_display("config.json");
@@ -282,7 +313,49 @@ async fn output_config_json(
     let dtype = config.out_dtype.or(config.dtype).map(|d| d.name());
     let layers: Vec<usize> = plan.layers.iter().map(|l| l.sources[0].1).collect();
     let layers = (!config.slices.is_empty()).then_some(layers.as_slice());
-    let out = checkpoint::config_json(&raw, dtype, plan.writes_fp8(), layers)
+    let out = checkpoint::config_json(&raw, dtype, plan.writes_fp8(), layers, vocab_size)
         .map_err(|message| SourceError::Invalid { file: url, message })?;
     Ok(Some(Bytes::from(out)))
+}
+
+/// The merged vocabulary and the output's tokenizer files, when the config asks for either
+/// (`tokenizer_source`/`tokenizer`, `chat_template`): every model's tokenizer files are
+/// read (a few small reads each) and checked now, before a weight moves. Warnings go to
+/// the config's.
+async fn tokenizer(
+    config: &mut MergeConfig,
+    locations: &[Location],
+) -> Result<(Option<Vocabulary>, Option<Vec<(String, Bytes)>>)> {
+    if config.tokenizer.is_none() && config.chat_template.is_none() {
+        return Ok((None, None));
+    }
+    let names: Vec<String> = config.all_models().map(|m| m.text.clone()).collect();
+    let read = try_join_all(locations.iter().zip(&names).map(|(l, n)| files::read(l, n))).await?;
+    let template = config
+        .chat_template
+        .as_ref()
+        .and_then(|ct| files::chat_template(ct, &read));
+    let Some(spec) = &config.tokenizer else {
+        if read[0].tokenizer_config.is_none() && read[0].tokenizer_json.is_none() {
+            config.warnings.push(format!(
+                "`chat_template` is not written: the base model `{}` has no tokenizer files to put it in",
+                names[0]
+            ));
+            return Ok((None, None));
+        }
+        let out = files::output_files(&read[0], None, template.as_deref())?;
+        return Ok((None, Some(out)));
+    };
+    let tokenizers = read
+        .iter()
+        .map(|f| f.tokenizer(spec.key))
+        .collect::<Result<Vec<_>, _>>()?;
+    let vocab = build::build(spec, 0, &tokenizers, &names)?;
+    config.warnings.extend(vocab.warnings.iter().cloned());
+    let source = match spec.source {
+        crate::config::TokenizerSource::Model(m) => &read[m],
+        _ => &read[0],
+    };
+    let out = files::output_files(source, Some(&vocab), template.as_deref())?;
+    Ok((Some(vocab), Some(out)))
 }

@@ -41,6 +41,7 @@ pub mod source;
 pub mod store;
 pub mod synth;
 pub mod units;
+pub mod vocab;
 pub mod wire;
 pub mod worker;
 

@@ -295,10 +295,15 @@ fn tensor_ranges(job: &TensorJob, elems: Range<usize>) -> Vec<(usize, Range<u64>
     let mut out = Vec::new();
     for s in job.inputs() {
         let size = dtype::size(s.dtype).expect("whole-byte dtype") as u64;
-        out.push((
-            s.file,
-            s.range.start + elems.start as u64 * size..s.range.start + elems.end as u64 * size,
-        ));
+        if job.vocab.is_some() {
+            // Realigned rows: every input whole (its own row count), in one window.
+            out.push((s.file, s.range.clone()));
+        } else {
+            out.push((
+                s.file,
+                s.range.start + elems.start as u64 * size..s.range.start + elems.end as u64 * size,
+            ));
+        }
         if let Some(sc) = &s.scale {
             out.push((sc.file, sc.range.clone()));
         }
@@ -353,7 +358,17 @@ fn kernel_inputs(
             }
         }
     }
-    out
+    match &job.vocab {
+        None => out,
+        Some(v) => {
+            let whole: Vec<(&[u8], safetensors::Dtype)> =
+                out.iter().map(|(b, d)| (b.as_ref(), *d)).collect();
+            v.gather(&whole, job.numel() / v.padded.max(1))
+                .into_iter()
+                .map(|b| (Bytes::from(b), v.dtype))
+                .collect()
+        }
+    }
 }
 
 /// A tensor whose inputs and output exceed the budget: windows of whole blocks (or rows),
@@ -427,7 +442,7 @@ fn windows(
         .as_ref()
         .map_or(0, |r| r.scales.end - r.scales.start);
     let fixed = job.scale_bytes() + scales_out;
-    let window = if streaming == Some(Streaming::Whole) {
+    let window = if streaming == Some(Streaming::Whole) || job.vocab.is_some() {
         numel.max(1)
     } else {
         (budget.saturating_sub(fixed) / 2 / per_elem) as usize / unit * unit

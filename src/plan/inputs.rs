@@ -11,8 +11,8 @@ use crate::fp8::{Blocks, SCALE_SUFFIX};
 use crate::source::ModelSource;
 
 const VOCAB_HINT: &str =
-    ": the vocabularies differ. mergekit refuses this too; align the vocabularies \
-(mergekit's `tokenizer` config resizes embeddings) before merging";
+    ": the vocabularies differ. Add `tokenizer_source: union` (or `base`, or a model) to the \
+config to realign the embeddings by token, as mergekit does";
 
 pub(super) const LM_HEAD: &str = "lm_head.weight";
 const EMBED: &str = "model.embed_tokens.weight";
@@ -61,11 +61,13 @@ pub(super) fn tensor_names(models: &[ModelSource]) -> Vec<&str> {
 
 /// The inputs of output tensor `out`, in its order, checked to agree with the base (else
 /// the first input) in shape and in being a float; with the base's shape and dtype. A
-/// model without lm_head lends its embedding (tied weights).
+/// model without lm_head lends its embedding (tied weights). With `realign` (a vocabulary
+/// tensor of a merge that realigns vocabularies) the row counts may differ.
 pub(super) fn input_slices<'a>(
     out: &OutTensor,
     models: &'a [ModelSource],
     file_ids: &[Vec<usize>],
+    realign: bool,
 ) -> Result<(Vec<InputSlice>, &'a [usize], Dtype), PlanError> {
     let mut slices: Vec<Option<InputSlice>> = vec![None; out.inputs.len()];
     let mut base_meta: Option<(&[usize], Dtype)> = None;
@@ -93,7 +95,12 @@ pub(super) fn input_slices<'a>(
         match base_meta {
             None => base_meta = Some((&t.shape, value_dtype)),
             Some((shape, bdt)) => {
-                if t.shape != shape {
+                let same = if realign {
+                    t.shape.len() == shape.len() && t.shape[1..] == shape[1..]
+                } else {
+                    t.shape == shape
+                };
+                if !same {
                     return Err(PlanError::ShapeMismatch {
                         tensor: name.to_string(),
                         model: m.reference.clone(),
@@ -104,7 +111,7 @@ pub(super) fn input_slices<'a>(
                         },
                         shape: t.shape.clone(),
                         base_shape: shape.to_vec(),
-                        hint: if name.contains("embed") || name.contains("lm_head") {
+                        hint: if !realign && (name.contains("embed") || name.contains("lm_head")) {
                             VOCAB_HINT
                         } else {
                             ""

@@ -7,6 +7,7 @@
 //! worker on another machine).
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use safetensors::Dtype;
 
@@ -16,6 +17,7 @@ use crate::fp8::Blocks;
 use crate::merge::{Kernel, Reductions, Streaming, BLOCK};
 use crate::params::ParamError;
 use crate::source::ModelSource;
+use crate::vocab::{is_vocab_tensor, VocabError, VocabTensor, Vocabulary};
 
 /// A merge that cannot be planned, naming the tensor and model at fault.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub enum PlanError {
     Layout(String),
     #[error(transparent)]
     Param(#[from] ParamError),
+    #[error(transparent)]
+    Vocab(#[from] VocabError),
 }
 
 /// Sizes that shape the plan.
@@ -227,6 +231,9 @@ pub struct TensorJob {
     /// `--quantize fp8`: the merged values (the kernel's output dtype) are quantized into
     /// `out` (F8_E4M3), their scales written right after it.
     pub requant: Option<Requant>,
+    /// A vocabulary tensor of a merge that realigns vocabularies: how each input's rows are
+    /// gathered into the output's token order before the kernel sees them (whole tensors).
+    pub vocab: Option<Arc<VocabTensor>>,
 }
 
 /// How a merged tensor is written as block FP8.
@@ -262,10 +269,20 @@ impl TensorJob {
     }
     /// Memory the kernel works in besides its inputs and output (whole-tensor methods).
     pub fn scratch_bytes(&self) -> u64 {
-        match &self.op {
-            Op::Merge { kernel, inputs } => kernel.scratch_bytes(self.numel(), inputs.len()),
-            Op::Copy { .. } => 0,
-        }
+        let realigned = self
+            .vocab
+            .as_ref()
+            .map_or(0, |v| v.gathered_bytes(self.numel() / v.padded.max(1)));
+        realigned
+            + match &self.op {
+                Op::Merge { kernel, inputs } => kernel.scratch_bytes(self.numel(), inputs.len()),
+                Op::Copy { .. } => 0,
+            }
+    }
+    /// Whether the tensor is merged in one piece: a whole-tensor method, or realigned rows.
+    pub fn whole(&self) -> bool {
+        self.vocab.is_some()
+            || matches!(&self.op, Op::Merge { kernel, .. } if kernel.streaming(&self.shape) == Streaming::Whole)
     }
     /// Every byte this tensor writes: the tensor, and its scales when requantized.
     pub fn written(&self) -> Range<u64> {
@@ -298,6 +315,7 @@ impl TensorJob {
         };
         let mut per_elem = self.inputs().iter().map(per_input).sum::<u64>() + size(self.dtype);
         let mut unit = match &self.op {
+            _ if self.vocab.is_some() => self.numel().max(1),
             Op::Merge { kernel, .. } => match kernel.streaming(&self.shape) {
                 Streaming::Rows(row) => row,
                 Streaming::Elementwise | Streaming::Statistics => BLOCK,
@@ -336,10 +354,8 @@ impl TensorJob {
     }
     /// The least memory that can merge this tensor: all of it, or two windows when streamed.
     pub fn min_memory(&self) -> u64 {
-        if let Op::Merge { kernel, .. } = &self.op {
-            if kernel.streaming(&self.shape) == Streaming::Whole {
-                return self.working_set();
-            }
+        if self.whole() {
+            return self.working_set();
         }
         let (unit, per_elem) = self.window_unit();
         let scales_out = self
@@ -481,6 +497,16 @@ pub fn plan(
     models: &[ModelSource],
     opts: PlanOptions,
 ) -> Result<MergePlan, PlanError> {
+    plan_with_vocab(config, models, None, opts)
+}
+
+/// Plan a merge whose vocabulary tensors are realigned to `vocab` (`tokenizer_source`).
+pub fn plan_with_vocab(
+    config: &MergeConfig,
+    models: &[ModelSource],
+    vocab: Option<&Vocabulary>,
+    opts: PlanOptions,
+) -> Result<MergePlan, PlanError> {
     let base = &models[0];
     if base.tensors.is_empty() {
         return Err(PlanError::Empty(base.reference.clone()));
@@ -490,7 +516,8 @@ pub fn plan(
     let outputs = sources::output_tensors(config, models, &names)?;
     let mut jobs: Vec<TensorJob> = Vec::new();
     for out in &outputs {
-        let (slices, shape, base_dtype) = input_slices(out, models, &file_ids)?;
+        let vocab = vocab.filter(|_| is_vocab_tensor(&out.name));
+        let (slices, shape, base_dtype) = input_slices(out, models, &file_ids, vocab.is_some())?;
         let merge = method::TensorMerge {
             config,
             models,
@@ -498,9 +525,30 @@ pub fn plan(
             order: sources::kernel_order(config, out),
             seed: opts.random_seed,
         };
-        jobs.push(tensor_job(
-            &out.name, slices, shape, base_dtype, &merge, opts,
-        )?);
+        let realigned = match vocab {
+            Some(v) if is_float(base_dtype) => {
+                Some(realign(v, out, &slices, shape, models, config)?)
+            }
+            _ => None,
+        };
+        let shape = match &realigned {
+            Some(r) => std::iter::once(r.padded)
+                .chain(shape[1..].iter().copied())
+                .collect(),
+            None => shape.to_vec(),
+        };
+        let mut job = tensor_job(&out.name, slices, &shape, base_dtype, &merge, opts)?;
+        if let Some(r) = realigned {
+            if job.requant.is_some() {
+                return Err(PlanError::Fp8 {
+                    tensor: out.name.clone(),
+                    model: base.reference.clone(),
+                    message: "--quantize fp8 cannot requantize a vocabulary tensor whose rows are realigned; it is not FP8 in any checkpoint mergefleet knows".into(),
+                });
+            }
+            job.vocab = Some(Arc::new(r.reorder(&merge.order)));
+        }
+        jobs.push(job);
     }
     let mut warnings = config.warnings.clone();
     let draw_order = {
@@ -639,7 +687,55 @@ fn tensor_job(
         out: 0..0,
         op,
         requant,
+        vocab: None,
     })
+}
+
+/// How output tensor `out`'s inputs (`slices`, in mergekit's order; `shape` the base's) are
+/// realigned to the vocabulary: rows per input, gathered in the dtype mergekit gathers them
+/// in (the config's `dtype`, else the inputs' common one).
+fn realign(
+    v: &Vocabulary,
+    out: &sources::OutTensor,
+    slices: &[InputSlice],
+    shape: &[usize],
+    models: &[ModelSource],
+    config: &MergeConfig,
+) -> Result<VocabTensor, PlanError> {
+    let cols: usize = shape[1..].iter().product();
+    let names: Vec<String> = models.iter().map(|m| m.reference.clone()).collect();
+    let mut rows = Vec::with_capacity(slices.len());
+    for (s, input) in slices.iter().zip(&out.inputs) {
+        if s.scale.is_some() {
+            return Err(PlanError::Fp8 {
+                tensor: out.name.clone(),
+                model: names[input.model].clone(),
+                message: "a block-FP8 vocabulary tensor cannot be realigned; convert the model to bfloat16 first".into(),
+            });
+        }
+        let size = dtype::size(s.dtype).unwrap_or(1) as u64;
+        rows.push((s.len() / size / cols.max(1) as u64) as usize);
+    }
+    let g = match config.dtype {
+        Some(w) => w.st_dtype(),
+        None => promote(slices.iter().map(|s| s.dtype)),
+    };
+    let model_of: Vec<usize> = out.inputs.iter().map(|i| i.model).collect();
+    let base = out.base;
+    Ok(crate::vocab::rows::tensor_rows(
+        v, &out.name, &model_of, &names, &rows, base, g,
+    )?)
+}
+
+/// torch's `promote_types` over float dtypes: the widest; bfloat16 with float16 is float32.
+fn promote(dtypes: impl Iterator<Item = Dtype>) -> Dtype {
+    dtypes
+        .reduce(|a, b| match (a, b) {
+            (a, b) if a == b => a,
+            (Dtype::F64, _) | (_, Dtype::F64) => Dtype::F64,
+            _ => Dtype::F32,
+        })
+        .unwrap_or(Dtype::F32)
 }
 
 mod check;

@@ -12,6 +12,8 @@ pub mod server;
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use safetensors::Dtype;
 use tonic::Status;
 
@@ -22,6 +24,7 @@ use crate::plan::{
     InputFile, InputSlice, LoraSlice, MergePlan, Op, Requant, ScaleSlice, Task, TensorJob,
 };
 use crate::sink::cluster::Target;
+use crate::vocab::{RowFrom, RowMap, Run, VocabTensor};
 
 /// The generated protobuf types. Public for tests that speak raw gRPC; code outside this
 /// module uses the domain types below.
@@ -31,7 +34,7 @@ pub mod pb {
 }
 
 /// Bumped on any incompatible change of the contract; checked at registration.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The longest a worker waits between two tries of an unreachable coordinator. Part of the
 /// protocol: a coordinator lingers at least this long (plus a second) after the merge, so a
@@ -334,6 +337,7 @@ pub fn task_to_wire(
                         scales_start: r.scales.start,
                         scales_end: r.scales.end,
                     }),
+                    realign: j.vocab.as_deref().map(realign_to_wire),
                 }
             })
             .collect(),
@@ -459,8 +463,27 @@ fn tensor_from_wire(
         )));
     }
     let mut slices = Vec::with_capacity(j.inputs.len());
+    let cols: u64 = shape.iter().skip(1).map(|&d| d as u64).product();
     for r in &j.inputs {
         let input_dtype = parse_dtype(&r.dtype).map_err(|e| bad(e.0))?;
+        if j.realign.is_some() {
+            // A realigned input holds whole rows of its own count.
+            let row = cols * dtype::size(input_dtype).unwrap_or(0) as u64;
+            if r.scales.is_some() || r.end < r.start || row == 0 || (r.end - r.start) % row != 0 {
+                return Err(bad(format!(
+                    "realigned input range {}..{} of {} is not whole rows of {cols} {} elements",
+                    r.start, r.end, r.url, r.dtype
+                )));
+            }
+            slices.push(InputSlice {
+                file: file_index(files, &r.url),
+                range: r.start..r.end,
+                dtype: input_dtype,
+                scale: None,
+                lora: None,
+            });
+            continue;
+        }
         let scale = match &r.scales {
             None => None,
             Some(sc) => Some(scales_from_wire(sc, &shape, input_dtype, files).map_err(bad)?),
@@ -522,6 +545,21 @@ fn tensor_from_wire(
         None => None,
         Some(r) => Some(requant_from_wire(r, &shape, dtype, &out, task_range, &op).map_err(bad)?),
     };
+    let vocab = match &j.realign {
+        None => None,
+        Some(r) => {
+            if requant.is_some() || matches!(op, Op::Copy { .. }) {
+                return Err(bad(
+                    "a realigned tensor is merged, not copied or requantized".into(),
+                ));
+            }
+            let rows: Vec<usize> = slices_of(&op)
+                .iter()
+                .map(|s| (s.len() / (cols * dtype::size(s.dtype).unwrap_or(1) as u64)) as usize)
+                .collect();
+            Some(Arc::new(realign_from_wire(r, &shape, &rows).map_err(bad)?))
+        }
+    };
     Ok(TensorJob {
         name: j.name.clone(),
         shape,
@@ -529,6 +567,127 @@ fn tensor_from_wire(
         out,
         op,
         requant,
+        vocab,
+    })
+}
+
+fn slices_of(op: &Op) -> Vec<&InputSlice> {
+    match op {
+        Op::Merge { inputs, .. } => inputs.iter().collect(),
+        Op::Copy { input } => vec![input],
+    }
+}
+
+fn realign_to_wire(v: &VocabTensor) -> pb::Realign {
+    let triple = |run: &Run| {
+        let (source, start) = match run.from {
+            RowFrom::Zero => (0, 0),
+            RowFrom::Average(a) => (1, a),
+            RowFrom::Rows { input, row } => (input + 2, row),
+        };
+        [run.len, source, start]
+    };
+    pb::Realign {
+        rows: v.rows as u64,
+        padded: v.padded as u64,
+        dtype: dtype::name(v.dtype),
+        inputs: v
+            .inputs
+            .iter()
+            .map(|m| pb::RowRuns {
+                triples: m.runs.iter().flat_map(triple).collect(),
+            })
+            .collect(),
+        averages: v
+            .averages
+            .iter()
+            .map(|pairs| pb::MeanRow {
+                pairs: pairs.iter().flat_map(|&(k, r)| [k, r]).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A realignment as received, checked: runs cover the rows in order, every source row
+/// exists (`rows[k]`: input k's row count), the output shape has `padded` rows.
+fn realign_from_wire(
+    r: &pb::Realign,
+    shape: &[usize],
+    rows: &[usize],
+) -> Result<VocabTensor, String> {
+    let (n, padded) = (r.rows as usize, r.padded as usize);
+    if shape.first() != Some(&padded) || n > padded || r.inputs.len() != rows.len() {
+        return Err(format!(
+            "realignment of {n} rows padded to {padded} for {} inputs does not fit shape {shape:?} and {} inputs",
+            r.inputs.len(),
+            rows.len()
+        ));
+    }
+    let g = parse_dtype(&r.dtype).map_err(|e| e.0)?;
+    if !dtype::is_float(g) {
+        return Err(format!("realigned rows gathered as {}", r.dtype));
+    }
+    let row_ok = |k: u32, row: u64| (k as usize) < rows.len() && row < rows[k as usize] as u64;
+    let averages = r
+        .averages
+        .iter()
+        .map(|a| {
+            if a.pairs.is_empty() || a.pairs.len() % 2 != 0 {
+                return Err("a mean row of no rows".to_string());
+            }
+            a.pairs
+                .chunks(2)
+                .map(|p| {
+                    if row_ok(p[0], p[1] as u64) {
+                        Ok((p[0], p[1]))
+                    } else {
+                        Err(format!("mean row reads row {} of input {}", p[1], p[0]))
+                    }
+                })
+                .collect()
+        })
+        .collect::<Result<Vec<Vec<(u32, u32)>>, String>>()?;
+    let mut inputs = Vec::with_capacity(r.inputs.len());
+    for m in &r.inputs {
+        if m.triples.len() % 3 != 0 {
+            return Err("runs are triples".into());
+        }
+        let mut runs = Vec::new();
+        let mut out = 0u64;
+        for t in m.triples.chunks(3) {
+            let (len, source, start) = (t[0], t[1], t[2]);
+            let end = start as u64 + len as u64;
+            let from = match source {
+                0 => RowFrom::Zero,
+                1 if end <= averages.len() as u64 => RowFrom::Average(start),
+                k if k >= 2 && len > 0 && row_ok(k - 2, end - 1) => RowFrom::Rows {
+                    input: k - 2,
+                    row: start,
+                },
+                _ => {
+                    return Err(format!(
+                        "run of {len} rows from source {source} at {start} reads past its rows"
+                    ))
+                }
+            };
+            runs.push(Run {
+                out: out as u32,
+                len,
+                from,
+            });
+            out += len as u64;
+        }
+        if out != n as u64 {
+            return Err(format!("runs cover {out} rows, not {n}"));
+        }
+        inputs.push(RowMap { runs });
+    }
+    Ok(VocabTensor {
+        rows: n,
+        padded,
+        inputs,
+        averages,
+        dtype: g,
     })
 }
 
@@ -995,6 +1154,112 @@ mod tests {
             }
         }
         malformed_tasks_are_refused(&w);
+    }
+
+    #[test]
+    fn a_150k_vocabulary_travels_as_runs_well_under_a_mebibyte() {
+        use crate::vocab::Vocabulary;
+        // A Qwen-sized vocabulary: the base's 151,646 tokens, a fine-tune that added 20,
+        // one that lacks 500 scattered tokens (its rows shifted), merged into a union.
+        let (n, added, missing) = (151_646usize, 20usize, 500usize);
+        let stores = Stores::new();
+        let hidden = 64usize;
+        let model = |name: &str, rows: usize| {
+            let location = stores.resolve(&format!("/m/{name}")).unwrap();
+            let mut tensors = std::collections::BTreeMap::new();
+            let bytes = (rows * hidden * 2) as u64;
+            for (i, t) in ["lm_head.weight", "model.embed_tokens.weight"]
+                .iter()
+                .enumerate()
+            {
+                tensors.insert(
+                    t.to_string(),
+                    TensorLoc {
+                        file: 0,
+                        dtype: Dtype::BF16,
+                        shape: vec![rows, hidden],
+                        start: 8 + i as u64 * bytes,
+                        end: 8 + (i as u64 + 1) * bytes,
+                    },
+                );
+            }
+            ModelSource {
+                reference: name.into(),
+                files: vec![SourceFile {
+                    path: location.child("model.safetensors"),
+                    url: location.child_display("model.safetensors"),
+                    size: 8 + 2 * bytes,
+                }],
+                location,
+                tensors,
+                fp8_block: None,
+                adapter: None,
+            }
+        };
+        let tokens: Vec<String> = (0..n + added).map(|i| format!("t{i}")).collect();
+        let gone = |i: usize| i % (n / missing) == 7;
+        let mut shifted = 0u32;
+        let lacking: Vec<Option<u32>> = (0..n + added)
+            .map(|i| {
+                if i >= n || gone(i) {
+                    None
+                } else {
+                    shifted += 1;
+                    Some(shifted - 1)
+                }
+            })
+            .collect();
+        let lacking_rows = shifted as usize;
+        let cfg = MergeConfig::from_yaml(
+            "models:\n  - model: a\n  - model: b\nmerge_method: task_arithmetic\nparameters: {weight: 0.5}\nbase_model: base\ntokenizer_source: union\n",
+        )
+        .unwrap();
+        let vocab = Vocabulary {
+            tokenizer: tokenizers::Tokenizer::from_bytes(
+                crate::vocab::build::tests::tokenizer_json(&["a"], &[], &[]).as_bytes(),
+            )
+            .unwrap(),
+            maps: vec![
+                (0..n + added)
+                    .map(|i| (i < n).then_some(i as u32))
+                    .collect(),
+                (0..n + added).map(|i| Some(i as u32)).collect(),
+                lacking,
+            ],
+            tokens,
+            padded: n + added,
+            own: vec![Default::default(); 3],
+            base: 0,
+            spec: cfg.tokenizer.clone().unwrap(),
+            warnings: vec![],
+        };
+        let models = [
+            model("base", n),
+            model("a", n + added),
+            model("b", lacking_rows),
+        ];
+        let p = crate::plan::plan_with_vocab(&cfg, &models, Some(&vocab), PlanOptions::default())
+            .unwrap();
+        let target = Target::Parts {
+            url: "s3://b/out/model.safetensors".into(),
+            upload_id: "up-1".into(),
+            first_part: 0,
+            part_size: 5 << 20,
+        };
+        let mut realigned = 0;
+        for t in &p.tasks {
+            let w = task_to_wire(&p, TaskId(t.id), Attempt(0), &target).0;
+            let len = prost::Message::encoded_len(&w);
+            assert!(len < 1 << 20, "task {} is {len} bytes", t.id);
+            eprintln!("task {} ({} tensors): {len} bytes", t.id, t.tensors.len());
+            let back = task_from_wire(&w).unwrap().task;
+            for (a, b) in back.tensors.iter().zip(&t.tensors) {
+                assert_eq!(a.vocab, b.vocab, "{}", a.name);
+                assert_eq!(a.shape, [n + added, hidden]);
+                realigned += usize::from(a.vocab.is_some());
+            }
+        }
+        assert_eq!(realigned, 2);
     }
 
     #[test]

@@ -31,6 +31,12 @@ fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 pub use crate::reference::{ModelPath, ModelRef};
+pub use tokenizer::{
+    ChatTemplate, TokenRef, TokenSource, TokenSpec, TokenizerSource, TokenizerSpec,
+    BUILTIN_TEMPLATES,
+};
+
+mod tokenizer;
 
 /// A checked merge config.
 #[derive(Debug, Clone)]
@@ -57,6 +63,11 @@ pub struct MergeConfig {
     /// The output slices of a `slices:` config (empty for a `models:` one). Their models
     /// are [`Self::all_models`]: the base, then every other source model by first mention.
     pub slices: Vec<Slice>,
+    /// `tokenizer_source` or `tokenizer`: the output vocabulary, when it is not simply the
+    /// base's tokenizer copied.
+    pub tokenizer: Option<TokenizerSpec>,
+    /// `chat_template`.
+    pub chat_template: Option<ChatTemplate>,
 }
 
 /// One output slice: consecutive output layers, each merged from one layer of every source.
@@ -96,14 +107,15 @@ const TOP_KEYS: &[&str] = &[
     "dtype",
     "out_dtype",
     "parameters",
+    "tokenizer",
+    "tokenizer_source",
+    "chat_template",
 ];
 
-const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
-    ("modules", "module-wise merges are not implemented; list whole models under `models`"),
-    ("tokenizer", "tokenizer merging is not implemented; remove the key to copy the base model's tokenizer"),
-    ("tokenizer_source", "tokenizer merging is not implemented; remove the key to copy the base model's tokenizer"),
-    ("chat_template", "chat templates are not implemented; remove the key and edit tokenizer_config.json after the merge"),
-];
+const UNSUPPORTED_KEYS: &[(&str, &str)] = &[(
+    "modules",
+    "module-wise merges are not implemented; list whole models under `models`",
+)];
 
 impl MergeConfig {
     /// Parse and check a config from its YAML text.
@@ -145,6 +157,9 @@ impl MergeConfig {
             ),
         };
         let parameters = params_at(map.get("parameters"), "parameters", method, &mut warnings)?;
+        let all: Vec<&ModelRef> = base_model.iter().chain(list.models.iter()).collect();
+        let tokenizer = tokenizer::tokenizer(&map, &all)?;
+        let chat_template = tokenizer::chat_template(&map)?;
         if method == MethodName::ArceeFusion {
             warnings.push(
                 "arcee_fusion is not bit for bit: mergekit's own result depends on the CPU (its softmax); mergefleet keeps mergekit's elements but for some whose importance is within rounding of the threshold (docs/numerics.md)".into(),
@@ -163,6 +178,8 @@ impl MergeConfig {
             out_dtype: opt_dtype(map.get("out_dtype"), "out_dtype")?,
             warnings,
             source_yaml: text.to_string(),
+            tokenizer,
+            chat_template,
         })
     }
 
@@ -858,12 +875,61 @@ mod tests {
             let e = err(yaml);
             assert!(e.contains(want), "{yaml:?}: {e}");
         }
-        for key in ["modules", "tokenizer", "tokenizer_source", "chat_template"] {
-            let e = err(&format!("{OK}{key}: x\n"));
-            assert!(
-                e.contains(&format!("`{key}`")) && e.contains("not supported"),
-                "{e}"
-            );
+        let e = err(&format!("{OK}modules: x\n"));
+        assert!(
+            e.contains("`modules`") && e.contains("not supported"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn vocabulary_keys_are_read_and_checked() {
+        let c = MergeConfig::from_yaml(&format!(
+            "{OK}tokenizer:\n  source: a\n  pad_to_multiple_of: 64\n  tokens:\n    <|im_start|>: {{source: base}}\n    <|im_end|>: {{source: {{kind: model_token, model: a, token: '</s>'}}, force: true}}\n    <x>: {{source: {{kind: zero}}}}\n    <y>: {{source: {{kind: model_token, model: base, token_id: 3}}}}\nchat_template: chatml\n"
+        ))
+        .unwrap();
+        let t = c.tokenizer.unwrap();
+        assert_eq!(t.source, TokenizerSource::Model(1));
+        assert_eq!(t.pad_to_multiple_of, Some(64));
+        let names: Vec<&str> = t.tokens.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["<|im_start|>", "<|im_end|>", "<x>", "<y>"]);
+        assert_eq!(t.tokens[0].1.source, Some(TokenSource::Model(0)));
+        assert_eq!(
+            t.tokens[1].1,
+            TokenSpec {
+                source: Some(TokenSource::ModelToken {
+                    model: 1,
+                    token: TokenRef::Text("</s>".into())
+                }),
+                force: true
+            }
+        );
+        assert_eq!(t.tokens[2].1.source, Some(TokenSource::Zero));
+        assert_eq!(
+            c.chat_template,
+            Some(ChatTemplate::Builtin("chatml".into()))
+        );
+        let c = MergeConfig::from_yaml(&format!(
+            "{OK}tokenizer_source: union\nchat_template: auto\n"
+        ))
+        .unwrap();
+        assert_eq!(c.tokenizer.unwrap().source, TokenizerSource::Union);
+        assert_eq!(c.chat_template, Some(ChatTemplate::Auto));
+        let cases = [
+            ("tokenizer_source: nope", "`tokenizer_source`"),
+            ("tokenizer_source: base\ntokenizer: {source: base}", "`tokenizer`"),
+            ("tokenizer: {sauce: base}", "`tokenizer.sauce`"),
+            ("tokenizer: {pad_to_multiple_of: 0}", "`tokenizer.pad_to_multiple_of`"),
+            ("tokenizer: {tokens: {a: {source: other}}}", "`tokenizer.tokens.a.source`"),
+            ("tokenizer: {tokens: {a: {source: {kind: model_token, model: a}}}}", "`tokenizer.tokens.a.source`"),
+            ("tokenizer: {tokens: {a: {source: {kind: model_token, model: a, token: b, token_id: 1}}}}", "not both"),
+            ("tokenizer: {tokens: {a: {source: {kind: one}}}}", "`tokenizer.tokens.a.source.kind`"),
+            ("tokenizer: {tokens: {a: {force: true}}}", "`tokenizer.tokens.a.force`"),
+            ("chat_template: chatm", "`chat_template`"),
+        ];
+        for (yaml, want) in cases {
+            let e = err(&format!("{OK}{yaml}\n"));
+            assert!(e.contains(want), "{yaml:?}: {e}");
         }
     }
 
