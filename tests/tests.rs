@@ -33,3 +33,5 @@ mod s3;
 mod scale;
 /// Shared helpers: running the binary, the S3 server, comparing checkpoints.
 mod util;
+/// Vocabulary merges (`tokenizer_source`, `tokenizer:`, `chat_template`) against mergekit's.
+mod vocab;

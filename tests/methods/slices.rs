@@ -4,16 +4,6 @@
 
 use super::*;
 
-/// The Python with torch and transformers that `.ci/run` installs
-/// (`MERGEFLEET_TORCH_PYTHON` to use another).
-fn torch_python() -> PathBuf {
-    ci_venv(
-        "bin/python",
-        "MERGEFLEET_TORCH_PYTHON",
-        "torch and transformers",
-    )
-}
-
 #[test]
 fn transformers_loads_sliced_and_spherical_merges() {
     // (case, output layers): a LLaMA frankenmerge, a GPT-2 one (`transformer.h.N`,

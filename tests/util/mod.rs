@@ -104,6 +104,16 @@ pub fn ci_venv(rel: &str, var: &str, what: &str) -> PathBuf {
     p
 }
 
+/// The Python with torch and transformers that `.ci/run` installs
+/// (`MERGEFLEET_TORCH_PYTHON` to use another).
+pub fn torch_python() -> PathBuf {
+    ci_venv(
+        "bin/python",
+        "MERGEFLEET_TORCH_PYTHON",
+        "torch and transformers",
+    )
+}
+
 /// True when `dir` holds something that looks like a finished checkpoint.
 pub fn looks_complete(dir: &Path) -> bool {
     dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists()
