@@ -311,13 +311,13 @@ impl VocabTensor {
                 for &(k, r) in pairs {
                     row(k, r, &mut one);
                     for (c, a) in acc.iter_mut().enumerate() {
-                        *a = round(g, op(g, *a, dtype::read_f64(&one, g, c), |x, y| x + y));
+                        *a = round(g, op(g, *a, dtype::read_f64(&one, g, c), false));
                     }
                 }
                 let n = pairs.len() as f64;
                 let mut out = vec![0u8; row_bytes];
                 for (c, a) in acc.iter().enumerate() {
-                    dtype::write_f64(&mut out, g, c, op(g, *a, n, |x, y| x / y));
+                    dtype::write_f64(&mut out, g, c, op(g, *a, n, true));
                 }
                 out
             })
@@ -349,13 +349,19 @@ impl VocabTensor {
     }
 }
 
-/// `a op b` as torch computes it on a tensor of dtype `g`: in float32 for the 16-bit
-/// dtypes and float32, in float64 for float64.
-fn op(g: Dtype, a: f64, b: f64, f: impl Fn(f64, f64) -> f64) -> f64 {
+/// `a + b` (`div` false) or `a / b` as torch computes it on a tensor of dtype `g`: in
+/// float32 for the 16-bit dtypes and float32 (not in float64 then rounded: that would round
+/// twice), in float64 for float64.
+fn op(g: Dtype, a: f64, b: f64, div: bool) -> f64 {
     if g == Dtype::F64 {
-        f(a, b)
+        if div {
+            a / b
+        } else {
+            a + b
+        }
     } else {
-        f(a as f32 as f64, b as f32 as f64) as f32 as f64
+        let (a, b) = (a as f32, b as f32);
+        (if div { a / b } else { a + b }) as f64
     }
 }
 
