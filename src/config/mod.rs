@@ -77,6 +77,9 @@ pub struct Slice {
     /// The slice's base among its sources (an index into `sources`): its own `base_model`,
     /// else the config's, when the method uses a base.
     pub base: Option<usize>,
+    /// The slice's `base_model` (else the config's) among its sources, whatever the method:
+    /// a vocabulary merge takes the rows other models lack from it.
+    pub vocab_base: Option<usize>,
     pub parameters: Params,
 }
 
@@ -634,6 +637,9 @@ fn slice_list(
                 }
             },
         };
+        let vocab_base = slice_base
+            .as_ref()
+            .and_then(|b| refs.iter().position(|r| same_model(r, b)));
         let inputs = sources.len();
         let counted = inputs - usize::from(base.is_some());
         if let Some(max) = method.max_inputs().filter(|m| counted > *m) {
@@ -668,6 +674,7 @@ fn slice_list(
         slices.push(Slice {
             sources,
             base,
+            vocab_base,
             parameters,
         });
     }

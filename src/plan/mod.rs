@@ -721,9 +721,14 @@ fn realign(
         None => promote(slices.iter().map(|s| s.dtype)),
     };
     let model_of: Vec<usize> = out.inputs.iter().map(|i| i.model).collect();
-    let base = out.base;
     Ok(crate::vocab::rows::tensor_rows(
-        v, &out.name, &model_of, &names, &rows, base, g,
+        v,
+        &out.name,
+        &model_of,
+        &names,
+        &rows,
+        out.vocab_base,
+        g,
     )?)
 }
 

@@ -37,6 +37,9 @@ pub(super) struct OutTensor<'a> {
     pub inputs: Vec<Input<'a>>,
     /// Which of `inputs` is the base, when the method uses one.
     pub base: Option<usize>,
+    /// Which of `inputs` is the base model named in the config (the slice's, else the
+    /// top-level one), whatever the method: where a vocabulary merge takes missing rows.
+    pub vocab_base: Option<usize>,
     /// The levels of the shared parameters, highest precedence first.
     pub shared: Vec<&'a Params>,
     /// The layer position for gradients.
@@ -103,6 +106,7 @@ fn whole_models<'a>(config: &'a MergeConfig, names: &[&str]) -> Vec<OutTensor<'a
         .iter()
         .map(|name| OutTensor {
             name: name.to_string(),
+            vocab_base: base,
             inputs: order
                 .iter()
                 .map(|&m| Input {
@@ -219,6 +223,7 @@ fn sliced<'a>(
                         })
                         .collect(),
                     base: slice.base,
+                    vocab_base: slice.vocab_base,
                     shared: vec![&slice.parameters, &config.parameters],
                     t,
                 });
@@ -282,6 +287,7 @@ fn edge<'a>(
                 .map(|src| source_input(config, slice, src, name.to_string()))
                 .collect(),
             base: slice.base.filter(|&b| b < sources.len()),
+            vocab_base: slice.vocab_base.filter(|&b| b < sources.len()),
             shared: vec![&slice.parameters, &config.parameters],
             t: 0.0,
         });
