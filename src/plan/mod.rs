@@ -526,9 +526,7 @@ pub fn plan_with_vocab(
             seed: opts.random_seed,
         };
         let realigned = match vocab {
-            Some(v) if is_float(base_dtype) => {
-                Some(realign(v, out, &slices, shape, models, config)?)
-            }
+            Some(v) if is_float(base_dtype) => realign(v, out, &slices, shape, models, config)?,
             _ => None,
         };
         let shape = match &realigned {
@@ -693,7 +691,7 @@ fn tensor_job(
 
 /// How output tensor `out`'s inputs (`slices`, in mergekit's order; `shape` the base's) are
 /// realigned to the vocabulary: rows per input, gathered in the dtype mergekit gathers them
-/// in (the config's `dtype`, else the inputs' common one).
+/// in (the config's `dtype`, else the inputs' common one). None when that changes nothing.
 fn realign(
     v: &Vocabulary,
     out: &sources::OutTensor,
@@ -701,7 +699,7 @@ fn realign(
     shape: &[usize],
     models: &[ModelSource],
     config: &MergeConfig,
-) -> Result<VocabTensor, PlanError> {
+) -> Result<Option<VocabTensor>, PlanError> {
     let cols: usize = shape[1..].iter().product();
     let names: Vec<String> = models.iter().map(|m| m.reference.clone()).collect();
     let mut rows = Vec::with_capacity(slices.len());
@@ -721,15 +719,10 @@ fn realign(
         None => promote(slices.iter().map(|s| s.dtype)),
     };
     let model_of: Vec<usize> = out.inputs.iter().map(|i| i.model).collect();
-    Ok(crate::vocab::rows::tensor_rows(
-        v,
-        &out.name,
-        &model_of,
-        &names,
-        &rows,
-        out.vocab_base,
-        g,
-    )?)
+    let r =
+        crate::vocab::rows::tensor_rows(v, &out.name, &model_of, &names, &rows, out.vocab_base, g)?;
+    let dtypes: Vec<Dtype> = slices.iter().map(|s| s.dtype).collect();
+    Ok((!r.is_identity(&rows, &dtypes)).then_some(r))
 }
 
 /// torch's `promote_types` over float dtypes: the widest; bfloat16 with float16 is float32.

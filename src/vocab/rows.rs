@@ -274,6 +274,28 @@ impl VocabTensor {
         self
     }
 
+    /// Whether realigning changes nothing: every input keeps its own rows in order, there is
+    /// no padding, and each input (`rows[k]` rows in `dtypes[k]`) is already what the
+    /// kernel would be given. The common case of `tokenizer_source: base` over models that
+    /// share a tokenizer: such a tensor is merged as if no vocabulary were merged (streamed,
+    /// read once).
+    pub fn is_identity(&self, rows: &[usize], dtypes: &[Dtype]) -> bool {
+        self.padded == self.rows
+            && self.inputs.iter().enumerate().all(|(k, m)| {
+                rows[k] == self.rows
+                    && dtypes[k] == self.dtype
+                    && match m.runs.as_slice() {
+                        [Run {
+                            out: 0,
+                            from: RowFrom::Rows { input, row: 0 },
+                            ..
+                        }] => *input as usize == k,
+                        [] => self.rows == 0,
+                        _ => false,
+                    }
+            })
+    }
+
     /// Bytes of the realigned inputs (each `padded` rows in [`Self::dtype`]).
     pub fn gathered_bytes(&self, cols: usize) -> u64 {
         (self.inputs.len() * self.padded * cols * dtype::size(self.dtype).unwrap_or(4)) as u64
@@ -464,6 +486,42 @@ mod tests {
             [rows(0, 0), rows(0, 1), rows(0, 2), rows(0, 3)]
         );
         assert_eq!(r.averages, [vec![(1, 1), (0, 1)]]);
+    }
+
+    #[test]
+    fn a_realignment_that_changes_nothing_is_known_as_such() {
+        let tok = || model(&tokenizer_json(&["a", "b", "c"], &[], &[]), Some(3));
+        let two = &names()[..2];
+        let v = build(
+            &spec(TokenizerSource::Base, vec![]),
+            0,
+            &[tok(), tok()],
+            two,
+        )
+        .unwrap();
+        let t = tensor_rows(&v, "e", &[0, 1], two, &[3, 3], Some(0), Dtype::BF16).unwrap();
+        assert!(t.is_identity(&[3, 3], &[Dtype::BF16, Dtype::BF16]));
+        // Gathered in another dtype, or with other row counts: not the same.
+        assert!(!t.is_identity(&[3, 3], &[Dtype::BF16, Dtype::F16]));
+        assert!(!t.is_identity(&[3, 4], &[Dtype::BF16, Dtype::BF16]));
+        let mut s = spec(TokenizerSource::Base, vec![]);
+        s.pad_to_multiple_of = Some(4);
+        let v = build(&s, 0, &[tok(), tok()], two).unwrap();
+        let t = tensor_rows(&v, "e", &[0, 1], two, &[3, 3], Some(0), Dtype::BF16).unwrap();
+        assert!(!t.is_identity(&[3, 3], &[Dtype::BF16, Dtype::BF16]));
+        // The union with a model that has more tokens moves rows.
+        let v = vocab(vec![], None);
+        let t = tensor_rows(
+            &v,
+            "e",
+            &[0, 1, 2],
+            &names(),
+            &[3, 4, 2],
+            Some(0),
+            Dtype::BF16,
+        )
+        .unwrap();
+        assert!(!t.is_identity(&[3, 4, 2], &[Dtype::BF16; 3]));
     }
 
     #[test]
