@@ -327,7 +327,8 @@ fn print_plan(job: &Job, output: Option<&PlanOutput>, as_json: bool) {
         .count();
     if whole > 0 {
         println!(
-            "streaming:      {whole} tensor(s) are merged whole, never in windows ({})",
+            "streaming:      {} merges {whole} tensor(s) as whole tensors, never in windows ({})",
+            job.config.method.name(),
             if job.vocab.is_some() {
                 "realigned vocabulary rows, or a method whose output elements depend on the whole tensor"
             } else {

@@ -330,7 +330,20 @@ async fn tokenizer(
         return Ok((None, None));
     }
     let names: Vec<String> = config.all_models().map(|m| m.text.clone()).collect();
-    let read = try_join_all(locations.iter().zip(&names).map(|(l, n)| files::read(l, n))).await?;
+    // A named or written template needs only the base's files.
+    let all = config.tokenizer.is_some()
+        || matches!(
+            config.chat_template,
+            Some(crate::config::ChatTemplate::Auto)
+        );
+    let read = try_join_all(
+        locations
+            .iter()
+            .zip(&names)
+            .take(if all { locations.len() } else { 1 })
+            .map(|(l, n)| files::read(l, n)),
+    )
+    .await?;
     let template = config
         .chat_template
         .as_ref()

@@ -151,7 +151,17 @@ pub fn build(
             }
         }
     }
-    let tokens: Vec<String> = tokens.into_iter().map(|t| t.unwrap_or_default()).collect();
+    let tokens: Vec<String> = match tokens.iter().position(Option::is_none) {
+        Some(id) => {
+            return Err(VocabError::Tokenizer {
+                model: names[base].clone(),
+                message: format!(
+                    "the output vocabulary has no token at id {id} (two tokens share an id); mergekit cannot merge such a tokenizer either"
+                ),
+            })
+        }
+        None => tokens.into_iter().flatten().collect(),
+    };
     let own: Vec<HashMap<String, u32>> = tokenizers
         .iter()
         .enumerate()

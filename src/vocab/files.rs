@@ -63,7 +63,10 @@ pub async fn read(location: &Location, model: &str) -> Result<TokenizerFiles> {
     if let Some((b, url)) = get("tokenizer.json").await? {
         files.tokenizer_json = Some(text(b, &url)?);
     }
-    files.sentencepiece = get("tokenizer.model").await?.is_some();
+    let sp = location.child("tokenizer.model");
+    files.sentencepiece = head_size(store, &sp, &location.child_display("tokenizer.model"))
+        .await?
+        .is_some();
     if let Some((b, url)) = get("tokenizer_config.json").await? {
         if let Value::Object(m) = json(b, &url)? {
             files.tokenizer_config = Some(m);

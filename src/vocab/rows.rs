@@ -573,26 +573,14 @@ mod tests {
             RowFrom::Rows { input: 1, row: 3 },
             "ft has <x>"
         );
-        let bad = |token: TokenRef| {
-            let v = vocab(
-                vec![(
-                    "<x>".into(),
-                    cfg(TokenSource::ModelToken { model: 1, token }, false),
-                )],
-                None,
-            );
-            tensor_rows(
-                &v,
-                "e",
-                &[0, 1, 2],
-                &names(),
-                &[3, 4, 2],
-                Some(0),
-                Dtype::F32,
-            )
-            .unwrap_err()
-            .to_string()
+        let refused = |spec: TokenSpec| {
+            let v = vocab(vec![("<x>".into(), spec)], None);
+            let three = [0, 1, 2];
+            tensor_rows(&v, "e", &three, &names(), &[3, 4, 2], Some(0), Dtype::F32)
+                .unwrap_err()
+                .to_string()
         };
+        let bad = |token| refused(cfg(TokenSource::ModelToken { model: 1, token }, false));
         let e = bad(TokenRef::Text("nope".into()));
         assert!(
             e.contains("`tokenizer.tokens.<x>.source.token`") && e.contains("ft"),
@@ -603,29 +591,10 @@ mod tests {
             e.contains("`tokenizer.tokens.<x>.source.token_id`") && e.contains("4 rows"),
             "{e}"
         );
-        let e = {
-            let v = vocab(
-                vec![(
-                    "<x>".into(),
-                    TokenSpec {
-                        source: None,
-                        force: false,
-                    },
-                )],
-                None,
-            );
-            tensor_rows(
-                &v,
-                "e",
-                &[0, 1, 2],
-                &names(),
-                &[3, 4, 2],
-                Some(0),
-                Dtype::F32,
-            )
-            .unwrap_err()
-            .to_string()
-        };
+        let e = refused(TokenSpec {
+            source: None,
+            force: false,
+        });
         assert!(
             e.contains("`tokenizer.tokens.<x>`") && e.contains("source"),
             "{e}"

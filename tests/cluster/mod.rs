@@ -77,6 +77,24 @@ impl Cluster {
             .map(|i| self.worker(&format!("w{i}"), &[], env))
             .collect()
     }
+
+    /// A whole merge by a coordinator (with `extra` flags) and 3 workers (with `env`): both
+    /// must succeed, the coordinator within `secs`.
+    pub(crate) fn merge_on_three(
+        &self,
+        config: &str,
+        out: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+        secs: u64,
+    ) {
+        let mut coord = self.coordinator(config, out, extra, "coordinator.log");
+        let mut workers = self.workers(3, env);
+        assert_exit_ok(&mut coord, secs);
+        for w in &mut workers {
+            assert_exit_ok(w, 60);
+        }
+    }
 }
 
 fn embedded(config: &Path, cwd: &Path, extra: &[&str], env: &[(String, String)]) -> TempDir {

@@ -387,7 +387,7 @@ fn three_workers_equal_mergekit(case: &str) {
     let out = tmp();
     let target = out.path().join("out");
     let cfg = dir().join(case).join("config.yml");
-    let mut coord = c.coordinator(
+    c.merge_on_three(
         cfg.to_str().unwrap(),
         target.to_str().unwrap(),
         &[
@@ -398,13 +398,9 @@ fn three_workers_equal_mergekit(case: &str) {
             "--random-seed",
             "0",
         ],
-        "coordinator.log",
+        &case_env(case),
+        120,
     );
-    let mut workers = c.workers(3, &case_env(case));
-    assert_exit_ok(&mut coord, 120);
-    for w in &mut workers {
-        assert_exit_ok(w, 60);
-    }
     let want = expected(case);
     let got = crate::fidelity::hashes(&target);
     for (name, t) in want["tensors"].as_object().unwrap() {
@@ -447,17 +443,13 @@ fn real_size_tensors_on_three_workers_equal_mergekit() {
     ] {
         let (sets, cfg, out) = sized_case(case);
         let c = Cluster::new(sets.path(), vec![]);
-        let mut coord = c.coordinator(
+        c.merge_on_three(
             cfg.to_str().unwrap(),
             out.to_str().unwrap(),
             &["--task-size", "1", "--random-seed", "0"],
-            "coordinator.log",
+            &[],
+            600,
         );
-        let mut workers = c.workers(3, &[]);
-        assert_exit_ok(&mut coord, 600);
-        for w in &mut workers {
-            assert_exit_ok(w, 60);
-        }
         assert_sized_hashes(case, &out, "on 3 workers");
     }
 }

@@ -226,7 +226,7 @@ fn streamed_on_one_thread_and_on_three_workers_the_bytes_do_not_change() {
         let t = tmp();
         let out = t.path().join("out");
         let cfg = dir().join("cases").join(case).join("config.yml");
-        let mut coord = c.coordinator(
+        c.merge_on_three(
             cfg.to_str().unwrap(),
             out.to_str().unwrap(),
             &[
@@ -237,13 +237,9 @@ fn streamed_on_one_thread_and_on_three_workers_the_bytes_do_not_change() {
                 "--random-seed",
                 "0",
             ],
-            "coordinator.log",
+            &[],
+            120,
         );
-        let mut workers = c.workers(3, &[]);
-        assert_exit_ok(&mut coord, 120);
-        for w in &mut workers {
-            assert_exit_ok(w, 60);
-        }
         assert_equals_mergekit(case, &out, "3 workers");
     }
 }
