@@ -386,7 +386,7 @@ async fn stream_tensor(
         Op::Copy { .. } => None,
     };
     let streaming = kernel.as_ref().map(|k| k.streaming(&job.shape));
-    let windows = windows(job, budget, streaming)?;
+    let windows = windows(job, budget)?;
     let prepared = match (&kernel, streaming) {
         (Some(k), Some(Streaming::Statistics)) => {
             statistics_pass(job, k, inputs, &windows, progress).await?
@@ -428,13 +428,9 @@ async fn stream_tensor(
 
 /// The windows a tensor is streamed in: half the budget for the window being computed, the
 /// rest for the chunk being written; the scales read (whole) and written (whole, when
-/// requantizing) stay for every window. Whole-tensor kernels take one window (the plan
-/// checked that it fits).
-fn windows(
-    job: &TensorJob,
-    budget: u64,
-    streaming: Option<Streaming>,
-) -> Result<Vec<Range<usize>>> {
+/// requantizing) stay for every window. Whole-tensor kernels and realigned vocabulary
+/// tensors take one window (the plan checked that it fits).
+fn windows(job: &TensorJob, budget: u64) -> Result<Vec<Range<usize>>> {
     let numel = job.numel();
     let (unit, per_elem) = job.window_unit();
     let scales_out = job
@@ -442,7 +438,7 @@ fn windows(
         .as_ref()
         .map_or(0, |r| r.scales.end - r.scales.start);
     let fixed = job.scale_bytes() + scales_out;
-    let window = if streaming == Some(Streaming::Whole) || job.vocab.is_some() {
+    let window = if job.whole() {
         numel.max(1)
     } else {
         (budget.saturating_sub(fixed) / 2 / per_elem) as usize / unit * unit

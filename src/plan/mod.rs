@@ -267,7 +267,8 @@ impl TensorJob {
             + self.scratch_bytes()
             + (written.end - written.start)
     }
-    /// Memory the kernel works in besides its inputs and output (whole-tensor methods).
+    /// Memory the kernel works in besides its inputs and output (whole-tensor methods), and
+    /// the realigned copies of a vocabulary tensor's inputs.
     pub fn scratch_bytes(&self) -> u64 {
         let realigned = self
             .vocab
