@@ -9,15 +9,19 @@
 //! as torch does (float32 arithmetic, one rounding), the random draws in mergekit's stream
 //! order from the tensor's offset, the selections in libstdc++'s tie order
 //! ([`super::stdsort`]). The sparsification needs the whole task vector, so these kernels
-//! take whole tensors.
+//! take whole tensors, in two steps that hold no task vector: each model's mask (and
+//! rescale factor), made from its task vector computed a block at a time; then one pass
+//! over the elements that computes the task vectors again, masks, weighs and merges them a
+//! run at a time (recomputing `R(x - base)` costs less than writing and reading back a
+//! float32 copy of every task vector).
 
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use super::mt19937;
-use super::numeric::{encode_with, Bf16, Round, F16, F32};
+use super::mt19937::{self, Mt19937, Probs};
+use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Order, Pair};
-use super::{torch, InputView, Kernel, WorkDtype};
+use super::{torch, InputView, Kernel, WorkDtype, BLOCK};
 use crate::params::{Kind, ParamDef, Scope};
 
 /// The family's members.
@@ -204,11 +208,17 @@ pub struct Gta {
 }
 
 impl Gta {
-    /// Scratch memory for a tensor of `numel` elements and `inputs` inputs: every task
-    /// vector as float32, the base's values, and each model's sort pairs (the models are
-    /// sparsified in parallel).
+    /// Scratch memory for a tensor of `numel` elements and `inputs` inputs: each model's
+    /// mask (a byte an element) and, while it is made, its sort pairs (the selecting
+    /// members) or keep probabilities (della); the models are sparsified in parallel. The
+    /// task vectors are recomputed from the inputs where needed, never held.
     pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
-        ((inputs + 1) * 4 * numel + 8 * numel * inputs.saturating_sub(1)) as u64
+        let making = match self.family.sparsify() {
+            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 8,
+            Sparsify::DellaMagprune => 4,
+            Sparsify::Random => 0,
+        };
+        ((1 + making) * numel * inputs.saturating_sub(1)) as u64
     }
 }
 
@@ -229,29 +239,130 @@ fn r<R: Round>(x: f32) -> f32 {
 
 fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView], out: &mut [u8]) {
     let numel: usize = shape.iter().product();
-    let (base, tvs) = super::task_vectors::<R>(inputs, numel);
-    // The task vectors, sparsified, then weighted: d_i = R(R(x_i - base) * w_i). Each
-    // model's draws follow the previous models' in the stream, so each starts at its own
-    // offset and the models run in parallel.
-    let mut starts = Vec::with_capacity(inputs.len());
+    // Each model's sparsification (its draws follow the previous models' in the stream, so
+    // each starts from its own generator: one jump to the tensor's offset, then the same
+    // short jump on; the models run in parallel), then one pass over the elements that
+    // recomputes the task vectors and merges them.
+    let mut streams: Vec<Option<Mt19937>> = Vec::with_capacity(inputs.len());
+    let mut last: Option<(Mt19937, u64)> = None;
     let mut at = g.offset;
     for i in 1..inputs.len() {
-        starts.push(at);
-        at += g.family.draws(g.densities[i], numel);
+        let draws = g.family.draws(g.densities[i], numel);
+        let stream = (draws > 0).then(|| match &last {
+            None => Mt19937::at(g.seed, at),
+            Some((prev, from)) => prev.ahead(at - from),
+        });
+        if let Some(s) = &stream {
+            last = Some((s.clone(), at));
+        }
+        streams.push(stream);
+        at += draws;
     }
-    let (deltas, w): (Vec<Vec<f32>>, Vec<f32>) = tvs
+    let sparse: Vec<Sparse> = (1..inputs.len())
         .into_par_iter()
-        .enumerate()
-        .map(|(k, mut d)| {
-            let i = k + 1;
-            let draws = g.family.draws(g.densities[i], numel) > 0;
-            let stream = draws.then_some(starts[i - 1]);
+        .map(|i| {
+            let stream = streams[i - 1].as_ref();
             let extra = g.extra.get(i).copied().unwrap_or(0.0);
-            sparsify::<R>(g, &mut d, shape, g.densities[i], extra, stream);
-            (d, R::round_f64(g.weights[i]))
+            let tv = TaskVector {
+                base: &inputs[0],
+                model: &inputs[i],
+                numel,
+            };
+            sparsify::<R>(g, &tv, shape, g.densities[i], extra, stream)
         })
-        .unzip();
-    combine::<R>(k, g, &base, &deltas, &w, out);
+        .collect();
+    let w: Vec<f32> = (1..inputs.len())
+        .map(|i| R::round_f64(g.weights[i]))
+        .collect();
+    combine::<R>(k, g, inputs, &sparse, &w, out);
+}
+
+/// One model's task vector `R(x - base)`, computed where it is needed rather than held.
+struct TaskVector<'a> {
+    base: &'a InputView<'a>,
+    model: &'a InputView<'a>,
+    numel: usize,
+}
+
+impl TaskVector<'_> {
+    /// Elements `start..start + out.len()` into `out` (`b` is scratch of the same length).
+    #[inline]
+    fn chunk<R: Round>(&self, start: usize, b: &mut [f32], out: &mut [f32]) {
+        decode::<R>(self.base.bytes, self.base.dtype, start, b);
+        task_chunk::<R>(self.model, b, start, out);
+    }
+
+    /// Every element in order, a block at a time.
+    #[inline(always)]
+    fn for_each_block<R: Round>(&self, mut f: impl FnMut(usize, &[f32])) {
+        let (mut b, mut t) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
+        for start in (0..self.numel).step_by(BLOCK) {
+            let len = BLOCK.min(self.numel - start);
+            self.chunk::<R>(start, &mut b[..len], &mut t[..len]);
+            f(start, &t[..len]);
+        }
+    }
+}
+
+/// `R(x - base)` for elements `start..start + out.len()` of `model`, the base's values
+/// (already in R) in `base`.
+#[inline(always)]
+fn task_chunk<R: Round>(model: &InputView, base: &[f32], start: usize, out: &mut [f32]) {
+    decode::<R>(model.bytes, model.dtype, start, out);
+    for (o, &b) in out.iter_mut().zip(base) {
+        *o = r::<R>(*o - b);
+    }
+}
+
+/// Which elements of a task vector a sparsifier keeps.
+enum Keep {
+    All,
+    None,
+    Mask(Vec<bool>),
+}
+
+/// The dtype a sparsifier rescales in: the working dtype, or for the random ones bfloat16
+/// (it stays) or float32 (the others), then `.to(W)`.
+#[derive(Clone, Copy)]
+enum RescaleIn {
+    Work,
+    Bf16,
+    F32,
+}
+
+/// One model's sparsification: its task vector masked, then rescaled by `ratio` (rounded
+/// in `dtype`) when the sums allow.
+struct Sparse {
+    keep: Keep,
+    ratio: Option<f32>,
+    dtype: RescaleIn,
+}
+
+impl Sparse {
+    /// Sparsify task-vector values `x` (elements `start..`) in place.
+    #[inline]
+    fn apply<R: Round>(&self, start: usize, x: &mut [f32]) {
+        match &self.keep {
+            Keep::All => {}
+            Keep::None => x.fill(0.0),
+            // `x * 1` and `x * 0` are exact (the latter keeps the sign of zero, as torch's
+            // product does): no rounding.
+            Keep::Mask(m) => {
+                for (x, &k) in x.iter_mut().zip(&m[start..]) {
+                    *x *= k as u8 as f32;
+                }
+            }
+        }
+        if let Some(ratio) = self.ratio {
+            match self.dtype {
+                RescaleIn::Work => x.iter_mut().for_each(|x| *x = r::<R>(*x * ratio)),
+                RescaleIn::Bf16 => x
+                    .iter_mut()
+                    .for_each(|x| *x = r::<R>(Bf16::round(*x * ratio))),
+                RescaleIn::F32 => x.iter_mut().for_each(|x| *x = r::<R>(*x * ratio)),
+            }
+        }
+    }
 }
 
 /// The merge of the sparsified task vectors into `out`, a run of elements at a time so
@@ -261,15 +372,16 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
 fn combine<R: Round>(
     k: &Kernel,
     g: &Gta,
-    base: &[f32],
-    tvs: &[Vec<f32>],
+    inputs: &[InputView],
+    sparse: &[Sparse],
     w: &[f32],
     out: &mut [u8],
 ) {
-    let (n, numel) = (tvs.len(), base.len());
+    let n = sparse.len();
     let dtype = R::DTYPE;
     let od = k.out.st_dtype();
     let osz = k.out.size();
+    let numel = out.len() / osz;
     // Without consensus the divisor is one number: the weights' sum.
     let plain_div = {
         let mut s = torch::CascadeSum::new(n, torch::sum_width(dtype));
@@ -282,58 +394,138 @@ fn combine<R: Round>(
         }
     };
     let lambda = (g.lambda != 1.0).then_some(g.lambda as f32);
-    const RUN: usize = 1024;
-    out.par_chunks_mut(RUN * osz)
-        .enumerate()
-        .for_each(|(c, out)| {
-            let start = c * RUN;
-            let len = out.len() / osz;
-            let mut d = vec![0f32; n * len];
-            for ((d, tv), &wi) in d.chunks_exact_mut(len).zip(tvs).zip(w) {
-                for (d, &t) in d.iter_mut().zip(&tv[start..start + len]) {
-                    *d = r::<R>(t * wi);
-                }
+    let how = Combine {
+        g,
+        inputs,
+        sparse,
+        w,
+        plain_div,
+        lambda,
+        od,
+        osz,
+        numel,
+    };
+    out.par_chunks_mut(RUN * osz).enumerate().for_each_init(
+        || Scratch::new(n),
+        |sc, (c, out)| simd::combine_run::<R>(&how, c * RUN, sc, out),
+    );
+}
+
+/// Elements merged together in one step of [`combine`].
+const RUN: usize = 4096;
+
+/// What [`combine_run`] needs of the merge.
+struct Combine<'a> {
+    g: &'a Gta,
+    inputs: &'a [InputView<'a>],
+    sparse: &'a [Sparse],
+    w: &'a [f32],
+    plain_div: f32,
+    lambda: Option<f32>,
+    od: Dtype,
+    osz: usize,
+    numel: usize,
+}
+
+/// Per-thread scratch of [`combine_run`]: the base, every model's deltas and kept weights,
+/// the sums.
+struct Scratch {
+    base: Vec<f32>,
+    d: Vec<f32>,
+    kept_w: Vec<f32>,
+    majority: Vec<f32>,
+    mixed: Vec<f32>,
+    div: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(models: usize) -> Self {
+        Scratch {
+            base: vec![0f32; RUN],
+            d: vec![0f32; models * RUN],
+            kept_w: vec![0f32; models * RUN],
+            majority: vec![0f32; RUN],
+            mixed: vec![0f32; RUN],
+            div: vec![0f32; RUN],
+        }
+    }
+}
+
+/// One run of [`combine`]: elements `start..` into `out`.
+#[inline(always)]
+fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]) {
+    let Combine {
+        g,
+        inputs,
+        sparse,
+        w,
+        plain_div,
+        lambda,
+        od,
+        osz,
+        numel,
+    } = *how;
+    let (n, dtype) = (sparse.len(), R::DTYPE);
+    let len = out.len() / osz;
+    let base = &mut sc.base[..len];
+    decode::<R>(inputs[0].bytes, inputs[0].dtype, start, base);
+    let d = &mut sc.d[..n * len];
+    for (i, (d, s)) in d.chunks_exact_mut(len).zip(sparse).enumerate() {
+        task_chunk::<R>(&inputs[i + 1], base, start, d);
+        s.apply::<R>(start, d);
+        for d in d.iter_mut() {
+            *d = r::<R>(*d * w[i]);
+        }
+    }
+    let mixed = &mut sc.mixed[..len];
+    let div = &mut sc.div[..len];
+    div.fill(plain_div);
+    if g.family.consensus() {
+        let majority = &mut sc.majority[..len];
+        torch::sum_models_run(dtype, d, start, numel, majority);
+        for s in majority.iter_mut() {
+            *s = if r::<R>(*s) >= 0.0 { 1.0 } else { -1.0 };
+        }
+        // The kept deltas and their weights (`x * 0` keeps the sign of zero).
+        let kept_w = &mut sc.kept_w[..n * len];
+        for ((d, kw), &wi) in d
+            .chunks_exact_mut(len)
+            .zip(kept_w.chunks_exact_mut(len))
+            .zip(w)
+        {
+            for ((d, kw), &m) in d.iter_mut().zip(kw).zip(majority.iter()) {
+                let keep = (torch::sign(*d) == m) as u8 as f32;
+                *d = r::<R>(*d * keep);
+                *kw = r::<R>(wi * keep);
             }
-            let mut mixed = vec![0f32; len];
-            let mut div = vec![plain_div; len];
-            if g.family.consensus() {
-                let mut majority = vec![0f32; len];
-                torch::sum_models_run(dtype, &d, start, numel, &mut majority);
-                for s in &mut majority {
-                    *s = if r::<R>(*s) >= 0.0 { 1.0 } else { -1.0 };
-                }
-                // The kept deltas and their weights (`x * 0` keeps the sign of zero).
-                let mut kept_w = vec![0f32; n * len];
-                for ((d, kw), &wi) in d
-                    .chunks_exact_mut(len)
-                    .zip(kept_w.chunks_exact_mut(len))
-                    .zip(w)
-                {
-                    for ((d, kw), &m) in d.iter_mut().zip(kw).zip(&majority) {
-                        let keep = (torch::sign(*d) == m) as u8 as f32;
-                        *d = r::<R>(*d * keep);
-                        *kw = r::<R>(wi * keep);
-                    }
-                }
-                torch::sum_models_run(dtype, &kept_w, start, numel, &mut div);
-                for v in &mut div {
-                    let s = r::<R>(*v);
-                    *v = if s == 0.0 { 1.0 } else { s };
-                }
-            }
-            torch::sum_models_run(dtype, &d, start, numel, &mut mixed);
-            for ((m, &dv), &b) in mixed.iter_mut().zip(&div).zip(&base[start..start + len]) {
-                let mut x = r::<R>(*m);
-                if g.normalize {
-                    x = r::<R>(x / dv);
-                }
-                if let Some(l) = lambda {
-                    x = r::<R>(x * l);
-                }
-                *m = r::<R>(b + x);
-            }
-            encode_with::<R>(&mixed, od, out);
-        });
+        }
+        torch::sum_models_run(dtype, kept_w, start, numel, div);
+        for v in div.iter_mut() {
+            let s = r::<R>(*v);
+            *v = if s == 0.0 { 1.0 } else { s };
+        }
+    }
+    torch::sum_models_run(dtype, d, start, numel, mixed);
+    for ((m, &dv), &b) in mixed.iter_mut().zip(div.iter()).zip(base.iter()) {
+        let mut x = r::<R>(*m);
+        if g.normalize {
+            x = r::<R>(x / dv);
+        }
+        if let Some(l) = lambda {
+            x = r::<R>(x * l);
+        }
+        *m = r::<R>(b + x);
+    }
+    encode_with::<R>(mixed, od, out);
+}
+
+/// The hot loops compiled twice (see [`super::simd`]).
+mod simd {
+    use super::*;
+    use crate::twice;
+
+    twice!(generic combine_run(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]));
+    twice!(generic abs_sums(tv: &TaskVector, keep: &[bool], width: usize) -> (f32, f32));
 }
 
 /// The dtype mergekit's random sparsifiers work in: bfloat16 stays, others are float32.
@@ -351,133 +543,118 @@ fn rd<R: Round>(x: f32) -> f32 {
     }
 }
 
-/// Sparsify one task vector in place (values of W).
+/// Sparsify one model's task vector (values of W): what stays and the rescale.
 fn sparsify<R: Round>(
     g: &Gta,
-    d: &mut [f32],
+    tv: &TaskVector,
     shape: &[usize],
     density: f64,
     extra: f64,
-    stream: Option<u64>,
-) {
-    let n = d.len();
-    match g.family.sparsify() {
+    stream: Option<&Mt19937>,
+) -> Sparse {
+    let n = tv.numel;
+    let random = if random_in_bf16::<R>() {
+        RescaleIn::Bf16
+    } else {
+        RescaleIn::F32
+    };
+    let (keep, dtype) = match g.family.sparsify() {
+        _ if density >= 1.0 => (Keep::All, RescaleIn::Work),
+        Sparsify::Magnitude if density <= 0.0 || n == 0 => (Keep::None, RescaleIn::Work),
+        Sparsify::DellaMagprune if density <= 0.0 => (Keep::None, random),
         Sparsify::Magnitude => {
-            if density >= 1.0 {
-                return;
-            }
-            if density <= 0.0 || n == 0 {
-                d.fill(0.0);
-                return;
-            }
             let k = ((density * n as f64) as usize).max(1);
-            let keep = selected(d, Order::Descending, 0, k);
-            mask_and_rescale::<R>(d, |i| keep[i], g.rescale, torch::sum_width(R::DTYPE));
+            (selected::<R>(tv, Order::Descending, 0, k), RescaleIn::Work)
         }
         Sparsify::MagnitudeOutliers => {
-            if density >= 1.0 {
-                return;
-            }
             let target = (density * n as f64) as usize;
             let top = (extra * n as f64) as usize;
             let bottom = n.saturating_sub(target + top);
-            let keep = selected(d, Order::Ascending, bottom, (bottom + target).min(n));
-            mask_and_rescale::<R>(d, |i| keep[i], g.rescale, torch::sum_width(R::DTYPE));
+            let to = (bottom + target).min(n);
+            (
+                selected::<R>(tv, Order::Ascending, bottom, to),
+                RescaleIn::Work,
+            )
         }
         Sparsify::Random => {
-            if density >= 1.0 {
-                return;
-            }
-            let start = stream.expect("a random sparsifier has its stream");
+            let stream = stream.expect("a random sparsifier has its stream");
             let p = if random_in_bf16::<R>() {
                 Bf16::round_f64(density)
             } else {
                 density as f32
             };
             let mut keep = vec![false; n];
-            mt19937::bernoulli_par(g.seed, start, &mut keep, |_| p);
-            mask_and_rescale_random::<R>(d, &keep, g.rescale);
+            mt19937::bernoulli_par(stream, &mut keep, Probs::All(p));
+            (Keep::Mask(keep), random)
         }
         Sparsify::DellaMagprune => {
-            if density >= 1.0 {
-                return;
-            }
-            if density <= 0.0 {
-                d.fill(0.0);
-                return;
-            }
-            let start = stream.expect("a random sparsifier has its stream");
-            let keep = della_mask::<R>(d, shape, density, extra, (g.seed, start));
-            mask_and_rescale_random::<R>(d, &keep, g.rescale);
+            let stream = stream.expect("a random sparsifier has its stream");
+            let keep = della_mask::<R>(tv, shape, density, extra, stream);
+            (Keep::Mask(keep), random)
         }
-    }
+    };
+    let ratio = match (&keep, g.rescale) {
+        (Keep::Mask(m), true) => match dtype {
+            RescaleIn::Work => rescale::<R, R>(tv, m),
+            RescaleIn::Bf16 => rescale::<R, Bf16>(tv, m),
+            RescaleIn::F32 => rescale::<R, F32>(tv, m),
+        },
+        _ => None,
+    };
+    Sparse { keep, ratio, dtype }
 }
 
-/// A random sparsifier's mask and rescale, in its working dtype (bfloat16 stays, the
-/// others work in float32), then `.to(W)`.
-fn mask_and_rescale_random<R: Round>(d: &mut [f32], keep: &[bool], rescale: bool) {
-    if random_in_bf16::<R>() {
-        mask_and_rescale::<Bf16>(d, |i| keep[i], rescale, torch::sum_width(Dtype::BF16));
-    } else {
-        mask_and_rescale::<F32>(d, |i| keep[i], rescale, torch::sum_width(Dtype::F32));
-    }
-    d.par_iter_mut().for_each(|x| *x = r::<R>(*x));
-}
-
-/// Which elements sit at ranks `from..to` of `|d|` (float32) sorted in `order` by torch's
+/// Which elements sit at ranks `from..to` of `|tv|` (float32) sorted in `order` by torch's
 /// `sort`/`argsort`.
-fn selected(d: &[f32], order: Order, from: usize, to: usize) -> Vec<bool> {
-    let mut pairs: Vec<Pair> = d
-        .par_iter()
-        .enumerate()
-        .map(|(i, x)| stdsort::pair(x.abs(), i, order))
-        .collect();
+fn selected<R: Round>(tv: &TaskVector, order: Order, from: usize, to: usize) -> Keep {
+    let mut pairs: Vec<Pair> = vec![0; tv.numel];
+    pairs.par_chunks_mut(RUN).enumerate().for_each(|(c, p)| {
+        let (start, len) = (c * RUN, p.len());
+        let (mut b, mut t) = ([0f32; RUN], [0f32; RUN]);
+        tv.chunk::<R>(start, &mut b[..len], &mut t[..len]);
+        for (j, (p, x)) in p.iter_mut().zip(&t[..len]).enumerate() {
+            *p = stdsort::pair(x.abs(), start + j, order);
+        }
+    });
     stdsort::select(&mut pairs, &[from, to]);
-    let mut keep = vec![false; d.len()];
+    let mut keep = vec![false; tv.numel];
     for &p in &pairs[from..to] {
         keep[stdsort::index(p)] = true;
     }
-    keep
+    Keep::Mask(keep)
 }
 
-/// `rescaled_masked_tensor(d, mask, l1 if rescale)`, in a working dtype rounded by
-/// `round` whose full sums take vectors of `width`: `masked = d * mask`; with rescale,
-/// `masked * (sum|d| / sum|masked|)` unless either sum is below 1e-7.
-fn mask_and_rescale<W: Round>(
-    d: &mut [f32],
-    keep: impl Fn(usize) -> bool + Sync,
-    rescale: bool,
-    width: usize,
-) {
-    let round = W::round;
-    let full = |v: &[f32]| {
-        let mut s = torch::CascadeSum::new(v.len(), width);
-        let mut buf = Vec::with_capacity(4096);
-        for c in v.chunks(4096) {
-            buf.clear();
-            buf.extend(c.iter().map(|x| x.abs()));
-            s.feed(&buf);
+/// `rescaled_masked_tensor`'s factor for a task vector (values of R) masked by `keep`, in
+/// the sparsifier's dtype W, whose full sums take W's vectors: `sum|tv| / sum|masked|`
+/// (each sum in torch's order, rounded to W), none when either sum is below 1e-7.
+fn rescale<R: Round, W: Round>(tv: &TaskVector, keep: &[bool]) -> Option<f32> {
+    let (before, after) = simd::abs_sums::<R>(tv, keep, torch::sum_width(W::DTYPE));
+    let (before, after) = (W::round(before), W::round(after));
+    let eps = W::round(1e-7);
+    (before >= eps && after >= eps).then(|| W::round(before / after))
+}
+
+/// `sum|tv|` and `sum|tv * keep|` in torch's order for vectors of `width` elements.
+#[inline(always)]
+fn abs_sums<R: Round>(tv: &TaskVector, keep: &[bool], width: usize) -> (f32, f32) {
+    let mut before = torch::CascadeSum::new(tv.numel, width);
+    let mut after = torch::CascadeSum::new(tv.numel, width);
+    let (mut abs, mut masked) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
+    tv.for_each_block::<R>(|start, t| {
+        let len = t.len();
+        for (((a, m), &x), &k) in abs
+            .iter_mut()
+            .zip(masked.iter_mut())
+            .zip(t)
+            .zip(&keep[start..start + len])
+        {
+            *a = x.abs();
+            *m = (x * k as u8 as f32).abs();
         }
-        round(s.finish())
-    };
-    let before = if rescale { full(d) } else { 0.0 };
-    // `x * 1` and `x * 0` are exact (the latter keeps the sign of zero, as torch's product
-    // does): no rounding.
-    d.par_chunks_mut(4096).enumerate().for_each(|(c, xs)| {
-        for (j, x) in xs.iter_mut().enumerate() {
-            *x *= keep(c * 4096 + j) as u8 as f32;
-        }
+        before.feed(&abs[..len]);
+        after.feed(&masked[..len]);
     });
-    if !rescale {
-        return;
-    }
-    let after = full(d);
-    let eps = round(1e-7);
-    if before < eps || after < eps {
-        return;
-    }
-    let ratio = round(before / after);
-    d.par_iter_mut().for_each(|x| *x = round(*x * ratio));
+    (before.finish(), after.finish())
 }
 
 /// della's mask: per row (the last axis; a 1-D tensor is one row), the magnitudes' ranks
@@ -485,11 +662,11 @@ fn mask_and_rescale<W: Round>(
 /// make the keep probabilities `density - epsilon + rank_norm * 2 * epsilon`; one draw per
 /// element in row-major order.
 fn della_mask<R: Round>(
-    d: &[f32],
+    tv: &TaskVector,
     shape: &[usize],
     density: f64,
     epsilon: f64,
-    (seed, start): (u64, u64),
+    stream: &Mt19937,
 ) -> Vec<bool> {
     let cols = match shape {
         [] => 1,
@@ -505,11 +682,13 @@ fn della_mask<R: Round>(
     let eps = epsilon as f32;
     // The probabilities of every row (sorting is per row and independent: in parallel),
     // each row's ranks first, in place.
-    let mut probs = vec![0f32; d.len()];
-    probs
-        .par_chunks_mut(cols)
-        .zip(d.par_chunks(cols))
-        .for_each_init(Vec::new, |pairs: &mut Vec<Pair>, (prob, row)| {
+    let mut probs = vec![0f32; tv.numel];
+    probs.par_chunks_mut(cols).enumerate().for_each_init(
+        || (Vec::new(), vec![0f32; cols], vec![0f32; cols]),
+        |(pairs, b, row): &mut (Vec<Pair>, Vec<f32>, Vec<f32>), (r, prob)| {
+            let len = prob.len();
+            let row = &mut row[..len];
+            tv.chunk::<R>(r * cols, &mut b[..len], row);
             pairs.clear();
             pairs.extend(
                 row.iter()
@@ -527,8 +706,9 @@ fn della_mask<R: Round>(
                 let norm = rd::<R>(rd::<R>(*p - min) / span).clamp(0.0, 1.0);
                 *p = rd::<R>(base_p + rd::<R>(rd::<R>(norm * 2.0) * eps));
             }
-        });
+        },
+    );
     let mut keep = vec![false; probs.len()];
-    mt19937::bernoulli_par(seed, start, &mut keep, |i| probs[i]);
+    mt19937::bernoulli_par(stream, &mut keep, Probs::Each(&probs));
     keep
 }

@@ -63,10 +63,49 @@ impl Mt19937 {
         }
     }
 
-    fn twist(&mut self) {
-        for i in 0..N {
-            self.mt[i] = recur(self.mt[i], self.mt[(i + 1) % N], self.mt[(i + M) % N]);
+    /// This generator `draws` draws later. The jump's polynomial is kept for the next jump
+    /// of the same length (a merge's models and tensors repeat a few sizes), so a jump
+    /// from here costs one application, not the polynomial's powers.
+    pub fn ahead(&self, draws: u64) -> Self {
+        debug_assert_eq!(self.next, N, "a jump starts from a whole window");
+        if draws == 0 {
+            return self.clone();
         }
+        static KEPT: std::sync::Mutex<Vec<(u64, std::sync::Arc<Poly>)>> =
+            std::sync::Mutex::new(Vec::new());
+        let kept = KEPT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(d, _)| *d == draws)
+            .map(|(_, p)| p.clone());
+        let poly = kept.unwrap_or_else(|| {
+            let p = std::sync::Arc::new(power_of_x(draws));
+            let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+            if kept.len() >= 16 {
+                kept.remove(0);
+            }
+            kept.push((draws, p.clone()));
+            p
+        });
+        Mt19937 {
+            mt: apply(&self.mt, &poly),
+            next: N,
+        }
+    }
+
+    /// The next 624 words, in place: word `i` from `i + 1` and `i + 397` (mod 624), the
+    /// words past the end already renewed. Three loops without a modulo, so the compiler
+    /// makes vector loops of the first two (the second reads words 227 behind it).
+    fn twist(&mut self) {
+        let mt = &mut self.mt;
+        for i in 0..N - M {
+            mt[i] = recur(mt[i], mt[i + 1], mt[i + M]);
+        }
+        for i in N - M..N - 1 {
+            mt[i] = recur(mt[i], mt[i + 1], mt[i + M - N]);
+        }
+        mt[N - 1] = recur(mt[N - 1], mt[0], mt[M - 1]);
         self.next = 0;
     }
 
@@ -76,48 +115,105 @@ impl Mt19937 {
         if self.next >= N {
             self.twist();
         }
-        let mut y = self.mt[self.next];
+        let y = self.mt[self.next];
         self.next += 1;
-        y ^= y >> 11;
-        y ^= (y << 7) & 0x9d2c_5680;
-        y ^= (y << 15) & 0xefc6_0000;
-        y ^ (y >> 18)
+        temper(y)
     }
 
     /// One `torch.bernoulli` draw for probability `p` (a float32, bfloat16 or float16
     /// probability, as float32): 24 random bits as a float in [0, 1), below `p`.
     #[inline]
     pub fn bernoulli(&mut self, p: f32) -> bool {
-        let u = (self.next_u32() & 0x00ff_ffff) as f32 * (1.0 / 16_777_216.0);
-        u < p
+        below(self.next_u32(), p)
     }
+
+    /// `out.len()` draws of [`Mt19937::bernoulli`], element `j` with probability `p` of
+    /// element `from + j`.
+    #[inline(always)]
+    fn bernoulli_fill(&mut self, out: &mut [bool], from: usize, p: Probs) {
+        match p {
+            Probs::All(p) => self.fill_with(out, |_| p),
+            Probs::Each(ps) => self.fill_with(out, |j| ps[from + j]),
+        }
+    }
+
+    /// Draws into `out`, element `j` with probability `p(j)`: a state's words at a time,
+    /// in one loop the compiler vectorizes.
+    #[inline(always)]
+    fn fill_with(&mut self, out: &mut [bool], p: impl Fn(usize) -> f32) {
+        let mut done = 0;
+        while done < out.len() {
+            if self.next >= N {
+                self.twist();
+            }
+            let take = (N - self.next).min(out.len() - done);
+            let words = &self.mt[self.next..self.next + take];
+            for (j, (o, &w)) in out[done..done + take].iter_mut().zip(words).enumerate() {
+                *o = below(temper(w), p(done + j));
+            }
+            self.next += take;
+            done += take;
+        }
+    }
+}
+
+/// The probability of each draw of [`bernoulli_par`]: one for all, or one per element.
+#[derive(Debug, Clone, Copy)]
+pub enum Probs<'a> {
+    All(f32),
+    Each(&'a [f32]),
+}
+
+/// The draw loop compiled twice (see [`super::simd`]).
+mod simd {
+    use super::*;
+    use crate::twice;
+
+    twice!(bernoulli_fill(g: &mut Mt19937, out: &mut [bool], from: usize, p: Probs) => g.bernoulli_fill(out, from, p));
+}
+
+/// mt19937's tempering of a state word into a draw.
+#[inline(always)]
+fn temper(mut y: u32) -> u32 {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c_5680;
+    y ^= (y << 15) & 0xefc6_0000;
+    y ^ (y >> 18)
+}
+
+/// torch's Bernoulli test of a draw: its low 24 bits as a float in [0, 1), below `p`.
+#[inline(always)]
+fn below(draw: u32, p: f32) -> bool {
+    ((draw & 0x00ff_ffff) as f32 * (1.0 / 16_777_216.0)) < p
 }
 
 /// Draws per segment of [`bernoulli_par`]: 8M draws take about 20 ms, a step from one
 /// segment's start to the next (a fixed polynomial, applied) about 3 ms.
 const SEGMENT: usize = 1 << 23;
 
-/// `torch.bernoulli` for `out.len()` elements, element `i` with probability `p(i)`, from
-/// draw `start` of the stream of `seed`: the same values as drawing them one after another,
-/// drawn in segments on every core, each from its own start.
-pub fn bernoulli_par(seed: u64, start: u64, out: &mut [bool], p: impl Fn(usize) -> f32 + Sync) {
+/// `torch.bernoulli` for `out.len()` elements with probabilities `p`, from generator `g`
+/// (a whole window: [`Mt19937::at`], [`Mt19937::ahead`]): the same values as drawing them
+/// one after another, drawn in segments on every core, each from its own start.
+pub fn bernoulli_par(g: &Mt19937, out: &mut [bool], p: Probs) {
     use rayon::prelude::*;
     static STEP: OnceLock<Poly> = OnceLock::new();
     let step = STEP.get_or_init(|| power_of_x(SEGMENT as u64));
     let mut starts = Vec::with_capacity(out.len().div_ceil(SEGMENT));
-    let mut g = Mt19937::at(seed, start);
-    for _ in 0..out.len().div_ceil(SEGMENT) {
-        let next = apply(&g.mt, step);
-        starts.push(g);
-        g = Mt19937 { mt: next, next: N };
+    let mut g = g.clone();
+    for s in 0..out.len().div_ceil(SEGMENT) {
+        if s > 0 {
+            g = Mt19937 {
+                mt: apply(&g.mt, step),
+                next: N,
+            };
+        }
+        starts.push(g.clone());
     }
     out.par_chunks_mut(SEGMENT)
         .zip(starts)
         .enumerate()
         .for_each(|(s, (out, mut g))| {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = g.bernoulli(p(s * SEGMENT + j));
-            }
+            simd::bernoulli_fill(&mut g, out, s * SEGMENT, p);
         });
 }
 
@@ -438,12 +534,16 @@ mod tests {
     #[test]
     fn segmented_draws_are_the_streams_draws() {
         let n = 2 * SEGMENT + 12_345;
-        let p = |i: usize| (i % 10) as f32 / 10.0;
+        let p: Vec<f32> = (0..n).map(|i| (i % 10) as f32 / 10.0).collect();
         let mut par = vec![false; n];
-        bernoulli_par(9, 777, &mut par, p);
+        bernoulli_par(&Mt19937::at(9, 777), &mut par, Probs::Each(&p));
         let mut g = Mt19937::at(9, 777);
-        let walked: Vec<bool> = (0..n).map(|i| g.bernoulli(p(i))).collect();
+        let walked: Vec<bool> = (0..n).map(|i| g.bernoulli(p[i])).collect();
         assert!(par == walked);
+        let mut all = vec![false; n];
+        bernoulli_par(&Mt19937::at(9, 777), &mut all, Probs::All(0.3));
+        let mut g = Mt19937::at(9, 777);
+        assert!(all.iter().all(|&k| k == g.bernoulli(0.3)));
     }
 
     #[test]
@@ -488,12 +588,15 @@ mod tests {
                 walked.next_u32();
             }
             let mut jumped = Mt19937::at(seed, draws);
+            // In two jumps from the seed (the second with a kept polynomial when the halves
+            // are equal).
+            let mut twice = Mt19937::at(seed, 0)
+                .ahead(draws / 2)
+                .ahead(draws - draws / 2);
             for k in 0..2000 {
-                assert_eq!(
-                    jumped.next_u32(),
-                    walked.next_u32(),
-                    "seed {seed} +{draws}, draw {k}"
-                );
+                let w = walked.next_u32();
+                assert_eq!(jumped.next_u32(), w, "seed {seed} +{draws}, draw {k}");
+                assert_eq!(twice.next_u32(), w, "ahead: seed {seed} +{draws}, draw {k}");
             }
         }
     }

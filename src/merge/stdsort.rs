@@ -55,8 +55,9 @@ pub fn index(p: Pair) -> usize {
     (p & 0xffff_ffff) as usize
 }
 
+/// The order key of a pair: pairs compare by it alone.
 #[inline(always)]
-fn key(p: Pair) -> u32 {
+pub fn key(p: Pair) -> u32 {
     (p >> 32) as u32
 }
 
