@@ -21,7 +21,7 @@ use safetensors::Dtype;
 use super::mt19937::{self, Mt19937, Probs};
 use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Order, Pair};
-use super::{torch, InputView, Kernel, WorkDtype, BLOCK};
+use super::{task_chunk, torch, InputView, Kernel, TaskVector, WorkDtype, BLOCK};
 use crate::params::{Kind, ParamDef, Scope};
 
 /// The family's members.
@@ -275,43 +275,6 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
         .map(|i| R::round_f64(g.weights[i]))
         .collect();
     combine::<R>(k, g, inputs, &sparse, &w, out);
-}
-
-/// One model's task vector `R(x - base)`, computed where it is needed rather than held.
-struct TaskVector<'a> {
-    base: &'a InputView<'a>,
-    model: &'a InputView<'a>,
-    numel: usize,
-}
-
-impl TaskVector<'_> {
-    /// Elements `start..start + out.len()` into `out` (`b` is scratch of the same length).
-    #[inline]
-    fn chunk<R: Round>(&self, start: usize, b: &mut [f32], out: &mut [f32]) {
-        decode::<R>(self.base.bytes, self.base.dtype, start, b);
-        task_chunk::<R>(self.model, b, start, out);
-    }
-
-    /// Every element in order, a block at a time.
-    #[inline(always)]
-    fn for_each_block<R: Round>(&self, mut f: impl FnMut(usize, &[f32])) {
-        let (mut b, mut t) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
-        for start in (0..self.numel).step_by(BLOCK) {
-            let len = BLOCK.min(self.numel - start);
-            self.chunk::<R>(start, &mut b[..len], &mut t[..len]);
-            f(start, &t[..len]);
-        }
-    }
-}
-
-/// `R(x - base)` for elements `start..start + out.len()` of `model`, the base's values
-/// (already in R) in `base`.
-#[inline(always)]
-fn task_chunk<R: Round>(model: &InputView, base: &[f32], start: usize, out: &mut [f32]) {
-    decode::<R>(model.bytes, model.dtype, start, out);
-    for (o, &b) in out.iter_mut().zip(base) {
-        *o = r::<R>(*o - b);
-    }
 }
 
 /// Which elements of a task vector a sparsifier keeps.

@@ -552,9 +552,10 @@ impl Kernel {
     pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
         match &self.method {
             Method::Gta(g) => g.scratch_bytes(numel, inputs),
-            // Every input's task vector as float32, and (sce) the variances and pairs.
+            // Every input's task vector as float32.
             Method::RamplusTl { .. } => (inputs * 4 * numel) as u64,
-            Method::Sce { .. } => ((inputs + 3) * 4 * numel) as u64,
+            // The variances, their sort pairs and the mask (the task vectors recomputed).
+            Method::Sce { .. } => (13 * numel) as u64,
             Method::Karcher { .. } => karcher::scratch_bytes(numel, inputs),
             Method::ArceeFusion { .. } => arcee_fusion::scratch_bytes(numel),
             // Rows along the first axis: both inputs as float32, whole.
@@ -752,6 +753,48 @@ fn decode_whole<R: numeric::Round>(input: &InputView, numel: usize) -> Vec<f32> 
         .enumerate()
         .for_each(|(c, o)| numeric::decode::<R>(input.bytes, input.dtype, c * BLOCK, o));
     v
+}
+
+/// One model's task vector `R(x - base)`, computed where it is needed rather than held.
+pub(crate) struct TaskVector<'a> {
+    pub base: &'a InputView<'a>,
+    pub model: &'a InputView<'a>,
+    pub numel: usize,
+}
+
+impl TaskVector<'_> {
+    /// Elements `start..start + out.len()` into `out` (`b` is scratch of the same length).
+    #[inline]
+    pub fn chunk<R: numeric::Round>(&self, start: usize, b: &mut [f32], out: &mut [f32]) {
+        numeric::decode::<R>(self.base.bytes, self.base.dtype, start, b);
+        task_chunk::<R>(self.model, b, start, out);
+    }
+
+    /// Every element in order, a block at a time.
+    #[inline(always)]
+    pub fn for_each_block<R: numeric::Round>(&self, mut f: impl FnMut(usize, &[f32])) {
+        let (mut b, mut t) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
+        for start in (0..self.numel).step_by(BLOCK) {
+            let len = BLOCK.min(self.numel - start);
+            self.chunk::<R>(start, &mut b[..len], &mut t[..len]);
+            f(start, &t[..len]);
+        }
+    }
+}
+
+/// `R(x - base)` for elements `start..start + out.len()` of `model`, the base's values
+/// (already in R) in `base`.
+#[inline(always)]
+pub(crate) fn task_chunk<R: numeric::Round>(
+    model: &InputView,
+    base: &[f32],
+    start: usize,
+    out: &mut [f32],
+) {
+    numeric::decode::<R>(model.bytes, model.dtype, start, out);
+    for (o, &b) in out.iter_mut().zip(base) {
+        *o = R::round(*o - b);
+    }
 }
 
 /// A whole tensor's base values and task vectors `R(x_i - base)`, each decoded to the

@@ -6,13 +6,15 @@
 //! float64; its `topk` is libstdc++'s partial sort or nth_element, replayed); each model
 //! weighs `mean(tv_i^2)` over the tensor, normalised by the weights' sum; only the deltas
 //! agreeing with the sign of their sum count, and the result is the base plus their
-//! weighted mean. The selection and the means need the whole tensor.
+//! weighted mean. The selection and the means need the whole tensor; the task vectors are
+//! recomputed from the inputs for each of the three passes (variances, means, merge)
+//! rather than held as float32 copies.
 
 use rayon::prelude::*;
 
-use super::numeric::{encode_with, Bf16, Round, F16, F32};
+use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Order, Pair};
-use super::{torch, InputView, Kernel, WorkDtype};
+use super::{task_chunk, torch, InputView, Kernel, TaskVector, WorkDtype};
 use crate::params::{Kind, ParamDef};
 
 pub const PARAMS: &[ParamDef] = &[
@@ -37,26 +39,34 @@ fn merge_in<R: Round>(
     out: &mut [u8],
 ) {
     let n = inputs.len() - 1;
-    let (base, mut tv) = super::task_vectors::<R>(inputs, numel);
-    if select_topk < 1.0 {
-        let keep = topk_mask::<R>(&tv, select_topk);
-        for t in &mut tv {
-            t.par_iter_mut()
-                .zip(keep.par_iter())
-                .for_each(|(x, &m)| *x = R::round(*x * f32::from(u8::from(m))));
-        }
-    }
+    // The task vectors are computed where needed (the selection, the weights, the merge),
+    // never held.
+    let tv: Vec<TaskVector> = inputs[1..]
+        .iter()
+        .map(|model| TaskVector {
+            base: &inputs[0],
+            model,
+            numel,
+        })
+        .collect();
+    let keep = (select_topk < 1.0).then(|| topk_mask::<R>(&tv, select_topk));
     // Each model's weight: mean(tv^2) over the tensor, normalised by the weights' sum.
     let mut w: Vec<f32> = tv
         .par_iter()
         .map(|t| {
             let mut s = torch::CascadeSum::new(numel, torch::sum_width(R::DTYPE));
-            let mut sq = Vec::with_capacity(4096);
-            for c in t.chunks(4096) {
+            let mut sq = Vec::with_capacity(super::BLOCK);
+            t.for_each_block::<R>(|start, x| {
                 sq.clear();
-                sq.extend(c.iter().map(|x| R::round(x * x)));
+                match &keep {
+                    Some(k) => sq.extend(x.iter().zip(&k[start..]).map(|(x, &m)| {
+                        let x = R::round(x * f32::from(u8::from(m)));
+                        R::round(x * x)
+                    })),
+                    None => sq.extend(x.iter().map(|x| R::round(x * x))),
+                }
                 s.feed(&sq);
-            }
+            });
             R::round(s.finish() / numel as f32)
         })
         .collect();
@@ -75,61 +85,131 @@ fn merge_in<R: Round>(
     let osz = k.out.size();
     // A run of elements per loop (see gta's combine): the sign consensus, then the kept
     // deltas weighted and their weights' sum, floored.
-    const RUN: usize = 1024;
-    out.par_chunks_mut(RUN * osz)
-        .enumerate()
-        .for_each(|(c, out)| {
-            let start = c * RUN;
-            let len = out.len() / osz;
-            let mut d = vec![0f32; n * len];
-            for (d, t) in d.chunks_exact_mut(len).zip(&tv) {
-                d.copy_from_slice(&t[start..start + len]);
+    let how = Combine {
+        inputs,
+        keep: keep.as_deref(),
+        w: &w,
+        floor,
+        od,
+        osz,
+        numel,
+    };
+    out.par_chunks_mut(RUN * osz).enumerate().for_each_init(
+        || Scratch {
+            base: vec![0f32; RUN],
+            d: vec![0f32; n * RUN],
+            ew: vec![0f32; n * RUN],
+            majority: vec![0f32; RUN],
+            merged: vec![0f32; RUN],
+            div: vec![0f32; RUN],
+        },
+        |sc, (c, out)| simd::combine_run::<R>(&how, c * RUN, sc, out),
+    );
+}
+
+/// Elements merged together in one step.
+const RUN: usize = 4096;
+
+/// What [`combine_run`] needs of the merge.
+struct Combine<'a> {
+    inputs: &'a [InputView<'a>],
+    keep: Option<&'a [bool]>,
+    w: &'a [f32],
+    floor: f32,
+    od: safetensors::Dtype,
+    osz: usize,
+    numel: usize,
+}
+
+/// Per-thread scratch of [`combine_run`].
+struct Scratch {
+    base: Vec<f32>,
+    d: Vec<f32>,
+    ew: Vec<f32>,
+    majority: Vec<f32>,
+    merged: Vec<f32>,
+    div: Vec<f32>,
+}
+
+/// One run: elements `start..` into `out`.
+#[inline(always)]
+fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]) {
+    let Combine {
+        inputs,
+        keep,
+        w,
+        floor,
+        od,
+        osz,
+        numel,
+    } = *how;
+    let n = inputs.len() - 1;
+    let len = out.len() / osz;
+    let base = &mut sc.base[..len];
+    decode::<R>(inputs[0].bytes, inputs[0].dtype, start, base);
+    let d = &mut sc.d[..n * len];
+    for (d, model) in d.chunks_exact_mut(len).zip(&inputs[1..]) {
+        task_chunk::<R>(model, base, start, d);
+        if let Some(k) = keep {
+            for (x, &m) in d.iter_mut().zip(&k[start..start + len]) {
+                *x = R::round(*x * f32::from(u8::from(m)));
             }
-            let mut majority = vec![0f32; len];
-            torch::sum_models_run(R::DTYPE, &d, start, numel, &mut majority);
-            for s in &mut majority {
-                *s = if R::round(*s) >= 0.0 { 1.0 } else { -1.0 };
-            }
-            let mut ew = vec![0f32; n * len];
-            for ((d, ew), &wi) in d
-                .chunks_exact_mut(len)
-                .zip(ew.chunks_exact_mut(len))
-                .zip(&w)
-            {
-                for ((d, ew), &m) in d.iter_mut().zip(ew).zip(&majority) {
-                    *ew = R::round(wi * (torch::sign(*d) == m) as u8 as f32);
-                    *d = R::round(*d * *ew);
-                }
-            }
-            let (mut merged, mut div) = (vec![0f32; len], vec![0f32; len]);
-            torch::sum_models_run(R::DTYPE, &d, start, numel, &mut merged);
-            torch::sum_models_run(R::DTYPE, &ew, start, numel, &mut div);
-            for ((m, &dv), &b) in merged.iter_mut().zip(&div).zip(&base[start..start + len]) {
-                let dv = R::round(dv).max(floor);
-                *m = R::round(b + R::round(R::round(*m) / dv));
-            }
-            encode_with::<R>(&merged, od, out);
-        });
+        }
+    }
+    let majority = &mut sc.majority[..len];
+    torch::sum_models_run(R::DTYPE, d, start, numel, majority);
+    for s in majority.iter_mut() {
+        *s = if R::round(*s) >= 0.0 { 1.0 } else { -1.0 };
+    }
+    let ew = &mut sc.ew[..n * len];
+    for ((d, ew), &wi) in d.chunks_exact_mut(len).zip(ew.chunks_exact_mut(len)).zip(w) {
+        for ((d, ew), &m) in d.iter_mut().zip(ew).zip(majority.iter()) {
+            *ew = R::round(wi * (torch::sign(*d) == m) as u8 as f32);
+            *d = R::round(*d * *ew);
+        }
+    }
+    let (merged, div) = (&mut sc.merged[..len], &mut sc.div[..len]);
+    torch::sum_models_run(R::DTYPE, d, start, numel, merged);
+    torch::sum_models_run(R::DTYPE, ew, start, numel, div);
+    for ((m, &dv), &b) in merged.iter_mut().zip(div.iter()).zip(base.iter()) {
+        let dv = R::round(dv).max(floor);
+        *m = R::round(b + R::round(R::round(*m) / dv));
+    }
+    encode_with::<R>(merged, od, out);
+}
+
+/// The hot loop compiled twice (see [`super::simd`]).
+mod simd {
+    use super::*;
+    use crate::twice;
+
+    twice!(generic combine_run(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]));
 }
 
 /// The elements among the top `k` by the variance across models (`torch.var(dim=0,
 /// unbiased=False)`: Welford in float64, rounded to W through float32), as torch's `topk`
 /// picks them.
-fn topk_mask<R: Round>(tv: &[Vec<f32>], select_topk: f64) -> Vec<bool> {
-    let numel = tv[0].len();
-    let var: Vec<f32> = (0..numel)
-        .into_par_iter()
-        .map(|e| {
+fn topk_mask<R: Round>(tv: &[TaskVector], select_topk: f64) -> Vec<bool> {
+    let (numel, n) = (tv[0].numel, tv.len());
+    let mut var = vec![0f32; numel];
+    var.par_chunks_mut(RUN).enumerate().for_each(|(c, var)| {
+        let (start, len) = (c * RUN, var.len());
+        let mut b = [0f32; RUN];
+        let mut x = vec![0f32; n * len];
+        for (x, t) in x.chunks_exact_mut(len).zip(tv) {
+            t.chunk::<R>(start, &mut b[..len], x);
+        }
+        for (e, v) in var.iter_mut().enumerate() {
             let (mut mean, mut m2) = (0f64, 0f64);
-            for (i, t) in tv.iter().enumerate() {
-                let x = t[e] as f64;
+            for i in 0..n {
+                let x = x[i * len + e] as f64;
                 let delta = x - mean;
                 mean += delta / (i + 1) as f64;
                 m2 += delta * (x - mean);
             }
-            R::round((m2 / tv.len() as f64) as f32)
-        })
-        .collect();
+            *v = R::round((m2 / n as f64) as f32);
+        }
+    });
     let nonzero = var.iter().filter(|v| **v != 0.0).count();
     let k = (nonzero as f32 * select_topk as f32) as usize;
     let mut keep = vec![false; numel];
