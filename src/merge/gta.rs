@@ -318,11 +318,13 @@ impl Sparse {
         }
         if let Some(ratio) = self.ratio {
             match self.dtype {
-                RescaleIn::Work => x.iter_mut().for_each(|x| *x = r::<R>(*x * ratio)),
+                // In W itself, or in float32 (no rounding) then `.to(W)`: the same steps.
+                RescaleIn::Work | RescaleIn::F32 => {
+                    x.iter_mut().for_each(|x| *x = r::<R>(*x * ratio))
+                }
                 RescaleIn::Bf16 => x
                     .iter_mut()
                     .for_each(|x| *x = r::<R>(Bf16::round(*x * ratio))),
-                RescaleIn::F32 => x.iter_mut().for_each(|x| *x = r::<R>(*x * ratio)),
             }
         }
     }
