@@ -12,7 +12,9 @@
 //! the partitions that straddle a bound, which is what `std::sort` would have put there,
 //! in expected linear time. Its large partitions are replayed from bit masks of the
 //! comparisons with the pivot (`partition_masked`): the same swaps, without a branch per
-//! element.
+//! element, and the largest by every thread (the swapping pairs never overlap).
+
+use rayon::prelude::*;
 
 /// An element: an order-preserving key of its value in the high half (the requested order
 /// made ascending, so one integer comparison is torch's comparator) and its index in the
@@ -224,12 +226,23 @@ fn partition_scalar(v: &mut [Pair], first: usize, last: usize) -> usize {
 /// (`!(pivot < x)`). Between the two fronts every element still holds its first value, and
 /// what a swap leaves behind each front stops the other scan anyway, so the i-th left stop
 /// pairs with the i-th right stop (counted from the right) until they cross: the same
-/// swaps and the same cut as [`partition_scalar`].
+/// swaps and the same cut as [`partition_scalar`]. A range of at least [`PARALLEL`]
+/// elements is partitioned by every thread: the pairs never overlap, so once the crossing
+/// is found from the masks' bit counts, runs of pairs swap apart ([`parallel_swaps`]).
 fn partition_masked(v: &mut [Pair], first: usize, last: usize) -> usize {
     let p = key(v[first]);
     let base = first + 1;
     let n = last - base;
     let words = n.div_ceil(64);
+    let body = &mut v[base..last];
+    if n >= PARALLEL {
+        let (mut stop_l, mut stop_r) = (vec![0u64; words], vec![0u64; words]);
+        body.par_chunks(CHUNK_WORDS * 64)
+            .zip(stop_l.par_chunks_mut(CHUNK_WORDS))
+            .zip(stop_r.par_chunks_mut(CHUNK_WORDS))
+            .for_each(|((c, l), r)| simd::stop_masks(c, p, l, r));
+        return base + parallel_swaps(body, &stop_l, &stop_r);
+    }
     // Up to 4096 elements, the masks live on the stack.
     let (mut small_l, mut small_r) = ([0u64; 64], [0u64; 64]);
     let (mut big_l, mut big_r) = (Vec::new(), Vec::new());
@@ -240,22 +253,208 @@ fn partition_masked(v: &mut [Pair], first: usize, last: usize) -> usize {
         big_r.resize(words, 0);
         (&mut big_l[..], &mut big_r[..])
     };
-    simd::stop_masks(&v[base..last], p, stop_l, stop_r);
-    let (stop_l, stop_r) = (&*stop_l, &*stop_r);
-    // Positions relative to `base`; `hi` is one past the range the left scan may search.
-    let (mut lo, mut hi) = (0usize, n);
+    simd::stop_masks(body, p, stop_l, stop_r);
+    base + swaps(body, stop_l, stop_r)
+}
+
+/// Ranges at least this long are partitioned by every thread.
+const PARALLEL: usize = 1 << 18;
+
+/// Mask words per parallel piece of [`partition_masked`] (65,536 elements).
+const CHUNK_WORDS: usize = 1024;
+
+/// [`partition_masked`]'s swaps, one pair after another: the next left stop, the next
+/// right stop, until they cross. Returns the cut (relative to `v`).
+fn swaps(v: &mut [Pair], stop_l: &[u64], stop_r: &[u64]) -> usize {
+    let words = stop_l.len();
+    let (mut lw, mut lb) = (0, stop_l[0]);
+    let (mut rw, mut rb) = (words - 1, stop_r[words - 1]);
+    // One past the range the left scan may search: the last right stop.
+    let mut hi = v.len();
     loop {
-        let Some(l) = next_set(stop_l, lo, hi) else {
-            return base + hi;
-        };
-        match prev_set(stop_r, l, hi) {
-            Some(r) if r > l => {
-                v.swap(base + l, base + r);
-                lo = l + 1;
-                hi = r;
+        while lb == 0 {
+            lw += 1;
+            if lw == words {
+                return hi;
             }
-            _ => return base + l,
+            lb = stop_l[lw];
         }
+        let l = lw * 64 + lb.trailing_zeros() as usize;
+        if l >= hi {
+            return hi;
+        }
+        while rb == 0 {
+            if rw == 0 {
+                return l;
+            }
+            rw -= 1;
+            rb = stop_r[rw];
+        }
+        let r = rw * 64 + 63 - rb.leading_zeros() as usize;
+        if r <= l {
+            return l;
+        }
+        v.swap(l, r);
+        lb &= lb - 1;
+        rb &= !(1u64 << (r % 64));
+        hi = r;
+    }
+}
+
+/// Stop positions by rank: the i-th set bit of a mask counted from the left (`from_left`)
+/// or from the right, from per-chunk bit counts ([`CHUNK_WORDS`] words a chunk).
+struct Ranks<'a> {
+    mask: &'a [u64],
+    /// Set bits before each chunk, in the counting direction; one more entry: the total.
+    before: Vec<usize>,
+    from_left: bool,
+}
+
+impl<'a> Ranks<'a> {
+    fn new(mask: &'a [u64], from_left: bool) -> Self {
+        let mut counts: Vec<usize> = mask
+            .par_chunks(CHUNK_WORDS)
+            .map(|c| c.iter().map(|w| w.count_ones() as usize).sum())
+            .collect();
+        if !from_left {
+            counts.reverse();
+        }
+        let mut before = Vec::with_capacity(counts.len() + 1);
+        let mut total = 0;
+        for c in counts {
+            before.push(total);
+            total += c;
+        }
+        before.push(total);
+        Ranks {
+            mask,
+            before,
+            from_left,
+        }
+    }
+
+    fn total(&self) -> usize {
+        *self.before.last().expect("a total")
+    }
+
+    /// The position of the i-th stop (`i < total`).
+    fn at(&self, i: usize) -> usize {
+        // The chunk (in counting order) holding it, then its word, then its bit.
+        let c = self.before.partition_point(|&b| b <= i) - 1;
+        let mut left = i - self.before[c];
+        let chunks = self.before.len() - 1;
+        let chunk = if self.from_left { c } else { chunks - 1 - c };
+        let lo = chunk * CHUNK_WORDS;
+        let hi = (lo + CHUNK_WORDS).min(self.mask.len());
+        let mut visit = |w: usize| -> Option<usize> {
+            let mut bits = self.mask[w];
+            let count = bits.count_ones() as usize;
+            if left >= count {
+                left -= count;
+                return None;
+            }
+            for _ in 0..(if self.from_left {
+                left
+            } else {
+                count - 1 - left
+            }) {
+                bits &= bits - 1;
+            }
+            Some(w * 64 + bits.trailing_zeros() as usize)
+        };
+        let found = if self.from_left {
+            (lo..hi).find_map(&mut visit)
+        } else {
+            (lo..hi).rev().find_map(&mut visit)
+        };
+        found.expect("the chunk's counts hold the stop")
+    }
+}
+
+/// [`swaps`] over a long range by every thread: the number of pairs that swap (the first
+/// pair that does not cross) by bisection over ranks, the cut from it, then runs of pairs,
+/// each on its own slices of `v` (left stops all lie before right ones).
+fn parallel_swaps(v: &mut [Pair], stop_l: &[u64], stop_r: &[u64]) -> usize {
+    let n = v.len();
+    let (ls, rs) = rayon::join(|| Ranks::new(stop_l, true), || Ranks::new(stop_r, false));
+    let pairs = ls.total().min(rs.total());
+    // Pairs `..m` swap: their left stop lies before their right one (monotone in i).
+    let (mut lo, mut hi) = (0, pairs);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if ls.at(mid) < rs.at(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let m = lo;
+    let bound = if m == 0 { n } else { rs.at(m - 1) };
+    let cut = if m == ls.total() || ls.at(m) >= bound {
+        bound
+    } else {
+        ls.at(m)
+    };
+    if m == 0 {
+        return cut;
+    }
+    // Runs of pairs `a..b`. A run's left stops lie in `ls.at(a)..ls.at(b)`, its right
+    // ones in `rs.at(b) + 1..=rs.at(a)`, and every left stop of a swapping pair lies
+    // before `split`, every right one after: `v` splits into one left and one right
+    // region per run (the first and last runs' regions reach the ends and `split`).
+    let runs = (rayon::current_num_threads() * 4).min(m);
+    let starts: Vec<usize> = (0..=runs).map(|j| j * m / runs).collect();
+    let split = ls.at(m - 1) + 1;
+    let (mut left, mut right) = v.split_at_mut(split);
+    let mut work = Vec::with_capacity(runs);
+    let (mut l_start, mut r_end) = (0, n);
+    for j in 0..runs {
+        let (a, b) = (starts[j], starts[j + 1]);
+        let (l_end, r_start) = if b == m {
+            (split, split)
+        } else {
+            (ls.at(b), rs.at(b) + 1)
+        };
+        let (mine, rest) = std::mem::take(&mut left).split_at_mut(l_end - l_start);
+        left = rest;
+        let (rest, theirs) = std::mem::take(&mut right).split_at_mut(r_start - split);
+        right = rest;
+        work.push((a, b - a, (l_start, mine), (r_start, theirs)));
+        l_start = l_end;
+        r_end = r_start;
+    }
+    debug_assert_eq!(r_end, split);
+    work.into_par_iter().for_each(|(a, count, left, right)| {
+        swap_run(left, right, (stop_l, ls.at(a)), (stop_r, rs.at(a)), count)
+    });
+    cut
+}
+
+/// `count` swaps of [`parallel_swaps`]: the left stops from `l0` on (each `(start,
+/// slice)` region holds positions `start..`) with the right stops from `r0` down.
+fn swap_run(
+    (l_start, left): (usize, &mut [Pair]),
+    (r_start, right): (usize, &mut [Pair]),
+    (stop_l, l0): (&[u64], usize),
+    (stop_r, r0): (&[u64], usize),
+    count: usize,
+) {
+    let (mut lw, mut lb) = (l0 / 64, stop_l[l0 / 64] & (!0u64 << (l0 % 64)));
+    let (mut rw, mut rb) = (r0 / 64, stop_r[r0 / 64] & (!0u64 >> (63 - r0 % 64)));
+    for _ in 0..count {
+        while lb == 0 {
+            lw += 1;
+            lb = stop_l[lw];
+        }
+        let l = lw * 64 + lb.trailing_zeros() as usize;
+        lb &= lb - 1;
+        while rb == 0 {
+            rw -= 1;
+            rb = stop_r[rw];
+        }
+        let r = rw * 64 + 63 - rb.leading_zeros() as usize;
+        rb &= !(1u64 << (r % 64));
+        std::mem::swap(&mut left[l - l_start], &mut right[r - r_start]);
     }
 }
 
@@ -294,49 +493,6 @@ mod simd {
     use crate::twice;
 
     twice!(stop_masks(v: &[Pair], p: u32, stop_l: &mut [u64], stop_r: &mut [u64]) => super::stop_masks(v, p, stop_l, stop_r));
-}
-
-/// The first set bit of `m` in `from..to`.
-#[inline]
-fn next_set(m: &[u64], from: usize, to: usize) -> Option<usize> {
-    if from >= to {
-        return None;
-    }
-    let mut w = from / 64;
-    let mut bits = m[w] & (!0u64 << (from % 64));
-    loop {
-        if bits != 0 {
-            let at = w * 64 + bits.trailing_zeros() as usize;
-            return (at < to).then_some(at);
-        }
-        w += 1;
-        if w * 64 >= to {
-            return None;
-        }
-        bits = m[w];
-    }
-}
-
-/// The last set bit of `m` in `from..to`.
-#[inline]
-fn prev_set(m: &[u64], from: usize, to: usize) -> Option<usize> {
-    if from >= to {
-        return None;
-    }
-    let last = to - 1;
-    let mut w = last / 64;
-    let mut bits = m[w] & (!0u64 >> (63 - last % 64));
-    loop {
-        if bits != 0 {
-            let at = w * 64 + 63 - bits.leading_zeros() as usize;
-            return (at >= from).then_some(at);
-        }
-        if w == 0 || w * 64 <= from {
-            return None;
-        }
-        w -= 1;
-        bits = m[w];
-    }
 }
 
 /// `__final_insertion_sort`: an insertion sort of the first 16, then an unguarded one of
@@ -467,8 +623,19 @@ mod tests {
 
     #[test]
     fn the_masked_partition_makes_the_scalar_ones_swaps() {
-        for n in [66, 100, 258, 300, 1000, 4097, 20000] {
-            for seed in 0..20 {
+        for n in [
+            66,
+            100,
+            258,
+            300,
+            1000,
+            4097,
+            20000,
+            PARALLEL,
+            300_000,
+            1 << 20,
+        ] {
+            for seed in 0..if n > 20000 { 4 } else { 20 } {
                 let mut a = ties(n, seed * 31 + n as u64, Order::Descending);
                 let first = (seed % 3) as usize * 5;
                 median_to_first(&mut a, first, n);
