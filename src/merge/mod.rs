@@ -552,8 +552,6 @@ impl Kernel {
     pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
         match &self.method {
             Method::Gta(g) => g.scratch_bytes(numel, inputs),
-            // Every input's task vector as float32.
-            Method::RamplusTl { .. } => (inputs * 4 * numel) as u64,
             // The variances, their sort pairs and the mask (the task vectors recomputed).
             Method::Sce { .. } => (13 * numel) as u64,
             Method::Karcher { .. } => karcher::scratch_bytes(numel, inputs),
@@ -764,7 +762,7 @@ pub(crate) struct TaskVector<'a> {
 
 impl TaskVector<'_> {
     /// Elements `start..start + out.len()` into `out` (`b` is scratch of the same length).
-    #[inline]
+    #[inline(always)]
     pub fn chunk<R: numeric::Round>(&self, start: usize, b: &mut [f32], out: &mut [f32]) {
         numeric::decode::<R>(self.base.bytes, self.base.dtype, start, b);
         task_chunk::<R>(self.model, b, start, out);
@@ -795,27 +793,6 @@ pub(crate) fn task_chunk<R: numeric::Round>(
     for (o, &b) in out.iter_mut().zip(base) {
         *o = R::round(*o - b);
     }
-}
-
-/// A whole tensor's base values and task vectors `R(x_i - base)`, each decoded to the
-/// working dtype `R` (the whole-tensor kernels start from these).
-fn task_vectors<R: numeric::Round>(
-    inputs: &[InputView],
-    numel: usize,
-) -> (Vec<f32>, Vec<Vec<f32>>) {
-    use rayon::prelude::*;
-    let base = decode_whole::<R>(&inputs[0], numel);
-    let tv = inputs[1..]
-        .par_iter()
-        .map(|inp| {
-            let mut t = decode_whole::<R>(inp, numel);
-            t.par_iter_mut()
-                .zip(base.par_iter())
-                .for_each(|(t, b)| *t = R::round(*t - b));
-            t
-        })
-        .collect();
-    (base, tv)
 }
 
 #[cfg(test)]
