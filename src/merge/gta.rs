@@ -15,6 +15,9 @@
 //! run at a time (recomputing `R(x - base)` costs less than writing and reading back a
 //! float32 copy of every task vector).
 
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
 use rayon::prelude::*;
 use safetensors::Dtype;
 
@@ -98,6 +101,13 @@ impl Family {
         matches!(
             self,
             Family::Ties | Family::DareTies | Family::BreadcrumbsTies | Family::Della
+        )
+    }
+    /// Whether the member keeps a band of magnitude ranks (ties, breadcrumbs).
+    fn selects(self) -> bool {
+        matches!(
+            self.sparsify(),
+            Sparsify::Magnitude | Sparsify::MagnitudeOutliers
         )
     }
     /// Whether the member draws from the random stream.
@@ -210,15 +220,16 @@ pub struct Gta {
 impl Gta {
     /// Scratch memory for a tensor of `numel` elements and `inputs` inputs: each model's
     /// mask (a byte an element) and, while it is made, its sort pairs (the selecting
-    /// members) or keep probabilities (della); the models are sparsified in parallel. The
-    /// task vectors are recomputed from the inputs where needed, never held.
+    /// members, one model at a time) or keep probabilities (della, the models in
+    /// parallel). The task vectors are recomputed from the inputs where needed, never held.
     pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
+        let models = inputs.saturating_sub(1);
         let making = match self.family.sparsify() {
-            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 8,
-            Sparsify::DellaMagprune => 4,
+            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 8 * models.min(1),
+            Sparsify::DellaMagprune => 4 * models,
             Sparsify::Random => 0,
         };
-        ((1 + making) * numel * inputs.saturating_sub(1)) as u64
+        ((models + making) * numel) as u64
     }
 }
 
@@ -240,37 +251,32 @@ fn r<R: Round>(x: f32) -> f32 {
 fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView], out: &mut [u8]) {
     let numel: usize = shape.iter().product();
     // Each model's sparsification (its draws follow the previous models' in the stream, so
-    // each starts from its own generator: one jump to the tensor's offset, then the same
-    // short jump on; the models run in parallel), then one pass over the elements that
-    // recomputes the task vectors and merges them.
+    // each starts from its own generator, moved on from the previous one), then one pass
+    // over the elements that recomputes the task vectors and merges them.
     let mut streams: Vec<Option<Mt19937>> = Vec::with_capacity(inputs.len());
-    let mut last: Option<(Mt19937, u64)> = None;
     let mut at = g.offset;
     for i in 1..inputs.len() {
         let draws = g.family.draws(g.densities[i], numel);
-        let stream = (draws > 0).then(|| match &last {
-            None => Mt19937::at(g.seed, at),
-            Some((prev, from)) => prev.ahead(at - from),
-        });
-        if let Some(s) = &stream {
-            last = Some((s.clone(), at));
-        }
-        streams.push(stream);
+        streams.push((draws > 0).then(|| Mt19937::at(g.seed, at)));
         at += draws;
     }
-    let sparse: Vec<Sparse> = (1..inputs.len())
-        .into_par_iter()
-        .map(|i| {
-            let stream = streams[i - 1].as_ref();
-            let extra = g.extra.get(i).copied().unwrap_or(0.0);
-            let tv = TaskVector {
-                base: &inputs[0],
-                model: &inputs[i],
-                numel,
-            };
-            sparsify::<R>(g, &tv, shape, g.densities[i], extra, stream)
-        })
-        .collect();
+    let one = |i: usize| {
+        let stream = streams[i - 1].as_ref();
+        let extra = g.extra.get(i).copied().unwrap_or(0.0);
+        let tv = TaskVector {
+            base: &inputs[0],
+            model: &inputs[i],
+            numel,
+        };
+        sparsify::<R>(g, &tv, shape, g.densities[i], extra, stream)
+    };
+    // A selection runs on every thread, and its sort pairs are the largest scratch: one
+    // model after another. The others draw or sum a model on one thread: in parallel.
+    let sparse: Vec<Sparse> = if g.family.selects() {
+        (1..inputs.len()).map(one).collect()
+    } else {
+        (1..inputs.len()).into_par_iter().map(one).collect()
+    };
     let w: Vec<f32> = (1..inputs.len())
         .map(|i| R::round_f64(g.weights[i]))
         .collect();
@@ -303,7 +309,7 @@ struct Sparse {
 
 impl Sparse {
     /// Sparsify task-vector values `x` (elements `start..`) in place.
-    #[inline]
+    #[inline(always)]
     fn apply<R: Round>(&self, start: usize, x: &mut [f32]) {
         match &self.keep {
             Keep::All => {}
@@ -491,6 +497,7 @@ mod simd {
 
     twice!(generic combine_run(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]));
     twice!(generic abs_sums(tv: &TaskVector, keep: &[bool], width: usize) -> (f32, f32));
+    twice!(generic pairs(tv: &TaskVector, start: usize, order: Order, out: &mut [MaybeUninit<Pair>]));
 }
 
 /// The dtype mergekit's random sparsifiers work in: bfloat16 stays, others are float32.
@@ -572,21 +579,34 @@ fn sparsify<R: Round>(
 /// Which elements sit at ranks `from..to` of `|tv|` (float32) sorted in `order` by torch's
 /// `sort`/`argsort`.
 fn selected<R: Round>(tv: &TaskVector, order: Order, from: usize, to: usize) -> Keep {
-    let mut pairs: Vec<Pair> = vec![0; tv.numel];
-    pairs.par_chunks_mut(RUN).enumerate().for_each(|(c, p)| {
-        let (start, len) = (c * RUN, p.len());
-        let (mut b, mut t) = ([0f32; RUN], [0f32; RUN]);
-        tv.chunk::<R>(start, &mut b[..len], &mut t[..len]);
-        for (j, (p, x)) in p.iter_mut().zip(&t[..len]).enumerate() {
-            *p = stdsort::pair(x.abs(), start + j, order);
+    let mut pairs: Vec<Pair> = Vec::with_capacity(tv.numel);
+    pairs.spare_capacity_mut()[..tv.numel]
+        .par_chunks_mut(RUN)
+        .enumerate()
+        .for_each(|(c, p)| simd::pairs::<R>(tv, c * RUN, order, p));
+    // SAFETY: the loop above wrote every one of the `numel` elements (the memory was not
+    // zeroed first: a tensor's pairs are hundreds of megabytes).
+    unsafe { pairs.set_len(tv.numel) };
+    stdsort::select(&mut pairs, &[from, to]);
+    // Each index appears once: the marks are set in parallel, no two on one flag.
+    let keep: Vec<AtomicBool> = (0..tv.numel).map(|_| AtomicBool::new(false)).collect();
+    pairs[from..to].par_chunks(RUN).for_each(|c| {
+        for &p in c {
+            keep[stdsort::index(p)].store(true, Relaxed);
         }
     });
-    stdsort::select(&mut pairs, &[from, to]);
-    let mut keep = vec![false; tv.numel];
-    for &p in &pairs[from..to] {
-        keep[stdsort::index(p)] = true;
+    Keep::Mask(keep.into_iter().map(AtomicBool::into_inner).collect())
+}
+
+/// The sort pairs of `|tv|` for elements `start..start + out.len()`.
+#[inline(always)]
+fn pairs<R: Round>(tv: &TaskVector, start: usize, order: Order, out: &mut [MaybeUninit<Pair>]) {
+    let len = out.len();
+    let (mut b, mut t) = ([0f32; RUN], [0f32; RUN]);
+    tv.chunk::<R>(start, &mut b[..len], &mut t[..len]);
+    for (j, (p, x)) in out.iter_mut().zip(&t[..len]).enumerate() {
+        p.write(stdsort::pair(x.abs(), start + j, order));
     }
-    Keep::Mask(keep)
 }
 
 /// `rescaled_masked_tensor`'s factor for a task vector (values of R) masked by `keep`, in
@@ -604,13 +624,16 @@ fn rescale<R: Round, W: Round>(tv: &TaskVector, keep: &[bool]) -> Option<f32> {
 fn abs_sums<R: Round>(tv: &TaskVector, keep: &[bool], width: usize) -> (f32, f32) {
     let mut before = torch::CascadeSum::new(tv.numel, width);
     let mut after = torch::CascadeSum::new(tv.numel, width);
+    let (mut b, mut t) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
     let (mut abs, mut masked) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
-    tv.for_each_block::<R>(|start, t| {
-        let len = t.len();
+    // A plain loop (no closure) keeps it all in this function's vector code.
+    for start in (0..tv.numel).step_by(BLOCK) {
+        let len = BLOCK.min(tv.numel - start);
+        tv.chunk::<R>(start, &mut b[..len], &mut t[..len]);
         for (((a, m), &x), &k) in abs
             .iter_mut()
             .zip(masked.iter_mut())
-            .zip(t)
+            .zip(&t[..len])
             .zip(&keep[start..start + len])
         {
             *a = x.abs();
@@ -618,7 +641,7 @@ fn abs_sums<R: Round>(tv: &TaskVector, keep: &[bool], width: usize) -> (f32, f32
         }
         before.feed(&abs[..len]);
         after.feed(&masked[..len]);
-    });
+    }
     (before.finish(), after.finish())
 }
 

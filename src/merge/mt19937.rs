@@ -9,7 +9,7 @@
 //! 19937, found once by Berlekamp-Massey from the stream itself) and `A` one step of the
 //! recurrence, applied by Horner's rule.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 const N: usize = 624;
 const M: usize = 397;
@@ -55,12 +55,33 @@ impl Mt19937 {
         }
     }
 
-    /// The generator after `draws` 32-bit draws from `seed`.
+    /// The generator after `draws` 32-bit draws from `seed`. The last generators made are
+    /// kept, and the nearest one at or before `draws` (the previous model's, the previous
+    /// tensor's last model's) moves on by [`Mt19937::ahead`]: usually one application of a
+    /// kept polynomial instead of the whole jump from the seed.
     pub fn at(seed: u64, draws: u64) -> Self {
-        Mt19937 {
-            mt: jump(&init_state(seed), draws),
-            next: N,
+        type Kept = Vec<(u64, u64, Arc<Mt19937>)>;
+        static KEPT: Mutex<Kept> = Mutex::new(Vec::new());
+        let near = KEPT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(s, d, _)| *s == seed && *d <= draws)
+            .max_by_key(|(_, d, _)| *d)
+            .map(|(_, d, g)| (*d, g.clone()));
+        let g = match near {
+            Some((from, g)) => g.ahead(draws - from),
+            None => Mt19937 {
+                mt: jump(&init_state(seed), draws),
+                next: N,
+            },
+        };
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= 8 {
+            kept.remove(0);
         }
+        kept.push((seed, draws, Arc::new(g.clone())));
+        g
     }
 
     /// This generator `draws` draws later. The jump's polynomial is kept for the next jump
@@ -71,8 +92,7 @@ impl Mt19937 {
         if draws == 0 {
             return self.clone();
         }
-        static KEPT: std::sync::Mutex<Vec<(u64, std::sync::Arc<Poly>)>> =
-            std::sync::Mutex::new(Vec::new());
+        static KEPT: Mutex<Vec<(u64, Arc<Poly>)>> = Mutex::new(Vec::new());
         let kept = KEPT
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -80,7 +100,7 @@ impl Mt19937 {
             .find(|(d, _)| *d == draws)
             .map(|(_, p)| p.clone());
         let poly = kept.unwrap_or_else(|| {
-            let p = std::sync::Arc::new(power_of_x(draws));
+            let p = Arc::new(power_of_x(draws));
             let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
             if kept.len() >= 16 {
                 kept.remove(0);
@@ -597,6 +617,24 @@ mod tests {
                 let w = walked.next_u32();
                 assert_eq!(jumped.next_u32(), w, "seed {seed} +{draws}, draw {k}");
                 assert_eq!(twice.next_u32(), w, "ahead: seed {seed} +{draws}, draw {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_jump_from_a_kept_generator_lands_where_drawing_through_does() {
+        // Out of order: each from the nearest kept generator before it (or the seed), of
+        // this seed only.
+        let mut walked = Mt19937::new(11);
+        let mut draws = vec![];
+        for _ in 0..90_000 {
+            draws.push(walked.next_u32());
+        }
+        Mt19937::at(12, 30_000);
+        for at in [50_000usize, 20_000, 70_000, 20_001, 89_000] {
+            let mut g = Mt19937::at(11, at as u64);
+            for (k, &w) in draws[at..].iter().take(1000).enumerate() {
+                assert_eq!(g.next_u32(), w, "at {at}, draw {k}");
             }
         }
     }

@@ -186,6 +186,7 @@ pub struct CascadeSum {
 
 impl CascadeSum {
     pub fn new(n: usize, width: usize) -> Self {
+        debug_assert!(width == LANES || width == 2 * LANES, "a vector of {width}");
         let rows = n / width / 4;
         CascadeSum {
             width,
@@ -217,11 +218,40 @@ impl CascadeSum {
                 self.buf.clear();
             }
         }
-        while x.len() >= row && self.done < self.rows {
-            self.add_row(&x[..row]);
-            x = &x[row..];
+        let used = match self.width {
+            LANES => self.add_rows::<LANES>(x),
+            _ => self.add_rows::<{ 2 * LANES }>(x),
+        };
+        self.buf.extend_from_slice(&x[used..]);
+    }
+
+    /// Every whole row of `x` while rows remain (the width `W` known, so the row is a few
+    /// vector additions on accumulators kept in registers); the elements used.
+    #[inline(always)]
+    fn add_rows<const W: usize>(&mut self, x: &[f32]) -> usize {
+        let row = 4 * W;
+        let count = (x.len() / row).min(self.rows - self.done);
+        let mask = (1usize << self.lp) - 1;
+        let mut a = self.acc[0];
+        for r in x[..count * row].chunks_exact(row) {
+            for (j, v) in r.chunks_exact(W).enumerate() {
+                for k in 0..LANES {
+                    a[j][k] += if W == LANES {
+                        v[k]
+                    } else {
+                        v[k] + v[k + LANES]
+                    };
+                }
+            }
+            self.done += 1;
+            if self.done & mask == 0 {
+                self.acc[0] = a;
+                self.cascade();
+                a = self.acc[0];
+            }
         }
-        self.buf.extend_from_slice(x);
+        self.acc[0] = a;
+        count * row
     }
 
     #[inline(always)]
@@ -246,19 +276,23 @@ impl CascadeSum {
             }
         }
         self.done += 1;
-        let step = 1usize << self.lp;
-        if self.done.is_multiple_of(step) {
-            let mask = step - 1;
-            for lev in 1..4 {
-                for j in 0..4 {
-                    for k in 0..LANES {
-                        self.acc[lev][j][k] += self.acc[lev - 1][j][k];
-                        self.acc[lev - 1][j][k] = 0.0;
-                    }
+        if self.done.is_multiple_of(1 << self.lp) {
+            self.cascade();
+        }
+    }
+
+    /// After every `2^lp` rows: each full level's accumulators into the next.
+    fn cascade(&mut self) {
+        let mask = (1usize << self.lp) - 1;
+        for lev in 1..4 {
+            for j in 0..4 {
+                for k in 0..LANES {
+                    self.acc[lev][j][k] += self.acc[lev - 1][j][k];
+                    self.acc[lev - 1][j][k] = 0.0;
                 }
-                if self.done & (mask << (lev * self.lp)) != 0 {
-                    break;
-                }
+            }
+            if self.done & (mask << (lev * self.lp)) != 0 {
+                break;
             }
         }
     }
