@@ -767,17 +767,6 @@ impl TaskVector<'_> {
         numeric::decode::<R>(self.base.bytes, self.base.dtype, start, b);
         task_chunk::<R>(self.model, b, start, out);
     }
-
-    /// Every element in order, a block at a time.
-    #[inline(always)]
-    pub fn for_each_block<R: numeric::Round>(&self, mut f: impl FnMut(usize, &[f32])) {
-        let (mut b, mut t) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
-        for start in (0..self.numel).step_by(BLOCK) {
-            let len = BLOCK.min(self.numel - start);
-            self.chunk::<R>(start, &mut b[..len], &mut t[..len]);
-            f(start, &t[..len]);
-        }
-    }
 }
 
 /// `R(x - base)` for elements `start..start + out.len()` of `model`, the base's values

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Order, Pair};
-use super::{task_chunk, torch, InputView, Kernel, TaskVector, WorkDtype};
+use super::{task_chunk, torch, InputView, Kernel, TaskVector, WorkDtype, BLOCK};
 use crate::params::{Kind, ParamDef};
 
 pub const PARAMS: &[ParamDef] = &[
@@ -53,22 +53,7 @@ fn merge_in<R: Round>(
     // Each model's weight: mean(tv^2) over the tensor, normalised by the weights' sum.
     let mut w: Vec<f32> = tv
         .par_iter()
-        .map(|t| {
-            let mut s = torch::CascadeSum::new(numel, torch::sum_width(R::DTYPE));
-            let mut sq = Vec::with_capacity(super::BLOCK);
-            t.for_each_block::<R>(|start, x| {
-                sq.clear();
-                match &keep {
-                    Some(k) => sq.extend(x.iter().zip(&k[start..]).map(|(x, &m)| {
-                        let x = R::round(x * f32::from(u8::from(m)));
-                        R::round(x * x)
-                    })),
-                    None => sq.extend(x.iter().map(|x| R::round(x * x))),
-                }
-                s.feed(&sq);
-            });
-            R::round(s.finish() / numel as f32)
-        })
+        .map(|t| simd::mean_square::<R>(t, keep.as_deref()))
         .collect();
     let mut total = torch::CascadeSum::new(n, torch::sum_width(R::DTYPE));
     total.feed(&w);
@@ -178,38 +163,89 @@ fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut Scratch, out: &mu
     encode_with::<R>(merged, od, out);
 }
 
-/// The hot loop compiled twice (see [`super::simd`]).
+/// `mean((tv * keep)^2)` in W, the sum in torch's order.
+#[inline(always)]
+fn mean_square<R: Round>(t: &TaskVector, keep: Option<&[bool]>) -> f32 {
+    let numel = t.numel;
+    let mut s = torch::CascadeSum::new(numel, torch::sum_width(R::DTYPE));
+    let (mut b, mut x) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
+    // A plain loop (no closure) keeps it all in this function's vector code.
+    for start in (0..numel).step_by(BLOCK) {
+        let len = BLOCK.min(numel - start);
+        let x = &mut x[..len];
+        t.chunk::<R>(start, &mut b[..len], x);
+        if let Some(k) = keep {
+            for (x, &m) in x.iter_mut().zip(&k[start..start + len]) {
+                *x = R::round(*x * f32::from(u8::from(m)));
+            }
+        }
+        for x in x.iter_mut() {
+            *x = R::round(*x * *x);
+        }
+        s.feed(x);
+    }
+    R::round(s.finish() / numel as f32)
+}
+
+/// The variances of elements `start..start + var.len()` across the task vectors: Welford
+/// in float64, a model at a time over the run (each element's steps in torch's order), so
+/// the loops are vector loops.
+#[inline(always)]
+fn variances<R: Round>(tv: &[TaskVector], start: usize, sc: &mut VarScratch, var: &mut [f32]) {
+    let len = var.len();
+    let (b, x) = (&mut sc.b[..len], &mut sc.x[..len]);
+    let (mean, m2) = (&mut sc.mean[..len], &mut sc.m2[..len]);
+    mean.fill(0.0);
+    m2.fill(0.0);
+    for (i, t) in tv.iter().enumerate() {
+        t.chunk::<R>(start, b, x);
+        let count = (i + 1) as f64;
+        for ((&x, mean), m2) in x.iter().zip(mean.iter_mut()).zip(m2.iter_mut()) {
+            let x = x as f64;
+            let delta = x - *mean;
+            *mean += delta / count;
+            *m2 += delta * (x - *mean);
+        }
+    }
+    let n = tv.len() as f64;
+    for (v, &m2) in var.iter_mut().zip(m2.iter()) {
+        *v = R::round((m2 / n) as f32);
+    }
+}
+
+/// Per-thread scratch of [`variances`].
+struct VarScratch {
+    b: Vec<f32>,
+    x: Vec<f32>,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+}
+
+/// The hot loops compiled twice (see [`super::simd`]).
 mod simd {
     use super::*;
     use crate::twice;
 
     twice!(generic combine_run(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]));
+    twice!(generic mean_square(t: &TaskVector, keep: Option<&[bool]>) -> f32);
+    twice!(generic variances(tv: &[TaskVector], start: usize, sc: &mut VarScratch, var: &mut [f32]));
 }
 
 /// The elements among the top `k` by the variance across models (`torch.var(dim=0,
 /// unbiased=False)`: Welford in float64, rounded to W through float32), as torch's `topk`
 /// picks them.
 fn topk_mask<R: Round>(tv: &[TaskVector], select_topk: f64) -> Vec<bool> {
-    let (numel, n) = (tv[0].numel, tv.len());
+    let numel = tv[0].numel;
     let mut var = vec![0f32; numel];
-    var.par_chunks_mut(RUN).enumerate().for_each(|(c, var)| {
-        let (start, len) = (c * RUN, var.len());
-        let mut b = [0f32; RUN];
-        let mut x = vec![0f32; n * len];
-        for (x, t) in x.chunks_exact_mut(len).zip(tv) {
-            t.chunk::<R>(start, &mut b[..len], x);
-        }
-        for (e, v) in var.iter_mut().enumerate() {
-            let (mut mean, mut m2) = (0f64, 0f64);
-            for i in 0..n {
-                let x = x[i * len + e] as f64;
-                let delta = x - mean;
-                mean += delta / (i + 1) as f64;
-                m2 += delta * (x - mean);
-            }
-            *v = R::round((m2 / n as f64) as f32);
-        }
-    });
+    var.par_chunks_mut(RUN).enumerate().for_each_init(
+        || VarScratch {
+            b: vec![0f32; RUN],
+            x: vec![0f32; RUN],
+            mean: vec![0f64; RUN],
+            m2: vec![0f64; RUN],
+        },
+        |sc, (c, var)| simd::variances::<R>(tv, c * RUN, sc, var),
+    );
     let nonzero = var.iter().filter(|v| **v != 0.0).count();
     let k = (nonzero as f32 * select_topk as f32) as usize;
     let mut keep = vec![false; numel];
