@@ -225,7 +225,8 @@ impl Gta {
     pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
         let models = inputs.saturating_sub(1);
         let making = match self.family.sparsify() {
-            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 8 * models.min(1),
+            // One model's sort pairs at a time.
+            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 8,
             Sparsify::DellaMagprune => 4 * models,
             Sparsify::Random => 0,
         };
