@@ -266,38 +266,72 @@ const CHUNK_WORDS: usize = 1024;
 /// [`partition_masked`]'s swaps, one pair after another: the next left stop, the next
 /// right stop, until they cross. Returns the cut (relative to `v`).
 fn swaps(v: &mut [Pair], stop_l: &[u64], stop_r: &[u64]) -> usize {
-    let words = stop_l.len();
-    let (mut lw, mut lb) = (0, stop_l[0]);
-    let (mut rw, mut rb) = (words - 1, stop_r[words - 1]);
+    let (mut left, mut right) = (Walk::up(stop_l, 0), Walk::down(stop_r, v.len() - 1));
     // One past the range the left scan may search: the last right stop.
     let mut hi = v.len();
     loop {
-        while lb == 0 {
-            lw += 1;
-            if lw == words {
-                return hi;
-            }
-            lb = stop_l[lw];
-        }
-        let l = lw * 64 + lb.trailing_zeros() as usize;
-        if l >= hi {
+        let Some(l) = left.next_up().filter(|&l| l < hi) else {
             return hi;
-        }
-        while rb == 0 {
-            if rw == 0 {
-                return l;
+        };
+        match right.next_down() {
+            Some(r) if r > l => {
+                v.swap(l, r);
+                hi = r;
             }
-            rw -= 1;
-            rb = stop_r[rw];
+            _ => return l,
         }
-        let r = rw * 64 + 63 - rb.leading_zeros() as usize;
-        if r <= l {
-            return l;
+    }
+}
+
+/// The set bits of a stop mask, walked up or down from a position (the word in hand kept,
+/// so each step is a bit operation).
+struct Walk<'a> {
+    mask: &'a [u64],
+    word: usize,
+    bits: u64,
+}
+
+impl<'a> Walk<'a> {
+    /// From bit `from` upward.
+    fn up(mask: &'a [u64], from: usize) -> Self {
+        let word = from / 64;
+        Walk {
+            mask,
+            word,
+            bits: mask[word] & (!0u64 << (from % 64)),
         }
-        v.swap(l, r);
-        lb &= lb - 1;
-        rb &= !(1u64 << (r % 64));
-        hi = r;
+    }
+
+    /// From bit `from` downward.
+    fn down(mask: &'a [u64], from: usize) -> Self {
+        let word = from / 64;
+        Walk {
+            mask,
+            word,
+            bits: mask[word] & (!0u64 >> (63 - from % 64)),
+        }
+    }
+
+    #[inline(always)]
+    fn next_up(&mut self) -> Option<usize> {
+        while self.bits == 0 {
+            self.word += 1;
+            self.bits = *self.mask.get(self.word)?;
+        }
+        let at = self.word * 64 + self.bits.trailing_zeros() as usize;
+        self.bits &= self.bits - 1;
+        Some(at)
+    }
+
+    #[inline(always)]
+    fn next_down(&mut self) -> Option<usize> {
+        while self.bits == 0 {
+            self.word = self.word.checked_sub(1)?;
+            self.bits = self.mask[self.word];
+        }
+        let at = self.word * 64 + 63 - self.bits.leading_zeros() as usize;
+        self.bits &= !(1u64 << (at % 64));
+        Some(at)
     }
 }
 
@@ -439,21 +473,12 @@ fn swap_run(
     (stop_r, r0): (&[u64], usize),
     count: usize,
 ) {
-    let (mut lw, mut lb) = (l0 / 64, stop_l[l0 / 64] & (!0u64 << (l0 % 64)));
-    let (mut rw, mut rb) = (r0 / 64, stop_r[r0 / 64] & (!0u64 >> (63 - r0 % 64)));
+    let (mut ls, mut rs) = (Walk::up(stop_l, l0), Walk::down(stop_r, r0));
     for _ in 0..count {
-        while lb == 0 {
-            lw += 1;
-            lb = stop_l[lw];
-        }
-        let l = lw * 64 + lb.trailing_zeros() as usize;
-        lb &= lb - 1;
-        while rb == 0 {
-            rw -= 1;
-            rb = stop_r[rw];
-        }
-        let r = rw * 64 + 63 - rb.leading_zeros() as usize;
-        rb &= !(1u64 << (r % 64));
+        // The ranks counted `count` pairs from these two stops on.
+        let (Some(l), Some(r)) = (ls.next_up(), rs.next_down()) else {
+            return;
+        };
         std::mem::swap(&mut left[l - l_start], &mut right[r - r_start]);
     }
 }
