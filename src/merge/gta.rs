@@ -24,7 +24,10 @@ use safetensors::Dtype;
 use super::mt19937::{self, Mt19937, Probs};
 use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Order, Pair};
-use super::{task_chunk, torch, InputView, Kernel, TaskVector, WorkDtype, BLOCK};
+use super::{
+    majority_signs, task_chunk, torch, ConsensusScratch, InputView, Kernel, TaskVector, WorkDtype,
+    BLOCK,
+};
 use crate::params::{Kind, ParamDef, Scope};
 
 /// The family's members.
@@ -378,7 +381,7 @@ fn combine<R: Round>(
         numel,
     };
     out.par_chunks_mut(RUN * osz).enumerate().for_each_init(
-        || Scratch::new(n),
+        || ConsensusScratch::new(n, RUN),
         |sc, (c, out)| simd::combine_run::<R>(&how, c * RUN, sc, out),
     );
 }
@@ -399,33 +402,9 @@ struct Combine<'a> {
     numel: usize,
 }
 
-/// Per-thread scratch of [`combine_run`]: the base, every model's deltas and kept weights,
-/// the sums.
-struct Scratch {
-    base: Vec<f32>,
-    d: Vec<f32>,
-    kept_w: Vec<f32>,
-    majority: Vec<f32>,
-    mixed: Vec<f32>,
-    div: Vec<f32>,
-}
-
-impl Scratch {
-    fn new(models: usize) -> Self {
-        Scratch {
-            base: vec![0f32; RUN],
-            d: vec![0f32; models * RUN],
-            kept_w: vec![0f32; models * RUN],
-            majority: vec![0f32; RUN],
-            mixed: vec![0f32; RUN],
-            div: vec![0f32; RUN],
-        }
-    }
-}
-
 /// One run of [`combine`]: elements `start..` into `out`.
 #[inline(always)]
-fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]) {
+fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut ConsensusScratch, out: &mut [u8]) {
     let Combine {
         g,
         inputs,
@@ -449,15 +428,12 @@ fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut Scratch, out: &mu
             *d = r::<R>(*d * w[i]);
         }
     }
-    let mixed = &mut sc.mixed[..len];
+    let mixed = &mut sc.merged[..len];
     let div = &mut sc.div[..len];
     div.fill(plain_div);
     if g.family.consensus() {
         let majority = &mut sc.majority[..len];
-        torch::sum_models_run(dtype, d, start, numel, majority);
-        for s in majority.iter_mut() {
-            *s = if r::<R>(*s) >= 0.0 { 1.0 } else { -1.0 };
-        }
+        majority_signs::<R>(d, start, numel, majority);
         // The kept deltas and their weights (`x * 0` keeps the sign of zero).
         let kept_w = &mut sc.kept_w[..n * len];
         for ((d, kw), &wi) in d
@@ -496,7 +472,7 @@ mod simd {
     use super::*;
     use crate::twice;
 
-    twice!(generic combine_run(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]));
+    twice!(generic combine_run(how: &Combine, start: usize, sc: &mut ConsensusScratch, out: &mut [u8]));
     twice!(generic abs_sums(tv: &TaskVector, keep: &[bool], width: usize) -> (f32, f32));
     twice!(generic pairs(tv: &TaskVector, start: usize, order: Order, out: &mut [MaybeUninit<Pair>]));
 }

@@ -769,6 +769,46 @@ impl TaskVector<'_> {
     }
 }
 
+/// Per-thread scratch of a sign-consensus merge (gta's and sce's runs) of up to `run`
+/// elements: the base, every model's deltas and kept weights (model `i` at `i * len..`),
+/// the majority signs, the merged sums and their divisors.
+pub(crate) struct ConsensusScratch {
+    pub base: Vec<f32>,
+    pub d: Vec<f32>,
+    pub kept_w: Vec<f32>,
+    pub majority: Vec<f32>,
+    pub merged: Vec<f32>,
+    pub div: Vec<f32>,
+}
+
+impl ConsensusScratch {
+    pub fn new(models: usize, run: usize) -> Self {
+        ConsensusScratch {
+            base: vec![0f32; run],
+            d: vec![0f32; models * run],
+            kept_w: vec![0f32; models * run],
+            majority: vec![0f32; run],
+            merged: vec![0f32; run],
+            div: vec![0f32; run],
+        }
+    }
+}
+
+/// TIES' majority sign of elements `start..start + majority.len()` of `numel`: the sign of
+/// the models' deltas summed in torch's order and rounded to R, zero counting as positive.
+#[inline(always)]
+pub(crate) fn majority_signs<R: numeric::Round>(
+    d: &[f32],
+    start: usize,
+    numel: usize,
+    majority: &mut [f32],
+) {
+    torch::sum_models_run(R::DTYPE, d, start, numel, majority);
+    for s in majority.iter_mut() {
+        *s = if R::round(*s) >= 0.0 { 1.0 } else { -1.0 };
+    }
+}
+
 /// `R(x - base)` for elements `start..start + out.len()` of `model`, the base's values
 /// (already in R) in `base`.
 #[inline(always)]

@@ -14,7 +14,10 @@ use rayon::prelude::*;
 
 use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Order, Pair};
-use super::{task_chunk, torch, InputView, Kernel, TaskVector, WorkDtype, BLOCK};
+use super::{
+    majority_signs, task_chunk, torch, ConsensusScratch, InputView, Kernel, TaskVector, WorkDtype,
+    BLOCK,
+};
 use crate::params::{Kind, ParamDef};
 
 pub const PARAMS: &[ParamDef] = &[
@@ -80,14 +83,7 @@ fn merge_in<R: Round>(
         numel,
     };
     out.par_chunks_mut(RUN * osz).enumerate().for_each_init(
-        || Scratch {
-            base: vec![0f32; RUN],
-            d: vec![0f32; n * RUN],
-            ew: vec![0f32; n * RUN],
-            majority: vec![0f32; RUN],
-            merged: vec![0f32; RUN],
-            div: vec![0f32; RUN],
-        },
+        || ConsensusScratch::new(n, RUN),
         |sc, (c, out)| simd::combine_run::<R>(&how, c * RUN, sc, out),
     );
 }
@@ -106,19 +102,9 @@ struct Combine<'a> {
     numel: usize,
 }
 
-/// Per-thread scratch of [`combine_run`].
-struct Scratch {
-    base: Vec<f32>,
-    d: Vec<f32>,
-    ew: Vec<f32>,
-    majority: Vec<f32>,
-    merged: Vec<f32>,
-    div: Vec<f32>,
-}
-
 /// One run: elements `start..` into `out`.
 #[inline(always)]
-fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]) {
+fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut ConsensusScratch, out: &mut [u8]) {
     let Combine {
         inputs,
         keep,
@@ -142,11 +128,8 @@ fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut Scratch, out: &mu
         }
     }
     let majority = &mut sc.majority[..len];
-    torch::sum_models_run(R::DTYPE, d, start, numel, majority);
-    for s in majority.iter_mut() {
-        *s = if R::round(*s) >= 0.0 { 1.0 } else { -1.0 };
-    }
-    let ew = &mut sc.ew[..n * len];
+    majority_signs::<R>(d, start, numel, majority);
+    let ew = &mut sc.kept_w[..n * len];
     for ((d, ew), &wi) in d.chunks_exact_mut(len).zip(ew.chunks_exact_mut(len)).zip(w) {
         for ((d, ew), &m) in d.iter_mut().zip(ew).zip(majority.iter()) {
             *ew = R::round(wi * (torch::sign(*d) == m) as u8 as f32);
@@ -226,7 +209,7 @@ mod simd {
     use super::*;
     use crate::twice;
 
-    twice!(generic combine_run(how: &Combine, start: usize, sc: &mut Scratch, out: &mut [u8]));
+    twice!(generic combine_run(how: &Combine, start: usize, sc: &mut ConsensusScratch, out: &mut [u8]));
     twice!(generic mean_square(t: &TaskVector, keep: Option<&[bool]>) -> f32);
     twice!(generic variances(tv: &[TaskVector], start: usize, sc: &mut VarScratch, var: &mut [f32]));
 }
