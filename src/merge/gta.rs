@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
+use super::bits;
 use super::mt19937::{self, Mt19937, Probs};
 use super::numeric::{decode, encode_with, Bf16, Round, F16, F32};
 use super::stdsort::{self, Order, Pair};
@@ -228,12 +229,12 @@ impl Gta {
     pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
         let models = inputs.saturating_sub(1);
         let making = match self.family.sparsify() {
-            // One model's sort pairs at a time.
-            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 8,
+            // One model's sort pairs and its marks (a byte an element) at a time.
+            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 9,
             Sparsify::DellaMagprune => 4 * models,
             Sparsify::Random => 0,
         };
-        ((models + making) * numel) as u64
+        (8 * models * bits::words(numel) + making * numel) as u64
     }
 }
 
@@ -291,7 +292,8 @@ fn merge_in<R: Round>(k: &Kernel, g: &Gta, shape: &[usize], inputs: &[InputView]
 enum Keep {
     All,
     None,
-    Mask(Vec<bool>),
+    /// One bit an element ([`bits`]).
+    Mask(Vec<u64>),
 }
 
 /// The dtype a sparsifier rescales in: the working dtype, or for the random ones bfloat16
@@ -321,8 +323,11 @@ impl Sparse {
             // `x * 1` and `x * 0` are exact (the latter keeps the sign of zero, as torch's
             // product does): no rounding.
             Keep::Mask(m) => {
-                for (x, &k) in x.iter_mut().zip(&m[start..]) {
-                    *x *= k as u8 as f32;
+                let mut k = [0f32; RUN];
+                let k = &mut k[..x.len()];
+                bits::expand(m, start, k);
+                for (x, &k) in x.iter_mut().zip(k.iter()) {
+                    *x *= k;
                 }
             }
         }
@@ -473,7 +478,7 @@ mod simd {
     use crate::twice;
 
     twice!(generic combine_run(how: &Combine, start: usize, sc: &mut ConsensusScratch, out: &mut [u8]));
-    twice!(generic abs_sums(tv: &TaskVector, keep: &[bool], width: usize) -> (f32, f32));
+    twice!(generic abs_sums(tv: &TaskVector, keep: &[u64], width: usize) -> (f32, f32));
     twice!(generic pairs(tv: &TaskVector, start: usize, order: Order, out: &mut [MaybeUninit<Pair>]));
 }
 
@@ -532,8 +537,8 @@ fn sparsify<R: Round>(
             } else {
                 density as f32
             };
-            let mut keep = vec![false; n];
-            mt19937::bernoulli_par(stream, &mut keep, Probs::All(p));
+            let mut keep = vec![0u64; bits::words(n)];
+            mt19937::bernoulli_par(stream, n, &mut keep, Probs::All(p));
             (Keep::Mask(keep), random)
         }
         Sparsify::DellaMagprune => {
@@ -572,7 +577,12 @@ fn selected<R: Round>(tv: &TaskVector, order: Order, from: usize, to: usize) -> 
             keep[stdsort::index(p)].store(true, Relaxed);
         }
     });
-    Keep::Mask(keep.into_iter().map(AtomicBool::into_inner).collect())
+    let keep: Vec<bool> = keep.into_iter().map(AtomicBool::into_inner).collect();
+    let mut mask = vec![0u64; bits::words(tv.numel)];
+    mask.par_chunks_mut(RUN / 64)
+        .zip(keep.par_chunks(RUN))
+        .for_each(|(m, k)| bits::pack(k, m));
+    Keep::Mask(mask)
 }
 
 /// The sort pairs of `|tv|` for elements `start..start + out.len()`.
@@ -589,7 +599,7 @@ fn pairs<R: Round>(tv: &TaskVector, start: usize, order: Order, out: &mut [Maybe
 /// `rescaled_masked_tensor`'s factor for a task vector (values of R) masked by `keep`, in
 /// the sparsifier's dtype W, whose full sums take W's vectors: `sum|tv| / sum|masked|`
 /// (each sum in torch's order, rounded to W), none when either sum is below 1e-7.
-fn rescale<R: Round, W: Round>(tv: &TaskVector, keep: &[bool]) -> Option<f32> {
+fn rescale<R: Round, W: Round>(tv: &TaskVector, keep: &[u64]) -> Option<f32> {
     let (before, after) = simd::abs_sums::<R>(tv, keep, torch::sum_width(W::DTYPE));
     let (before, after) = (W::round(before), W::round(after));
     let eps = W::round(1e-7);
@@ -598,7 +608,7 @@ fn rescale<R: Round, W: Round>(tv: &TaskVector, keep: &[bool]) -> Option<f32> {
 
 /// `sum|tv|` and `sum|tv * keep|` in torch's order for vectors of `width` elements.
 #[inline(always)]
-fn abs_sums<R: Round>(tv: &TaskVector, keep: &[bool], width: usize) -> (f32, f32) {
+fn abs_sums<R: Round>(tv: &TaskVector, keep: &[u64], width: usize) -> (f32, f32) {
     let mut before = torch::CascadeSum::new(tv.numel, width);
     let mut after = torch::CascadeSum::new(tv.numel, width);
     let (mut b, mut t) = (vec![0f32; BLOCK], vec![0f32; BLOCK]);
@@ -607,14 +617,16 @@ fn abs_sums<R: Round>(tv: &TaskVector, keep: &[bool], width: usize) -> (f32, f32
     for start in (0..tv.numel).step_by(BLOCK) {
         let len = BLOCK.min(tv.numel - start);
         tv.chunk::<R>(start, &mut b[..len], &mut t[..len]);
+        // The mask as 0.0 or 1.0, in `b` (the base's values are done with).
+        bits::expand(keep, start, &mut b[..len]);
         for (((a, m), &x), &k) in abs
             .iter_mut()
             .zip(masked.iter_mut())
             .zip(&t[..len])
-            .zip(&keep[start..start + len])
+            .zip(&b[..len])
         {
             *a = x.abs();
-            *m = (x * k as u8 as f32).abs();
+            *m = (x * k).abs();
         }
         before.feed(&abs[..len]);
         after.feed(&masked[..len]);
@@ -632,7 +644,7 @@ fn della_mask<R: Round>(
     density: f64,
     epsilon: f64,
     stream: &Mt19937,
-) -> Vec<bool> {
+) -> Vec<u64> {
     let cols = match shape {
         [] => 1,
         [n] => *n,
@@ -673,7 +685,7 @@ fn della_mask<R: Round>(
             }
         },
     );
-    let mut keep = vec![false; probs.len()];
-    mt19937::bernoulli_par(stream, &mut keep, Probs::Each(&probs));
+    let mut keep = vec![0u64; bits::words(probs.len())];
+    mt19937::bernoulli_par(stream, probs.len(), &mut keep, Probs::Each(&probs));
     keep
 }

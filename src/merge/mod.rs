@@ -11,6 +11,7 @@ pub(crate) mod simd;
 pub mod torch;
 
 mod arcee_fusion;
+mod bits;
 mod gta;
 mod karcher;
 mod linear;

@@ -11,6 +11,8 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::bits;
+
 const N: usize = 624;
 const M: usize = 397;
 const MATRIX_A: u32 = 0x9908_b0df;
@@ -157,6 +159,19 @@ impl Mt19937 {
         }
     }
 
+    /// `n` draws as [`Mt19937::bernoulli_fill`] into bits (see [`super::bits`]), drawn a
+    /// run at a time into flags on the stack, then packed.
+    #[inline(always)]
+    fn bernoulli_bits(&mut self, out: &mut [u64], from: usize, n: usize, p: Probs) {
+        const RUN: usize = 4096;
+        let mut flags = [false; RUN];
+        for (c, words) in out.chunks_mut(RUN / 64).enumerate() {
+            let len = RUN.min(n - c * RUN);
+            self.bernoulli_fill(&mut flags[..len], from + c * RUN, p);
+            bits::pack(&flags[..len], words);
+        }
+    }
+
     /// Draws into `out`, element `j` with probability `p(j)`: a state's words at a time,
     /// in one loop the compiler vectorizes.
     #[inline(always)]
@@ -189,7 +204,7 @@ mod simd {
     use super::*;
     use crate::twice;
 
-    twice!(bernoulli_fill(g: &mut Mt19937, out: &mut [bool], from: usize, p: Probs) => g.bernoulli_fill(out, from, p));
+    twice!(bernoulli_bits(g: &mut Mt19937, out: &mut [u64], from: usize, n: usize, p: Probs) => g.bernoulli_bits(out, from, n, p));
 }
 
 /// mt19937's tempering of a state word into a draw.
@@ -211,16 +226,17 @@ fn below(draw: u32, p: f32) -> bool {
 /// segment's start to the next (a fixed polynomial, applied) about 3 ms.
 const SEGMENT: usize = 1 << 23;
 
-/// `torch.bernoulli` for `out.len()` elements with probabilities `p`, from generator `g`
-/// (a whole window: [`Mt19937::at`], [`Mt19937::ahead`]): the same values as drawing them
-/// one after another, drawn in segments on every core, each from its own start.
-pub fn bernoulli_par(g: &Mt19937, out: &mut [bool], p: Probs) {
+/// `torch.bernoulli` for `n` elements with probabilities `p`, from generator `g` (a whole
+/// window: [`Mt19937::at`], [`Mt19937::ahead`]), into bits (`out`: [`bits::words`]`(n)`
+/// words): the same values as drawing them one after another, drawn in segments on every
+/// core, each from its own start.
+pub fn bernoulli_par(g: &Mt19937, n: usize, out: &mut [u64], p: Probs) {
     use rayon::prelude::*;
     static STEP: OnceLock<Poly> = OnceLock::new();
     let step = STEP.get_or_init(|| power_of_x(SEGMENT as u64));
-    let mut starts = Vec::with_capacity(out.len().div_ceil(SEGMENT));
+    let mut starts = Vec::with_capacity(n.div_ceil(SEGMENT));
     let mut g = g.clone();
-    for s in 0..out.len().div_ceil(SEGMENT) {
+    for s in 0..n.div_ceil(SEGMENT) {
         if s > 0 {
             g = Mt19937 {
                 mt: apply(&g.mt, step),
@@ -229,11 +245,13 @@ pub fn bernoulli_par(g: &Mt19937, out: &mut [bool], p: Probs) {
         }
         starts.push(g.clone());
     }
-    out.par_chunks_mut(SEGMENT)
+    out[..bits::words(n)]
+        .par_chunks_mut(SEGMENT / 64)
         .zip(starts)
         .enumerate()
         .for_each(|(s, (out, mut g))| {
-            simd::bernoulli_fill(&mut g, out, s * SEGMENT, p);
+            let from = s * SEGMENT;
+            simd::bernoulli_bits(&mut g, out, from, SEGMENT.min(n - from), p);
         });
 }
 
@@ -555,15 +573,15 @@ mod tests {
     fn segmented_draws_are_the_streams_draws() {
         let n = 2 * SEGMENT + 12_345;
         let p: Vec<f32> = (0..n).map(|i| (i % 10) as f32 / 10.0).collect();
-        let mut par = vec![false; n];
-        bernoulli_par(&Mt19937::at(9, 777), &mut par, Probs::Each(&p));
+        let mut par = vec![0u64; bits::words(n)];
+        bernoulli_par(&Mt19937::at(9, 777), n, &mut par, Probs::Each(&p));
         let mut g = Mt19937::at(9, 777);
-        let walked: Vec<bool> = (0..n).map(|i| g.bernoulli(p[i])).collect();
-        assert!(par == walked);
-        let mut all = vec![false; n];
-        bernoulli_par(&Mt19937::at(9, 777), &mut all, Probs::All(0.3));
+        assert!((0..n).all(|i| bits::get(&par, i) == g.bernoulli(p[i])));
+        assert_eq!(par[n / 64] >> (n % 64), 0, "no bit past the end");
+        let mut all = vec![0u64; bits::words(n)];
+        bernoulli_par(&Mt19937::at(9, 777), n, &mut all, Probs::All(0.3));
         let mut g = Mt19937::at(9, 777);
-        assert!(all.iter().all(|&k| k == g.bernoulli(0.3)));
+        assert!((0..n).all(|i| bits::get(&all, i) == g.bernoulli(0.3)));
     }
 
     #[test]

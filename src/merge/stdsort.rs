@@ -16,6 +16,8 @@
 
 use rayon::prelude::*;
 
+use super::bits;
+
 /// An element: an order-preserving key of its value in the high half (the requested order
 /// made ascending, so one integer comparison is torch's comparator) and its index in the
 /// tensor in the low half. Only keys are compared.
@@ -485,30 +487,19 @@ fn swap_run(
 
 /// The bits of [`partition_masked`]: for each element of `v`, whether `key >= p` (in
 /// `stop_l`) and whether `key <= p` (in `stop_r`), 64 to a word. The comparisons go to
-/// bytes first and eight bytes become eight bits by one multiplication, so the loop is a
-/// vector loop.
+/// bytes first, then packed ([`bits::pack`]), so the loop is a vector loop.
 #[inline(always)]
 fn stop_masks(v: &[Pair], p: u32, stop_l: &mut [u64], stop_r: &mut [u64]) {
-    let pack = |b: &[u8]| {
-        let mut m = 0u64;
-        for (i, c) in b.chunks_exact(8).enumerate() {
-            let x = u64::from_le_bytes(c.try_into().expect("eight bytes"));
-            // Byte i (0 or 1) lands on bit 56 + i; nothing carries into those bits.
-            m |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * i);
-        }
-        m
-    };
     let (mut l, mut r) = ([0u8; 64], [0u8; 64]);
     for ((chunk, sl), sr) in v.chunks(64).zip(stop_l).zip(stop_r) {
-        l.fill(0);
-        r.fill(0);
         for ((&x, l), r) in chunk.iter().zip(&mut l).zip(&mut r) {
             let k = key(x);
             *l = (k >= p) as u8;
             *r = (k <= p) as u8;
         }
-        *sl = pack(&l);
-        *sr = pack(&r);
+        let len = chunk.len();
+        bits::pack(&l[..len], std::slice::from_mut(sl));
+        bits::pack(&r[..len], std::slice::from_mut(sr));
     }
 }
 
