@@ -223,7 +223,7 @@ pub struct Gta {
 
 impl Gta {
     /// Scratch memory for a tensor of `numel` elements and `inputs` inputs: each model's
-    /// mask (a byte an element) and, while it is made, its sort pairs (the selecting
+    /// mask (a bit an element) and, while it is made, its sort pairs (the selecting
     /// members, one model at a time) or keep probabilities (della, the models in
     /// parallel). The task vectors are recomputed from the inputs where needed, never held.
     pub fn scratch_bytes(&self, numel: usize, inputs: usize) -> u64 {
