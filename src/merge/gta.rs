@@ -472,6 +472,49 @@ fn combine_run<R: Round>(how: &Combine, start: usize, sc: &mut ConsensusScratch,
     encode_with::<R>(mixed, od, out);
 }
 
+/// Per-thread scratch of [`della_row`].
+struct DellaRow {
+    pairs: Vec<Pair>,
+    keys: Vec<u32>,
+    places: Vec<u32>,
+    b: Vec<f32>,
+    row: Vec<f32>,
+}
+
+/// della's keep probabilities for the row of `prob.len()` elements at `start`: the
+/// magnitudes' places in `std::sort`'s order ([`stdsort::sort_places`]), as ranks in R from
+/// 1, normalised to [0, 1], then `base_p + rank_norm * 2 * epsilon`.
+#[inline(always)]
+fn della_row<R: Round>(
+    tv: &TaskVector,
+    start: usize,
+    base_p: f32,
+    eps: f32,
+    s: &mut DellaRow,
+    prob: &mut [f32],
+) {
+    let len = prob.len();
+    let row = &mut s.row[..len];
+    tv.chunk::<R>(start, &mut s.b[..len], row);
+    s.pairs.clear();
+    s.pairs.extend(
+        row.iter()
+            .enumerate()
+            .map(|(i, x)| stdsort::pair(x.abs(), i, Order::Ascending)),
+    );
+    stdsort::sort_places(&mut s.pairs, &mut s.keys, &mut s.places);
+    for (&p, &at) in s.pairs.iter().zip(&s.places) {
+        prob[stdsort::index(p)] = rd::<R>(rd::<R>(at as f32) + 1.0);
+    }
+    let min = prob.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = prob.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let span = rd::<R>(max - min);
+    for p in prob.iter_mut() {
+        let norm = rd::<R>(rd::<R>(*p - min) / span).clamp(0.0, 1.0);
+        *p = rd::<R>(base_p + rd::<R>(rd::<R>(norm * 2.0) * eps));
+    }
+}
+
 /// The hot loops compiled twice (see [`super::simd`]).
 mod simd {
     use super::*;
@@ -480,6 +523,7 @@ mod simd {
     twice!(generic combine_run(how: &Combine, start: usize, sc: &mut ConsensusScratch, out: &mut [u8]));
     twice!(generic abs_sums(tv: &TaskVector, keep: &[u64], width: usize) -> (f32, f32));
     twice!(generic pairs(tv: &TaskVector, start: usize, order: Order, out: &mut [MaybeUninit<Pair>]));
+    twice!(generic della_row(tv: &TaskVector, start: usize, base_p: f32, eps: f32, s: &mut DellaRow, prob: &mut [f32]));
 }
 
 /// The dtype mergekit's random sparsifiers work in: bfloat16 stays, others are float32.
@@ -657,33 +701,17 @@ fn della_mask<R: Round>(
         (density - epsilon) as f32
     });
     let eps = epsilon as f32;
-    // The probabilities of every row (sorting is per row and independent: in parallel),
-    // each row's ranks first, in place.
+    // The probabilities of every row (sorting is per row and independent: in parallel).
     let mut probs = vec![0f32; tv.numel];
     probs.par_chunks_mut(cols).enumerate().for_each_init(
-        || (Vec::new(), vec![0f32; cols], vec![0f32; cols]),
-        |(pairs, b, row): &mut (Vec<Pair>, Vec<f32>, Vec<f32>), (r, prob)| {
-            let len = prob.len();
-            let row = &mut row[..len];
-            tv.chunk::<R>(r * cols, &mut b[..len], row);
-            pairs.clear();
-            pairs.extend(
-                row.iter()
-                    .enumerate()
-                    .map(|(i, x)| stdsort::pair(x.abs(), i, Order::Ascending)),
-            );
-            stdsort::sort(pairs);
-            for (pos, &p) in pairs.iter().enumerate() {
-                prob[stdsort::index(p)] = rd::<R>(rd::<R>(pos as f32) + 1.0);
-            }
-            let min = prob.iter().copied().fold(f32::INFINITY, f32::min);
-            let max = prob.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let span = rd::<R>(max - min);
-            for p in prob.iter_mut() {
-                let norm = rd::<R>(rd::<R>(*p - min) / span).clamp(0.0, 1.0);
-                *p = rd::<R>(base_p + rd::<R>(rd::<R>(norm * 2.0) * eps));
-            }
+        || DellaRow {
+            pairs: Vec::new(),
+            keys: Vec::new(),
+            places: Vec::new(),
+            b: vec![0f32; cols],
+            row: vec![0f32; cols],
         },
+        |scratch, (r, prob)| simd::della_row::<R>(tv, r * cols, base_p, eps, scratch, prob),
     );
     let mut keep = vec![0u64; bits::words(probs.len())];
     mt19937::bernoulli_par(stream, probs.len(), &mut keep, Probs::Each(&probs));
