@@ -227,7 +227,7 @@ fn below(draw: u32, p: f32) -> bool {
 const SEGMENT: usize = 1 << 23;
 
 /// `torch.bernoulli` for `n` elements with probabilities `p`, from generator `g` (a whole
-/// window: [`Mt19937::at`], [`Mt19937::ahead`]), into bits (`out`: [`bits::words`]`(n)`
+/// window: [`Mt19937::at`], [`Mt19937::ahead`]), into bits (`out`: `bits::words(n)`
 /// words): the same values as drawing them one after another, drawn in segments on every
 /// core, each from its own start.
 pub fn bernoulli_par(g: &Mt19937, n: usize, out: &mut [u64], p: Probs) {

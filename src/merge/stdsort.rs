@@ -76,17 +76,21 @@ fn lg(n: usize) -> usize {
     (usize::BITS - 1 - n.leading_zeros()) as usize
 }
 
-/// `std::sort(v, comp)`.
+/// `std::sort(v, comp)` step for step, ending with `__final_insertion_sort` (an insertion
+/// sort of the first 16, then an unguarded one of the rest: the plain stable insertion sort
+/// in effect). The methods need only its sets ([`select`]) or its places ([`sort_places`]);
+/// this is the reference the tests hold both to.
+#[cfg(test)]
 pub fn sort(v: &mut [Pair]) {
     if v.len() > 1 {
         introsort_loop(v, 0, v.len(), 2 * lg(v.len()), &[]);
-        final_insertion_sort(v);
+        insertion_sort(v);
     }
 }
 
 /// Where `std::sort` puts each element, without the last pass: after introsort's
 /// partitions, `places[i]` is the final position of `v[i]` (`keys` is scratch). The final
-/// insertion sort only sorts, stably, runs of at most [`THRESHOLD`] elements that are
+/// insertion sort only sorts, stably, runs of at most 16 (`THRESHOLD`) elements that are
 /// already in order with each other (every key of a run is at most every key of the next:
 /// a sorted heap-sort range is such a run too), so an element's place is its position, less
 /// the greater keys before it, plus the smaller keys after it, all within 15 places of it:
@@ -540,12 +544,6 @@ mod simd {
     use crate::twice;
 
     twice!(stop_masks(v: &[Pair], p: u32, stop_l: &mut [u64], stop_r: &mut [u64]) => super::stop_masks(v, p, stop_l, stop_r));
-}
-
-/// `__final_insertion_sort`: an insertion sort of the first 16, then an unguarded one of
-/// the rest; both are the plain (stable) insertion sort in effect.
-fn final_insertion_sort(v: &mut [Pair]) {
-    insertion_sort(v);
 }
 
 fn insertion_sort(v: &mut [Pair]) {
