@@ -8,9 +8,9 @@
 //! is kept (masks and a partition's bit masks too: below 32 MiB glibc unmaps or trims
 //! them just the same), and an allocation of exactly its size and alignment (the next
 //! tensor of the same shape) takes it back. Memory stays what the plan counted: an
-//! allocation of 1 MiB or more that no kept block fits first frees kept blocks of at least its size (or all
-//! of them), so kept and live bytes together never exceed the most ever live at once. New
-//! mappings of at least 32 MiB ask for huge pages (`MADV_HUGEPAGE`, honoured where the
+//! allocation of 1 MiB or more that no kept block fits first frees kept blocks of at least
+//! its size (or all of them), so kept and live bytes together never exceed the most ever
+//! live at once. New mappings of at least 32 MiB ask for huge pages (`MADV_HUGEPAGE`, honoured where the
 //! kernel's THP mode is `madvise` or `always`), 512 times fewer faults. Everything smaller
 //! than 1 MiB goes to the system allocator unchanged.
 
