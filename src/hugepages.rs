@@ -10,9 +10,9 @@
 //! tensor of the same shape) takes it back. Memory stays what the plan counted: an
 //! allocation of 1 MiB or more that no kept block fits first frees kept blocks of at least
 //! its size (or all of them), so kept and live bytes together never exceed the most ever
-//! live at once. New mappings of at least 32 MiB ask for huge pages (`MADV_HUGEPAGE`, honoured where the
-//! kernel's THP mode is `madvise` or `always`), 512 times fewer faults. Everything smaller
-//! than 1 MiB goes to the system allocator unchanged.
+//! live at once. New mappings of at least 32 MiB ask for huge pages (`MADV_HUGEPAGE`,
+//! honoured where the kernel's THP mode is `madvise` or `always`), 512 times fewer faults.
+//! Everything smaller than 1 MiB goes to the system allocator unchanged.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
